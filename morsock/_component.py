@@ -1,0 +1,314 @@
+"""What the server and client components share: settings, statistics, event dispatch,
+the encryption context, and turning frames into data (and data into frames).
+
+Not public: :class:`~morsock.Server` and :class:`~morsock.Client` are the facades.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
+
+from .connection import Connection
+from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize
+from .errors import CryptoError, MorsockError
+from .events import EventDispatcher, EventQueue
+from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, FLAG_PLAIN, Frame, encode_frame
+from .reactor import Reactor
+from .workers import WorkerPool
+
+__all__ = ["Component", "Setting", "CryptoContext", "as_bytes"]
+
+T = TypeVar("T")
+Data = Union[bytes, bytearray, memoryview, str]
+
+
+def as_bytes(data: Data) -> bytes:
+    """Payload bytes of *data*; ``str`` is sent as UTF-8 (as the Delphi components do)."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"data must be bytes-like or str, not {type(data).__name__}")
+
+
+class Setting(Generic[T]):
+    """A component setting: a plain attribute while the component is stopped.
+
+    Setting one while it runs raises :class:`MorsockError`, unless the setting is
+    ``live`` (read afresh each time it is used, so a change takes effect at once).
+    """
+
+    def __init__(self, default: T, convert: Optional[Callable[[Any], T]] = None,
+                 live: bool = False) -> None:
+        self.default = default
+        self.convert = convert
+        self.live = live
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, objtype: Any = None) -> "Setting[T]": ...
+    @overload
+    def __get__(self, obj: object, objtype: Any = None) -> T: ...
+
+    def __get__(self, obj: Optional[object], objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.get("_setting_" + self.name, self.default)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if not self.live and obj._is_running():
+            raise MorsockError(f"{type(obj).__name__}.{self.name} cannot change while it is "
+                               f"active; stop it first")
+        if self.convert is not None:
+            value = self.convert(value)
+        obj.__dict__["_setting_" + self.name] = value
+
+
+def _non_negative_int(value: Any) -> int:
+    value = int(value)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    value = int(value)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _optional_seconds(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    if value <= 0:
+        raise ValueError("must be > 0 or None")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    value = float(value)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def describe_encryption(key: str, mode: AESMode, key_size: KeySize,
+                        profile: EncryptionProfile) -> str:
+    """``"AES-256-CBC"`` (``"AES-256-CBC (MORMOT)"`` in that profile) or ``"DISABLED"``."""
+    if not key:
+        return "DISABLED"
+    text = f"AES-{int(key_size)}-{mode.value}"
+    return text + (" (MORMOT)" if profile is EncryptionProfile.MORMOT else "")
+
+
+class CryptoContext:
+    """The encryption settings of a running component, with keys derived once."""
+
+    def __init__(self, key: str, mode: AESMode, key_size: KeySize,
+                 profile: EncryptionProfile) -> None:
+        self.key = key
+        self.mode = mode
+        self.key_size = key_size
+        self.profile = profile
+        self.mormot: Any = None
+        if key and profile is EncryptionProfile.MORMOT:
+            from .crypto import MormotCipher
+            self.mormot = MormotCipher(key, mode, key_size)
+        elif key:
+            from .crypto import authenticated_master_key
+            authenticated_master_key(key)  # stretch once, now, not on the first connection
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key)
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.key) and self.profile is EncryptionProfile.AUTHENTICATED
+
+
+
+class Component:
+    """Base of Server and Client (see their docstrings for the public surface)."""
+
+    # Settings both components have (API §3/§4).
+    connection_timeout: Setting[float] = Setting(10.0, _seconds, live=True)
+    events_use_main_thread: Setting[bool] = Setting(False, bool)
+    event_queue: Setting[Optional[EventQueue]] = Setting(None)
+    encryption_key: Setting[str] = Setting("", lambda v: "" if v is None else str(v))
+    encryption_mode: Setting[AESMode] = Setting(AESMode.CBC, AESMode.parse)
+    encryption_key_size: Setting[KeySize] = Setting(KeySize.AES256, KeySize.parse)
+    encryption_profile: Setting[EncryptionProfile] = Setting(EncryptionProfile.AUTHENTICATED,
+                                                             EncryptionProfile.parse)
+    require_encryption: Setting[bool] = Setting(False, bool, live=True)
+    keep_alive: Setting[bool] = Setting(True, bool)
+    no_delay: Setting[bool] = Setting(True, bool)
+    max_message_size: Setting[int] = Setting(16 * 1024 * 1024, _non_negative_int)
+    max_send_buffer: Setting[int] = Setting(8 * 1024 * 1024, _positive_int, live=True)
+    ssl_context: Setting[Any] = Setting(None)
+    logger: Setting[Optional[logging.Logger]] = Setting(None)
+
+    _EVENTS: tuple = ()
+
+    def __init__(self, settings: Dict[str, Any], events: Dict[str, Any]) -> None:
+        self._lock = threading.RLock()           # guards life cycle and the client set
+        self._stats_lock = threading.Lock()      # guards every statistics counter
+        self._reactor: Any = None
+        self._pool: Any = None
+        self._crypto: Optional[CryptoContext] = None
+        self._scratch = bytearray(256 * 1024)
+        self._scratch_view = memoryview(self._scratch)
+        for name in self._EVENTS:
+            setattr(self, name, None)
+        for name, value in settings.items():
+            setattr(self, name, value)
+        for name, value in events.items():
+            if name not in self._EVENTS:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword "
+                                f"argument {name!r}")
+            setattr(self, name, value)
+        self._dispatcher = EventDispatcher(self, None, self._handler_failed, self._log)
+
+    # -- helpers for subclasses --------------------------------------------------------
+    def _is_running(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def _log(self) -> logging.Logger:
+        return self.logger or logging.getLogger("morsock")
+
+    def _prepare_runtime(self, name: str, pool_size: int) -> None:
+        """Build crypto context, dispatcher, reactor and pool (not started)."""
+        if self.ssl_context is not None:
+            raise MorsockError("ssl_context: TLS is not implemented yet")
+        self._crypto = CryptoContext(self.encryption_key, self.encryption_mode,
+                                     self.encryption_key_size, self.encryption_profile)
+        queue = None
+        if self.events_use_main_thread:
+            queue = self.event_queue or EventQueue.default()
+        self._dispatcher = EventDispatcher(self, queue, self._handler_failed, self._log)
+        self._reactor = Reactor(f"{name}-reactor", self._log)
+        self._pool = WorkerPool(pool_size, f"{name}-worker", self._log)
+
+    def _emit(self, name: str, *args: Any) -> None:
+        self._dispatcher.emit(name, *args)
+
+    def _handler_failed(self, name: str, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def _report(self, conn: Optional[Connection], message: str, code: int) -> None:
+        raise NotImplementedError
+
+    def _configure(self, sock: socket.socket) -> None:
+        from .connection import configure_socket
+        configure_socket(sock, no_delay=self.no_delay, keep_alive=self.keep_alive)
+
+    @property
+    def encryption_info(self) -> str:
+        """The cipher in use, e.g. ``"AES-256-CBC"``, or ``"DISABLED"`` without a key."""
+        return describe_encryption(self.encryption_key, self.encryption_mode,
+                                   self.encryption_key_size, self.encryption_profile)
+
+    # -- frames in -------------------------------------------------------------------
+    def _open_frame(self, conn: Connection, frame: Frame) -> Optional[bytes]:
+        """Plaintext of *frame*, or None if it was consumed (handshake) or rejected (the
+        connection is then closed with the matching error). Runs on the strand."""
+        flag = frame.flag
+        if flag == FLAG_PLAIN:
+            if self.require_encryption:
+                conn.close(ErrorCode.ENCRYPTION_REQUIRED,
+                           f"plaintext frame from {conn.describe()} but encryption is required")
+                return None
+            return frame.payload
+        ctx = self._crypto
+        assert ctx is not None
+        try:
+            if flag == FLAG_MORMOT:
+                if ctx.mormot is None:
+                    raise CryptoError(self._profile_mismatch("MORMOT", ctx),
+                                      ErrorCode.DECRYPT_FAILED)
+                return bytes(ctx.mormot.decrypt(frame.payload))
+            if not ctx.authenticated:
+                raise CryptoError(self._profile_mismatch("AUTHENTICATED", ctx),
+                                  ErrorCode.AUTHENTICATION_FAILED)
+            session = conn.session
+            if session is None:
+                self._authenticated_hello(conn, frame.payload)
+                return None
+            return bytes(session.open(frame.payload))
+        except CryptoError as exc:
+            conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
+                       f"frame from {conn.describe()} rejected: {exc}")
+            return None
+
+    @staticmethod
+    def _profile_mismatch(kind: str, ctx: CryptoContext) -> str:
+        if not ctx.key:
+            return f"{kind}-profile encrypted frame, but no encryption_key is set"
+        return f"{kind}-profile encrypted frame, but this side uses the {ctx.profile.name} profile"
+
+    def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
+        """A flag-2 frame before any session: only the server accepts it (a ClientHello)."""
+        raise CryptoError("unexpected AUTHENTICATED handshake frame",
+                          ErrorCode.AUTHENTICATION_FAILED)
+
+    # -- frames out ------------------------------------------------------------------
+    def _send_on(self, conn: Connection, data: Data, encrypted: bool) -> None:
+        """Frame *data* (encrypted as configured) and send it on *conn* (any thread)."""
+        payload = as_bytes(data)
+        if not encrypted:
+            conn.send_frame(encode_frame(payload))
+            return
+        ctx = self._crypto
+        if ctx is None or not ctx.enabled:
+            raise CryptoError("encrypted=True but no encryption_key is set")
+        if ctx.mormot is not None:
+            conn.send_frame(ctx.mormot.seal_frame(payload))
+            return
+        session = conn.session
+        if session is None:
+            raise CryptoError(f"no AUTHENTICATED session with {conn.describe()}: the peer has "
+                              f"not completed the morsock handshake (is it a morsock client "
+                              f"with the same key?)", ErrorCode.AUTHENTICATION_FAILED)
+        conn.send_sealed(session.seal, payload)
+
+    def _reply(self, conn: Connection, reply: Any, encrypted: bool) -> None:
+        """Send a handler's return value; a full queue disconnects that peer."""
+        from .errors import NotConnectedError, SendBufferFullError
+        try:
+            self._send_on(conn, reply, encrypted)
+        except NotConnectedError:
+            pass
+        except SendBufferFullError as exc:
+            conn.close(ErrorCode.SEND_BUFFER_FULL, f"{exc}: the peer does not read; disconnected")
+        except (CryptoError, TypeError, ValueError) as exc:
+            self._report(conn, f"reply to {conn.describe()} not sent: {exc}",
+                         getattr(exc, "code", None) or ErrorCode.HANDLER_EXCEPTION)
+
+    # -- statistics ------------------------------------------------------------------
+    def _count_received(self, conn: Connection, nbytes: int, frames: int) -> None:
+        raise NotImplementedError
+
+    def _count_sent(self, conn: Connection, nbytes: int, frames: int) -> None:
+        raise NotImplementedError
+
+    def _run_item(self, conn: Connection, item: Any) -> None:
+        raise NotImplementedError
+
+    def _strand_for(self, conn: Connection) -> Any:
+        """The strand that runs *conn*'s items (default: one of its own)."""
+        return self._pool.strand(conn._run_item)
+
+    def _connection_closed(self, conn: Connection) -> None:
+        raise NotImplementedError
+

@@ -1,0 +1,670 @@
+"""The client component (Delphi ``TmMClient``): connect, send, request, auto-reconnect."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+
+from ._component import Component, Data, Setting, _non_negative_int, as_bytes
+from .connection import CONNECTED, DISCONNECTED, Connection
+from .enums import (AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize,
+                    ReconnectStrategy)
+from .errors import (ConnectError, CryptoError, MorsockError, NotConnectedError,
+                     RequestTimeout)
+from .events import EventQueue
+from .protocol import FLAG_AUTHENTICATED, Frame
+from .reactor import EVENT_WRITE, Timer
+from .reconnect import ReconnectPolicy
+from .workers import Strand
+
+__all__ = ["Client"]
+
+_CONNECT_IN_PROGRESS = {0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 10035}
+
+
+class _Waiter:
+    """One pending :meth:`Client.request`."""
+
+    __slots__ = ("event", "reply", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Optional[bytes] = None
+        self.error: Optional[BaseException] = None
+
+
+class _Attempt:
+    """The outcome of one connection attempt, awaited by :meth:`Client.connect`."""
+
+    __slots__ = ("done", "error", "user")
+
+    def __init__(self, user: bool) -> None:
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.user = user
+
+
+class _BoundStrand:
+    """Adapter that tags a connection's items with it on the client's single strand, so
+    every event of a client -- whatever the connection -- runs in one total order."""
+
+    __slots__ = ("_strand", "_conn")
+
+    def __init__(self, strand: Strand, conn: Connection) -> None:
+        self._strand = strand
+        self._conn = conn
+
+    def post(self, item: Any) -> None:
+        self._strand.post((self._conn, item))
+
+    def post_many(self, items: List[Any]) -> None:
+        conn = self._conn
+        self._strand.post_many([(conn, item) for item in items])
+
+
+class Client(Component):
+    """A connecting TCP component with auto-reconnect (Delphi ``TmMClient``).
+
+    Methods for the caller: :meth:`connect` / :meth:`disconnect` (or ``active``, or
+    ``with Client(...)``), :meth:`reconnect`, :meth:`send_data`, :meth:`request`,
+    :meth:`reset_reconnection_state`, :meth:`clear_statistics`.
+
+    Events you may assign (``sender`` is the client): ``on_connect(sender)``,
+    ``on_disconnect(sender)``, ``on_handle_command(sender, data) -> bytes | None``,
+    ``on_error(sender, message, code)`` (a positive code is a reconnection attempt number),
+    ``on_state_change(sender, old, new)``, ``on_data_sent(sender, n)``,
+    ``on_data_received(sender, n)``. All of a client's events run in one order, on its
+    worker thread (or, with ``events_use_main_thread``, wherever its queue is pumped).
+    """
+
+    host: Setting[str] = Setting("localhost", str)
+    port: Setting[int] = Setting(3434, int)
+    auto_reconnect: Setting[bool] = Setting(False, bool, live=True)
+    reconnect_strategy: Setting[ReconnectStrategy] = Setting(
+        ReconnectStrategy.BACKOFF, ReconnectStrategy.parse, live=True)
+    reconnect_interval: Setting[int] = Setting(5000, _non_negative_int, live=True)
+    reconnect_max_attempts: Setting[int] = Setting(10, _non_negative_int, live=True)
+    reconnect_max_interval: Setting[int] = Setting(30000, _non_negative_int, live=True)
+    server_hostname: Setting[Optional[str]] = Setting(None)
+
+    _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
+               "on_state_change", "on_data_sent", "on_data_received")
+
+    on_handle_command: Optional[Callable[["Client", bytes], Optional[Data]]]
+    on_connect: Optional[Callable[["Client"], Any]]
+    on_disconnect: Optional[Callable[["Client"], Any]]
+    on_error: Optional[Callable[["Client", str, int], Any]]
+    on_state_change: Optional[Callable[["Client", ClientState, ClientState], Any]]
+    on_data_sent: Optional[Callable[["Client", int], Any]]
+    on_data_received: Optional[Callable[["Client", int], Any]]
+
+    def __init__(self, host: str = "localhost", port: int = 3434, *,
+                 connection_timeout: float = 10, auto_reconnect: bool = False,
+                 reconnect_strategy: Union[ReconnectStrategy, str] = ReconnectStrategy.BACKOFF,
+                 reconnect_interval: int = 5000, reconnect_max_attempts: int = 10,
+                 reconnect_max_interval: int = 30000, events_use_main_thread: bool = False,
+                 event_queue: Optional[EventQueue] = None, encryption_key: str = "",
+                 encryption_mode: Union[AESMode, str] = AESMode.CBC,
+                 encryption_key_size: Union[KeySize, int] = KeySize.AES256,
+                 encryption_profile: Union[EncryptionProfile, str] = EncryptionProfile.AUTHENTICATED,
+                 require_encryption: bool = False, keep_alive: bool = True,
+                 no_delay: bool = True, max_message_size: int = 16 * 1024 * 1024,
+                 max_send_buffer: int = 8 * 1024 * 1024, ssl_context: Any = None,
+                 server_hostname: Optional[str] = None,
+                 logger: Optional[logging.Logger] = None, **events: Any) -> None:
+        settings = dict(locals())
+        for name in ("self", "events", "__class__"):
+            settings.pop(name, None)
+        self._state = ClientState.DISCONNECTED
+        self._life_lock = threading.RLock()
+        self._request_lock = threading.Lock()
+        self._waiters: Deque[_Waiter] = deque()
+        self._conn: Optional[Connection] = None
+        self._strand: Optional[Strand] = None
+        self._user_stopped = True
+        self._policy: Optional[ReconnectPolicy] = None
+        self._retry_timer: Optional[Timer] = None
+        self._connect_timer: Optional[Timer] = None
+        self._connecting: Optional[socket.socket] = None
+        self._addresses: List[Tuple[Any, ...]] = []
+        self._handshake: Any = None
+        self._handshake_error: Optional[BaseException] = None
+        self._attempt: Optional[_Attempt] = None
+        self._connected_mono: Optional[float] = None
+        self._connected_for = 0.0
+        self._remote_ip = ""
+        self._zero_stats()
+        super().__init__(settings, events)
+
+    # -- life cycle ------------------------------------------------------------------------
+    def _is_running(self) -> bool:
+        return self._reactor is not None
+
+    @property
+    def state(self) -> ClientState:
+        """DISCONNECTED, CONNECTING, CONNECTED or DISCONNECTING."""
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is established."""
+        return self._state is ClientState.CONNECTED
+
+    @property
+    def active(self) -> bool:
+        """True while connected; assigning True/False connects/disconnects."""
+        return self._state is ClientState.CONNECTED
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        if value:
+            self.connect()
+        else:
+            self.disconnect()
+
+    def connect(self) -> None:
+        """Connect; block until connected.
+
+        Raises ConnectError (after firing ``on_error(..., CONNECTION_FAILED)``) when the
+        server refuses, cannot be reached, or does not answer within
+        ``connection_timeout`` seconds; with ``auto_reconnect`` the numbered retries then
+        go on in the background. No effect if already connected.
+        """
+        with self._life_lock:
+            if self._state is ClientState.CONNECTED:
+                return
+            self._user_stopped = False
+            if self._reactor is None:
+                self._prepare_runtime(f"morsock-client-{self.host}:{self.port}", 1)
+                self._strand = self._pool.strand(self._run_pair)
+                self._pool.start()
+                self._reactor.start()
+            self._policy = self._make_policy()
+            attempt = _Attempt(user=True)
+            self._reactor.call_soon(self._cancel_retry)
+            self._reactor.call_soon(self._start_attempt, attempt)
+        if not attempt.done.wait(self.connection_timeout + 5):
+            raise ConnectError(f"connect to {self.host}:{self.port} did not finish")
+        if attempt.error is not None:
+            error = attempt.error
+            if isinstance(error, MorsockError) and not isinstance(error, ConnectError):
+                raise ConnectError(str(error), error.code) from error
+            if isinstance(error, ConnectError):
+                raise error
+            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {error}") from error
+
+    def disconnect(self) -> None:
+        """Close the connection, stop any reconnection at once, join the threads.
+
+        Pending requests raise NotConnectedError. Never triggers a reconnection. Called
+        from one of the client's own threads (a handler), it completes on a helper thread.
+        """
+        with self._life_lock:
+            self._user_stopped = True
+            reactor, pool = self._reactor, self._pool
+            if reactor is None:
+                return
+            if reactor.in_thread() or pool.owns_current_thread():
+                reactor.call_soon(self._shutdown, None)
+                threading.Thread(target=self.disconnect, name="morsock-client-stop").start()
+                return
+            done = threading.Event()
+            reactor.call_soon(self._shutdown, done)
+            if not done.wait(30):
+                self._log.error("client: connection not closed within 30 s")
+            pool.shutdown()
+            reactor.stop()
+            self._reactor = None
+            self._pool = None
+            self._strand = None
+            if self._state is not ClientState.DISCONNECTED:
+                old, self._state = self._state, ClientState.DISCONNECTED
+                self._dispatcher.emit("on_state_change", old, self._state)
+
+    def reconnect(self) -> None:
+        """Disconnect (if connected) and connect again; raises like :meth:`connect`."""
+        self.disconnect()
+        self.connect()
+
+    def __enter__(self) -> "Client":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.disconnect()
+
+    def _make_policy(self) -> ReconnectPolicy:
+        return ReconnectPolicy(self.reconnect_strategy, self.reconnect_interval,
+                               self.reconnect_max_attempts, self.reconnect_max_interval)
+
+    # -- reactor thread: attempts --------------------------------------------------------
+    def _set_state(self, new: ClientState) -> None:
+        old, self._state = self._state, new
+        if old is not new:
+            self._post_event("on_state_change", old, new)
+
+    def _post_event(self, name: str, *args: Any) -> None:
+        """Fire an event in the client's single event order (its strand)."""
+        strand = self._strand
+        if strand is not None and getattr(self, name, None) is not None:
+            strand.post((None, (name, args)))
+
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+
+    def _start_attempt(self, attempt: _Attempt) -> None:
+        if not attempt.user:
+            self._retry_timer = None
+        if self._user_stopped:
+            attempt.error = ConnectError("disconnect() was called")
+            attempt.done.set()
+            return
+        if self._state is ClientState.CONNECTED:
+            attempt.done.set()
+            return
+        previous = self._attempt
+        if previous is not None and not previous.done.is_set():
+            if not attempt.user:
+                return
+            self._abandon_attempt(previous)
+        self._set_state(ClientState.CONNECTING)
+        self._attempt = attempt
+        self._connect_timer = self._reactor.call_later(self.connection_timeout,
+                                                       self._attempt_timed_out, attempt)
+        try:
+            self._addresses = list(socket.getaddrinfo(self.host, self.port,
+                                                      type=socket.SOCK_STREAM))
+        except OSError as exc:
+            self._attempt_failed(attempt, ConnectError(
+                f"cannot resolve {self.host}: {exc}"))
+            return
+        self._try_next_address(attempt, None)
+
+    def _try_next_address(self, attempt: _Attempt, last_error: Optional[BaseException]) -> None:
+        if not self._addresses:
+            self._attempt_failed(attempt, ConnectError(
+                f"cannot connect to {self.host}:{self.port}: {last_error}"))
+            return
+        family, socktype, proto, _, address = self._addresses.pop(0)
+        try:
+            sock = socket.socket(family, socktype, proto)
+        except OSError as exc:
+            self._try_next_address(attempt, exc)
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err not in _CONNECT_IN_PROGRESS:
+            sock.close()
+            self._try_next_address(attempt, OSError(err, errno.errorcode.get(err, str(err))))
+            return
+        self._connecting = sock
+        self._reactor.register(sock, EVENT_WRITE,
+                               lambda mask: self._on_connect_ready(attempt, sock))
+
+    def _abandon_attempt(self, attempt: _Attempt) -> None:
+        """Silently drop an attempt in progress (a user connect() takes over)."""
+        attempt.error = ConnectError("superseded by connect()")
+        attempt.done.set()
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        self._drop_connecting()
+        conn = self._conn
+        if conn is not None and not getattr(conn, "established", True):
+            self._conn = None
+            conn.close()
+
+    def _drop_connecting(self) -> None:
+        sock, self._connecting = self._connecting, None
+        if sock is not None:
+            self._reactor.unregister(sock)
+            sock.close()
+
+    def _on_connect_ready(self, attempt: _Attempt, sock: socket.socket) -> None:
+        if sock is not self._connecting:
+            return
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._drop_connecting()
+            self._try_next_address(attempt, OSError(err, errno.errorcode.get(err, str(err))))
+            return
+        self._reactor.unregister(sock)
+        self._connecting = None
+        try:
+            self._configure(sock)
+            conn = Connection(self, sock, max_message_size=self.max_message_size,
+                              max_send_buffer=self.max_send_buffer)
+        except OSError as exc:
+            sock.close()
+            self._try_next_address(attempt, exc)
+            return
+        conn.established = False  # type: ignore[attr-defined]
+        self._conn = conn
+        ctx = self._crypto
+        assert ctx is not None
+        if ctx.authenticated:
+            from .crypto import ClientHandshake
+            self._handshake = ClientHandshake(ctx.key, ctx.mode, ctx.key_size)
+            conn.frame_hook = self._handshake_frames
+            conn.start(announce=False)
+            try:
+                conn.send_frame(self._handshake.hello_frame)
+            except MorsockError:
+                pass  # the close that follows reports the failure
+        else:
+            conn.start(announce=False)
+            self._established(conn)
+
+    def _handshake_frames(self, frames: List[Frame]) -> List[Frame]:
+        """Reactor-thread hook: the first frame of an AUTHENTICATED connection is the
+        server's handshake reply."""
+        conn = self._conn
+        assert conn is not None
+        conn.frame_hook = None
+        first, rest = frames[0], frames[1:]
+        try:
+            if first.flag != FLAG_AUTHENTICATED:
+                raise CryptoError("the server did not answer the AUTHENTICATED handshake "
+                                  "(is it a morsock server with the same key and profile?)",
+                                  ErrorCode.AUTHENTICATION_FAILED)
+            conn.session = self._handshake.finish(first.payload)
+        except CryptoError as exc:
+            self._handshake_error = exc
+            conn.close()
+            return []
+        self._handshake = None
+        self._established(conn)
+        return rest
+
+    def _established(self, conn: Connection) -> None:
+        attempt = self._attempt
+        assert attempt is not None
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        conn.established = True  # type: ignore[attr-defined]
+        self._connected_mono = time.monotonic()
+        self._remote_ip = conn.peer_ip
+        if self._policy is not None:
+            self._policy.reset()
+        self._set_state(ClientState.CONNECTED)
+        self._log.info("connected to %s:%d (%s)", self.host, self.port, self.encryption_info)
+        conn.post(CONNECTED)
+        attempt.done.set()
+
+    def _attempt_timed_out(self, attempt: _Attempt) -> None:
+        if attempt is not self._attempt or attempt.done.is_set():
+            return
+        self._addresses = []
+        self._drop_connecting()
+        conn = self._conn
+        error = ConnectError(f"connect to {self.host}:{self.port} timed out after "
+                             f"{self.connection_timeout:g} s", ErrorCode.TIMEOUT)
+        if conn is not None and not getattr(conn, "established", True):
+            self._handshake_error = error
+            conn.close()
+            return
+        self._attempt_failed(attempt, error)
+
+    def _attempt_failed(self, attempt: _Attempt, error: BaseException) -> None:
+        if attempt.done.is_set():
+            return
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        self._drop_connecting()
+        self._set_state(ClientState.DISCONNECTED)
+        attempt.error = error
+        if attempt.user:
+            self._report_ordered(f"{error}", ErrorCode.CONNECTION_FAILED)
+        elif self._policy is not None:
+            n = self._policy.record_failure()
+            self._report_ordered(f"reconnection attempt {n} failed: {error}", n)
+            if self._policy.exhausted:
+                self._report_ordered(f"giving up after {n} reconnection attempts",
+                                     ErrorCode.MAX_RECONNECT_ATTEMPTS)
+                attempt.done.set()
+                return
+        attempt.done.set()
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._user_stopped or not self.auto_reconnect or self._policy is None:
+            return
+        if self._retry_timer is not None:
+            return
+        delay = self._policy.next_delay()
+        if delay is None:
+            return
+        self._retry_timer = self._reactor.call_later(delay, self._start_attempt,
+                                                     _Attempt(user=False))
+
+    def _shutdown(self, done: Optional[threading.Event]) -> None:
+        """Reactor thread: stop retrying, abort an attempt, close the connection."""
+        self._user_stopped = True
+        self._cancel_retry()
+        attempt = getattr(self, "_attempt", None)
+        if attempt is not None and not attempt.done.is_set():
+            attempt.error = ConnectError("disconnect() was called")
+            if self._connect_timer is not None:
+                self._connect_timer.cancel()
+            self._drop_connecting()
+            attempt.done.set()
+        conn = self._conn
+        if conn is not None:
+            if self._state is ClientState.CONNECTED:
+                self._set_state(ClientState.DISCONNECTING)
+            conn.close()
+        if self._state is not ClientState.DISCONNECTED:
+            self._set_state(ClientState.DISCONNECTED)
+        if done is not None:
+            done.set()
+
+    def _connection_closed(self, conn: Connection) -> None:
+        """Reactor thread: the socket of *conn* is closed."""
+        self._fail_waiters()
+        if conn is not self._conn:
+            return
+        self._conn = None
+        if not getattr(conn, "established", False):
+            error = getattr(self, "_handshake_error", None) or ConnectError(
+                f"{self.host}:{self.port} closed the connection during the handshake")
+            self._handshake_error = None
+            if self._attempt is not None:
+                self._attempt_failed(self._attempt, error)
+            return
+        if self._connected_mono is not None:
+            self._connected_for = time.monotonic() - self._connected_mono
+        self._connected_mono = None
+        self._log.info("disconnected from %s:%d", self.host, self.port)
+        if self._state is not ClientState.DISCONNECTED:
+            self._set_state(ClientState.DISCONNECTED)
+        if not self._user_stopped and self.auto_reconnect:
+            self._policy = self._policy or self._make_policy()
+            self._schedule_retry()
+
+    # -- strand (worker thread) ----------------------------------------------------------
+    def _strand_for(self, conn: Connection) -> Any:
+        assert self._strand is not None
+        return _BoundStrand(self._strand, conn)
+
+    def _run_pair(self, pair: Tuple[Optional[Connection], Any]) -> None:
+        conn, item = pair
+        if conn is None:
+            name, args = item
+            self._dispatcher.emit(name, *args)
+        else:
+            conn._run_item(item)
+
+    def _run_item(self, conn: Connection, item: Any) -> None:
+        if item is CONNECTED:
+            self._dispatcher.emit("on_connect")
+        elif item is DISCONNECTED:
+            if getattr(conn, "established", False):
+                self._dispatcher.emit("on_disconnect")
+        else:
+            self._handle_frame(conn, item)
+
+    def _handle_frame(self, conn: Connection, frame: Frame) -> None:
+        data = self._open_frame(conn, frame)
+        if data is None:
+            return
+        with self._request_lock:
+            waiter = self._waiters.popleft() if self._waiters else None
+        if waiter is not None:
+            waiter.reply = data
+            waiter.event.set()
+            return
+        handler = self.on_handle_command
+        if handler is None:
+            return
+        try:
+            reply = handler(self, data)
+        except Exception as exc:
+            self._handler_failed("on_handle_command", exc)
+            return
+        if reply:
+            self._reply(conn, reply, frame.flag != 0)
+
+    def _fail_waiters(self) -> None:
+        with self._request_lock:
+            waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            waiter.error = NotConnectedError("the connection was closed before the reply came")
+            waiter.event.set()
+
+    # -- sending ---------------------------------------------------------------------------
+    def _live_connection(self) -> Connection:
+        conn = self._conn
+        if conn is None or self._state is not ClientState.CONNECTED or conn.closing:
+            raise NotConnectedError(f"client is not connected ({self._state.name})")
+        return conn
+
+    def send_data(self, data: Data, encrypted: bool = False) -> None:
+        """Send one message. Thread-safe; never blocks on a slow peer.
+
+        Raises NotConnectedError when not connected, SendBufferFullError past
+        ``max_send_buffer``, CryptoError if ``encrypted`` without a key.
+        """
+        self._send_on(self._live_connection(), data, encrypted)
+
+    def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
+        """Send *data* and return the next frame the server sends back (decrypted).
+
+        Concurrent requests are answered in the order they were sent. Raises
+        RequestTimeout after *timeout* seconds (the request then gives up its place),
+        NotConnectedError if the connection is (or gets) closed, and whatever
+        :meth:`send_data` raises. While a request waits, its reply does not reach
+        ``on_handle_command``.
+        """
+        conn = self._live_connection()
+        payload = as_bytes(data)
+        waiter = _Waiter()
+        with self._request_lock:
+            self._waiters.append(waiter)
+            try:
+                self._send_on(conn, payload, encrypted)
+            except BaseException:
+                self._waiters.remove(waiter)
+                raise
+        if not waiter.event.wait(timeout):
+            with self._request_lock:
+                try:
+                    self._waiters.remove(waiter)
+                    gave_up = True
+                except ValueError:
+                    gave_up = False
+            if gave_up:
+                raise RequestTimeout(f"no reply within {timeout:g} s")
+            waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.reply is not None
+        return waiter.reply
+
+    # -- events and statistics -----------------------------------------------------------
+    def _report_ordered(self, message: str, code: int) -> None:
+        self._log.error("%s (code %d)", message, code)
+        self._post_event("on_error", message, code)
+
+    def _report(self, conn: Optional[Connection], message: str, code: int) -> None:
+        self._report_ordered(message, code)
+
+    def _handler_failed(self, name: str, exc: BaseException) -> None:
+        self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
+        self._dispatcher.emit("on_error", f"{name} handler raised {type(exc).__name__}: {exc}",
+                              ErrorCode.HANDLER_EXCEPTION)
+
+    def _zero_stats(self) -> None:
+        self._bytes_received = 0
+        self._bytes_sent = 0
+        self._messages_received = 0
+        self._messages_sent = 0
+
+    def _count_received(self, conn: Connection, nbytes: int, frames: int) -> None:
+        with self._stats_lock:
+            self._bytes_received += nbytes
+            self._messages_received += frames
+        if self.on_data_received is not None:
+            self._dispatcher.emit("on_data_received", nbytes)
+
+    def _count_sent(self, conn: Connection, nbytes: int, frames: int) -> None:
+        with self._stats_lock:
+            self._bytes_sent += nbytes
+            self._messages_sent += frames
+        if self.on_data_sent is not None:
+            self._dispatcher.emit("on_data_sent", nbytes)
+
+    @property
+    def connected_time(self) -> float:
+        """Seconds the current connection has lasted (the last one's, once closed)."""
+        if self._connected_mono is not None:
+            return time.monotonic() - self._connected_mono
+        return self._connected_for
+
+    @property
+    def reconnect_attempts(self) -> int:
+        """Failed reconnection attempts since the last successful connection."""
+        return self._policy.attempts if self._policy is not None else 0
+
+    @property
+    def remote_ip(self) -> str:
+        """IP address of the server of the current (or last) connection."""
+        return self._remote_ip
+
+    @property
+    def total_bytes_received(self) -> int:
+        """Wire bytes received (headers included), over all connections."""
+        return self._bytes_received
+
+    @property
+    def total_bytes_sent(self) -> int:
+        """Wire bytes sent (headers included), over all connections."""
+        return self._bytes_sent
+
+    @property
+    def messages_received(self) -> int:
+        """Frames received, over all connections."""
+        return self._messages_received
+
+    @property
+    def messages_sent(self) -> int:
+        """Frames sent, over all connections."""
+        return self._messages_sent
+
+    def reset_reconnection_state(self) -> None:
+        """Zero the failed-attempt count (and restart the backoff from its first delay)."""
+        if self._policy is not None:
+            self._policy.reset()
+
+    def clear_statistics(self) -> None:
+        """Zero the byte and message counters."""
+        with self._stats_lock:
+            self._zero_stats()

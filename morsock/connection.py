@@ -1,0 +1,335 @@
+"""One TCP connection's I/O: reading and decoding on the reactor, ordered handling on a
+strand, direct writes from any thread with a bounded send queue.
+
+Used by both components: the server makes a :class:`~morsock.ServerClient` (a subclass)
+per accepted socket, the client one :class:`Connection` per established connection.
+
+Threads:
+
+* reactor thread -- :meth:`Connection.on_ready` (read, decode, flush the send queue) and
+  :meth:`Connection._finish_close`;
+* any thread -- :meth:`Connection.send_frame`, :meth:`Connection.send_sealed`,
+  :meth:`Connection.close`;
+* the strand (one pool thread at a time) -- frames and life-cycle markers, passed to the
+  owner's ``_run_item``.
+
+The owner (the component) provides ``_reactor``, ``_pool``, ``_log``, ``_count_received``,
+``_count_sent``, ``_run_item``, ``_report`` and ``_connection_closed``.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
+
+from .enums import ErrorCode
+from .errors import NotConnectedError, ProtocolError, SendBufferFullError
+from .protocol import FrameDecoder
+from .reactor import EVENT_READ, EVENT_WRITE
+
+if TYPE_CHECKING:
+    from ._component import Component
+    from .crypto import AuthSession
+
+__all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
+
+
+class _Marker:
+    """A life-cycle item passed through a connection's strand."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+CONNECTED = _Marker("CONNECTED")        # first item of every strand: fire on_connect
+EOF = _Marker("EOF")                    # the peer closed its side: close after what is queued
+DISCONNECTED = _Marker("DISCONNECTED")  # last item: fire on_disconnect
+
+#: Keep-alive defaults: first probe after 10 s idle, then every 5 s, give up after 3.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+
+def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
+                     keepalive_idle: int = KEEPALIVE_IDLE,
+                     keepalive_interval: int = KEEPALIVE_INTERVAL,
+                     keepalive_count: int = KEEPALIVE_COUNT) -> None:
+    """Make *sock* non-blocking and apply TCP_NODELAY / keep-alive where supported."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if no_delay else 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if keep_alive else 0)
+    if not keep_alive:
+        return
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_idle)
+    elif sys.platform == "darwin" and hasattr(socket, "TCP_KEEPALIVE"):  # pragma: no cover
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, keepalive_idle)
+    if hasattr(socket, "TCP_KEEPINTVL"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive_interval)
+    if hasattr(socket, "TCP_KEEPCNT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive_count)
+    ioctl = getattr(sock, "ioctl", None)
+    if ioctl is not None and hasattr(socket, "SIO_KEEPALIVE_VALS"):  # pragma: no cover
+        ioctl(socket.SIO_KEEPALIVE_VALS,  # type: ignore[attr-defined]
+              (1, keepalive_idle * 1000, keepalive_interval * 1000))
+
+
+class Connection:
+    """I/O state of one connected socket (see the module docstring for threads)."""
+
+    def __init__(self, owner: "Component", sock: socket.socket, *, max_message_size: int,
+                 max_send_buffer: int) -> None:
+        self._owner = owner
+        self._sock = sock
+        try:
+            peer = sock.getpeername()
+            self.peer_ip: str = str(peer[0])
+            self.peer_port: int = int(peer[1])
+        except (OSError, IndexError, TypeError):
+            self.peer_ip, self.peer_port = "", 0
+        self._reactor = owner._reactor
+        self._decoder = FrameDecoder(max_message_size)
+        self._strand = owner._strand_for(self)
+        self._send_lock = threading.Lock()
+        self._out = bytearray()
+        self._queued_total = 0          # bytes ever put in _out
+        self._flushed_total = 0         # bytes of _out ever sent
+        self._frame_ends: Deque[int] = deque()  # _queued_total at the end of each queued frame
+        self._write_armed = False
+        self._reading = True
+        self.max_send_buffer = max_send_buffer
+        #: Set once a close has been asked for; nothing is sent or handled after it.
+        self.closing = False
+        self.closed = False
+        self.close_code: Optional[ErrorCode] = None
+        self.session: Optional["AuthSession"] = None
+        #: Reactor-thread hook that sees decoded frames first (the client's handshake).
+        self.frame_hook: Optional[Callable[[list], list]] = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.last_activity = time.monotonic()
+        #: monotonic time when the first byte of the frame in progress arrived (or None).
+        self.partial_since: Optional[float] = None
+
+    # -- reactor thread ----------------------------------------------------------------
+    def start(self, announce: bool = True) -> None:
+        """Register with the selector (reactor thread); with *announce*, queue the
+        CONNECTED marker (else the owner posts it once the connection is usable)."""
+        self._reactor.register(self._sock, EVENT_READ, self.on_ready)
+        if announce:
+            self._strand.post(CONNECTED)
+
+    def on_ready(self, mask: int) -> None:
+        """Selector callback: read what is ready, flush what is queued."""
+        if mask & EVENT_READ and self._reading:
+            self._read()
+        if mask & EVENT_WRITE and not self.closed:
+            self._flush()
+
+    def _read(self) -> None:
+        owner = self._owner
+        scratch = owner._scratch
+        try:
+            n = self._sock.recv_into(scratch)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            owner._log.info("%s: connection lost: %s", self, exc)
+            self.close()
+            return
+        if n == 0:
+            self._reading = False
+            self._update_interest()
+            self._strand.post(EOF)
+            return
+        now = time.monotonic()
+        self.last_activity = now
+        try:
+            frames = self._decoder.feed(owner._scratch_view[:n])
+        except ProtocolError as exc:
+            owner._count_received(self, n, 0)
+            self.close(exc.code, f"{exc} from {self.describe()}")
+            return
+        self.partial_since = (self.partial_since or now) if self._decoder.buffered else None
+        owner._count_received(self, n, len(frames))
+        if frames:
+            hook = self.frame_hook
+            if hook is not None:
+                frames = hook(frames)
+            self._strand.post_many(frames)
+
+    def _update_interest(self) -> None:
+        events = (EVENT_READ if self._reading else 0) | (EVENT_WRITE if self._write_armed else 0)
+        if events:
+            self._reactor.modify(self._sock, events, self.on_ready)
+        else:
+            self._reactor.unregister(self._sock)
+
+    def _arm_write(self) -> None:
+        if self.closed or self._write_armed or not self._out:
+            return
+        self._write_armed = True
+        if self._reading:
+            self._reactor.modify(self._sock, EVENT_READ | EVENT_WRITE, self.on_ready)
+        else:
+            self._reactor.register(self._sock, EVENT_WRITE, self.on_ready)
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            sent, frames = self._flush_locked()
+            drained = not self._out
+        if sent:
+            self._owner._count_sent(self, sent, frames)
+        if drained and self._write_armed:
+            self._write_armed = False
+            self._update_interest()
+
+    def _flush_locked(self) -> "tuple[int, int]":
+        """Send what the kernel takes from the queue; return (bytes, frames completed)."""
+        out = self._out
+        if not out:
+            return 0, 0
+        try:
+            n = self._sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return 0, 0
+        except OSError as exc:
+            self._owner._log.info("%s: send failed: %s", self, exc)
+            self._reactor.call_soon(self.close)
+            return 0, 0
+        del out[:n]
+        self._flushed_total += n
+        done = 0
+        ends = self._frame_ends
+        while ends and ends[0] <= self._flushed_total:
+            ends.popleft()
+            done += 1
+        return n, done
+
+    def _finish_close(self) -> None:
+        """Flush what the kernel takes at once, close the socket, notify the owner."""
+        if self.closed:
+            return
+        self.closed = True
+        with self._send_lock:
+            if self._out:
+                sent, frames = self._flush_locked()
+                if sent:
+                    self._owner._count_sent(self, sent, frames)
+                if self._out:
+                    self._owner._log.warning("%s: closed with %d unsent bytes", self, len(self._out))
+                    self._out.clear()
+        self._reactor.unregister(self._sock)
+        self._sock.close()
+        self._owner._connection_closed(self)
+        self._strand.post(DISCONNECTED)
+
+    # -- any thread ------------------------------------------------------------------
+    def close(self, code: Optional[ErrorCode] = None, message: str = "") -> bool:
+        """Close the connection: nothing is sent or handled after this call; the socket is
+        closed by the reactor and ``on_disconnect`` fires after the items already running.
+
+        With *code*, ``on_error`` reports *message* first. Returns False if the connection
+        was already closing. Thread-safe.
+        """
+        with self._send_lock:
+            if self.closing:
+                return False
+            self.closing = True
+            self.close_code = code
+        if code is not None:
+            self._owner._report(self, message, code)
+        if self._reactor.in_thread():
+            self._finish_close()
+        else:
+            self._reactor.call_soon(self._finish_close)
+        return True
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send one complete frame: written at once if nothing is queued, else queued.
+
+        Raises NotConnectedError when closing or closed, SendBufferFullError when queued
+        bytes plus the frame would exceed ``max_send_buffer`` (an empty queue always
+        takes the frame). Thread-safe; never blocks on the peer.
+        """
+        with self._send_lock:
+            sent, frames = self._send_locked(frame)
+        if sent:
+            self._owner._count_sent(self, sent, frames)
+
+    def send_sealed(self, seal: Callable[[bytes], bytes], data: bytes) -> None:
+        """Like :meth:`send_frame` with ``seal(data)`` built under the send lock, so frames
+        that carry sequence numbers leave in the order they were sealed."""
+        with self._send_lock:
+            if self.closing:
+                raise NotConnectedError(f"{self.describe()} is not connected")
+            sent, frames = self._send_locked(seal(data))
+        if sent:
+            self._owner._count_sent(self, sent, frames)
+
+    def _send_locked(self, frame: bytes) -> "tuple[int, int]":
+        if self.closing:
+            raise NotConnectedError(f"{self.describe()} is not connected")
+        out = self._out
+        if out:
+            if len(out) + len(frame) > self.max_send_buffer:
+                raise SendBufferFullError(
+                    f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
+                    f"max_send_buffer={self.max_send_buffer})")
+            out += frame
+            self._queued_total += len(frame)
+            self._frame_ends.append(self._queued_total)
+            return 0, 0
+        try:
+            n = self._sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self.closing = True
+            self._reactor.call_soon(self._finish_close)
+            raise NotConnectedError(f"{self.describe()}: send failed: {exc}") from exc
+        if n == len(frame):
+            return n, 1
+        out += memoryview(frame)[n:]
+        self._queued_total += len(frame) - n
+        self._frame_ends.append(self._queued_total)
+        self._reactor.call_soon(self._arm_write)
+        return n, 0
+
+    @property
+    def send_queue_size(self) -> int:
+        """Bytes accepted but not yet handed to the kernel."""
+        return len(self._out)
+
+    # -- strand ----------------------------------------------------------------------
+    def _run_item(self, item: Any) -> None:
+        if item is EOF:
+            self.close()
+            return
+        if item is not CONNECTED and item is not DISCONNECTED and self.closing:
+            return  # frames left behind by a close are dropped, never handled
+        self._owner._run_item(self, item)
+
+    def post(self, item: Any) -> None:
+        """Queue *item* on this connection's strand (any thread)."""
+        self._strand.post(item)
+
+    def describe(self) -> str:
+        """``ip:port`` of the peer, for messages."""
+        return f"{self.peer_ip}:{self.peer_port}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"

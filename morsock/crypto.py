@@ -1,0 +1,650 @@
+"""Per-message AES encryption of frame payloads (API.md §2): two profiles.
+
+Sans-I/O like :mod:`morsock.protocol`: bytes in, bytes out, no sockets, no threads.
+Every primitive comes from pycryptodome (AES) or the standard library (PBKDF2, HMAC);
+nothing here implements a cipher.
+
+MORMOT profile (flag 1) -- :class:`MormotCipher`
+    Byte-compatible with the Delphi mORMot Socket Components v1.0.3 and unauthenticated.
+    Key = PBKDF2-HMAC-SHA256(UTF-8 key text, ``b"mormot_protocol_salt_2024"``, 1000
+    rounds, 32 bytes)[:key_size // 8], derived once per (key text, key size) and cached.
+    Payload = 16 random IV bytes || AES(plaintext || PKCS#7 padding of 1..16 bytes), in
+    every mode: ECB ignores the IV; CFB uses 128-bit segments; CTR counts the whole IV as
+    a 128-bit big-endian counter; GCM is its keystream only (counter blocks
+    ``IV[0:12] || 00000002``, ...; no tag); CFC/OFC/CTC are CFB/OFB/CTR on the wire.
+
+AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handshake`,
+:class:`AuthSession`
+    morsock's own format. Master key = PBKDF2-HMAC-SHA256(UTF-8 key text,
+    ``b"morsock/authenticated/v1"``, 600,000 rounds, 32 bytes), once per key text and
+    process (cached). Right after connect the *client* sends a hello and the server
+    answers (the server never speaks first)::
+
+        ClientHello = b"MSA1" || mode_index (1) || key_size // 64 (1) || client_random (32)
+        ServerHello = b"MSA1" || server_random (32) || confirm (32)
+        confirm     = HMAC-SHA256(k_confirm, ClientHello || server_random)
+
+    Session keys = HKDF-SHA256(master, salt = client_random || server_random,
+    info = b"morsock v1 <MODE> <BITS>", e.g. ``b"morsock v1 CBC 256"``) split, in this
+    order, into enc_c2s (key_size/8), mac_c2s (32), enc_s2c (key_size/8), mac_s2c (32),
+    k_confirm (32). Fresh randoms on both sides bind the keys to one connection.
+
+    Each direction numbers its frames ``seq`` = 0, 1, 2 ... (uint64, never sent: the
+    receiver uses the number it expects). ``H`` = the 9 header bytes of the frame
+    (magic, payload size, flag 2), ``S`` = seq as 8 bytes big-endian::
+
+        GCM       ct || tag(16)             nonce = 00000000 || S, AAD = H || S
+        CTR, CTC  ct || mac(32)             counter blocks S || 0^8, S || 0..01, ...
+        CBC       IV || ct || mac(32)       random IV, PKCS#7 padding
+        CFB, CFC  IV || ct || mac(32)       random IV, 128-bit segments, no padding
+        OFB, OFC  IV || ct || mac(32)       random IV, no padding
+        ECB       ct || mac(32)             PKCS#7 padding, no IV
+        mac = HMAC-SHA256(mac key of the direction, H || S || payload before the mac)
+
+    The MAC is checked (in constant time) before anything is decrypted. A frame that is
+    tampered with, replayed, reordered, dropped (the next one fails), from another
+    connection or another direction fails with ``CryptoError(AUTHENTICATION_FAILED)``,
+    and the session is then broken: every later :meth:`AuthSession.open` fails too, so
+    the connection must be closed. ECB still leaks which 16-byte blocks of one message
+    are equal: prefer GCM or CTR.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import os
+import struct
+from typing import Any, Callable, Optional, Tuple, Union
+
+from Crypto.Cipher import AES
+
+from .enums import AESMode, ErrorCode, KeySize
+from .errors import CryptoError
+from .protocol import (FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAGIC,
+                       MAX_FRAME_SIZE, encode_frame)
+
+__all__ = [
+    "MORMOT_SALT", "MORMOT_ITERATIONS", "AUTH_SALT", "AUTH_ITERATIONS",
+    "BLOCK_SIZE", "IV_SIZE", "MAC_SIZE", "TAG_SIZE", "HELLO_MAGIC",
+    "CLIENT_HELLO_SIZE", "SERVER_HELLO_SIZE",
+    "mormot_key", "mormot_payload_size", "MormotCipher",
+    "authenticated_master_key", "authenticated_payload_size",
+    "AuthSession", "ClientHandshake", "server_handshake",
+]
+
+Buffer = Union[bytes, bytearray, memoryview]
+KeySizeLike = Union[KeySize, int, str]
+ModeLike = Union[AESMode, str]
+
+MORMOT_SALT = b"mormot_protocol_salt_2024"
+MORMOT_ITERATIONS = 1000
+AUTH_SALT = b"morsock/authenticated/v1"
+AUTH_ITERATIONS = 600_000
+
+BLOCK_SIZE = 16
+IV_SIZE = 16
+MAC_SIZE = 32          # HMAC-SHA256
+TAG_SIZE = 16          # GCM
+RANDOM_SIZE = 32
+HELLO_MAGIC = b"MSA1"
+CLIENT_HELLO_SIZE = len(HELLO_MAGIC) + 2 + RANDOM_SIZE            # 38
+SERVER_HELLO_SIZE = len(HELLO_MAGIC) + RANDOM_SIZE + MAC_SIZE     # 68
+SEQ_LIMIT = 1 << 64    # sequence numbers are 0 .. SEQ_LIMIT - 1
+
+_MODES: Tuple[AESMode, ...] = tuple(AESMode)
+_PADS: Tuple[bytes, ...] = tuple(bytes((n,)) * n for n in range(BLOCK_SIZE + 1))
+_SEQ = struct.Struct(">Q")
+_pack_header = HEADER.pack
+_pack_seq = _SEQ.pack
+_GCM_NONCE_PREFIX = b"\x00\x00\x00\x00"
+
+_DECRYPT_FAILED = ErrorCode.DECRYPT_FAILED
+_AUTH_FAILED = ErrorCode.AUTHENTICATION_FAILED
+
+# A pycryptodome cipher object (typed loosely: AES.new() returns one of several classes).
+_Cipher = Any
+_Factory = Callable[[bytes, bytes], _Cipher]
+
+
+def _view(data: Buffer) -> memoryview:
+    """Return a flat byte view of *data* (no copy)."""
+    mv = memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _require_key(key_text: str) -> None:
+    if not isinstance(key_text, str):
+        raise TypeError(f"key text must be str, not {type(key_text).__name__}")
+    if not key_text:
+        raise CryptoError("encryption requested but no encryption key is set",
+                          _DECRYPT_FAILED)
+
+
+def _check_size(payload_size: int) -> None:
+    if payload_size > MAX_FRAME_SIZE:
+        raise ValueError(f"message too large: a payload of {payload_size} bytes does not "
+                         "fit a frame")
+
+
+def _padded_len(n: int) -> int:
+    """Length of *n* bytes after PKCS#7 padding (always 1..16 bytes added)."""
+    return (n // BLOCK_SIZE + 1) * BLOCK_SIZE
+
+
+def _encrypt_padded(cipher: _Cipher, src: memoryview, out: memoryview) -> None:
+    """Encrypt ``src || PKCS#7 padding`` into *out* (exactly the padded length).
+
+    The full blocks go straight from *src* to *out*; only the last block is copied.
+    """
+    n = src.nbytes
+    full = n - n % BLOCK_SIZE
+    if full:
+        cipher.encrypt(src[:full], output=out[:full])
+    cipher.encrypt(bytes(src[full:]) + _PADS[BLOCK_SIZE - (n - full)], output=out[full:])
+
+
+def _unpad_in_place(buf: bytearray) -> bool:
+    """Strip PKCS#7 padding from *buf*; return False (buf untouched) if it is invalid."""
+    if not buf:
+        return False
+    pad = buf[-1]
+    if not 1 <= pad <= BLOCK_SIZE or pad > len(buf) or buf[-pad:] != _PADS[pad]:
+        return False
+    del buf[-pad:]
+    return True
+
+
+# --------------------------------------------------------------------------- MORMOT
+
+@functools.lru_cache(maxsize=128)
+def mormot_key(key_text: str, key_size: KeySizeLike = KeySize.AES256) -> bytes:
+    """Return the MORMOT-profile AES key of *key_text* (cached; PBKDF2 runs once).
+
+    PBKDF2-HMAC-SHA256(UTF-8 key text, ``MORMOT_SALT``, 1000 rounds, 32 bytes) truncated
+    to ``key_size // 8`` bytes. Raises :class:`CryptoError` for an empty key text and
+    ValueError for an unknown key size.
+    """
+    _require_key(key_text)
+    bits = KeySize.parse(key_size)
+    raw = hashlib.pbkdf2_hmac("sha256", key_text.encode("utf-8"), MORMOT_SALT,
+                              MORMOT_ITERATIONS, 32)
+    return raw[:bits // 8]
+
+
+def mormot_payload_size(plaintext_len: int) -> int:
+    """Payload bytes of a MORMOT frame carrying *plaintext_len* bytes: 16 + padded length."""
+    return IV_SIZE + _padded_len(plaintext_len)
+
+
+def _mormot_factory(mode: AESMode) -> _Factory:
+    """Return ``f(key, iv) -> cipher`` applying *mode* the way mORMot does."""
+    if mode is AESMode.ECB:
+        return lambda key, iv: AES.new(key, AES.MODE_ECB)
+    if mode is AESMode.CBC:
+        return lambda key, iv: AES.new(key, AES.MODE_CBC, iv=iv)
+    if mode in (AESMode.CFB, AESMode.CFC):
+        return lambda key, iv: AES.new(key, AES.MODE_CFB, iv=iv, segment_size=128)
+    if mode in (AESMode.OFB, AESMode.OFC):
+        return lambda key, iv: AES.new(key, AES.MODE_OFB, iv=iv)
+    if mode in (AESMode.CTR, AESMode.CTC):
+        # The whole IV is the first counter block, incremented as a 128-bit integer.
+        return lambda key, iv: AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=iv)
+    if mode is AESMode.GCM:
+        # GCM's keystream without its tag: J0 = IV[0:12] || 1, data from IV[0:12] || 2.
+        # (A frame holds < 2**28 blocks, so GCM's 32-bit counter never wraps.)
+        return lambda key, iv: AES.new(key, AES.MODE_CTR, nonce=iv[:12], initial_value=2)
+    raise ValueError(f"unsupported AES mode {mode!r}")  # pragma: no cover
+
+
+class MormotCipher:
+    """The MORMOT profile (flag 1) for one key, mode and key size.
+
+    Unauthenticated by design (it is the Delphi components' format): use it only to talk
+    to Delphi peers. Stateless after construction, so one instance may be shared by any
+    number of threads.
+    """
+
+    __slots__ = ("mode", "key_size", "_key", "_factory")
+
+    def __init__(self, key_text: str, mode: ModeLike,
+                 key_size: KeySizeLike = KeySize.AES256) -> None:
+        """Raise :class:`CryptoError` for an empty *key_text*, ValueError for a bad mode/size."""
+        self.mode: AESMode = AESMode.parse(mode)
+        self.key_size: KeySize = KeySize.parse(key_size)
+        self._key: bytes = mormot_key(key_text, self.key_size)
+        self._factory: _Factory = _mormot_factory(self.mode)
+
+    def __repr__(self) -> str:
+        return f"MormotCipher(mode={self.mode.name}, key_size={int(self.key_size)})"
+
+    def _encrypt_into(self, out: memoryview, plaintext: Buffer, iv: Optional[bytes]) -> None:
+        if iv is None:
+            iv = os.urandom(IV_SIZE)
+        elif len(iv) != IV_SIZE:
+            raise ValueError(f"iv must be {IV_SIZE} bytes, not {len(iv)}")
+        else:
+            iv = bytes(iv)
+        out[:IV_SIZE] = iv
+        _encrypt_padded(self._factory(self._key, iv), _view(plaintext), out[IV_SIZE:])
+
+    def encrypt(self, plaintext: Buffer, iv: Optional[bytes] = None) -> bytes:
+        """Return the payload ``IV || AES(plaintext || PKCS#7)``.
+
+        *iv* (16 bytes) is for test vectors only; by default a fresh random IV is used.
+        """
+        size = mormot_payload_size(len(_view(plaintext)))
+        _check_size(size)
+        buf = bytearray(size)
+        self._encrypt_into(memoryview(buf), plaintext, iv)
+        return bytes(buf)
+
+    def seal_frame(self, plaintext: Buffer, iv: Optional[bytes] = None) -> bytes:
+        """Return a complete flag-1 frame (header + payload) carrying *plaintext*."""
+        size = mormot_payload_size(len(_view(plaintext)))
+        _check_size(size)
+        buf = bytearray(HEADER_SIZE + size)
+        buf[:HEADER_SIZE] = _pack_header(MAGIC, size, FLAG_MORMOT)
+        self._encrypt_into(memoryview(buf)[HEADER_SIZE:], plaintext, iv)
+        return bytes(buf)
+
+    def decrypt(self, payload: Buffer) -> bytes:
+        """Return the plaintext of a flag-1 *payload*.
+
+        Raises ``CryptoError(DECRYPT_FAILED)`` when the payload has an invalid length
+        (< 32 bytes or not IV + whole blocks) or invalid PKCS#7 padding (which a wrong
+        key almost always gives). Without authentication, a tampered frame whose padding
+        stays valid decrypts to modified data: that is the MORMOT profile's nature.
+        """
+        mv = _view(payload)
+        n = mv.nbytes
+        if n < IV_SIZE + BLOCK_SIZE or n % BLOCK_SIZE:
+            raise CryptoError(f"MORMOT payload has an invalid length of {n} bytes (expected "
+                              "a 16-byte IV and a positive multiple of 16)", _DECRYPT_FAILED)
+        out = bytearray(n - IV_SIZE)
+        self._factory(self._key, bytes(mv[:IV_SIZE])).decrypt(mv[IV_SIZE:], output=out)
+        if not _unpad_in_place(out):
+            raise CryptoError("MORMOT payload does not decrypt: invalid PKCS#7 padding "
+                              "(wrong key, mode or key size?)", _DECRYPT_FAILED)
+        return bytes(out)
+
+
+# --------------------------------------------------------------------- AUTHENTICATED
+
+@functools.lru_cache(maxsize=32)
+def authenticated_master_key(key_text: str) -> bytes:
+    """Return the AUTHENTICATED-profile master key of *key_text* (cached per process).
+
+    PBKDF2-HMAC-SHA256(UTF-8 key text, ``AUTH_SALT``, 600,000 rounds, 32 bytes): about
+    0.1 s the first time for each key text, free afterwards. Raises :class:`CryptoError`
+    for an empty key text.
+    """
+    _require_key(key_text)
+    return hashlib.pbkdf2_hmac("sha256", key_text.encode("utf-8"), AUTH_SALT,
+                               AUTH_ITERATIONS, 32)
+
+
+def authenticated_payload_size(mode: ModeLike, plaintext_len: int) -> int:
+    """Payload bytes of a flag-2 data frame carrying *plaintext_len* bytes in *mode*."""
+    mode = AESMode.parse(mode)
+    if mode is AESMode.GCM:
+        return plaintext_len + TAG_SIZE
+    if mode in (AESMode.CTR, AESMode.CTC):
+        return plaintext_len + MAC_SIZE
+    if mode is AESMode.ECB:
+        return _padded_len(plaintext_len) + MAC_SIZE
+    if mode is AESMode.CBC:
+        return IV_SIZE + _padded_len(plaintext_len) + MAC_SIZE
+    return IV_SIZE + plaintext_len + MAC_SIZE      # CFB, OFB, CFC, OFC
+
+
+def _hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869) with the standard library's HMAC."""
+    prk = hmac.digest(salt, ikm, "sha256")
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.digest(prk, block + info + bytes((counter,)), "sha256")
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def _kdf_info(mode: AESMode, key_size: KeySize) -> bytes:
+    return b"morsock v1 %s %d" % (mode.value.encode("ascii"), int(key_size))
+
+
+class _SessionKeys:
+    __slots__ = ("enc_c2s", "mac_c2s", "enc_s2c", "mac_s2c", "confirm")
+
+    def __init__(self, master: bytes, client_random: bytes, server_random: bytes,
+                 mode: AESMode, key_size: KeySize) -> None:
+        klen = key_size // 8
+        okm = _hkdf_sha256(master, client_random + server_random, _kdf_info(mode, key_size),
+                           2 * klen + 3 * MAC_SIZE)
+        self.enc_c2s = okm[:klen]
+        self.mac_c2s = okm[klen:klen + MAC_SIZE]
+        pos = klen + MAC_SIZE
+        self.enc_s2c = okm[pos:pos + klen]
+        self.mac_s2c = okm[pos + klen:pos + klen + MAC_SIZE]
+        self.confirm = okm[pos + klen + MAC_SIZE:]
+
+
+def _auth_error(message: str) -> CryptoError:
+    return CryptoError(message, _AUTH_FAILED)
+
+
+class AuthSession:
+    """Keys and sequence counters of one AUTHENTICATED connection (one side of it).
+
+    Made by :meth:`ClientHandshake.finish` or :func:`server_handshake`, never reused
+    for another connection. :meth:`seal` and :meth:`open` are NOT thread-safe: the caller
+    serialises sends (one lock) and serialises receives (another lock); a send and a
+    receive may run at the same time. Frames must be opened in the order they arrived
+    and sent in the order they were sealed.
+    """
+
+    __slots__ = ("mode", "key_size", "_send_key", "_recv_key", "_send_mac", "_recv_mac",
+                 "_send_seq", "_recv_seq", "_broken", "_seal_impl", "_open_impl",
+                 "_iv_len", "_padded", "_factory")
+
+    def __init__(self, mode: ModeLike, key_size: KeySizeLike, send_key: bytes,
+                 send_mac_key: bytes, recv_key: bytes, recv_mac_key: bytes) -> None:
+        """Internal: use the handshake. Keys are per direction and per connection."""
+        self.mode: AESMode = AESMode.parse(mode)
+        self.key_size: KeySize = KeySize.parse(key_size)
+        self._send_key = bytes(send_key)
+        self._recv_key = bytes(recv_key)
+        self._send_mac = hmac.new(send_mac_key, digestmod="sha256")
+        self._recv_mac = hmac.new(recv_mac_key, digestmod="sha256")
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._broken = False
+        mode = self.mode
+        self._iv_len = 0
+        self._padded = mode in (AESMode.ECB, AESMode.CBC)
+        self._factory: _Factory
+        if mode is AESMode.GCM:
+            self._seal_impl: Callable[[memoryview, int], bytes] = self._seal_gcm
+            self._open_impl: Callable[[memoryview, int], bytes] = self._open_gcm
+            return
+        self._seal_impl = self._seal_etm
+        self._open_impl = self._open_etm
+        if mode is AESMode.ECB:
+            self._factory = lambda key, _seq8: AES.new(key, AES.MODE_ECB)
+        elif mode in (AESMode.CTR, AESMode.CTC):
+            # Counter block = seq (8 bytes) || block number (8 bytes): one 2**64-block
+            # counter space per frame, never shared with another frame.
+            self._factory = lambda key, seq8: AES.new(key, AES.MODE_CTR, nonce=seq8,
+                                                      initial_value=0)
+        else:
+            self._iv_len = IV_SIZE
+            if mode is AESMode.CBC:
+                self._factory = lambda key, iv: AES.new(key, AES.MODE_CBC, iv=iv)
+            elif mode in (AESMode.CFB, AESMode.CFC):
+                self._factory = lambda key, iv: AES.new(key, AES.MODE_CFB, iv=iv,
+                                                        segment_size=128)
+            else:   # OFB, OFC
+                self._factory = lambda key, iv: AES.new(key, AES.MODE_OFB, iv=iv)
+
+    def __repr__(self) -> str:
+        return (f"AuthSession(mode={self.mode.name}, key_size={int(self.key_size)}, "
+                f"send_seq={self._send_seq}, recv_seq={self._recv_seq}, "
+                f"broken={self._broken})")
+
+    @property
+    def send_seq(self) -> int:
+        """Sequence number the next sealed frame gets (= frames sealed so far)."""
+        return self._send_seq
+
+    @property
+    def recv_seq(self) -> int:
+        """Sequence number the next opened frame must carry (= frames opened so far)."""
+        return self._recv_seq
+
+    @property
+    def broken(self) -> bool:
+        """True once a frame failed to open: every later :meth:`open` raises."""
+        return self._broken
+
+    def payload_size(self, plaintext_len: int) -> int:
+        """Payload bytes :meth:`seal` produces for *plaintext_len* bytes."""
+        return authenticated_payload_size(self.mode, plaintext_len)
+
+    # -- public API
+
+    def seal(self, plaintext: Buffer) -> bytes:
+        """Return a COMPLETE flag-2 frame (header + payload) carrying *plaintext*.
+
+        Consumes one send sequence number. Raises ValueError if the frame would exceed
+        4 GiB, CryptoError if the 2**64 sequence numbers are used up.
+        """
+        seq = self._send_seq
+        if seq >= SEQ_LIMIT:
+            raise CryptoError("AUTHENTICATED session exhausted its sequence numbers; "
+                              "reconnect", _AUTH_FAILED)
+        src = _view(plaintext)
+        frame = self._seal_impl(src, seq)
+        self._send_seq = seq + 1
+        return frame
+
+    def open(self, payload: Buffer) -> bytes:
+        """Return the plaintext of the next received flag-2 frame's *payload*.
+
+        Raises ``CryptoError(AUTHENTICATION_FAILED)`` for anything that is not exactly
+        the next frame the peer sealed on this connection; the session is broken from
+        then on (close the connection).
+        """
+        if self._broken:
+            raise _auth_error("AUTHENTICATED session is broken by an earlier "
+                              "authentication failure")
+        seq = self._recv_seq
+        if seq >= SEQ_LIMIT:
+            self._broken = True
+            raise _auth_error("AUTHENTICATED session exhausted its sequence numbers")
+        try:
+            plaintext = self._open_impl(_view(payload), seq)
+        except CryptoError:
+            self._broken = True
+            raise
+        self._recv_seq = seq + 1
+        return plaintext
+
+    # -- GCM
+
+    def _seal_gcm(self, src: memoryview, seq: int) -> bytes:
+        n = src.nbytes
+        size = n + TAG_SIZE
+        _check_size(size)
+        seq8 = _pack_seq(seq)
+        header = _pack_header(MAGIC, size, FLAG_AUTHENTICATED)
+        cipher = AES.new(self._send_key, AES.MODE_GCM, nonce=_GCM_NONCE_PREFIX + seq8,
+                         mac_len=TAG_SIZE)
+        cipher.update(header + seq8)
+        buf = bytearray(HEADER_SIZE + size)
+        buf[:HEADER_SIZE] = header
+        out = memoryview(buf)
+        if n:
+            cipher.encrypt(src, output=out[HEADER_SIZE:HEADER_SIZE + n])
+        out[HEADER_SIZE + n:] = cipher.digest()
+        return bytes(buf)
+
+    def _open_gcm(self, mv: memoryview, seq: int) -> bytes:
+        size = mv.nbytes
+        if size < TAG_SIZE:
+            raise _auth_error(f"AUTHENTICATED GCM payload too short ({size} bytes)")
+        n = size - TAG_SIZE
+        seq8 = _pack_seq(seq)
+        cipher = AES.new(self._recv_key, AES.MODE_GCM, nonce=_GCM_NONCE_PREFIX + seq8,
+                         mac_len=TAG_SIZE)
+        cipher.update(_pack_header(MAGIC, size, FLAG_AUTHENTICATED) + seq8)
+        plaintext: bytes = cipher.decrypt(mv[:n]) if n else b""
+        try:
+            cipher.verify(bytes(mv[n:]))
+        except ValueError:
+            raise _auth_error("AUTHENTICATED frame failed authentication (tampered, "
+                              "replayed, reordered, lost or not from this connection)"
+                              ) from None
+        return plaintext
+
+    # -- encrypt-then-MAC (every other mode)
+
+    def _seal_etm(self, src: memoryview, seq: int) -> bytes:
+        n = src.nbytes
+        iv_len = self._iv_len
+        clen = _padded_len(n) if self._padded else n
+        size = iv_len + clen + MAC_SIZE
+        _check_size(size)
+        seq8 = _pack_seq(seq)
+        header = _pack_header(MAGIC, size, FLAG_AUTHENTICATED)
+        buf = bytearray(HEADER_SIZE + size)
+        buf[:HEADER_SIZE] = header
+        out = memoryview(buf)
+        start = HEADER_SIZE + iv_len
+        end = start + clen
+        if iv_len:
+            iv = os.urandom(iv_len)
+            out[HEADER_SIZE:start] = iv
+            cipher = self._factory(self._send_key, iv)
+        else:
+            cipher = self._factory(self._send_key, seq8)
+        if self._padded:
+            _encrypt_padded(cipher, src, out[start:end])
+        elif n:
+            cipher.encrypt(src, output=out[start:end])
+        mac = self._send_mac.copy()
+        mac.update(header + seq8)
+        mac.update(out[HEADER_SIZE:end])
+        out[end:] = mac.digest()
+        return bytes(buf)
+
+    def _open_etm(self, mv: memoryview, seq: int) -> bytes:
+        size = mv.nbytes
+        iv_len = self._iv_len
+        clen = size - iv_len - MAC_SIZE
+        if clen < 0 or (self._padded and (clen < BLOCK_SIZE or clen % BLOCK_SIZE)):
+            raise _auth_error(f"AUTHENTICATED {self.mode.name} payload has an invalid "
+                              f"length ({size} bytes)")
+        seq8 = _pack_seq(seq)
+        mac_at = size - MAC_SIZE
+        mac = self._recv_mac.copy()
+        mac.update(_pack_header(MAGIC, size, FLAG_AUTHENTICATED) + seq8)
+        mac.update(mv[:mac_at])
+        if not hmac.compare_digest(mac.digest(), mv[mac_at:]):
+            raise _auth_error("AUTHENTICATED frame failed authentication (tampered, "
+                              "replayed, reordered, lost or not from this connection)")
+        if iv_len:
+            cipher = self._factory(self._recv_key, bytes(mv[:iv_len]))
+        else:
+            cipher = self._factory(self._recv_key, seq8)
+        if not self._padded:
+            return cipher.decrypt(mv[iv_len:mac_at]) if clen else b""  # type: ignore[no-any-return]
+        out = bytearray(clen)
+        cipher.decrypt(mv[iv_len:mac_at], output=out)
+        if not _unpad_in_place(out):    # cannot happen for a frame that passed the MAC
+            raise _auth_error("AUTHENTICATED frame has invalid padding")
+        return bytes(out)
+
+
+# ------------------------------------------------------------------------- handshake
+
+def _hello_fields(mode: AESMode, key_size: KeySize) -> bytes:
+    return bytes((_MODES.index(mode), int(key_size) // 64))
+
+
+def _random(value: Optional[bytes]) -> bytes:
+    if value is None:
+        return os.urandom(RANDOM_SIZE)
+    if len(value) != RANDOM_SIZE:
+        raise ValueError(f"handshake random must be {RANDOM_SIZE} bytes")
+    return bytes(value)
+
+
+def _describe(fields: bytes) -> str:
+    mode_index, size_code = fields[0], fields[1]
+    mode = _MODES[mode_index].name if mode_index < len(_MODES) else f"mode #{mode_index}"
+    return f"AES-{size_code * 64}-{mode}"
+
+
+class ClientHandshake:
+    """The client's side of the AUTHENTICATED handshake.
+
+    Send :attr:`hello_frame` right after connecting, before any other frame; pass the
+    payload of the server's first flag-2 frame to :meth:`finish`, which returns the
+    connection's :class:`AuthSession`. Single use.
+    """
+
+    __slots__ = ("mode", "key_size", "hello_frame", "_master", "_hello", "_done")
+
+    def __init__(self, key_text: str, mode: ModeLike = AESMode.CBC,
+                 key_size: KeySizeLike = KeySize.AES256, *,
+                 client_random: Optional[bytes] = None) -> None:
+        """Raise :class:`CryptoError` for an empty key. *client_random*: tests only."""
+        self.mode: AESMode = AESMode.parse(mode)
+        self.key_size: KeySize = KeySize.parse(key_size)
+        self._master = authenticated_master_key(key_text)
+        self._hello = HELLO_MAGIC + _hello_fields(self.mode, self.key_size) + \
+            _random(client_random)
+        #: The complete ClientHello frame (flag 2) to send first.
+        self.hello_frame: bytes = encode_frame(self._hello, FLAG_AUTHENTICATED)
+        self._done = False
+
+    def finish(self, payload: Buffer) -> AuthSession:
+        """Check the ServerHello *payload*; return this connection's session.
+
+        Raises ``CryptoError(AUTHENTICATION_FAILED)`` if it is not a valid ServerHello,
+        if the server's key confirmation does not match (wrong key, or a mode/key size
+        the server did not accept), or if called twice.
+        """
+        if self._done:
+            raise _auth_error("AUTHENTICATED handshake already finished")
+        self._done = True
+        data = bytes(payload)
+        if len(data) != SERVER_HELLO_SIZE or data[:4] != HELLO_MAGIC:
+            raise _auth_error("expected a morsock AUTHENTICATED server hello "
+                              f"({SERVER_HELLO_SIZE} bytes starting b'MSA1'), got "
+                              f"{len(data)} bytes")
+        server_random = data[4:4 + RANDOM_SIZE]
+        keys = _SessionKeys(self._master, self._hello[6:], server_random, self.mode,
+                            self.key_size)
+        expected = hmac.digest(keys.confirm, self._hello + server_random, "sha256")
+        if not hmac.compare_digest(expected, data[4 + RANDOM_SIZE:]):
+            raise _auth_error("AUTHENTICATED handshake failed: the server's key "
+                              "confirmation does not match (wrong key?)")
+        return AuthSession(self.mode, self.key_size, keys.enc_c2s, keys.mac_c2s,
+                           keys.enc_s2c, keys.mac_s2c)
+
+
+def server_handshake(key_text: str, mode: ModeLike, key_size: KeySizeLike,
+                     hello_payload: Buffer, *, server_random: Optional[bytes] = None
+                     ) -> Tuple[bytes, AuthSession]:
+    """Answer a ClientHello: return (complete ServerHello frame, session).
+
+    *hello_payload* is the payload of the first flag-2 frame the client sent. Raises
+    ``CryptoError(AUTHENTICATION_FAILED)`` if it is not a morsock ClientHello or asks for
+    another mode or key size; the connection should then be closed without a reply.
+    *server_random*: tests only.
+    """
+    mode = AESMode.parse(mode)
+    key_size = KeySize.parse(key_size)
+    master = authenticated_master_key(key_text)
+    hello = bytes(hello_payload)
+    if len(hello) != CLIENT_HELLO_SIZE or hello[:4] != HELLO_MAGIC:
+        raise _auth_error("expected a morsock AUTHENTICATED client hello "
+                          f"({CLIENT_HELLO_SIZE} bytes starting b'MSA1'), got "
+                          f"{len(hello)} bytes")
+    fields = _hello_fields(mode, key_size)
+    if hello[4:6] != fields:
+        raise _auth_error(f"AUTHENTICATED handshake failed: mode/key size mismatch (client "
+                          f"{_describe(hello[4:6])}, server {_describe(fields)})")
+    srv_random = _random(server_random)
+    keys = _SessionKeys(master, hello[6:], srv_random, mode, key_size)
+    confirm = hmac.digest(keys.confirm, hello + srv_random, "sha256")
+    frame = encode_frame(HELLO_MAGIC + srv_random + confirm, FLAG_AUTHENTICATED)
+    return frame, AuthSession(mode, key_size, keys.enc_s2c, keys.mac_s2c,
+                              keys.enc_c2s, keys.mac_c2s)
+

@@ -1,0 +1,146 @@
+"""Enumerations of the public contract (API.md §1 and §6).
+
+Every enum that a setting takes also accepts its name as a string, case-insensitively,
+and the Delphi spelling with its prefix (``"amCBC"``, ``"rsBackoff"``): use
+:func:`AESMode.parse` and friends, which the components call for you.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Type, TypeVar, Union
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _parse(cls: Type[_E], value: Union[_E, str, int], prefixes: tuple[str, ...]) -> _E:
+    """Return the member of *cls* named or valued by *value*; raise ValueError otherwise."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().replace("-", "_")
+        for prefix in prefixes:
+            if text.startswith(prefix.upper()) and text[len(prefix):] in cls.__members__:
+                text = text[len(prefix):]
+                break
+        if text in cls.__members__:
+            return cls.__members__[text]
+        raise ValueError(f"{value!r} is not a valid {cls.__name__}: "
+                         f"choose from {', '.join(cls.__members__)}")
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid {cls.__name__}") from None
+
+
+class AESMode(enum.Enum):
+    """AES chaining mode (Delphi ``TAESMode``: ``amECB`` ... ``amCTC``)."""
+
+    ECB = "ECB"
+    CBC = "CBC"
+    CFB = "CFB"
+    OFB = "OFB"
+    CTR = "CTR"
+    GCM = "GCM"
+    CFC = "CFC"
+    OFC = "OFC"
+    CTC = "CTC"
+
+    @classmethod
+    def parse(cls, value: Union["AESMode", str]) -> "AESMode":
+        """Accept a member, ``"cbc"``, ``"CBC"`` or ``"amCBC"`` (case-insensitive)."""
+        return _parse(cls, value, ("AM",))
+
+
+class KeySize(enum.IntEnum):
+    """AES key size in bits (Delphi ``TAESKeySize``)."""
+
+    AES128 = 128
+    AES192 = 192
+    AES256 = 256
+
+    @classmethod
+    def parse(cls, value: Union["KeySize", str, int]) -> "KeySize":
+        """Accept a member, 128/192/256, ``"256"``, ``"AES256"`` or ``"aks256"``."""
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, str):
+            text = value.strip().upper()
+            for prefix in ("AKS", "AES"):
+                if text.startswith(prefix) and text[len(prefix):].isdigit():
+                    value = int(text[len(prefix):])
+                    break
+        return _parse(cls, value, ())
+
+
+class EncryptionProfile(enum.Enum):
+    """How encrypted frames are built (see README, "Encryption profiles").
+
+    ``AUTHENTICATED`` (default, flag 2): morsock's own authenticated format.
+    ``MORMOT`` (flag 1): byte-compatible with the Delphi components, unauthenticated.
+    """
+
+    AUTHENTICATED = "AUTHENTICATED"
+    MORMOT = "MORMOT"
+
+    @classmethod
+    def parse(cls, value: Union["EncryptionProfile", str]) -> "EncryptionProfile":
+        """Accept a member or its name (case-insensitive)."""
+        return _parse(cls, value, ())
+
+
+class ReconnectStrategy(enum.Enum):
+    """Delay rule between reconnection attempts (Delphi ``TReconnectStrategy``)."""
+
+    NONE = "NONE"
+    IMMEDIATE = "IMMEDIATE"
+    BACKOFF = "BACKOFF"
+    FIXED_INTERVAL = "FIXED_INTERVAL"
+
+    @classmethod
+    def parse(cls, value: Union["ReconnectStrategy", str]) -> "ReconnectStrategy":
+        """Accept a member, its name, or the Delphi spelling (``"rsBackoff"``)."""
+        if isinstance(value, str) and value.strip().lower() == "rsfixedinterval":
+            return cls.FIXED_INTERVAL
+        return _parse(cls, value, ("RS",))
+
+
+class ServerState(enum.Enum):
+    """Life cycle of a :class:`~morsock.Server`."""
+
+    DISCONNECTED = "DISCONNECTED"
+    STARTING = "STARTING"
+    LISTENING = "LISTENING"
+    STOPPING = "STOPPING"
+
+
+class ClientState(enum.Enum):
+    """Life cycle of a :class:`~morsock.Client`."""
+
+    DISCONNECTED = "DISCONNECTED"
+    CONNECTING = "CONNECTING"
+    CONNECTED = "CONNECTED"
+    DISCONNECTING = "DISCONNECTING"
+
+
+class ErrorCode(enum.IntEnum):
+    """Every code passed to ``on_error``.
+
+    All are negative: positive codes passed to a client's ``on_error`` are reconnection
+    attempt numbers (1, 2, ...).
+    """
+
+    CONNECTION_FAILED = -1
+    INVALID_PROTOCOL = -2
+    MESSAGE_TOO_LARGE = -3
+    DECRYPT_FAILED = -4
+    AUTHENTICATION_FAILED = -5
+    ENCRYPTION_REQUIRED = -6
+    HANDLER_EXCEPTION = -7
+    SERVER_FULL = -8
+    SEND_BUFFER_FULL = -9
+    TIMEOUT = -10
+    BIND_FAILED = -11
+    TLS_FAILED = -12
+    CONNECTION_LOST = -13
+    MAX_RECONNECT_ATTEMPTS = -99

@@ -1,0 +1,168 @@
+"""The frame codec: pure, no sockets (API.md §2).
+
+A frame is a 9-byte header followed by ``size`` payload bytes::
+
+    magic  uint32 LE  0xCAFEBABE   (on the wire: BE BA FE CA)
+    size   uint32 LE  number of payload bytes that follow
+    flag   uint8      FLAG_PLAIN (0), FLAG_MORMOT (1) or FLAG_AUTHENTICATED (2)
+
+:func:`encode_frame` builds one frame; :class:`FrameDecoder` turns a byte stream, split
+anywhere, into :class:`Frame` objects in time linear in the bytes fed. Neither keeps any
+state beyond the decoder's partial-frame buffer, and neither knows about encryption: the
+payload of an encrypted frame is opaque here (see :mod:`morsock.crypto`).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import List, NamedTuple, Union
+
+from .enums import ErrorCode
+from .errors import ProtocolError
+
+__all__ = [
+    "MAGIC", "HEADER", "HEADER_SIZE", "MAX_FRAME_SIZE", "FLAG_PLAIN", "FLAG_MORMOT",
+    "FLAG_AUTHENTICATED", "VALID_FLAGS", "Frame", "encode_frame", "encode_header",
+    "FrameDecoder", "ProtocolError", "DEFAULT_MAX_MESSAGE_SIZE",
+]
+
+MAGIC = 0xCAFEBABE
+HEADER = struct.Struct("<IIB")
+HEADER_SIZE = HEADER.size  # 9
+MAX_FRAME_SIZE = 0xFFFFFFFF
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+FLAG_PLAIN = 0
+FLAG_MORMOT = 1
+FLAG_AUTHENTICATED = 2
+VALID_FLAGS = frozenset((FLAG_PLAIN, FLAG_MORMOT, FLAG_AUTHENTICATED))
+
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Frame(NamedTuple):
+    """One decoded frame: its payload (still encrypted if ``flag`` != 0) and its flag."""
+
+    payload: bytes
+    flag: int = FLAG_PLAIN
+
+
+def encode_header(size: int, flag: int = FLAG_PLAIN) -> bytes:
+    """Return the 9 header bytes of a frame carrying *size* payload bytes."""
+    if not 0 <= size <= MAX_FRAME_SIZE:
+        raise ValueError(f"payload of {size} bytes does not fit a frame")
+    if not 0 <= flag <= 255:
+        raise ValueError(f"flag {flag} is not a byte")
+    return _pack(MAGIC, size, flag)
+
+
+def encode_frame(payload: Buffer, flag: int = FLAG_PLAIN) -> bytes:
+    """Return one complete frame (header + *payload*) as a single bytes object.
+
+    Raises ValueError if the payload is too large for a frame or *flag* is not a byte.
+    """
+    return encode_header(len(payload), flag) + payload
+
+
+class FrameDecoder:
+    """Incremental frame parser.
+
+    ``feed(data)`` returns every frame completed by *data* (possibly none). The caller may
+    split the stream anywhere; bytes of an incomplete frame are kept, never re-scanned.
+
+    A stream error raises :class:`ProtocolError` with ``.code``:
+
+    * ``INVALID_PROTOCOL`` -- bad magic (detected from the first wrong byte) or a flag
+      not in :data:`VALID_FLAGS`;
+    * ``MESSAGE_TOO_LARGE`` -- a size over ``max_message_size``, detected from the
+      header before anything is buffered for that payload.
+
+    After an error the decoder is *broken*: every later ``feed`` raises the same error.
+    Frames completed before the bad bytes in the same chunk are not lost: they are in
+    the exception's ``frames`` attribute, in order.
+    """
+
+    __slots__ = ("max_message_size", "_buf", "_need", "_error")
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        if max_message_size < 0:
+            raise ValueError("max_message_size must be >= 0")
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._need = HEADER_SIZE   # bytes _buf must hold before the next parse can progress
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held by the decoder (0 between frames)."""
+        return len(self._buf)
+
+    @property
+    def broken(self) -> bool:
+        """True once a stream error was raised."""
+        return self._error is not None
+
+    def feed(self, data: Buffer) -> List[Frame]:
+        """Consume *data*; return the frames it completes, in stream order."""
+        if self._error is not None:
+            raise self._error
+        frames: List[Frame] = []
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                if len(buf) < HEADER_SIZE:
+                    self._check_partial_header(buf, frames)
+                return frames
+            pos = self._parse(buf, len(buf), frames)
+            del buf[:pos]
+        else:
+            n = len(data)
+            pos = self._parse(data, n, frames)
+            if pos < n:
+                buf += memoryview(data)[pos:]
+        if len(buf) < HEADER_SIZE and buf:
+            self._check_partial_header(buf, frames)
+        return frames
+
+    def _parse(self, src: Buffer, n: int, frames: List[Frame]) -> int:
+        """Append the complete frames of src[:n] to *frames*; return bytes consumed."""
+        pos = 0
+        limit = self.max_message_size
+        append = frames.append
+        with memoryview(src) as mv:
+            while n - pos >= HEADER_SIZE:
+                magic, size, flag = _unpack_from(src, pos)
+                if magic != MAGIC:
+                    self._fail(ErrorCode.INVALID_PROTOCOL,
+                               f"bad frame magic 0x{magic:08X} (expected 0x{MAGIC:08X})", frames)
+                if flag not in VALID_FLAGS:
+                    self._fail(ErrorCode.INVALID_PROTOCOL, f"unknown frame flag {flag}", frames)
+                if size > limit:
+                    self._fail(ErrorCode.MESSAGE_TOO_LARGE,
+                               f"frame of {size} bytes exceeds max_message_size={limit}", frames)
+                end = pos + HEADER_SIZE + size
+                if end > n:
+                    self._need = end - pos
+                    return pos
+                append(Frame(bytes(mv[pos + HEADER_SIZE:end]), flag))
+                pos = end
+        self._need = HEADER_SIZE
+        return pos
+
+    def _check_partial_header(self, buf: bytearray, frames: List[Frame]) -> None:
+        """Reject a bad magic as soon as its first wrong byte arrives."""
+        k = min(len(buf), 4)
+        if buf[:k] != _MAGIC_BYTES[:k]:
+            self._fail(ErrorCode.INVALID_PROTOCOL,
+                       f"bad frame magic (stream starts {bytes(buf[:k]).hex()})", frames)
+
+    def _fail(self, code: ErrorCode, message: str, frames: List[Frame]) -> None:
+        error = ProtocolError(message, code, frames)
+        self._buf = bytearray()
+        self._error = error
+        raise error

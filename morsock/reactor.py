@@ -1,0 +1,205 @@
+"""The reactor: one thread that owns a selector, its sockets, timers and a wake-up pair.
+
+Every component (server or client) has exactly one :class:`Reactor`. Only the reactor
+thread touches the selector; other threads hand work to it with :meth:`Reactor.call_soon`
+(thread-safe, wakes the loop through a ``socket.socketpair()``: no polling) or
+:meth:`Reactor.call_later`. Callbacks registered for a socket run on the reactor thread
+with ``(mask)`` and must not block.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional, Tuple
+
+__all__ = ["Reactor", "Timer", "EVENT_READ", "EVENT_WRITE"]
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+Callback = Callable[..., Any]
+
+
+class Timer:
+    """A call scheduled on the reactor; :meth:`cancel` may be called from any thread."""
+
+    __slots__ = ("deadline", "fn", "args", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callback, args: Tuple[Any, ...]) -> None:
+        self.deadline = deadline
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the call from happening (no effect if it already ran)."""
+        self.cancelled = True
+
+
+class Reactor:
+    """A ``selectors`` loop on a thread of its own.
+
+    Methods for any thread: :meth:`start`, :meth:`stop`, :meth:`call_soon`,
+    :meth:`call_later`, :meth:`in_thread`. Methods for the reactor thread only:
+    :meth:`register`, :meth:`modify`, :meth:`unregister`.
+    """
+
+    def __init__(self, name: str, logger: Optional[logging.Logger] = None) -> None:
+        self.name = name
+        self._log = logger or logging.getLogger("morsock")
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, EVENT_READ, self._on_wake)
+        self._calls: Deque[Tuple[Callback, Tuple[Any, ...]]] = deque()
+        self._calls_lock = threading.Lock()
+        self._wake_pending = False
+        self._timers: List[Tuple[float, int, Timer]] = []
+        self._timer_seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._running = False
+        self._closed = False
+
+    # -- any thread ------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the loop thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError("reactor already started")
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, join its thread and release the selector and wake-up sockets.
+
+        Calls already queued with :meth:`call_soon` run before the loop exits. Must not
+        be called from the reactor thread (it would join itself): raises RuntimeError.
+        """
+        if self._closed:
+            return
+        if self.in_thread():
+            raise RuntimeError("Reactor.stop() called from the reactor thread")
+        if self._thread is not None:
+            self.call_soon(self._halt)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._log.error("%s did not stop within %.1f s", self.name, timeout)
+                return
+        self._closed = True
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def in_thread(self) -> bool:
+        """True when called on the reactor thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def call_soon(self, fn: Callback, *args: Any) -> None:
+        """Run ``fn(*args)`` on the reactor thread, in call order. Thread-safe."""
+        with self._calls_lock:
+            self._calls.append((fn, args))
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # the pipe is full: the loop is bound to wake anyway
+        except OSError:
+            pass  # stopped: nothing left to wake
+
+    def call_later(self, delay: float, fn: Callback, *args: Any) -> Timer:
+        """Run ``fn(*args)`` on the reactor thread after *delay* seconds. Thread-safe."""
+        timer = Timer(time.monotonic() + max(0.0, delay), fn, args)
+        if self.in_thread():
+            self._push_timer(timer)
+        else:
+            self.call_soon(self._push_timer, timer)
+        return timer
+
+    # -- reactor thread only ---------------------------------------------------------
+    def register(self, sock: socket.socket, events: int, callback: Callback) -> None:
+        """Watch *sock*; ``callback(mask)`` runs when it is ready."""
+        self._selector.register(sock, events, callback)
+
+    def modify(self, sock: socket.socket, events: int, callback: Callback) -> None:
+        """Change what *sock* is watched for."""
+        self._selector.modify(sock, events, callback)
+
+    def unregister(self, sock: socket.socket) -> None:
+        """Stop watching *sock* (no error if it was not watched or is closed)."""
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    # -- the loop --------------------------------------------------------------------
+    def _halt(self) -> None:
+        self._running = False
+
+    def _push_timer(self, timer: Timer) -> None:
+        heapq.heappush(self._timers, (timer.deadline, next(self._timer_seq), timer))
+
+    def _on_wake(self, mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _run_calls(self) -> None:
+        with self._calls_lock:
+            calls = self._calls
+            self._calls = deque()
+            self._wake_pending = False
+        for fn, args in calls:
+            try:
+                fn(*args)
+            except Exception:
+                self._log.exception("%s: error in %r", self.name, fn)
+
+    def _run_timers(self) -> Optional[float]:
+        """Run due timers; return seconds until the next one (None: no timer)."""
+        timers = self._timers
+        now = time.monotonic()
+        while timers:
+            deadline, _, timer = timers[0]
+            if timer.cancelled:
+                heapq.heappop(timers)
+                continue
+            if deadline > now:
+                return deadline - now
+            heapq.heappop(timers)
+            try:
+                timer.fn(*timer.args)
+            except Exception:
+                self._log.exception("%s: error in timer %r", self.name, timer.fn)
+            now = time.monotonic()
+        return None
+
+    def _run(self) -> None:
+        select = self._selector.select
+        while self._running:
+            timeout = self._run_timers()
+            if self._calls:
+                timeout = 0.0
+            try:
+                ready = select(timeout)
+            except InterruptedError:
+                continue
+            for key, mask in ready:
+                try:
+                    key.data(mask)
+                except Exception:
+                    self._log.exception("%s: error in I/O callback", self.name)
+            if self._calls:
+                self._run_calls()
+        self._run_calls()

@@ -1,0 +1,547 @@
+"""The server component (Delphi ``TmMServer``) and its view of one connection
+(``TmMServerClient``)."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import itertools
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Union
+
+from ._component import (Component, Data, Setting, _optional_seconds, _positive_int)
+from .connection import CONNECTED, DISCONNECTED, Connection
+from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
+from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
+from .events import EventQueue
+from .protocol import Frame
+from .reactor import EVENT_READ
+
+__all__ = ["Server", "ServerClient"]
+
+
+class ServerClient(Connection):
+    """One accepted connection, as the server sees it (Delphi ``TmMServerClient``).
+
+    Read-only: ``handle`` (int from 1, never reused by one server), ``peer_ip``,
+    ``peer_port`` (the peer's own port), ``connected_at`` (datetime),
+    ``last_activity_time`` (datetime), ``bytes_received``, ``bytes_sent``,
+    ``messages_received``, ``messages_sent``, ``connected_time`` (seconds),
+    ``connected``. Free for the application: ``custom_data``.
+    Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
+    """
+
+    def __init__(self, server: "Server", sock: socket.socket, handle: int) -> None:
+        super().__init__(server, sock, max_message_size=server.max_message_size,
+                         max_send_buffer=server.max_send_buffer)
+        self.server = server
+        self.handle = handle
+        self.connected_at = datetime.datetime.now()
+        self._connected_mono = time.monotonic()
+        #: Free slot for the application (Delphi ``CustomData``).
+        self.custom_data: Any = None
+
+    @property
+    def connected(self) -> bool:
+        """True until the connection starts closing."""
+        return not self.closing
+
+    @property
+    def connected_time(self) -> float:
+        """Seconds since the connection was accepted (frozen once it is closed)."""
+        end = self._closed_mono if self.closed else time.monotonic()
+        return end - self._connected_mono
+
+    @property
+    def last_activity_time(self) -> datetime.datetime:
+        """When bytes last arrived from this peer (``connected_at`` if none yet)."""
+        return self.connected_at + datetime.timedelta(
+            seconds=max(0.0, self.last_activity - self._connected_mono))
+
+    _closed_mono = 0.0
+
+    def _finish_close(self) -> None:
+        if not self.closed:
+            self._closed_mono = time.monotonic()
+        super()._finish_close()
+
+    def send_data(self, data: Data, encrypted: bool = False) -> None:
+        """Send one message to this client. Thread-safe; never blocks on the peer.
+
+        Raises NotConnectedError once it is disconnected, SendBufferFullError past
+        ``max_send_buffer``, CryptoError if ``encrypted`` without a usable key.
+        """
+        self.server._send_on(self, data, encrypted)
+
+    def disconnect(self) -> bool:
+        """Close this connection (``on_disconnect`` follows). False if already closing."""
+        return self.close()
+
+    def __repr__(self) -> str:
+        return f"<ServerClient #{self.handle} {self.describe()}{' closed' if self.closing else ''}>"
+
+
+class Server(Component):
+    """A listening TCP component (Delphi ``TmMServer``).
+
+    Methods for the caller: :meth:`start`, :meth:`stop` (or ``active = True/False``,
+    or ``with Server(...)``), :meth:`broadcast_data`, :meth:`find_client`,
+    :meth:`find_client_by_ip`, :meth:`disconnect_client`, :meth:`disconnect_all_clients`,
+    :meth:`clear_statistics`, :meth:`get_server_info`.
+
+    Events you may assign (``sender`` is the server; see README "Threads and events"):
+    ``on_handle_command(sender, client, data) -> bytes | None`` (runs on a worker; a
+    non-empty return is sent back to that client, encrypted when the request was),
+    ``on_connect(sender, client)``, ``on_disconnect(sender, client)``,
+    ``on_error(sender, client_or_None, message, code)``,
+    ``on_state_change(sender, old, new)``, ``on_data_sent(sender, client, nbytes)``,
+    ``on_data_received(sender, client, nbytes)``.
+
+    Every constructor argument is also an attribute, settable while stopped (a few --
+    ``max_connections``, ``connection_timeout``, ``idle_timeout``, ``require_encryption``,
+    ``max_send_buffer`` -- also while listening).
+    """
+
+    port: Setting[int] = Setting(3434, int)
+    host: Setting[str] = Setting("0.0.0.0", str)
+    max_connections: Setting[int] = Setting(1000, _positive_int, live=True)
+    thread_pool_size: Setting[int] = Setting(4, _positive_int)
+    reuse_port: Setting[bool] = Setting(False, bool)
+    idle_timeout: Setting[Optional[float]] = Setting(None, _optional_seconds, live=True)
+    backlog: Setting[int] = Setting(4096, _positive_int)
+
+    _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
+               "on_state_change", "on_data_sent", "on_data_received")
+
+    on_handle_command: Optional[Callable[["Server", ServerClient, bytes], Optional[Data]]]
+    on_connect: Optional[Callable[["Server", ServerClient], Any]]
+    on_disconnect: Optional[Callable[["Server", ServerClient], Any]]
+    on_error: Optional[Callable[["Server", Optional[ServerClient], str, int], Any]]
+    on_state_change: Optional[Callable[["Server", ServerState, ServerState], Any]]
+    on_data_sent: Optional[Callable[["Server", ServerClient, int], Any]]
+    on_data_received: Optional[Callable[["Server", ServerClient, int], Any]]
+
+    def __init__(self, port: int = 3434, host: str = "0.0.0.0", *,
+                 max_connections: int = 1000, thread_pool_size: int = 4,
+                 connection_timeout: float = 10, events_use_main_thread: bool = False,
+                 event_queue: Optional[EventQueue] = None, encryption_key: str = "",
+                 encryption_mode: Union[AESMode, str] = AESMode.CBC,
+                 encryption_key_size: Union[KeySize, int] = KeySize.AES256,
+                 encryption_profile: Union[EncryptionProfile, str] = EncryptionProfile.AUTHENTICATED,
+                 require_encryption: bool = False, keep_alive: bool = True,
+                 no_delay: bool = True, reuse_port: bool = False,
+                 max_message_size: int = 16 * 1024 * 1024,
+                 max_send_buffer: int = 8 * 1024 * 1024,
+                 idle_timeout: Optional[float] = None, backlog: int = 4096,
+                 ssl_context: Any = None, logger: Optional[logging.Logger] = None,
+                 **events: Any) -> None:
+        self._state = ServerState.DISCONNECTED
+        settings = dict(locals())
+        for name in ("self", "events", "__class__"):
+            settings.pop(name, None)
+        self._life_lock = threading.RLock()
+        #: Re-entrant lock over the client set: holding it freezes ``clients``.
+        self.property_lock = threading.RLock()
+        self._clients: Dict[int, ServerClient] = {}
+        self._handles = itertools.count(1)
+        self._listener: Optional[socket.socket] = None
+        self._started_mono = 0.0
+        self._sweep_timer: Any = None
+        self._zero_stats()
+        super().__init__(settings, events)
+
+    # -- life cycle --------------------------------------------------------------------
+    def _is_running(self) -> bool:
+        return self._state is not ServerState.DISCONNECTED
+
+    @property
+    def state(self) -> ServerState:
+        """DISCONNECTED, STARTING, LISTENING or STOPPING."""
+        return self._state
+
+    @property
+    def active(self) -> bool:
+        """True while listening; assigning True/False starts/stops the server."""
+        return self._state is ServerState.LISTENING
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        if value:
+            self.start()
+        else:
+            self.stop()
+
+    def _set_state(self, new: ServerState) -> None:
+        old, self._state = self._state, new
+        if old is not new:
+            self._emit("on_state_change", old, new)
+
+    def start(self) -> None:
+        """Bind, listen and start the threads; returns once listening.
+
+        With ``port=0`` a free port is chosen and ``port`` then holds it. Raises
+        MorsockError (and fires ``on_error(None, ..., BIND_FAILED)``) if the address
+        cannot be bound. No effect if already listening.
+        """
+        with self._life_lock:
+            if self._state is ServerState.LISTENING:
+                return
+            if self._state is not ServerState.DISCONNECTED:
+                raise MorsockError(f"cannot start a server that is {self._state.name}")
+            self._set_state(ServerState.STARTING)
+            try:
+                self._prepare_runtime(f"morsock-server-{self.port}", self.thread_pool_size)
+                listener = self._bind()
+            except Exception as exc:
+                self._set_state(ServerState.DISCONNECTED)
+                if isinstance(exc, OSError):
+                    message = f"cannot listen on {self.host}:{self.port}: {exc}"
+                    self._report(None, message, ErrorCode.BIND_FAILED)
+                    raise MorsockError(message, ErrorCode.BIND_FAILED) from exc
+                raise
+            self._listener = listener
+            self.__dict__["_setting_port"] = listener.getsockname()[1]
+            self._pool.start()
+            self._reactor.start()
+            self._reactor.call_soon(self._reactor.register, listener, EVENT_READ, self._on_accept)
+            self._reactor.call_soon(self._schedule_sweep)
+            self._started_mono = time.monotonic()
+            self._log.info("server listening on %s:%d (%s)", self.host, self.port,
+                           self.encryption_info)
+            self._set_state(ServerState.LISTENING)
+
+    def _bind(self) -> socket.socket:
+        infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, socktype, proto, _, address = infos[0]
+        sock = socket.socket(family, socktype, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                if not hasattr(socket, "SO_REUSEPORT"):
+                    raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not supported here")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def stop(self) -> None:
+        """Close every client (each gets ``on_disconnect``), stop listening, join all
+        threads and release every socket. No effect if already stopped.
+
+        Called from one of this server's own threads (a handler), the stop runs on a
+        helper thread and this call returns at once.
+        """
+        with self._life_lock:
+            if self._state is ServerState.DISCONNECTED:
+                return
+            if self._reactor.in_thread() or self._pool.owns_current_thread():
+                threading.Thread(target=self.stop, name="morsock-server-stop").start()
+                return
+            if self._state is ServerState.STOPPING:
+                return
+            self._set_state(ServerState.STOPPING)
+            closed = threading.Event()
+            self._reactor.call_soon(self._close_everything, closed)
+            if not closed.wait(30):
+                self._log.error("server: sockets not closed within 30 s")
+            self._pool.shutdown()
+            self._reactor.stop()
+            self._listener = None
+            self._log.info("server on port %d stopped", self.port)
+            self._set_state(ServerState.DISCONNECTED)
+
+    def _close_everything(self, done: threading.Event) -> None:
+        try:
+            if self._sweep_timer is not None:
+                self._sweep_timer.cancel()
+            if self._listener is not None:
+                self._reactor.unregister(self._listener)
+                self._listener.close()
+            for client in list(self._clients.values()):
+                client.close()
+        finally:
+            done.set()
+
+    def __enter__(self) -> "Server":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- reactor thread ----------------------------------------------------------------
+    def _on_accept(self, mask: int) -> None:
+        listener = self._listener
+        if listener is None or self._state is not ServerState.LISTENING:
+            return
+        for _ in range(64):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._report(None, f"accept failed: {exc}; pausing accepts for 0.1 s",
+                                 ErrorCode.SERVER_FULL)
+                    self._reactor.unregister(listener)
+                    self._reactor.call_later(0.1, self._resume_accepting)
+                return
+            with self.property_lock:
+                full = len(self._clients) >= self.max_connections
+            if full:
+                sock.close()
+                with self._stats_lock:
+                    self._total_rejected += 1
+                self._report(None, f"connection from {address[0]}:{address[1]} refused: "
+                             f"server full (max_connections={self.max_connections})",
+                             ErrorCode.SERVER_FULL)
+                continue
+            try:
+                self._configure(sock)
+                client = ServerClient(self, sock, next(self._handles))
+            except OSError as exc:
+                sock.close()
+                self._log.info("accepted socket from %s failed at once: %s", address, exc)
+                continue
+            with self.property_lock:
+                self._clients[client.handle] = client
+            with self._stats_lock:
+                self._total_connections += 1
+            client.start()
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None and self._state is ServerState.LISTENING:
+            self._reactor.register(self._listener, EVENT_READ, self._on_accept)
+
+    def _schedule_sweep(self) -> None:
+        interval = min(1.0, max(0.05, self.connection_timeout / 4))
+        if self.idle_timeout:
+            interval = min(interval, max(0.05, self.idle_timeout / 4))
+        self._sweep_timer = self._reactor.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections stuck mid-frame (connection_timeout) or idle (idle_timeout)."""
+        if self._state is not ServerState.LISTENING:
+            return
+        now = time.monotonic()
+        frame_limit = self.connection_timeout
+        idle_limit = self.idle_timeout
+        for client in list(self._clients.values()):
+            if client.closing:
+                continue
+            if client.partial_since is not None and now - client.partial_since > frame_limit:
+                client.close(ErrorCode.TIMEOUT,
+                             f"{client.describe()}: frame not completed within "
+                             f"connection_timeout={frame_limit:g} s")
+            elif idle_limit is not None and now - client.last_activity > idle_limit:
+                client.close(ErrorCode.TIMEOUT,
+                             f"{client.describe()}: idle for more than idle_timeout={idle_limit:g} s")
+        self._schedule_sweep()
+
+    def _connection_closed(self, conn: Connection) -> None:
+        assert isinstance(conn, ServerClient)
+        with self.property_lock:
+            self._clients.pop(conn.handle, None)
+        self._log.info("client #%d %s disconnected", conn.handle, conn.describe())
+
+    # -- strand (worker thread) ----------------------------------------------------------
+    def _run_item(self, conn: Connection, item: Any) -> None:
+        if item is CONNECTED:
+            self._log.info("client #%d connected from %s", conn.handle, conn.describe())  # type: ignore[attr-defined]
+            self._emit("on_connect", conn)
+        elif item is DISCONNECTED:
+            self._emit("on_disconnect", conn)
+        else:
+            self._handle_frame(conn, item)
+
+    def _handle_frame(self, conn: Connection, frame: Frame) -> None:
+        data = self._open_frame(conn, frame)
+        if data is None:
+            return
+        handler = self.on_handle_command
+        if handler is None:
+            return
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
+                            len(data), frame.flag)
+        try:
+            reply = handler(self, conn, data)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._handler_failed("on_handle_command", exc, conn)
+            return
+        if reply:
+            self._reply(conn, reply, frame.flag != 0)
+
+    def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
+        from .crypto import server_handshake
+        ctx = self._crypto
+        assert ctx is not None
+        reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        conn.send_frame(reply)
+        conn.session = session
+
+    # -- events and statistics -----------------------------------------------------------
+    def _handler_failed(self, name: str, exc: BaseException,
+                        conn: Optional[Connection] = None) -> None:
+        self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
+        self._emit("on_error", conn, f"{name} handler raised {type(exc).__name__}: {exc}",
+                   ErrorCode.HANDLER_EXCEPTION)
+
+    def _report(self, conn: Optional[Connection], message: str, code: int) -> None:
+        self._log.error("%s (code %d)", message, code)
+        self._emit("on_error", conn, message, code)
+
+    def _zero_stats(self) -> None:
+        self._total_connections = 0
+        self._total_rejected = 0
+        self._bytes_received = 0
+        self._bytes_sent = 0
+        self._messages_received = 0
+        self._messages_sent = 0
+
+    def _count_received(self, conn: Connection, nbytes: int, frames: int) -> None:
+        with self._stats_lock:
+            conn.bytes_received += nbytes
+            conn.messages_received += frames
+            self._bytes_received += nbytes
+            self._messages_received += frames
+        if self.on_data_received is not None:
+            self._emit("on_data_received", conn, nbytes)
+
+    def _count_sent(self, conn: Connection, nbytes: int, frames: int) -> None:
+        with self._stats_lock:
+            conn.bytes_sent += nbytes
+            conn.messages_sent += frames
+            self._bytes_sent += nbytes
+            self._messages_sent += frames
+        if self.on_data_sent is not None:
+            self._emit("on_data_sent", conn, nbytes)
+
+    @property
+    def client_count(self) -> int:
+        """Clients connected right now."""
+        return len(self._clients)
+
+    @property
+    def total_active_connections(self) -> int:
+        """Same as :attr:`client_count` (the Delphi name)."""
+        return len(self._clients)
+
+    @property
+    def total_connections(self) -> int:
+        """Connections accepted since start (or :meth:`clear_statistics`); rejected ones excluded."""
+        return self._total_connections
+
+    @property
+    def total_rejected_connections(self) -> int:
+        """Connections closed at once because of ``max_connections``."""
+        return self._total_rejected
+
+    @property
+    def total_bytes_received(self) -> int:
+        """Wire bytes received from all clients (headers included)."""
+        return self._bytes_received
+
+    @property
+    def total_bytes_sent(self) -> int:
+        """Wire bytes sent to all clients (headers included)."""
+        return self._bytes_sent
+
+    @property
+    def total_messages_received(self) -> int:
+        """Frames received from all clients."""
+        return self._messages_received
+
+    @property
+    def total_messages_sent(self) -> int:
+        """Frames sent to all clients."""
+        return self._messages_sent
+
+    @property
+    def up_time(self) -> int:
+        """Whole seconds since the server started listening (0 when stopped)."""
+        if self._state is not ServerState.LISTENING:
+            return 0
+        return int(time.monotonic() - self._started_mono)
+
+    def clear_statistics(self) -> None:
+        """Zero the totals (live clients and their own counters are kept)."""
+        with self._stats_lock:
+            self._zero_stats()
+
+    def get_server_info(self) -> str:
+        """A short multi-line report of state, address, clients and totals."""
+        return "\n".join([
+            f"State: {self._state.name}",
+            f"Address: {self.host}:{self.port}",
+            f"Clients: {self.client_count} (max {self.max_connections})",
+            f"Total connections: {self.total_connections} "
+            f"(rejected {self.total_rejected_connections})",
+            f"Messages: {self.total_messages_received} received, {self.total_messages_sent} sent",
+            f"Bytes: {self.total_bytes_received} received, {self.total_bytes_sent} sent",
+            f"Encryption: {self.encryption_info}",
+            f"Threads: {self.thread_pool_size} workers",
+            f"Up time: {self.up_time} s",
+        ])
+
+    # -- clients ---------------------------------------------------------------------------
+    @property
+    def clients(self) -> Dict[int, ServerClient]:
+        """A snapshot ``{handle: ServerClient}`` of the connected clients."""
+        with self.property_lock:
+            return dict(self._clients)
+
+    def find_client(self, handle: int) -> Optional[ServerClient]:
+        """The client with that handle, or None."""
+        return self._clients.get(handle)
+
+    def find_client_by_ip(self, ip: str) -> Optional[ServerClient]:
+        """The first (lowest handle) client connected from *ip*, or None."""
+        with self.property_lock:
+            for client in self._clients.values():
+                if client.peer_ip == ip:
+                    return client
+        return None
+
+    def disconnect_client(self, client: Union[int, ServerClient]) -> bool:
+        """Disconnect a client given by handle or object; False if not connected."""
+        if not isinstance(client, ServerClient):
+            found = self.find_client(int(client))
+            if found is None:
+                return False
+            client = found
+        return client.close()
+
+    def disconnect_all_clients(self) -> int:
+        """Disconnect every client; return how many were disconnected."""
+        return sum(1 for client in self.clients.values() if client.close())
+
+    def broadcast_data(self, data: Data, encrypted: bool = False) -> int:
+        """Queue *data* for every connected client; return for how many it was queued.
+
+        A client whose send queue is full is skipped and reported
+        (``on_error(client, ..., SEND_BUFFER_FULL)``), as is one that cannot take an
+        encrypted frame; the others still get the message.
+        """
+        count = 0
+        for client in self.clients.values():
+            try:
+                self._send_on(client, data, encrypted)
+            except NotConnectedError:
+                continue
+            except (SendBufferFullError, CryptoError) as exc:
+                if isinstance(exc, CryptoError) and not (self._crypto and self._crypto.enabled):
+                    raise
+                self._report(client, f"broadcast to {client.describe()} skipped: {exc}",
+                             exc.code or ErrorCode.SEND_BUFFER_FULL)
+                continue
+            count += 1
+        return count
