@@ -1,0 +1,161 @@
+"""Command line: ``python -m morsock server|client|demo`` (API.md §8).
+
+* ``server`` -- an echo server (payload sent back unchanged, or prefixed with
+  ``--prefix``) until SIGINT/SIGTERM, then a clean stop. On a terminal, a one-line live
+  status goes to stderr.
+* ``client`` -- connect, send each argument (or each stdin line), print each reply.
+* ``demo`` -- a self-contained tour on 127.0.0.1 that prints a report; exit 0 on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any, List, Optional
+
+from . import __version__
+from .client import Client
+from .enums import AESMode, EncryptionProfile, KeySize
+from .errors import MorsockError
+from .server import Server
+
+
+def _add_crypto_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("encryption")
+    group.add_argument("--key", default="", help="encryption key text (default: none)")
+    group.add_argument("--mode", default="CBC", type=AESMode.parse,
+                       help="AES mode: " + ", ".join(m.name for m in AESMode) + " (default CBC)")
+    group.add_argument("--key-size", default=256, type=KeySize.parse,
+                       help="128, 192 or 256 (default 256)")
+    group.add_argument("--profile", default="AUTHENTICATED", type=EncryptionProfile.parse,
+                       help="AUTHENTICATED (default) or MORMOT (Delphi-compatible)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m morsock",
+                                     description="morsock: threaded framed TCP components")
+    parser.add_argument("--version", action="version", version=f"morsock {__version__}")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="logging level for the 'morsock' logger (default WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    srv = sub.add_parser("server", help="run an echo server until Ctrl+C",
+                         description="Echo every message back (optionally prefixed) "
+                                     "until SIGINT/SIGTERM.")
+    srv.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    srv.add_argument("--port", type=int, default=3434, help="port (default 3434; 0 = any free)")
+    srv.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
+    srv.add_argument("--max-connections", type=int, default=1000,
+                     help="connection limit (default 1000)")
+    srv.add_argument("--prefix", default="", help="text put before each echoed payload")
+    srv.add_argument("--status", choices=("auto", "on", "off"), default="auto",
+                     help="live status line on stderr (auto: only on a terminal)")
+    _add_crypto_args(srv)
+
+    cli = sub.add_parser("client", help="send messages and print the replies",
+                         description="Connect, send each MESSAGE (or each line of stdin "
+                                     "when none is given) and print each reply.")
+    cli.add_argument("messages", nargs="*", metavar="MESSAGE")
+    cli.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    cli.add_argument("--port", type=int, default=3434, help="server port (default 3434)")
+    cli.add_argument("--timeout", type=float, default=10.0,
+                     help="seconds to wait for each reply (default 10)")
+    cli.add_argument("--encrypted", action="store_true", help="send encrypted (needs --key)")
+    _add_crypto_args(cli)
+
+    demo = sub.add_parser("demo", help="a self-contained tour of the features on 127.0.0.1",
+                          description="Start a server and clients in this process on a free "
+                                      "port and walk through the features; exit 0 on success.")
+    demo.add_argument("--quiet", action="store_true", help="print only the final verdict")
+    return parser
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    prefix = args.prefix.encode("utf-8")
+
+    def echo(sender: Server, client: Any, data: bytes) -> bytes:
+        return prefix + data if prefix else data
+
+    server = Server(args.port, args.host, thread_pool_size=args.threads,
+                    max_connections=args.max_connections, encryption_key=args.key,
+                    encryption_mode=args.mode, encryption_key_size=args.key_size,
+                    encryption_profile=args.profile, on_handle_command=echo)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+    except MorsockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    show = args.status == "on" or (args.status == "auto" and sys.stderr.isatty())
+    if show:
+        print(f"morsock server on {server.host}:{server.port} ({server.encryption_info}); "
+              f"Ctrl+C to stop", file=sys.stderr)
+    last_msgs, last_bytes, last_t = 0, 0, time.monotonic()
+    while not stop.wait(1.0):
+        if not show:
+            continue
+        now = time.monotonic()
+        msgs = server.total_messages_received + server.total_messages_sent
+        nbytes = server.total_bytes_received + server.total_bytes_sent
+        dt = max(now - last_t, 1e-6)
+        sys.stderr.write(f"\rclients {server.client_count:5d} | "
+                         f"{(msgs - last_msgs) / dt:9.0f} msg/s | "
+                         f"{(nbytes - last_bytes) / dt / 1e6:8.2f} MB/s | "
+                         f"up {server.up_time:6d} s ")
+        sys.stderr.flush()
+        last_msgs, last_bytes, last_t = msgs, nbytes, now
+    if show:
+        sys.stderr.write("\n")
+    server.stop()
+    return 0
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    if args.encrypted and not args.key:
+        print("error: --encrypted needs --key", file=sys.stderr)
+        return 2
+    client = Client(args.host, args.port, encryption_key=args.key, encryption_mode=args.mode,
+                    encryption_key_size=args.key_size, encryption_profile=args.profile)
+    try:
+        client.connect()
+    except MorsockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    status = 0
+    try:
+        messages = args.messages or (line.rstrip("\r\n") for line in sys.stdin)
+        for message in messages:
+            try:
+                reply = client.request(message, timeout=args.timeout, encrypted=args.encrypted)
+            except MorsockError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                status = 1
+                break
+            print(reply.decode("utf-8", errors="replace"), flush=True)
+    finally:
+        client.disconnect()
+    return status
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m morsock`` and the ``morsock`` script; returns the exit code."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "server":
+        return _run_server(args)
+    if args.command == "client":
+        return _run_client(args)
+    from .demo import run_demo
+    return run_demo(quiet=args.quiet)

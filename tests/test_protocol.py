@@ -1,0 +1,153 @@
+"""The frame codec (API §2): encode, decode under any split, limits and errors."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from morsock import ErrorCode, ProtocolError
+from morsock.protocol import (FLAG_AUTHENTICATED, FLAG_MORMOT, FLAG_PLAIN, HEADER_SIZE, MAGIC,
+                              Frame, FrameDecoder, encode_frame)
+
+
+def test_header_layout_is_little_endian_magic_size_flag():
+    frame = encode_frame(b"abc", FLAG_MORMOT)
+    assert MAGIC == 0xCAFEBABE and HEADER_SIZE == 9
+    assert frame[:4] == b"\xbe\xba\xfe\xca"
+    assert frame[4:8] == (3).to_bytes(4, "little")
+    assert frame[8] == 1 and frame[9:] == b"abc"
+
+
+def test_empty_payload_frame():
+    assert encode_frame(b"") == bytes.fromhex("bebafeca0000000000")
+    assert FrameDecoder().feed(encode_frame(b"")) == [Frame(b"", FLAG_PLAIN)]
+
+
+def test_byte_at_a_time():
+    frames = [encode_frame(bytes([i]) * i, i % 3) for i in range(40)]
+    decoder = FrameDecoder()
+    out = []
+    for byte in b"".join(frames):
+        out += decoder.feed(bytes([byte]))
+    assert out == [Frame(bytes([i]) * i, i % 3) for i in range(40)]
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize("cut", range(1, HEADER_SIZE + 4))
+def test_header_cut_anywhere(cut):
+    stream = encode_frame(b"hello") + encode_frame(b"world", FLAG_AUTHENTICATED)
+    decoder = FrameDecoder()
+    first = decoder.feed(stream[:cut])
+    rest = decoder.feed(stream[cut:])
+    assert first + rest == [Frame(b"hello"), Frame(b"world", FLAG_AUTHENTICATED)]
+
+
+def test_trailing_bytes_of_next_frame_do_not_break_the_stream():
+    # The Delphi original closed a valid connection on 1-3 trailing bytes of the next frame.
+    stream = encode_frame(b"one") + encode_frame(b"two")
+    for extra in (1, 2, 3):
+        decoder = FrameDecoder()
+        cut = len(encode_frame(b"one")) + extra
+        assert decoder.feed(stream[:cut]) == [Frame(b"one")]
+        assert decoder.feed(stream[cut:]) == [Frame(b"two")]
+
+
+def test_ten_thousand_frames_in_one_chunk():
+    payloads = [str(i).encode() * (i % 7) for i in range(10_000)]
+    blob = b"".join(encode_frame(p) for p in payloads)
+    frames = FrameDecoder().feed(blob)
+    assert [f.payload for f in frames] == payloads
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=300), st.sampled_from([0, 1, 2])), max_size=30),
+       st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=50))
+def test_random_splits(messages, cuts):
+    blob = b"".join(encode_frame(p, f) for p, f in messages)
+    decoder = FrameDecoder()
+    out, pos, i = [], 0, 0
+    while pos < len(blob):
+        step = cuts[i % len(cuts)]
+        out += decoder.feed(blob[pos:pos + step])
+        pos += step
+        i += 1
+    assert out == [Frame(p, f) for p, f in messages]
+    assert decoder.buffered == 0
+
+
+def test_bad_magic_detected_from_first_byte():
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError) as err:
+        decoder.feed(b"G")
+    assert err.value.code is ErrorCode.INVALID_PROTOCOL
+    with pytest.raises(ProtocolError):
+        decoder.feed(encode_frame(b"later"))  # broken for good
+
+
+def test_http_request_is_invalid_protocol():
+    with pytest.raises(ProtocolError) as err:
+        FrameDecoder().feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert err.value.code is ErrorCode.INVALID_PROTOCOL
+
+
+@pytest.mark.parametrize("flag", [3, 7, 255])
+def test_unknown_flag(flag):
+    bad = struct.pack("<IIB", MAGIC, 1, flag) + b"x"
+    with pytest.raises(ProtocolError) as err:
+        FrameDecoder().feed(encode_frame(b"ok") + bad)
+    assert err.value.code is ErrorCode.INVALID_PROTOCOL
+    assert err.value.frames == [Frame(b"ok")]  # the valid frame before it is not lost
+
+
+def test_oversize_rejected_from_header_before_payload():
+    decoder = FrameDecoder(max_message_size=1024)
+    with pytest.raises(ProtocolError) as err:
+        decoder.feed(struct.pack("<IIB", MAGIC, 1025, 0))
+    assert err.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    assert decoder.buffered == 0
+
+
+def test_four_gib_claim_rejected_without_allocating():
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError) as err:
+        decoder.feed(struct.pack("<IIB", MAGIC, 0xFFFFFFFF, 0))
+    assert err.value.code is ErrorCode.MESSAGE_TOO_LARGE
+
+
+def test_exact_limit_is_accepted():
+    decoder = FrameDecoder(max_message_size=100)
+    assert decoder.feed(encode_frame(b"x" * 100)) == [Frame(b"x" * 100)]
+
+
+def test_large_frame_in_small_chunks():
+    """A 4 MiB frame fed in 1 KiB chunks: buffered incrementally, delivered once, intact."""
+    payload = random.Random(7).randbytes(4 << 20)
+    blob = encode_frame(payload)
+    decoder = FrameDecoder()
+    out = []
+    for i in range(0, len(blob), 1024):
+        out += decoder.feed(blob[i:i + 1024])
+        assert decoder.buffered == (i + len(blob[i:i + 1024])) % len(blob)
+    assert out == [Frame(payload)]
+
+
+def test_encode_rejects_bad_flag():
+    with pytest.raises(ValueError):
+        encode_frame(b"", 256)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(min_value=1, max_value=17))
+def test_garbage_never_yields_garbage(data, step):
+    """Random bytes either decode to well-formed frames or raise ProtocolError."""
+    decoder = FrameDecoder(max_message_size=1 << 16)
+    try:
+        for i in range(0, len(data), step):
+            for frame in decoder.feed(data[i:i + step]):
+                assert frame.flag in (0, 1, 2)
+    except ProtocolError as exc:
+        assert exc.code in (ErrorCode.INVALID_PROTOCOL, ErrorCode.MESSAGE_TOO_LARGE)
