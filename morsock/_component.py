@@ -102,6 +102,11 @@ def _seconds(value: Any) -> float:
     return value
 
 
+def _ssl_context(value: Any) -> Any:
+    from .tls import check_ssl_context
+    return check_ssl_context(value)
+
+
 def describe_encryption(key: str, mode: AESMode, key_size: KeySize,
                         profile: EncryptionProfile) -> str:
     """``"AES-256-CBC"`` (``"AES-256-CBC (MORMOT)"`` in that profile) or ``"DISABLED"``."""
@@ -152,10 +157,17 @@ class Component:
                                                              EncryptionProfile.parse)
     require_encryption: Setting[bool] = Setting(False, bool, live=True)
     keep_alive: Setting[bool] = Setting(True, bool)
+    #: Keep-alive timing (whole seconds, applied to every socket when ``keep_alive``):
+    #: first probe after ``keepalive_idle`` (default 10) idle seconds, then one every
+    #: ``keepalive_interval`` (5), dropped after ``keepalive_count`` (3) unanswered probes;
+    #: on Linux unacknowledged data also fails after idle + interval * count (25 s).
+    keepalive_idle: Setting[int] = Setting(10, _positive_int)
+    keepalive_interval: Setting[int] = Setting(5, _positive_int)
+    keepalive_count: Setting[int] = Setting(3, _positive_int)
     no_delay: Setting[bool] = Setting(True, bool)
     max_message_size: Setting[int] = Setting(16 * 1024 * 1024, _non_negative_int)
     max_send_buffer: Setting[int] = Setting(8 * 1024 * 1024, _positive_int, live=True)
-    ssl_context: Setting[Any] = Setting(None)
+    ssl_context: Setting[Any] = Setting(None, _ssl_context)
     logger: Setting[Optional[logging.Logger]] = Setting(None)
 
     _EVENTS: tuple = ()
@@ -189,8 +201,6 @@ class Component:
 
     def _prepare_runtime(self, name: str, pool_size: int) -> None:
         """Build crypto context, dispatcher, reactor and pool (not started)."""
-        if self.ssl_context is not None:
-            raise MorsockError("ssl_context: TLS is not implemented yet")
         self._crypto = CryptoContext(self.encryption_key, self.encryption_mode,
                                      self.encryption_key_size, self.encryption_profile)
         queue = None
@@ -211,7 +221,10 @@ class Component:
 
     def _configure(self, sock: socket.socket) -> None:
         from .connection import configure_socket
-        configure_socket(sock, no_delay=self.no_delay, keep_alive=self.keep_alive)
+        configure_socket(sock, no_delay=self.no_delay, keep_alive=self.keep_alive,
+                         keepalive_idle=self.keepalive_idle,
+                         keepalive_interval=self.keepalive_interval,
+                         keepalive_count=self.keepalive_count)
 
     @property
     def encryption_info(self) -> str:
@@ -307,7 +320,7 @@ class Component:
 
     def _strand_for(self, conn: Connection) -> Any:
         """The strand that runs *conn*'s items (default: one of its own)."""
-        return self._pool.strand(conn._run_item)
+        return self._pool.strand(conn._run_item, conn.cork, conn.uncork)
 
     def _connection_closed(self, conn: Connection) -> None:
         raise NotImplementedError

@@ -19,10 +19,13 @@ The owner (the component) provides ``_reactor``, ``_pool``, ``_log``, ``_count_r
 
 from __future__ import annotations
 
+import errno
 import socket
+import ssl
 import sys
 import threading
 import time
+from threading import get_ident
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
 
@@ -36,6 +39,11 @@ if TYPE_CHECKING:
     from .crypto import AuthSession
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
+
+#: Most bytes handed to one ``SSLSocket.send``: OpenSSL writes all or nothing and a retry
+#: must repeat the same bytes, so the queue's head is sent in slices of at most this.
+TLS_WRITE_CHUNK = 256 * 1024
+_TLS_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Marker:
@@ -64,13 +72,25 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
                      keepalive_idle: int = KEEPALIVE_IDLE,
                      keepalive_interval: int = KEEPALIVE_INTERVAL,
                      keepalive_count: int = KEEPALIVE_COUNT) -> None:
-    """Make *sock* non-blocking and apply TCP_NODELAY / keep-alive where supported."""
+    """Make *sock* non-blocking and apply TCP_NODELAY / keep-alive where supported.
+
+    With *keep_alive*, the first probe goes out after *keepalive_idle* seconds without
+    traffic, then one every *keepalive_interval* seconds, and the connection is dropped
+    after *keepalive_count* unanswered probes. On Linux, TCP_USER_TIMEOUT is also set to
+    ``idle + interval * count`` seconds, so data the peer does not acknowledge (or a
+    receive window it keeps closed) fails the connection within the same bound instead
+    of the kernel's ~15 minutes of retransmissions. A connection dropped that way is
+    reported as ``TIMEOUT``. Raises OSError if the socket is already dead.
+    """
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if no_delay else 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if keep_alive else 0)
     if not keep_alive:
         return
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: unacknowledged data fails in time too
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        (keepalive_idle + keepalive_interval * keepalive_count) * 1000)
     if hasattr(socket, "TCP_KEEPIDLE"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_idle)
     elif sys.platform == "darwin" and hasattr(socket, "TCP_KEEPALIVE"):  # pragma: no cover
@@ -107,7 +127,19 @@ class Connection:
         self._flushed_total = 0         # bytes of _out ever sent
         self._frame_ends: Deque[int] = deque()  # _queued_total at the end of each queued frame
         self._write_armed = False
+        self._cork_owner: Optional[int] = None  # thread whose sends are held until uncork()
         self._reading = True
+        #: TLS: the socket is an ``ssl.SSLSocket``; byte counts are then the application
+        #: bytes passed to/from the TLS layer (record overhead not counted).
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._read_wants_write = False  # TLS: a read must be retried once writable
+        #: TLS: the peer's verified certificate (``getpeercert()``), else None.
+        self.peer_certificate: Optional[dict] = None
+        if self._tls:
+            try:
+                self.peer_certificate = sock.getpeercert() or None  # type: ignore[attr-defined]
+            except (OSError, ValueError):
+                pass
         self.max_send_buffer = max_send_buffer
         #: Set once a close has been asked for; nothing is sent or handled after it.
         self.closing = False
@@ -123,6 +155,10 @@ class Connection:
         self.last_activity = time.monotonic()
         #: monotonic time when the first byte of the frame in progress arrived (or None).
         self.partial_since: Optional[float] = None
+        #: monotonic time a frame was first refused for a full send queue since the peer
+        #: last took any bytes (None: not stalled). The server disconnects a client that
+        #: stays stalled past ``connection_timeout`` (SEND_BUFFER_FULL).
+        self.send_stalled_since: Optional[float] = None
 
     # -- reactor thread ----------------------------------------------------------------
     def start(self, announce: bool = True) -> None:
@@ -131,27 +167,84 @@ class Connection:
         self._reactor.register(self._sock, EVENT_READ, self.on_ready)
         if announce:
             self._strand.post(CONNECTED)
+        if self._tls:  # bytes that came with the handshake may wait inside the SSL object
+            self._reactor.call_soon(self._read_again)
 
     def on_ready(self, mask: int) -> None:
         """Selector callback: read what is ready, flush what is queued."""
         if mask & EVENT_READ and self._reading:
             self._read()
-        if mask & EVENT_WRITE and not self.closed:
-            self._flush()
+        if mask & EVENT_WRITE and self._read_wants_write and self._reading:
+            self._read_wants_write = False
+            self._update_interest()
+            self._read()
+        if (mask & EVENT_WRITE or (self._tls and self._write_armed)) and not self.closed:
+            self._flush()  # TLS: a write that wanted to read may go on once readable
+
+    def _read_again(self) -> None:
+        if self._reading and not self.closed:
+            self._read()
+
+    def _recv_tls(self) -> int:
+        """Read decrypted bytes into the scratch buffer until the SSL object has no more
+        (or the buffer is full); return how many, 0 at end of stream. Raises
+        BlockingIOError when there is nothing now, OSError/ssl.SSLError on failure.
+        Reactor thread."""
+        sock = self._sock
+        view = self._owner._scratch_view
+        size = len(view)
+        n = 0
+        again = eof = False
+        with self._send_lock:  # one SSL object: never read and write it concurrently
+            while n < size:
+                try:
+                    m = sock.recv_into(view[n:])
+                except ssl.SSLWantWriteError:
+                    self._read_wants_write = True
+                    break
+                except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    if not n:
+                        raise
+                    again = True  # hand over what came first; the next read raises again
+                    break
+                if not m:
+                    eof = not n
+                    again = bool(n)  # EOF after data: seen again by the next read
+                    break
+                n += m
+            else:
+                again = sock.pending() > 0  # type: ignore[attr-defined]
+        if self._read_wants_write:
+            self._update_interest()
+        if again:
+            self._reactor.call_soon(self._read_again)
+        elif not n and not eof:
+            raise BlockingIOError
+        return n
 
     def _read(self) -> None:
         owner = self._owner
         scratch = owner._scratch
         try:
-            n = self._sock.recv_into(scratch)
+            n = self._recv_tls() if self._tls else self._sock.recv_into(scratch)
         except (BlockingIOError, InterruptedError):
             return
+        except ssl.SSLError as exc:
+            self.close(ErrorCode.TLS_FAILED, f"TLS error on {self.describe()}: {exc}")
+            return
         except OSError as exc:
+            if exc.errno == errno.ETIMEDOUT:  # keep-alive / TCP_USER_TIMEOUT gave up
+                self.close(ErrorCode.TIMEOUT, f"{self.describe()}: connection timed out "
+                           f"(no answer to keep-alive or unacknowledged data): {exc}")
+                return
             owner._log.info("%s: connection lost: %s", self, exc)
             self.close()
             return
         if n == 0:
             self._reading = False
+            self._read_wants_write = False
             self._update_interest()
             self._strand.post(EOF)
             return
@@ -163,7 +256,10 @@ class Connection:
             owner._count_received(self, n, 0)
             self.close(exc.code, f"{exc} from {self.describe()}")
             return
-        self.partial_since = (self.partial_since or now) if self._decoder.buffered else None
+        if not self._decoder.buffered:
+            self.partial_since = None
+        elif frames or self.partial_since is None:
+            self.partial_since = now  # the frame in progress started in this chunk
         owner._count_received(self, n, len(frames))
         if frames:
             hook = self.frame_hook
@@ -172,7 +268,8 @@ class Connection:
             self._strand.post_many(frames)
 
     def _update_interest(self) -> None:
-        events = (EVENT_READ if self._reading else 0) | (EVENT_WRITE if self._write_armed else 0)
+        events = ((EVENT_READ if self._reading else 0)
+                  | (EVENT_WRITE if self._write_armed or self._read_wants_write else 0))
         if events:
             self._reactor.modify(self._sock, events, self.on_ready)
         else:
@@ -203,8 +300,12 @@ class Connection:
         if not out:
             return 0, 0
         try:
-            n = self._sock.send(out)
-        except (BlockingIOError, InterruptedError):
+            if self._tls and len(out) > TLS_WRITE_CHUNK:
+                with memoryview(out) as view, view[:TLS_WRITE_CHUNK] as head:
+                    n = self._sock.send(head)
+            else:
+                n = self._sock.send(out)
+        except (BlockingIOError, InterruptedError) + _TLS_WANT:
             return 0, 0
         except OSError as exc:
             self._owner._log.info("%s: send failed: %s", self, exc)
@@ -212,6 +313,8 @@ class Connection:
             return 0, 0
         del out[:n]
         self._flushed_total += n
+        if n:
+            self.send_stalled_since = None
         done = 0
         ends = self._frame_ends
         while ends and ends[0] <= self._flushed_total:
@@ -230,9 +333,15 @@ class Connection:
                 if sent:
                     self._owner._count_sent(self, sent, frames)
                 if self._out:
-                    self._owner._log.warning("%s: closed with %d unsent bytes", self, len(self._out))
+                    self._owner._log.info("%s: closed with %d unsent bytes", self, len(self._out))
                     self._out.clear()
         self._reactor.unregister(self._sock)
+        if self._tls:  # best effort close_notify; never waits for the peer's
+            with self._send_lock:
+                try:
+                    self._sock.unwrap()  # type: ignore[attr-defined]
+                except (OSError, ValueError):
+                    pass
         self._sock.close()
         self._owner._connection_closed(self)
         self._strand.post(DISCONNECTED)
@@ -284,8 +393,10 @@ class Connection:
         if self.closing:
             raise NotConnectedError(f"{self.describe()} is not connected")
         out = self._out
-        if out:
-            if len(out) + len(frame) > self.max_send_buffer:
+        if out or self._cork_owner == get_ident():
+            if out and len(out) + len(frame) > self.max_send_buffer:
+                if self.send_stalled_since is None:
+                    self.send_stalled_since = time.monotonic()
                 raise SendBufferFullError(
                     f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
                     f"max_send_buffer={self.max_send_buffer})")
@@ -294,8 +405,11 @@ class Connection:
             self._frame_ends.append(self._queued_total)
             return 0, 0
         try:
-            n = self._sock.send(frame)
-        except (BlockingIOError, InterruptedError):
+            if self._tls and len(frame) > TLS_WRITE_CHUNK:
+                n = self._sock.send(memoryview(frame)[:TLS_WRITE_CHUNK])
+            else:
+                n = self._sock.send(frame)
+        except (BlockingIOError, InterruptedError) + _TLS_WANT:
             n = 0
         except OSError as exc:
             self.closing = True
@@ -308,6 +422,25 @@ class Connection:
         self._frame_ends.append(self._queued_total)
         self._reactor.call_soon(self._arm_write)
         return n, 0
+
+    def cork(self) -> None:
+        """Hold this thread's sends in the queue until :meth:`uncork` (strand batch start):
+        the replies to a batch of frames leave in one ``send``. Other threads' sends are
+        not held, but queue behind what is held, so the wire order stays the call order."""
+        self._cork_owner = get_ident()
+
+    def uncork(self) -> None:
+        """Send what :meth:`cork` held, at once if the kernel takes it (strand batch end)."""
+        with self._send_lock:
+            self._cork_owner = None
+            if not self._out or self._write_armed or self.closing:
+                return
+            sent, frames = self._flush_locked()
+            pending = bool(self._out)
+        if sent:
+            self._owner._count_sent(self, sent, frames)
+        if pending:
+            self._reactor.call_soon(self._arm_write)
 
     @property
     def send_queue_size(self) -> int:

@@ -21,11 +21,15 @@ __all__ = ["WorkerPool", "Strand"]
 class Strand:
     """Serial executor bound to a pool; ``runner(item)`` processes one item."""
 
-    __slots__ = ("_pool", "_runner", "_items", "_lock", "_scheduled")
+    __slots__ = ("_pool", "_runner", "_items", "_lock", "_scheduled", "_begin", "_end")
 
-    def __init__(self, pool: "WorkerPool", runner: Callable[[Any], None]) -> None:
+    def __init__(self, pool: "WorkerPool", runner: Callable[[Any], None],
+                 begin: Optional[Callable[[], None]] = None,
+                 end: Optional[Callable[[], None]] = None) -> None:
         self._pool = pool
         self._runner = runner
+        self._begin = begin   # called before each batch (the connection corks its output)
+        self._end = end       # called after each batch (uncork: one send for all replies)
         self._items: Deque[Any] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
@@ -59,11 +63,17 @@ class Strand:
                     return
                 batch = self._items
                 self._items = deque()
-            for item in batch:
-                try:
-                    runner(item)
-                except Exception:
-                    self._pool._log.exception("unhandled error in %s", self._pool.name)
+            if self._begin is not None:
+                self._begin()
+            try:
+                for item in batch:
+                    try:
+                        runner(item)
+                    except Exception:
+                        self._pool._log.exception("unhandled error in %s", self._pool.name)
+            finally:
+                if self._end is not None:
+                    self._end()
 
 
 class WorkerPool:
@@ -79,9 +89,11 @@ class WorkerPool:
         self._queue: "queue.SimpleQueue[Optional[Strand]]" = queue.SimpleQueue()
         self._threads: List[threading.Thread] = []
 
-    def strand(self, runner: Callable[[Any], None]) -> Strand:
-        """A new strand whose items are passed to *runner* on this pool."""
-        return Strand(self, runner)
+    def strand(self, runner: Callable[[Any], None], begin: Optional[Callable[[], None]] = None,
+               end: Optional[Callable[[], None]] = None) -> Strand:
+        """A new strand whose items are passed to *runner* on this pool, with optional
+        *begin*/*end* hooks around each batch."""
+        return Strand(self, runner, begin, end)
 
     def start(self) -> None:
         """Start the threads."""
