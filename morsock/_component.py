@@ -22,6 +22,7 @@ from .workers import WorkerPool
 __all__ = ["Component", "Setting", "CryptoContext", "as_bytes"]
 
 T = TypeVar("T")
+_LOGGER = logging.getLogger("morsock")
 Data = Union[bytes, bytearray, memoryview, str]
 
 
@@ -197,23 +198,27 @@ class Component:
 
     @property
     def _log(self) -> logging.Logger:
-        return self.logger or logging.getLogger("morsock")
+        return self.__dict__.get("_setting_logger") or _LOGGER
 
-    def _prepare_runtime(self, name: str, pool_size: int) -> None:
-        """Build crypto context, dispatcher, reactor and pool (not started)."""
+    def _prepare_runtime(self, name: str, pool_size: int, leader_follower: bool = False) -> None:
+        """Build crypto context, dispatcher, reactor and pool (not started). With
+        *leader_follower* the pool threads run the reactor (no reactor thread)."""
         self._crypto = CryptoContext(self.encryption_key, self.encryption_mode,
                                      self.encryption_key_size, self.encryption_profile)
         queue = None
         if self.events_use_main_thread:
-            queue = self.event_queue or EventQueue.default()
+            # not ``or``: an empty EventQueue is falsy (it has __len__)
+            queue = self.event_queue if self.event_queue is not None else EventQueue.default()
         self._dispatcher = EventDispatcher(self, queue, self._handler_failed, self._log)
         self._reactor = Reactor(f"{name}-reactor", self._log)
-        self._pool = WorkerPool(pool_size, f"{name}-worker", self._log)
+        self._pool = WorkerPool(pool_size, f"{name}-worker", self._log,
+                                self._reactor if leader_follower else None)
 
     def _emit(self, name: str, *args: Any) -> None:
         self._dispatcher.emit(name, *args)
 
-    def _handler_failed(self, name: str, exc: BaseException) -> None:
+    def _handler_failed(self, name: str, exc: BaseException, args: tuple = ()) -> None:
+        """A handler raised: report ``HANDLER_EXCEPTION`` (*args*: the event's arguments)."""
         raise NotImplementedError
 
     def _report(self, conn: Optional[Connection], message: str, code: int) -> None:

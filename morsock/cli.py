@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -35,6 +37,55 @@ def _add_crypto_args(parser: argparse.ArgumentParser) -> None:
                        help="AUTHENTICATED (default) or MORMOT (Delphi-compatible)")
 
 
+def _add_tls_args(parser: argparse.ArgumentParser, server: bool) -> None:
+    group = parser.add_argument_group("TLS")
+    if server:
+        group.add_argument("--certfile", help="PEM certificate (chain) of this server: "
+                                              "turns TLS on")
+        group.add_argument("--keyfile", help="PEM private key (default: inside --certfile)")
+        group.add_argument("--cafile", help="PEM CA certificate(s) that sign client "
+                                            "certificates (verified when presented)")
+        group.add_argument("--require-client-cert", action="store_true",
+                           help="refuse clients without a certificate signed by --cafile")
+    else:
+        group.add_argument("--tls", action="store_true",
+                           help="connect with TLS, trusting the system CAs")
+        group.add_argument("--cafile", help="PEM CA certificate(s) to trust for the server "
+                                            "(implies --tls)")
+        group.add_argument("--certfile", help="PEM client certificate for mutual TLS "
+                                              "(implies --tls)")
+        group.add_argument("--keyfile", help="PEM private key (default: inside --certfile)")
+        group.add_argument("--server-hostname",
+                           help="name the server certificate must match (default: --host)")
+
+
+def _tls_context(args: argparse.Namespace, server: bool) -> Optional[ssl.SSLContext]:
+    """The ``ssl.SSLContext`` the TLS flags ask for (None: no TLS). Raises ValueError
+    for inconsistent flags, OSError / ssl.SSLError for unreadable or bad files."""
+    if server:
+        if not args.certfile:
+            if args.keyfile or args.cafile or args.require_client_cert:
+                raise ValueError("--keyfile, --cafile and --require-client-cert need --certfile")
+            return None
+        if args.require_client_cert and not args.cafile:
+            raise ValueError("--require-client-cert needs --cafile (the CA of the client "
+                             "certificates)")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(args.certfile, args.keyfile or None)
+        if args.cafile:
+            ctx.load_verify_locations(args.cafile)
+            ctx.verify_mode = ssl.CERT_REQUIRED if args.require_client_cert else ssl.CERT_OPTIONAL
+        return ctx
+    if not (args.tls or args.cafile or args.certfile):
+        if args.keyfile:
+            raise ValueError("--keyfile needs --certfile")
+        return None
+    ctx = ssl.create_default_context(cafile=args.cafile or None)
+    if args.certfile:
+        ctx.load_cert_chain(args.certfile, args.keyfile or None)
+    return ctx
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m morsock",
                                      description="morsock: threaded framed TCP components")
@@ -55,7 +106,10 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefix", default="", help="text put before each echoed payload")
     srv.add_argument("--status", choices=("auto", "on", "off"), default="auto",
                      help="live status line on stderr (auto: only on a terminal)")
+    srv.add_argument("--port-file", metavar="PATH",
+                     help="once listening, write the port to PATH (handy with --port 0)")
     _add_crypto_args(srv)
+    _add_tls_args(srv, server=True)
 
     cli = sub.add_parser("client", help="send messages and print the replies",
                          description="Connect, send each MESSAGE (or each line of stdin "
@@ -67,6 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="seconds to wait for each reply (default 10)")
     cli.add_argument("--encrypted", action="store_true", help="send encrypted (needs --key)")
     _add_crypto_args(cli)
+    _add_tls_args(cli, server=False)
 
     demo = sub.add_parser("demo", help="a self-contained tour of the features on 127.0.0.1",
                           description="Start a server and clients in this process on a free "
@@ -81,7 +136,12 @@ def _run_server(args: argparse.Namespace) -> int:
     def echo(sender: Server, client: Any, data: bytes) -> bytes:
         return prefix + data if prefix else data
 
-    server = Server(args.port, args.host, thread_pool_size=args.threads,
+    try:
+        ssl_context = _tls_context(args, server=True)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server = Server(args.port, args.host, thread_pool_size=args.threads, ssl_context=ssl_context,
                     max_connections=args.max_connections, encryption_key=args.key,
                     encryption_mode=args.mode, encryption_key_size=args.key_size,
                     encryption_profile=args.profile, on_handle_command=echo)
@@ -97,6 +157,10 @@ def _run_server(args: argparse.Namespace) -> int:
     except MorsockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
+            f.write(f"{server.port}\n")
+        os.replace(args.port_file + ".tmp", args.port_file)  # readers never see half a file
     show = args.status == "on" or (args.status == "auto" and sys.stderr.isatty())
     if show:
         print(f"morsock server on {server.host}:{server.port} ({server.encryption_info}); "
@@ -125,7 +189,14 @@ def _run_client(args: argparse.Namespace) -> int:
     if args.encrypted and not args.key:
         print("error: --encrypted needs --key", file=sys.stderr)
         return 2
-    client = Client(args.host, args.port, encryption_key=args.key, encryption_mode=args.mode,
+    try:
+        ssl_context = _tls_context(args, server=False)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = Client(args.host, args.port, ssl_context=ssl_context,
+                    server_hostname=args.server_hostname or None,
+                    encryption_key=args.key, encryption_mode=args.mode,
                     encryption_key_size=args.key_size, encryption_profile=args.profile)
     try:
         client.connect()

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
 
 from ._component import Component, Data, Setting, _non_negative_int, as_bytes
 from .connection import CONNECTED, DISCONNECTED, Connection
@@ -20,6 +20,7 @@ from .events import EventQueue
 from .protocol import FLAG_AUTHENTICATED, Frame
 from .reactor import EVENT_WRITE, Timer
 from .reconnect import ReconnectPolicy
+from .tls import TLSHandshake
 from .workers import Strand
 
 __all__ = ["Client"]
@@ -80,6 +81,31 @@ class Client(Component):
     ``on_state_change(sender, old, new)``, ``on_data_sent(sender, n)``,
     ``on_data_received(sender, n)``. All of a client's events run in one order, on its
     worker thread (or, with ``events_use_main_thread``, wherever its queue is pumped).
+
+    Keep-alive (``keep_alive``, ``keepalive_idle=10``, ``keepalive_interval=5``,
+    ``keepalive_count=3``, seconds / probes) detects a dead server within about
+    idle + interval * count seconds (``on_error(..., TIMEOUT)``, then ``on_disconnect``
+    and, with ``auto_reconnect``, a reconnection): see
+    :func:`morsock.connection.configure_socket`.
+
+    Reconnection (``auto_reconnect=True``): a failed :meth:`connect`, a failed retry, or a
+    drop of an established connection for any reason other than :meth:`disconnect`
+    (refused, timed out, reset, name lookup failed, AUTHENTICATED/TLS handshake failed,
+    peer closed, a send failed) schedules the next attempt. Around every attempt the
+    events run in this order: ``on_state_change(DISCONNECTED, CONNECTING)``, then either
+    ``on_state_change(CONNECTING, CONNECTED)`` and ``on_connect``, or
+    ``on_state_change(CONNECTING, DISCONNECTED)`` and ``on_error(message, n)`` (``n`` =
+    attempt number; ``CONNECTION_FAILED`` for :meth:`connect` itself), followed once by
+    ``on_error(..., MAX_RECONNECT_ATTEMPTS)`` when ``n`` reaches
+    ``reconnect_max_attempts``. A drop fires ``on_state_change(CONNECTED, DISCONNECTED)``
+    then ``on_disconnect``. The ``reconnect_*`` settings may change at any time and apply
+    to the next delay.
+
+    Threads: :meth:`connect` starts a reactor thread and a worker thread (plus a short-lived
+    resolver thread per attempt when ``host`` is a name, not an IP address). They live until
+    :meth:`disconnect` -- also after the retries gave up (``MAX_RECONNECT_ATTEMPTS``), so
+    the client can still be reconnected; call :meth:`disconnect` (or leave the ``with``
+    block) to release every thread and socket.
     """
 
     host: Setting[str] = Setting("localhost", str)
@@ -113,7 +139,9 @@ class Client(Component):
                  encryption_key_size: Union[KeySize, int] = KeySize.AES256,
                  encryption_profile: Union[EncryptionProfile, str] = EncryptionProfile.AUTHENTICATED,
                  require_encryption: bool = False, keep_alive: bool = True,
-                 no_delay: bool = True, max_message_size: int = 16 * 1024 * 1024,
+                 no_delay: bool = True, keepalive_idle: int = 10,
+                 keepalive_interval: int = 5, keepalive_count: int = 3,
+                 max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024, ssl_context: Any = None,
                  server_hostname: Optional[str] = None,
                  logger: Optional[logging.Logger] = None, **events: Any) -> None:
@@ -134,7 +162,10 @@ class Client(Component):
         self._addresses: List[Tuple[Any, ...]] = []
         self._handshake: Any = None
         self._handshake_error: Optional[BaseException] = None
+        self._tls: Optional[TLSHandshake] = None
         self._attempt: Optional[_Attempt] = None
+        self._resolvers: Set[threading.Thread] = set()
+        self._resolvers_lock = threading.Lock()
         self._connected_mono: Optional[float] = None
         self._connected_for = 0.0
         self._remote_ip = ""
@@ -172,8 +203,10 @@ class Client(Component):
 
         Raises ConnectError (after firing ``on_error(..., CONNECTION_FAILED)``) when the
         server refuses, cannot be reached, or does not answer within
-        ``connection_timeout`` seconds; with ``auto_reconnect`` the numbered retries then
-        go on in the background. No effect if already connected.
+        ``connection_timeout`` seconds; with ``ssl_context``, when the TLS handshake fails
+        (code and ``on_error`` code ``TLS_FAILED``; the server's certificate is checked
+        against ``server_hostname``, default ``host``). With ``auto_reconnect`` the
+        numbered retries then go on in the background. No effect if already connected.
         """
         with self._life_lock:
             if self._state is ClientState.CONNECTED:
@@ -184,10 +217,8 @@ class Client(Component):
                 self._strand = self._pool.strand(self._run_pair)
                 self._pool.start()
                 self._reactor.start()
-            self._policy = self._make_policy()
             attempt = _Attempt(user=True)
-            self._reactor.call_soon(self._cancel_retry)
-            self._reactor.call_soon(self._start_attempt, attempt)
+            self._reactor.call_soon(self._begin_connect, attempt)
         if not attempt.done.wait(self.connection_timeout + 5):
             raise ConnectError(f"connect to {self.host}:{self.port} did not finish")
         if attempt.error is not None:
@@ -203,6 +234,8 @@ class Client(Component):
 
         Pending requests raise NotConnectedError. Never triggers a reconnection. Called
         from one of the client's own threads (a handler), it completes on a helper thread.
+        Releases every thread and socket of the client; a name lookup still running on a
+        resolver thread is waited for (at most ``connection_timeout`` seconds).
         """
         with self._life_lock:
             self._user_stopped = True
@@ -222,6 +255,10 @@ class Client(Component):
             self._reactor = None
             self._pool = None
             self._strand = None
+            with self._resolvers_lock:
+                resolvers = list(self._resolvers)
+            for resolver in resolvers:
+                resolver.join(self.connection_timeout)
             if self._state is not ClientState.DISCONNECTED:
                 old, self._state = self._state, ClientState.DISCONNECTED
                 self._dispatcher.emit("on_state_change", old, self._state)
@@ -254,6 +291,27 @@ class Client(Component):
         if strand is not None and getattr(self, name, None) is not None:
             strand.post((None, (name, args)))
 
+    def _begin_connect(self, attempt: _Attempt) -> None:
+        """Reactor thread: a user connect() takes over from any scheduled retry and
+        restarts the failed-attempt count."""
+        self._cancel_retry()
+        self._policy = self._make_policy()
+        self._start_attempt(attempt)
+
+    def _live_policy(self) -> ReconnectPolicy:
+        """Reactor thread: the policy, rebuilt (count kept) when a ``reconnect_*``
+        setting changed since it was made, so live changes apply to the next delay."""
+        settings = (self.reconnect_strategy, self.reconnect_interval,
+                    self.reconnect_max_attempts, self.reconnect_max_interval)
+        policy = self._policy
+        if policy is None or settings != (policy.strategy, policy.interval_ms,
+                                          policy.max_attempts, policy.max_interval_ms):
+            fresh = ReconnectPolicy(*settings)
+            for _ in range(policy.attempts if policy is not None else 0):
+                fresh.record_failure()
+            self._policy = policy = fresh
+        return policy
+
     def _cancel_retry(self) -> None:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
@@ -278,13 +336,43 @@ class Client(Component):
         self._attempt = attempt
         self._connect_timer = self._reactor.call_later(self.connection_timeout,
                                                        self._attempt_timed_out, attempt)
-        try:
-            self._addresses = list(socket.getaddrinfo(self.host, self.port,
-                                                      type=socket.SOCK_STREAM))
-        except OSError as exc:
-            self._attempt_failed(attempt, ConnectError(
-                f"cannot resolve {self.host}: {exc}"))
+        host, port = self.host, self.port
+        try:   # an IP literal needs no lookup
+            numeric: Optional[List[Any]] = list(socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
+        except (OSError, UnicodeError):
+            numeric = None
+        if numeric is not None:
+            self._resolved(attempt, host, numeric)
             return
+        # A name lookup can block for seconds: never on the reactor thread, so the
+        # connection_timeout timer and disconnect() keep working meanwhile.
+        resolver = threading.Thread(target=self._resolve, args=(attempt, host, port, self._reactor),
+                                    name=f"morsock-client-{host}:{port}-resolver", daemon=True)
+        with self._resolvers_lock:
+            self._resolvers.add(resolver)
+        resolver.start()
+
+    def _resolve(self, attempt: _Attempt, host: str, port: int, reactor: Any) -> None:
+        """Resolver thread (one per lookup): getaddrinfo, result handed to the reactor."""
+        try:
+            try:
+                result: Any = list(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except (OSError, UnicodeError) as exc:
+                result = exc
+            reactor.call_soon(self._resolved, attempt, host, result)
+        finally:
+            with self._resolvers_lock:
+                self._resolvers.discard(threading.current_thread())
+
+    def _resolved(self, attempt: _Attempt, host: str, result: Any) -> None:
+        """Reactor thread: the addresses of *host* (or the lookup's exception) arrived."""
+        if attempt is not self._attempt or attempt.done.is_set():
+            return  # timed out, aborted by disconnect() or superseded by connect()
+        if isinstance(result, BaseException):
+            self._attempt_failed(attempt, ConnectError(f"cannot resolve {host}: {result}"))
+            return
+        self._addresses = list(result)
         self._try_next_address(attempt, None)
 
     def _try_next_address(self, attempt: _Attempt, last_error: Optional[BaseException]) -> None:
@@ -326,6 +414,9 @@ class Client(Component):
         if sock is not None:
             self._reactor.unregister(sock)
             sock.close()
+        tls, self._tls = self._tls, None
+        if tls is not None:
+            tls.abort()
 
     def _on_connect_ready(self, attempt: _Attempt, sock: socket.socket) -> None:
         if sock is not self._connecting:
@@ -339,6 +430,37 @@ class Client(Component):
         self._connecting = None
         try:
             self._configure(sock)
+        except OSError as exc:
+            sock.close()
+            self._try_next_address(attempt, exc)
+            return
+        if self.ssl_context is not None:
+            self._start_tls(attempt, sock)
+        else:
+            self._open_connection(attempt, sock)
+
+    def _start_tls(self, attempt: _Attempt, sock: socket.socket) -> None:
+        """Reactor thread: TLS handshake on the connected socket (bounded by the attempt's
+        connection_timeout timer); a failure fails the attempt with TLS_FAILED."""
+        peer = f"{self.host}:{self.port}"
+
+        def succeeded(tls_sock: socket.socket) -> None:
+            self._tls = None
+            self._open_connection(attempt, tls_sock)
+
+        def failed(message: str, code: ErrorCode) -> None:
+            self._tls = None
+            self._attempt_failed(attempt, ConnectError(message, ErrorCode.TLS_FAILED))
+
+        self._tls = TLSHandshake(self._reactor, self.ssl_context, sock, server_side=False,
+                                 server_hostname=self.server_hostname or self.host,
+                                 on_success=succeeded, on_failure=failed, description=peer)
+        self._tls.start()
+
+    def _open_connection(self, attempt: _Attempt, sock: socket.socket) -> None:
+        """Reactor thread: wrap the connected (TLS) socket in a Connection, then run the
+        AUTHENTICATED handshake or declare the connection established."""
+        try:
             conn = Connection(self, sock, max_message_size=self.max_message_size,
                               max_send_buffer=self.max_send_buffer)
         except OSError as exc:
@@ -423,11 +545,14 @@ class Client(Component):
         self._set_state(ClientState.DISCONNECTED)
         attempt.error = error
         if attempt.user:
-            self._report_ordered(f"{error}", ErrorCode.CONNECTION_FAILED)
-        elif self._policy is not None:
-            n = self._policy.record_failure()
+            tls = getattr(error, "code", None) is ErrorCode.TLS_FAILED
+            self._report_ordered(f"{error}",
+                                 ErrorCode.TLS_FAILED if tls else ErrorCode.CONNECTION_FAILED)
+        else:
+            policy = self._live_policy()
+            n = policy.record_failure()
             self._report_ordered(f"reconnection attempt {n} failed: {error}", n)
-            if self._policy.exhausted:
+            if policy.exhausted:
                 self._report_ordered(f"giving up after {n} reconnection attempts",
                                      ErrorCode.MAX_RECONNECT_ATTEMPTS)
                 attempt.done.set()
@@ -436,11 +561,11 @@ class Client(Component):
         self._schedule_retry()
 
     def _schedule_retry(self) -> None:
-        if self._user_stopped or not self.auto_reconnect or self._policy is None:
+        if self._user_stopped or not self.auto_reconnect:
             return
         if self._retry_timer is not None:
             return
-        delay = self._policy.next_delay()
+        delay = self._live_policy().next_delay()
         if delay is None:
             return
         self._retry_timer = self._reactor.call_later(delay, self._start_attempt,
@@ -486,9 +611,7 @@ class Client(Component):
         self._log.info("disconnected from %s:%d", self.host, self.port)
         if self._state is not ClientState.DISCONNECTED:
             self._set_state(ClientState.DISCONNECTED)
-        if not self._user_stopped and self.auto_reconnect:
-            self._policy = self._policy or self._make_policy()
-            self._schedule_retry()
+        self._schedule_retry()
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _strand_for(self, conn: Connection) -> Any:
@@ -597,7 +720,7 @@ class Client(Component):
     def _report(self, conn: Optional[Connection], message: str, code: int) -> None:
         self._report_ordered(message, code)
 
-    def _handler_failed(self, name: str, exc: BaseException) -> None:
+    def _handler_failed(self, name: str, exc: BaseException, args: tuple = ()) -> None:
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._dispatcher.emit("on_error", f"{name} handler raised {type(exc).__name__}: {exc}",
                               ErrorCode.HANDLER_EXCEPTION)
@@ -641,12 +764,14 @@ class Client(Component):
 
     @property
     def total_bytes_received(self) -> int:
-        """Wire bytes received (headers included), over all connections."""
+        """Wire bytes received (headers included), over all connections; over TLS, the
+        application bytes that came out of the TLS layer (record overhead excluded)."""
         return self._bytes_received
 
     @property
     def total_bytes_sent(self) -> int:
-        """Wire bytes sent (headers included), over all connections."""
+        """Wire bytes sent (headers included), over all connections; over TLS, the
+        application bytes handed to the TLS layer (record overhead excluded)."""
         return self._bytes_sent
 
     @property
@@ -660,9 +785,28 @@ class Client(Component):
         return self._messages_sent
 
     def reset_reconnection_state(self) -> None:
-        """Zero the failed-attempt count (and restart the backoff from its first delay)."""
+        """Zero the failed-attempt count, so the backoff restarts from its first delay.
+
+        A retry already scheduled still happens (a failure of it is numbered 1). Retrying
+        that stopped at ``reconnect_max_attempts`` does not resume by itself: call
+        :meth:`connect` or :meth:`reconnect`. Any thread; ``reconnect_attempts`` is 0
+        when it returns.
+        """
+        reactor = self._reactor
+        if reactor is None or reactor.in_thread():
+            self._reset_policy(None)
+            return
+        done = threading.Event()
+        reactor.call_soon(self._reset_policy, done)
+        if not done.wait(5):   # the reactor stopped meanwhile (disconnect())
+            self._reset_policy(None)
+
+    def _reset_policy(self, done: Optional[threading.Event]) -> None:
+        """Reactor thread (or no reactor running): zero the count."""
         if self._policy is not None:
             self._policy.reset()
+        if done is not None:
+            done.set()
 
     def clear_statistics(self) -> None:
         """Zero the byte and message counters."""

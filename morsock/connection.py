@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
 
 from .enums import ErrorCode
 from .errors import NotConnectedError, ProtocolError, SendBufferFullError
-from .protocol import FrameDecoder
+from .protocol import HEADER, HEADER_SIZE, MAGIC, FrameDecoder
 from .reactor import EVENT_READ, EVENT_WRITE
 
 if TYPE_CHECKING:
     from ._component import Component
     from .crypto import AuthSession
+
+_pack_header = HEADER.pack
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
 
@@ -422,6 +424,24 @@ class Connection:
         self._frame_ends.append(self._queued_total)
         self._reactor.call_soon(self._arm_write)
         return n, 0
+
+    def queue_frame(self, payload: bytes) -> None:
+        """Fast path for a plaintext reply while this thread has the connection corked
+        (the strand running a batch): header and payload go straight into the queue.
+        Raises like :meth:`send_frame`."""
+        size = len(payload)
+        with self._send_lock:
+            if self.closing:
+                raise NotConnectedError(f"{self.describe()} is not connected")
+            out = self._out
+            if out and len(out) + size + HEADER_SIZE > self.max_send_buffer:
+                raise SendBufferFullError(
+                    f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
+                    f"max_send_buffer={self.max_send_buffer})")
+            out += _pack_header(MAGIC, size, 0)
+            out += payload
+            self._queued_total += size + HEADER_SIZE
+            self._frame_ends.append(self._queued_total)
 
     def cork(self) -> None:
         """Hold this thread's sends in the queue until :meth:`uncork` (strand batch start):

@@ -33,7 +33,7 @@ AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handsh
     receiver uses the number it expects). ``H`` = the 9 header bytes of the frame
     (magic, payload size, flag 2), ``S`` = seq as 8 bytes big-endian::
 
-        GCM       ct || tag(16)             nonce = 00000000 || S, AAD = H || S
+        GCM       ct || tag(16)             nonce = 00000000 || S, AAD = H || 0^7
         CTR, CTC  ct || mac(32)             counter blocks S || 0^8, S || 0..01, ...
         CBC       IV || ct || mac(32)       random IV, PKCS#7 padding
         CFB, CFC  IV || ct || mac(32)       random IV, 128-bit segments, no padding
@@ -41,12 +41,22 @@ AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handsh
         ECB       ct || mac(32)             PKCS#7 padding, no IV
         mac = HMAC-SHA256(mac key of the direction, H || S || payload before the mac)
 
+    GCM binds the sequence number through its nonce; its AAD is the header padded to one
+    16-byte block (pycryptodome takes ~6 us longer per message on an unaligned AAD).
     The MAC is checked (in constant time) before anything is decrypted. A frame that is
     tampered with, replayed, reordered, dropped (the next one fails), from another
     connection or another direction fails with ``CryptoError(AUTHENTICATION_FAILED)``,
     and the session is then broken: every later :meth:`AuthSession.open` fails too, so
-    the connection must be closed. ECB still leaks which 16-byte blocks of one message
-    are equal: prefer GCM or CTR.
+    the connection must be closed. ECB has no IV or nonce, so it still shows which
+    16-byte blocks are equal, within a message and across messages (identical messages
+    give identical ciphertext): prefer GCM or CTR.
+
+    A peer without the AUTHENTICATED profile never gets a ClientHello from a server
+    (servers never speak first). A server that is not AUTHENTICATED gets it as a flag-2
+    frame (the Delphi components pass it to their handler as 38 bytes of data) and
+    sends no ServerHello, so the client's handshake fails.
+
+Key texts are used as their UTF-8 bytes, without Unicode normalisation.
 """
 
 from __future__ import annotations
@@ -68,7 +78,7 @@ from .protocol import (FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAG
 __all__ = [
     "MORMOT_SALT", "MORMOT_ITERATIONS", "AUTH_SALT", "AUTH_ITERATIONS",
     "BLOCK_SIZE", "IV_SIZE", "MAC_SIZE", "TAG_SIZE", "HELLO_MAGIC",
-    "CLIENT_HELLO_SIZE", "SERVER_HELLO_SIZE",
+    "CLIENT_HELLO_SIZE", "SERVER_HELLO_SIZE", "RANDOM_SIZE", "SEQ_LIMIT",
     "mormot_key", "mormot_payload_size", "MormotCipher",
     "authenticated_master_key", "authenticated_payload_size",
     "AuthSession", "ClientHandshake", "server_handshake",
@@ -99,21 +109,32 @@ _SEQ = struct.Struct(">Q")
 _pack_header = HEADER.pack
 _pack_seq = _SEQ.pack
 _GCM_NONCE_PREFIX = b"\x00\x00\x00\x00"
+_GCM_AAD_PAD = bytes(BLOCK_SIZE - HEADER_SIZE)      # AAD = header || 0^7: one block
 
 _DECRYPT_FAILED = ErrorCode.DECRYPT_FAILED
 _AUTH_FAILED = ErrorCode.AUTHENTICATION_FAILED
+
+# Hot paths hand pycryptodome bytes (slicing a bytes payload is cheaper than passing a
+# memoryview), let it return new bytes (4.x writes outputs of 64 KiB and more straight
+# into a new bytes object) and build each frame with one b"".join. Encrypting into a
+# bytearray with output= measured slower (an extra call per message, a final copy).
 
 # A pycryptodome cipher object (typed loosely: AES.new() returns one of several classes).
 _Cipher = Any
 _Factory = Callable[[bytes, bytes], _Cipher]
 
 
-def _view(data: Buffer) -> memoryview:
-    """Return a flat byte view of *data* (no copy)."""
-    mv = memoryview(data)
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
+def _as_bytes(data: Buffer) -> bytes:
+    """Return *data* as bytes: itself if it is bytes, else a copy of its raw bytes.
+
+    pycryptodome reads bytes much faster than a memoryview (cffi's from_buffer costs
+    about 2 us a call), so a copy of a bytearray/memoryview is cheaper than passing it.
+    """
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    return bytes(memoryview(data))     # other buffers; TypeError for non-buffers
 
 
 def _require_key(key_text: str) -> None:
@@ -135,27 +156,19 @@ def _padded_len(n: int) -> int:
     return (n // BLOCK_SIZE + 1) * BLOCK_SIZE
 
 
-def _encrypt_padded(cipher: _Cipher, src: memoryview, out: memoryview) -> None:
-    """Encrypt ``src || PKCS#7 padding`` into *out* (exactly the padded length).
-
-    The full blocks go straight from *src* to *out*; only the last block is copied.
-    """
-    n = src.nbytes
-    full = n - n % BLOCK_SIZE
-    if full:
-        cipher.encrypt(src[:full], output=out[:full])
-    cipher.encrypt(bytes(src[full:]) + _PADS[BLOCK_SIZE - (n - full)], output=out[full:])
+def _pad(data: bytes) -> bytes:
+    """Return ``data || PKCS#7 padding`` (1..16 bytes, each equal to the padding length)."""
+    return data + _PADS[BLOCK_SIZE - len(data) % BLOCK_SIZE]
 
 
-def _unpad_in_place(buf: bytearray) -> bool:
-    """Strip PKCS#7 padding from *buf*; return False (buf untouched) if it is invalid."""
-    if not buf:
-        return False
-    pad = buf[-1]
-    if not 1 <= pad <= BLOCK_SIZE or pad > len(buf) or buf[-pad:] != _PADS[pad]:
-        return False
-    del buf[-pad:]
-    return True
+def _unpad(data: bytes) -> Optional[bytes]:
+    """Return *data* without its PKCS#7 padding, or None if the padding is invalid."""
+    if not data:
+        return None
+    pad = data[-1]
+    if not 1 <= pad <= BLOCK_SIZE or pad > len(data) or data[-pad:] != _PADS[pad]:
+        return None
+    return data[:-pad]
 
 
 # --------------------------------------------------------------------------- MORMOT
@@ -221,35 +234,35 @@ class MormotCipher:
     def __repr__(self) -> str:
         return f"MormotCipher(mode={self.mode.name}, key_size={int(self.key_size)})"
 
-    def _encrypt_into(self, out: memoryview, plaintext: Buffer, iv: Optional[bytes]) -> None:
+    def _encrypt(self, plaintext: Buffer, iv: Optional[bytes]) -> Tuple[bytes, bytes]:
+        """Return (iv, ciphertext of the padded plaintext)."""
+        src = _as_bytes(plaintext)
+        _check_size(mormot_payload_size(len(src)))
         if iv is None:
             iv = os.urandom(IV_SIZE)
         elif len(iv) != IV_SIZE:
             raise ValueError(f"iv must be {IV_SIZE} bytes, not {len(iv)}")
         else:
             iv = bytes(iv)
-        out[:IV_SIZE] = iv
-        _encrypt_padded(self._factory(self._key, iv), _view(plaintext), out[IV_SIZE:])
+        ciphertext: bytes = self._factory(self._key, iv).encrypt(_pad(src))
+        return iv, ciphertext
 
     def encrypt(self, plaintext: Buffer, iv: Optional[bytes] = None) -> bytes:
         """Return the payload ``IV || AES(plaintext || PKCS#7)``.
 
         *iv* (16 bytes) is for test vectors only; by default a fresh random IV is used.
         """
-        size = mormot_payload_size(len(_view(plaintext)))
-        _check_size(size)
-        buf = bytearray(size)
-        self._encrypt_into(memoryview(buf), plaintext, iv)
-        return bytes(buf)
+        iv, ciphertext = self._encrypt(plaintext, iv)
+        return iv + ciphertext
 
     def seal_frame(self, plaintext: Buffer, iv: Optional[bytes] = None) -> bytes:
-        """Return a complete flag-1 frame (header + payload) carrying *plaintext*."""
-        size = mormot_payload_size(len(_view(plaintext)))
-        _check_size(size)
-        buf = bytearray(HEADER_SIZE + size)
-        buf[:HEADER_SIZE] = _pack_header(MAGIC, size, FLAG_MORMOT)
-        self._encrypt_into(memoryview(buf)[HEADER_SIZE:], plaintext, iv)
-        return bytes(buf)
+        """Return a complete flag-1 frame (header + payload) carrying *plaintext*.
+
+        *iv*: test vectors only, as in :meth:`encrypt`.
+        """
+        iv, ciphertext = self._encrypt(plaintext, iv)
+        header = _pack_header(MAGIC, IV_SIZE + len(ciphertext), FLAG_MORMOT)
+        return b"".join((header, iv, ciphertext))
 
     def decrypt(self, payload: Buffer) -> bytes:
         """Return the plaintext of a flag-1 *payload*.
@@ -259,17 +272,17 @@ class MormotCipher:
         key almost always gives). Without authentication, a tampered frame whose padding
         stays valid decrypts to modified data: that is the MORMOT profile's nature.
         """
-        mv = _view(payload)
-        n = mv.nbytes
+        data = _as_bytes(payload)
+        n = len(data)
         if n < IV_SIZE + BLOCK_SIZE or n % BLOCK_SIZE:
             raise CryptoError(f"MORMOT payload has an invalid length of {n} bytes (expected "
                               "a 16-byte IV and a positive multiple of 16)", _DECRYPT_FAILED)
-        out = bytearray(n - IV_SIZE)
-        self._factory(self._key, bytes(mv[:IV_SIZE])).decrypt(mv[IV_SIZE:], output=out)
-        if not _unpad_in_place(out):
+        padded: bytes = self._factory(self._key, data[:IV_SIZE]).decrypt(data[IV_SIZE:])
+        plaintext = _unpad(padded)
+        if plaintext is None:
             raise CryptoError("MORMOT payload does not decrypt: invalid PKCS#7 padding "
                               "(wrong key, mode or key size?)", _DECRYPT_FAILED)
-        return bytes(out)
+        return plaintext
 
 
 # --------------------------------------------------------------------- AUTHENTICATED
@@ -369,8 +382,8 @@ class AuthSession:
         self._padded = mode in (AESMode.ECB, AESMode.CBC)
         self._factory: _Factory
         if mode is AESMode.GCM:
-            self._seal_impl: Callable[[memoryview, int], bytes] = self._seal_gcm
-            self._open_impl: Callable[[memoryview, int], bytes] = self._open_gcm
+            self._seal_impl: Callable[[bytes, int], bytes] = self._seal_gcm
+            self._open_impl: Callable[[bytes, int], bytes] = self._open_gcm
             return
         self._seal_impl = self._seal_etm
         self._open_impl = self._open_etm
@@ -427,8 +440,7 @@ class AuthSession:
         if seq >= SEQ_LIMIT:
             raise CryptoError("AUTHENTICATED session exhausted its sequence numbers; "
                               "reconnect", _AUTH_FAILED)
-        src = _view(plaintext)
-        frame = self._seal_impl(src, seq)
+        frame = self._seal_impl(_as_bytes(plaintext), seq)
         self._send_seq = seq + 1
         return frame
 
@@ -447,7 +459,7 @@ class AuthSession:
             self._broken = True
             raise _auth_error("AUTHENTICATED session exhausted its sequence numbers")
         try:
-            plaintext = self._open_impl(_view(payload), seq)
+            plaintext = self._open_impl(_as_bytes(payload), seq)
         except CryptoError:
             self._broken = True
             raise
@@ -456,35 +468,30 @@ class AuthSession:
 
     # -- GCM
 
-    def _seal_gcm(self, src: memoryview, seq: int) -> bytes:
-        n = src.nbytes
+    def _seal_gcm(self, src: bytes, seq: int) -> bytes:
+        n = len(src)
         size = n + TAG_SIZE
         _check_size(size)
         seq8 = _pack_seq(seq)
         header = _pack_header(MAGIC, size, FLAG_AUTHENTICATED)
         cipher = AES.new(self._send_key, AES.MODE_GCM, nonce=_GCM_NONCE_PREFIX + seq8,
                          mac_len=TAG_SIZE)
-        cipher.update(header + seq8)
-        buf = bytearray(HEADER_SIZE + size)
-        buf[:HEADER_SIZE] = header
-        out = memoryview(buf)
-        if n:
-            cipher.encrypt(src, output=out[HEADER_SIZE:HEADER_SIZE + n])
-        out[HEADER_SIZE + n:] = cipher.digest()
-        return bytes(buf)
+        cipher.update(header + _GCM_AAD_PAD)
+        ciphertext: bytes = cipher.encrypt(src) if n else b""
+        return b"".join((header, ciphertext, cipher.digest()))
 
-    def _open_gcm(self, mv: memoryview, seq: int) -> bytes:
-        size = mv.nbytes
+    def _open_gcm(self, payload: bytes, seq: int) -> bytes:
+        size = len(payload)
         if size < TAG_SIZE:
             raise _auth_error(f"AUTHENTICATED GCM payload too short ({size} bytes)")
         n = size - TAG_SIZE
         seq8 = _pack_seq(seq)
         cipher = AES.new(self._recv_key, AES.MODE_GCM, nonce=_GCM_NONCE_PREFIX + seq8,
                          mac_len=TAG_SIZE)
-        cipher.update(_pack_header(MAGIC, size, FLAG_AUTHENTICATED) + seq8)
-        plaintext: bytes = cipher.decrypt(mv[:n]) if n else b""
+        cipher.update(_pack_header(MAGIC, size, FLAG_AUTHENTICATED) + _GCM_AAD_PAD)
+        plaintext: bytes = cipher.decrypt(payload[:n]) if n else b""
         try:
-            cipher.verify(bytes(mv[n:]))
+            cipher.verify(payload[n:])
         except ValueError:
             raise _auth_error("AUTHENTICATED frame failed authentication (tampered, "
                               "replayed, reordered, lost or not from this connection)"
@@ -493,37 +500,31 @@ class AuthSession:
 
     # -- encrypt-then-MAC (every other mode)
 
-    def _seal_etm(self, src: memoryview, seq: int) -> bytes:
-        n = src.nbytes
+    def _seal_etm(self, src: bytes, seq: int) -> bytes:
+        n = len(src)
         iv_len = self._iv_len
         clen = _padded_len(n) if self._padded else n
         size = iv_len + clen + MAC_SIZE
         _check_size(size)
         seq8 = _pack_seq(seq)
         header = _pack_header(MAGIC, size, FLAG_AUTHENTICATED)
-        buf = bytearray(HEADER_SIZE + size)
-        buf[:HEADER_SIZE] = header
-        out = memoryview(buf)
-        start = HEADER_SIZE + iv_len
-        end = start + clen
         if iv_len:
             iv = os.urandom(iv_len)
-            out[HEADER_SIZE:start] = iv
             cipher = self._factory(self._send_key, iv)
         else:
+            iv = b""
             cipher = self._factory(self._send_key, seq8)
         if self._padded:
-            _encrypt_padded(cipher, src, out[start:end])
-        elif n:
-            cipher.encrypt(src, output=out[start:end])
+            ciphertext: bytes = cipher.encrypt(_pad(src))
+        else:
+            ciphertext = cipher.encrypt(src) if n else b""
         mac = self._send_mac.copy()
-        mac.update(header + seq8)
-        mac.update(out[HEADER_SIZE:end])
-        out[end:] = mac.digest()
-        return bytes(buf)
+        mac.update(header + seq8 + iv)
+        mac.update(ciphertext)
+        return b"".join((header, iv, ciphertext, mac.digest()))
 
-    def _open_etm(self, mv: memoryview, seq: int) -> bytes:
-        size = mv.nbytes
+    def _open_etm(self, payload: bytes, seq: int) -> bytes:
+        size = len(payload)
         iv_len = self._iv_len
         clen = size - iv_len - MAC_SIZE
         if clen < 0 or (self._padded and (clen < BLOCK_SIZE or clen % BLOCK_SIZE)):
@@ -531,23 +532,24 @@ class AuthSession:
                               f"length ({size} bytes)")
         seq8 = _pack_seq(seq)
         mac_at = size - MAC_SIZE
+        iv = payload[:iv_len]
+        ciphertext = payload[iv_len:mac_at]
         mac = self._recv_mac.copy()
-        mac.update(_pack_header(MAGIC, size, FLAG_AUTHENTICATED) + seq8)
-        mac.update(mv[:mac_at])
-        if not hmac.compare_digest(mac.digest(), mv[mac_at:]):
+        mac.update(_pack_header(MAGIC, size, FLAG_AUTHENTICATED) + seq8 + iv)
+        mac.update(ciphertext)
+        if not hmac.compare_digest(mac.digest(), payload[mac_at:]):
             raise _auth_error("AUTHENTICATED frame failed authentication (tampered, "
                               "replayed, reordered, lost or not from this connection)")
-        if iv_len:
-            cipher = self._factory(self._recv_key, bytes(mv[:iv_len]))
-        else:
-            cipher = self._factory(self._recv_key, seq8)
+        if not clen:
+            return b""
+        cipher = self._factory(self._recv_key, iv if iv_len else seq8)
+        decrypted: bytes = cipher.decrypt(ciphertext)
         if not self._padded:
-            return cipher.decrypt(mv[iv_len:mac_at]) if clen else b""  # type: ignore[no-any-return]
-        out = bytearray(clen)
-        cipher.decrypt(mv[iv_len:mac_at], output=out)
-        if not _unpad_in_place(out):    # cannot happen for a frame that passed the MAC
+            return decrypted
+        plaintext = _unpad(decrypted)
+        if plaintext is None:       # cannot happen for a frame that passed the MAC
             raise _auth_error("AUTHENTICATED frame has invalid padding")
-        return bytes(out)
+        return plaintext
 
 
 # ------------------------------------------------------------------------- handshake

@@ -91,11 +91,12 @@ class EventQueue:
 class EventDispatcher:
     """Calls a component's event handlers directly or through an :class:`EventQueue`.
 
-    ``on_failure(event_name, exc)`` is the component's hook for a handler exception.
+    ``on_failure(event_name, exc, args)`` is the component's hook for a handler exception
+    (*args*: the event's arguments after the sender, e.g. the server's client).
     """
 
     def __init__(self, owner: Any, queue: Optional[EventQueue],
-                 on_failure: Callable[[str, BaseException], None],
+                 on_failure: Callable[[str, BaseException, Tuple[Any, ...]], None],
                  logger: logging.Logger) -> None:
         self._owner = owner
         self.queue = queue
@@ -124,5 +125,5 @@ class EventDispatcher:
             if name == "on_error":
                 self._log.exception("on_error handler raised")
             else:
-                self._on_failure(name, exc)
+                self._on_failure(name, exc, args)
             return None

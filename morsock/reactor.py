@@ -44,11 +44,14 @@ class Timer:
 
 
 class Reactor:
-    """A ``selectors`` loop on a thread of its own.
+    """A ``selectors`` loop, run by a thread of its own (:meth:`start`/:meth:`stop`) or by
+    the threads of a leader/follower :class:`~morsock.workers.WorkerPool`, one at a time
+    (:meth:`poll_once`, then :meth:`close`).
 
     Methods for any thread: :meth:`start`, :meth:`stop`, :meth:`call_soon`,
-    :meth:`call_later`, :meth:`in_thread`. Methods for the reactor thread only:
-    :meth:`register`, :meth:`modify`, :meth:`unregister`.
+    :meth:`call_later`, :meth:`wakeup`, :meth:`in_thread`. Methods for the thread running
+    the loop only ("the reactor thread"): :meth:`register`, :meth:`modify`,
+    :meth:`unregister`.
     """
 
     def __init__(self, name: str, logger: Optional[logging.Logger] = None) -> None:
@@ -65,6 +68,7 @@ class Reactor:
         self._timers: List[Tuple[float, int, Timer]] = []
         self._timer_seq = itertools.count()
         self._thread: Optional[threading.Thread] = None
+        self._leader: Optional[int] = None   # ident of the thread inside poll_once()
         self._running = False
         self._closed = False
 
@@ -85,7 +89,7 @@ class Reactor:
         """
         if self._closed:
             return
-        if self.in_thread():
+        if self._thread is not None and threading.current_thread() is self._thread:
             raise RuntimeError("Reactor.stop() called from the reactor thread")
         if self._thread is not None:
             self.call_soon(self._halt)
@@ -93,14 +97,11 @@ class Reactor:
             if self._thread.is_alive():
                 self._log.error("%s did not stop within %.1f s", self.name, timeout)
                 return
-        self._closed = True
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self.close()
 
     def in_thread(self) -> bool:
-        """True when called on the reactor thread."""
-        return self._thread is not None and threading.current_thread() is self._thread
+        """True when called on the thread that is running the loop right now."""
+        return self._leader == threading.get_ident()
 
     def call_soon(self, fn: Callback, *args: Any) -> None:
         """Run ``fn(*args)`` on the reactor thread, in call order. Thread-safe."""
@@ -185,16 +186,24 @@ class Reactor:
             now = time.monotonic()
         return None
 
-    def _run(self) -> None:
-        select = self._selector.select
-        while self._running:
+    def poll_once(self, max_timeout: Optional[float] = None) -> None:
+        """One loop iteration: due timers, a ``select`` (blocking until I/O, the next timer,
+        a :meth:`call_soon`, or *max_timeout*), its I/O callbacks, then queued calls.
+
+        Called by exactly one thread at a time -- the dedicated loop thread, or the pool
+        thread that holds the poll role (leader/follower, see :mod:`morsock.workers`).
+        """
+        self._leader = threading.get_ident()
+        try:
             timeout = self._run_timers()
             if self._calls:
                 timeout = 0.0
+            elif max_timeout is not None and (timeout is None or timeout > max_timeout):
+                timeout = max_timeout
             try:
-                ready = select(timeout)
+                ready = self._selector.select(timeout)
             except InterruptedError:
-                continue
+                ready = []
             for key, mask in ready:
                 try:
                     key.data(mask)
@@ -202,4 +211,30 @@ class Reactor:
                     self._log.exception("%s: error in I/O callback", self.name)
             if self._calls:
                 self._run_calls()
-        self._run_calls()
+        finally:
+            self._leader = None
+
+    def wakeup(self) -> None:
+        """Make a blocked :meth:`poll_once` return soon. Thread-safe."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Release the selector and the wake-up sockets (once no thread polls any more)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _run(self) -> None:
+        while self._running:
+            self.poll_once()
+        self._leader = threading.get_ident()
+        try:
+            self._run_calls()
+        finally:
+            self._leader = None

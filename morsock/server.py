@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import datetime
 import errno
+import functools
 import itertools
 import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Set, Union
 
 from ._component import (Component, Data, Setting, _optional_seconds, _positive_int)
 from .connection import CONNECTED, DISCONNECTED, Connection
@@ -19,8 +20,11 @@ from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFull
 from .events import EventQueue
 from .protocol import Frame
 from .reactor import EVENT_READ
+from .tls import TLSHandshake
 
 __all__ = ["Server", "ServerClient"]
+
+_LOG_DEBUG = functools.partial(logging.getLogger("morsock").isEnabledFor, logging.DEBUG)
 
 
 class ServerClient(Connection):
@@ -30,7 +34,10 @@ class ServerClient(Connection):
     ``peer_port`` (the peer's own port), ``connected_at`` (datetime),
     ``last_activity_time`` (datetime), ``bytes_received``, ``bytes_sent``,
     ``messages_received``, ``messages_sent``, ``connected_time`` (seconds),
-    ``connected``. Free for the application: ``custom_data``.
+    ``connected``, ``peer_certificate`` (over TLS, the peer's verified certificate as
+    ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
+    None without TLS or when the peer sent none). Free for the application:
+    ``custom_data``.
     Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
     """
 
@@ -103,6 +110,16 @@ class Server(Component):
     Every constructor argument is also an attribute, settable while stopped (a few --
     ``max_connections``, ``connection_timeout``, ``idle_timeout``, ``require_encryption``,
     ``max_send_buffer`` -- also while listening).
+
+    Limits on hostile or dead peers: a frame must be complete within
+    ``connection_timeout`` seconds of its first byte, and a connection silent for
+    ``idle_timeout`` seconds (None: never) is closed (both ``TIMEOUT``); a client that
+    does not read is disconnected (``SEND_BUFFER_FULL``) as soon as a handler's reply no
+    longer fits ``max_send_buffer``, or once frames sent to it with :meth:`ServerClient.
+    send_data` / :meth:`broadcast_data` have been refused for ``connection_timeout``
+    seconds without it reading a byte. Keep-alive (``keep_alive``, ``keepalive_idle=10``,
+    ``keepalive_interval=5``, ``keepalive_count=3``) finds dead peers: see
+    :func:`morsock.connection.configure_socket`.
     """
 
     port: Setting[int] = Setting(3434, int)
@@ -132,7 +149,9 @@ class Server(Component):
                  encryption_key_size: Union[KeySize, int] = KeySize.AES256,
                  encryption_profile: Union[EncryptionProfile, str] = EncryptionProfile.AUTHENTICATED,
                  require_encryption: bool = False, keep_alive: bool = True,
-                 no_delay: bool = True, reuse_port: bool = False,
+                 no_delay: bool = True, keepalive_idle: int = 10,
+                 keepalive_interval: int = 5, keepalive_count: int = 3,
+                 reuse_port: bool = False,
                  max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024,
                  idle_timeout: Optional[float] = None, backlog: int = 4096,
@@ -145,8 +164,10 @@ class Server(Component):
         self._life_lock = threading.RLock()
         #: Re-entrant lock over the client set: holding it freezes ``clients``.
         self.property_lock = threading.RLock()
+        self._no_clients = threading.Condition(self.property_lock)  # notified when empty
         self._clients: Dict[int, ServerClient] = {}
         self._handles = itertools.count(1)
+        self._tls_pending: Set[TLSHandshake] = set()  # reactor thread only
         self._listener: Optional[socket.socket] = None
         self._started_mono = 0.0
         self._sweep_timer: Any = None
@@ -191,11 +212,15 @@ class Server(Component):
                 return
             if self._state is not ServerState.DISCONNECTED:
                 raise MorsockError(f"cannot start a server that is {self._state.name}")
-            self._set_state(ServerState.STARTING)
             try:
-                self._prepare_runtime(f"morsock-server-{self.port}", self.thread_pool_size)
+                self._prepare_runtime(f"morsock-server-{self.port}", self.thread_pool_size,
+                                      leader_follower=True)
+                # after _prepare_runtime: its dispatcher honours events_use_main_thread
+                self._set_state(ServerState.STARTING)
                 listener = self._bind()
             except Exception as exc:
+                if self._reactor is not None:
+                    self._reactor.stop()  # never started: releases its selector and wake-up pair
                 self._set_state(ServerState.DISCONNECTED)
                 if isinstance(exc, OSError):
                     message = f"cannot listen on {self.host}:{self.port}: {exc}"
@@ -205,7 +230,6 @@ class Server(Component):
             self._listener = listener
             self.__dict__["_setting_port"] = listener.getsockname()[1]
             self._pool.start()
-            self._reactor.start()
             self._reactor.call_soon(self._reactor.register, listener, EVENT_READ, self._on_accept)
             self._reactor.call_soon(self._schedule_sweep)
             self._started_mono = time.monotonic()
@@ -252,11 +276,22 @@ class Server(Component):
             self._reactor.call_soon(self._close_everything, closed)
             if not closed.wait(30):
                 self._log.error("server: sockets not closed within 30 s")
+            self._await_closes()
             self._pool.shutdown()
-            self._reactor.stop()
+            self._reactor.close()
             self._listener = None
             self._log.info("server on port %d stopped", self.port)
             self._set_state(ServerState.DISCONNECTED)
+
+    def _await_closes(self, timeout: float = 30.0) -> None:
+        """Wait (stopping thread) until every client's socket is closed and its
+        on_disconnect queued: a close that another thread began just before
+        _close_everything (e.g. from a worker still inside an on_error handler) queues its
+        _finish_close on the reactor later, and the pool must still be running then."""
+        with self._no_clients:
+            if not self._no_clients.wait_for(lambda: not self._clients, timeout):
+                self._log.error("server: %d client(s) not closed within %.0f s",
+                                len(self._clients), timeout)
 
     def _close_everything(self, done: threading.Event) -> None:
         try:
@@ -265,6 +300,9 @@ class Server(Component):
             if self._listener is not None:
                 self._reactor.unregister(self._listener)
                 self._listener.close()
+            for handshake in list(self._tls_pending):
+                handshake.abort()
+            self._tls_pending.clear()
             for client in list(self._clients.values()):
                 client.close()
         finally:
@@ -295,7 +333,7 @@ class Server(Component):
                     self._reactor.call_later(0.1, self._resume_accepting)
                 return
             with self.property_lock:
-                full = len(self._clients) >= self.max_connections
+                full = len(self._clients) + len(self._tls_pending) >= self.max_connections
             if full:
                 sock.close()
                 with self._stats_lock:
@@ -306,16 +344,53 @@ class Server(Component):
                 continue
             try:
                 self._configure(sock)
+                if self.ssl_context is not None:
+                    self._start_tls(sock, address)
+                    continue
                 client = ServerClient(self, sock, next(self._handles))
             except OSError as exc:
                 sock.close()
                 self._log.info("accepted socket from %s failed at once: %s", address, exc)
                 continue
-            with self.property_lock:
-                self._clients[client.handle] = client
-            with self._stats_lock:
-                self._total_connections += 1
-            client.start()
+            self._admit(client)
+
+    def _admit(self, client: ServerClient) -> None:
+        """Reactor thread: count *client*, make it visible in ``clients``, start its I/O."""
+        with self.property_lock:
+            self._clients[client.handle] = client
+        with self._stats_lock:
+            self._total_connections += 1
+        client.start()
+
+    def _start_tls(self, sock: socket.socket, address: Any) -> None:
+        """Reactor thread: TLS handshake with an accepted socket. It counts against
+        ``max_connections`` meanwhile; the ServerClient exists only once it succeeded."""
+        peer = f"{address[0]}:{address[1]}"
+        handshake = TLSHandshake(
+            self._reactor, self.ssl_context, sock, server_side=True,
+            timeout=self.connection_timeout, description=peer,
+            on_success=lambda tls_sock: self._tls_accepted(handshake, tls_sock),
+            on_failure=lambda message, code: self._tls_refused(handshake, message, code))
+        self._tls_pending.add(handshake)
+        handshake.start()
+
+    def _tls_accepted(self, handshake: TLSHandshake, sock: socket.socket) -> None:
+        self._tls_pending.discard(handshake)
+        if self._state is not ServerState.LISTENING:
+            sock.close()
+            return
+        try:
+            client = ServerClient(self, sock, next(self._handles))
+        except OSError as exc:
+            sock.close()
+            self._log.info("TLS connection from %s failed at once: %s",
+                           handshake.description, exc)
+            return
+        self._admit(client)
+
+    def _tls_refused(self, handshake: TLSHandshake, message: str, code: ErrorCode) -> None:
+        self._tls_pending.discard(handshake)
+        self._report(None, message, code)
 
     def _resume_accepting(self) -> None:
         if self._listener is not None and self._state is ServerState.LISTENING:
@@ -328,7 +403,8 @@ class Server(Component):
         self._sweep_timer = self._reactor.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections stuck mid-frame (connection_timeout) or idle (idle_timeout)."""
+        """Close connections stuck mid-frame (connection_timeout), idle (idle_timeout) or
+        not reading while sends to them are refused (connection_timeout)."""
         if self._state is not ServerState.LISTENING:
             return
         now = time.monotonic()
@@ -344,12 +420,20 @@ class Server(Component):
             elif idle_limit is not None and now - client.last_activity > idle_limit:
                 client.close(ErrorCode.TIMEOUT,
                              f"{client.describe()}: idle for more than idle_timeout={idle_limit:g} s")
+            elif (client.send_stalled_since is not None
+                  and now - client.send_stalled_since > frame_limit):
+                client.close(ErrorCode.SEND_BUFFER_FULL,
+                             f"{client.describe()}: does not read; its send queue stayed full "
+                             f"(max_send_buffer={client.max_send_buffer}) for more than "
+                             f"connection_timeout={frame_limit:g} s; disconnected")
         self._schedule_sweep()
 
     def _connection_closed(self, conn: Connection) -> None:
         assert isinstance(conn, ServerClient)
         with self.property_lock:
             self._clients.pop(conn.handle, None)
+            if not self._clients:
+                self._no_clients.notify_all()
         self._log.info("client #%d %s disconnected", conn.handle, conn.describe())
 
     # -- strand (worker thread) ----------------------------------------------------------
@@ -363,22 +447,35 @@ class Server(Component):
             self._handle_frame(conn, item)
 
     def _handle_frame(self, conn: Connection, frame: Frame) -> None:
-        data = self._open_frame(conn, frame)
-        if data is None:
-            return
+        flag = frame.flag
+        if flag == 0 and not self.require_encryption:
+            data: Optional[bytes] = frame.payload
+        else:
+            data = self._open_frame(conn, frame)
+            if data is None:
+                return
         handler = self.on_handle_command
         if handler is None:
             return
-        if self._log.isEnabledFor(logging.DEBUG):
+        if _LOG_DEBUG():
             self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
-                            len(data), frame.flag)
+                            len(data), flag)
         try:
             reply = handler(self, conn, data)  # type: ignore[arg-type]
         except Exception as exc:
-            self._handler_failed("on_handle_command", exc, conn)
+            self._handler_failed("on_handle_command", exc, (conn,))
             return
-        if reply:
-            self._reply(conn, reply, frame.flag != 0)
+        if not reply:
+            return
+        if flag == 0 and reply.__class__ is bytes:
+            try:
+                conn.queue_frame(reply)  # the strand holds conn corked: sent at batch end
+                return
+            except NotConnectedError:
+                return
+            except SendBufferFullError:
+                pass  # _reply reports it and disconnects
+        self._reply(conn, reply, flag != 0)
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake
@@ -389,8 +486,10 @@ class Server(Component):
         conn.session = session
 
     # -- events and statistics -----------------------------------------------------------
-    def _handler_failed(self, name: str, exc: BaseException,
-                        conn: Optional[Connection] = None) -> None:
+    def _handler_failed(self, name: str, exc: BaseException, args: tuple = ()) -> None:
+        """Report ``on_error(client, ..., HANDLER_EXCEPTION)``; *client* is the event's
+        first argument when that is a client (on_connect, on_handle_command ...), else None."""
+        conn = args[0] if args and isinstance(args[0], Connection) else None
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._emit("on_error", conn, f"{name} handler raised {type(exc).__name__}: {exc}",
                    ErrorCode.HANDLER_EXCEPTION)
@@ -447,12 +546,14 @@ class Server(Component):
 
     @property
     def total_bytes_received(self) -> int:
-        """Wire bytes received from all clients (headers included)."""
+        """Wire bytes received from all clients (headers included; over TLS, the
+        application bytes that came out of the TLS layer, record overhead excluded)."""
         return self._bytes_received
 
     @property
     def total_bytes_sent(self) -> int:
-        """Wire bytes sent to all clients (headers included)."""
+        """Wire bytes sent to all clients (headers included; over TLS, the application
+        bytes handed to the TLS layer, record overhead excluded)."""
         return self._bytes_sent
 
     @property

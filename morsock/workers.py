@@ -5,17 +5,42 @@ in order, on whichever pool thread picks it up: frames of one connection are han
 sequentially while different connections run in parallel. Producers (the reactor, or any
 thread) call :meth:`Strand.post` / :meth:`Strand.post_many`; the strand schedules itself on
 the :class:`WorkerPool` when it goes from idle to busy. No lock is held while an item runs.
+
+Given a reactor, the pool runs it **leader/follower** style (as mORMot's reader threads
+do): the pool threads take turns holding the *poll role*. The leader runs one
+:meth:`~morsock.reactor.Reactor.poll_once` -- reading, decoding and scheduling the strands
+that became ready -- then hands the poll role to an idle follower and runs a ready strand
+itself, on the thread that already holds the data and the GIL. A request therefore costs
+no thread hand-off of its own. When handlers are slow on average (> :data:`SLOW_STRAND`)
+the leader wakes a follower to take the poll role at once; when they are fast, waking one
+would cost more than the handler, so an idle follower takes the free poll role at its next
+:data:`WATCHDOG` tick instead: a handler that blocks delays other connections' I/O by at
+most that much. Ready strands that wait while every thread is busy are picked up by the
+next free thread; the leader polls with a short timeout while any wait, so it notices them
+within :data:`STARVATION_CHECK` seconds even without new I/O.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
 from collections import deque
-from typing import Any, Callable, Deque, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable, List, Optional
 
-__all__ = ["WorkerPool", "Strand"]
+if TYPE_CHECKING:
+    from .reactor import Reactor
+
+__all__ = ["WorkerPool", "Strand", "STARVATION_CHECK"]
+
+#: Longest a ready strand waits for a free thread before the leader hands over its role.
+STARVATION_CHECK = 0.002
+#: Idle followers look at the poll role this often: a leader that went on to run a handler
+#: that blocks is relieved of polling within this time, even with no hand-off.
+WATCHDOG = 0.02
+#: A leader hands the poll role over at once (waking a follower) when strands take longer
+#: than this on average; for faster handlers the wake-up would cost more than it saves.
+SLOW_STRAND = 0.0005
 
 
 class Strand:
@@ -41,7 +66,7 @@ class Strand:
             if self._scheduled:
                 return
             self._scheduled = True
-        self._pool._queue.put(self)
+        self._pool._schedule(self)
 
     def post_many(self, items: Iterable[Any]) -> None:
         """Queue several items in order with one hand-off. Thread-safe."""
@@ -50,7 +75,7 @@ class Strand:
             if self._scheduled or not self._items:
                 return
             self._scheduled = True
-        self._pool._queue.put(self)
+        self._pool._schedule(self)
 
     def _drain(self) -> None:
         """Run queued items until none is left (pool thread)."""
@@ -77,16 +102,24 @@ class Strand:
 
 
 class WorkerPool:
-    """``size`` daemon threads that drain strands. Start with :meth:`start`; stop with
-    :meth:`shutdown`, which first lets every strand already scheduled finish."""
+    """``size`` daemon threads that drain strands (and, given a *reactor*, take turns
+    running it). Start with :meth:`start`; stop with :meth:`shutdown`, which first lets
+    every strand already scheduled finish."""
 
-    def __init__(self, size: int, name: str, logger: Optional[logging.Logger] = None) -> None:
+    def __init__(self, size: int, name: str, logger: Optional[logging.Logger] = None,
+                 reactor: Optional["Reactor"] = None) -> None:
         if size < 1:
             raise ValueError("thread_pool_size must be >= 1")
         self.size = size
         self.name = name
         self._log = logger or logging.getLogger("morsock")
-        self._queue: "queue.SimpleQueue[Optional[Strand]]" = queue.SimpleQueue()
+        self._reactor = reactor
+        self._cv = threading.Condition(threading.Lock())
+        self._ready: Deque[Strand] = deque()
+        self._poll_free = reactor is not None
+        self._idle = 0
+        self._stopping = False
+        self._strand_time = 0.0   # moving average of a strand batch's run time, seconds
         self._threads: List[threading.Thread] = []
 
     def strand(self, runner: Callable[[Any], None], begin: Optional[Callable[[], None]] = None,
@@ -108,8 +141,11 @@ class WorkerPool:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Run what is queued, then stop and join every thread (not from a pool thread)."""
-        for _ in self._threads:
-            self._queue.put(None)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._reactor is not None:
+            self._reactor.wakeup()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout)
@@ -117,10 +153,49 @@ class WorkerPool:
                     self._log.error("%s did not stop within %.1f s", t.name, timeout)
         self._threads = []
 
+    def _schedule(self, strand: Strand) -> None:
+        reactor = self._reactor
+        with self._cv:
+            self._ready.append(strand)
+            # The leader runs what it scheduled itself; anyone else wakes a thread.
+            if self._idle and (reactor is None or not reactor.in_thread()):
+                self._cv.notify()
+
     def _work(self) -> None:
-        get = self._queue.get
+        cv = self._cv
+        ready = self._ready
+        reactor = self._reactor
         while True:
-            strand = get()
+            strand: Optional[Strand] = None
+            with cv:
+                while True:
+                    if self._poll_free and not self._stopping:
+                        self._poll_free = False
+                        break
+                    if ready:
+                        strand = ready.popleft()
+                        if ready and self._idle and (reactor is None
+                                                     or self._strand_time > SLOW_STRAND):
+                            cv.notify()
+                        break
+                    if self._stopping:
+                        return
+                    self._idle += 1
+                    cv.wait(WATCHDOG if reactor is not None else None)
+                    self._idle -= 1
             if strand is None:
-                return
+                assert reactor is not None
+                try:
+                    reactor.poll_once(STARVATION_CHECK if ready else None)
+                except Exception:
+                    self._log.exception("%s: error in the reactor loop", self.name)
+                with cv:
+                    self._poll_free = True
+                    if not ready:
+                        continue
+                    strand = ready.popleft()
+                    if self._idle and self._strand_time > SLOW_STRAND:
+                        cv.notify()  # a follower takes the poll role (or the next strand)
+            start = time.perf_counter()
             strand._drain()
+            self._strand_time += (time.perf_counter() - start - self._strand_time) * 0.125
