@@ -1,0 +1,196 @@
+"""Shared helpers of the component tests: an event recorder, bounded waits, a free port,
+and the interop vectors with an independent (hand-rolled) MORMOT-profile decoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from Crypto.Cipher import AES
+
+#: Default bound of every wait in these tests (generous: the machine is shared).
+TIMEOUT = 10.0
+
+
+class Recorder:
+    """Collects events (tuples) from any thread; tests wait on it with a deadline.
+
+    ``rec.handler("on_connect")`` returns a callable that records
+    ``("on_connect", *args_without_sender)``; :meth:`wait_for` blocks until a predicate
+    over the recorded list holds (or fails the test after *timeout*).
+    """
+
+    def __init__(self) -> None:
+        self.events: List[Tuple[Any, ...]] = []
+        self._cond = threading.Condition()
+
+    def add(self, *item: Any) -> None:
+        """Record one event (any thread)."""
+        with self._cond:
+            self.events.append(item)
+            self._cond.notify_all()
+
+    def handler(self, name: str, result: Any = None,
+                thread: bool = False) -> Callable[..., Any]:
+        """An event handler that records ``(name, *args[1:])`` (sender dropped); with
+        *thread*, ``threading.get_ident()`` is appended."""
+        def record(sender: Any, *args: Any) -> Any:
+            if thread:
+                self.add(name, *args, threading.get_ident())
+            else:
+                self.add(name, *args)
+            return result
+        return record
+
+    def named(self, name: str) -> List[Tuple[Any, ...]]:
+        """Snapshot of the events called *name*."""
+        with self._cond:
+            return [e for e in self.events if e[0] == name]
+
+    def count(self, name: str) -> int:
+        return len(self.named(name))
+
+    def snapshot(self) -> List[Tuple[Any, ...]]:
+        with self._cond:
+            return list(self.events)
+
+    def wait_for(self, predicate: Callable[[List[Tuple[Any, ...]]], bool],
+                 timeout: float = TIMEOUT, what: str = "") -> List[Tuple[Any, ...]]:
+        """Wait until ``predicate(events)`` is true; return the events; AssertionError
+        after *timeout* seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.events):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what or predicate}; "
+                                         f"recorded: {self.events[-20:]}")
+                self._cond.wait(left)
+            return list(self.events)
+
+    def wait_count(self, name: str, n: int, timeout: float = TIMEOUT) -> List[Tuple[Any, ...]]:
+        """Wait until at least *n* events called *name* are recorded; return them."""
+        self.wait_for(lambda ev: sum(1 for e in ev if e[0] == name) >= n, timeout,
+                      f"{n} x {name}")
+        return self.named(name)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT,
+               what: str = "") -> None:
+    """Poll *predicate* until true (for state with no event to wait on, e.g. counters
+    updated after the bytes left); AssertionError after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.005)  # polling a condition with a deadline, not timing
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def frame_size(payload_len: int) -> int:
+    """Wire size of a plaintext frame."""
+    return 9 + payload_len
+
+
+def read_frame(sock: socket.socket, timeout: float = TIMEOUT) -> Tuple[int, bytes]:
+    """Read one frame from a blocking socket: (flag, payload)."""
+    sock.settimeout(timeout)
+
+    def exact(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed inside a frame")
+            buf += chunk
+        return bytes(buf)
+
+    magic, size, flag = struct.unpack("<IIB", exact(9))
+    assert magic == 0xCAFEBABE, hex(magic)
+    return flag, exact(size)
+
+
+# ----------------------------------------------------------------------- interop vectors
+
+def vectors_path() -> Path:
+    env = os.environ.get("MORSOCK_INTEROP_VECTORS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "interop" / "mormot_v103_vectors.json"
+
+
+def load_vectors() -> Dict[str, Any]:
+    path = vectors_path()
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as fh:
+        data: Dict[str, Any] = json.load(fh)
+    return data
+
+
+VECTORS = load_vectors()
+VECTOR_KEY = "MySecretKey123!"
+VECTOR_MODES = ["ECB", "CBC", "CFB", "OFB", "CTR", "GCM", "CFC", "OFC", "CTC"]
+
+
+def vector_cases(mode: str) -> List[Dict[str, Any]]:
+    """The encrypted Delphi cases with the public key, AES-256, in *mode*."""
+    return [c for c in VECTORS.get("cases", ())
+            if c["key"] == VECTOR_KEY and c["key_size"] == 256 and c["mode"] == mode]
+
+
+def vector_edge(name: str, mode: str) -> Optional[Dict[str, Any]]:
+    for case in VECTORS.get("edge_cases", ()):
+        if case["name"] == name and case["mode"] == mode:
+            return case
+    return None
+
+
+def vector_aes_key(key_text: str = VECTOR_KEY, key_size: int = 256) -> bytes:
+    """PBKDF2-HMAC-SHA256(key, 'mormot_protocol_salt_2024', 1000, 32)[:key_size/8]."""
+    return hashlib.pbkdf2_hmac("sha256", key_text.encode("utf-8"),
+                               b"mormot_protocol_salt_2024", 1000, 32)[:key_size // 8]
+
+
+def _vector_cipher(mode: str, key: bytes, iv: bytes) -> Any:
+    """A pycryptodome cipher following the vectors' "about.modes" text."""
+    if mode == "ECB":
+        return AES.new(key, AES.MODE_ECB)
+    if mode == "CBC":
+        return AES.new(key, AES.MODE_CBC, iv=iv)
+    if mode in ("CFB", "CFC"):
+        return AES.new(key, AES.MODE_CFB, iv=iv, segment_size=128)
+    if mode in ("OFB", "OFC"):
+        return AES.new(key, AES.MODE_OFB, iv=iv)
+    if mode in ("CTR", "CTC"):
+        return AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=iv)
+    if mode == "GCM":  # keystream only: counter blocks IV[0:12] || 00000002, ...
+        return AES.new(key, AES.MODE_CTR, nonce=iv[:12], initial_value=2)
+    raise ValueError(mode)
+
+
+def vector_decrypt(mode: str, payload: bytes, key: Optional[bytes] = None) -> bytes:
+    """Decrypt a flag-1 payload by the vector rules (IV || AES(plaintext || PKCS#7));
+    ValueError on a bad length or padding."""
+    key = key or vector_aes_key()
+    if len(payload) < 32 or len(payload) % 16:
+        raise ValueError(f"invalid payload length {len(payload)}")
+    iv, body = payload[:16], payload[16:]
+    padded = _vector_cipher(mode, key, iv).decrypt(body)
+    pad = padded[-1]
+    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+        raise ValueError("invalid padding")
+    return padded[:-pad]
