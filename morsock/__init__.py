@@ -6,6 +6,8 @@ AES-encrypted per message, with live statistics, client management and events th
 can run on the application's main thread (:class:`EventQueue`).
 """
 
+import logging as _logging
+
 from ._version import __version__
 from .enums import (AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize,
                     ReconnectStrategy, ServerState)
@@ -25,3 +27,6 @@ from .server import Server, ServerClient  # noqa: E402
 from .client import Client  # noqa: E402
 
 __all__ += ["EventQueue", "Server", "ServerClient", "Client"]
+
+# A library logs; the application decides where it goes (no "last resort" stderr output).
+_logging.getLogger("morsock").addHandler(_logging.NullHandler())

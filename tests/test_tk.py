@@ -1,0 +1,417 @@
+"""The Tk bridge (morsock.tk) and the Tk samples, driven headless.
+
+When ``DISPLAY`` is unset (or unusable) the module starts its own ``Xvfb`` for the
+session and kills it at the end; it skips only when no display can be had (no Xvfb on
+the machine: ``apt-get install xvfb``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+tk = pytest.importorskip("tkinter", reason="tkinter is not available in this Python")
+
+import morsock  # noqa: E402
+import morsock.tk  # noqa: E402
+from morsock.testing import running_server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 15.0  # generous bound of every wait: the machine is shared
+
+
+def _tk_works() -> bool:
+    try:
+        root = tk.Tk()
+    except tk.TclError:
+        return False
+    root.update()
+    root.destroy()
+    return True
+
+
+@pytest.fixture(scope="session")
+def display() -> Iterator[str]:
+    """A usable X display: the current one, or a private Xvfb for this session.
+
+    Also opens and closes one Tk window first: Tk keeps its X connection and notifier
+    pipe for the life of the process, which the leak checker must not blame on a test.
+    """
+    if os.environ.get("DISPLAY") and _tk_works():
+        yield os.environ["DISPLAY"]
+        return
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("no usable DISPLAY and Xvfb is not installed (apt-get install xvfb)")
+    number = next(n for n in range(100, 400)
+                  if not os.path.exists(f"/tmp/.X{n}-lock")
+                  and not os.path.exists(f"/tmp/.X11-unix/X{n}"))
+    proc = subprocess.Popen([xvfb, f":{number}", "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    old = os.environ.get("DISPLAY")
+    try:
+        deadline = time.monotonic() + WAIT
+        while not os.path.exists(f"/tmp/.X11-unix/X{number}"):
+            if proc.poll() is not None:
+                pytest.fail(f"Xvfb :{number} exited with code {proc.returncode}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"Xvfb :{number} did not start within {WAIT} s")
+            time.sleep(0.02)  # polling for the server socket, with a deadline
+        os.environ["DISPLAY"] = f":{number}"
+        if not _tk_works():
+            pytest.fail(f"Tk cannot open the Xvfb display :{number}")
+        yield os.environ["DISPLAY"]
+    finally:
+        if old is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = old
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def root(display: str) -> Iterator[Any]:
+    """A Tk root window, destroyed after the test if the test did not destroy it."""
+    window = tk.Tk()
+    yield window
+    try:
+        window.destroy()
+    except tk.TclError:
+        pass  # already destroyed
+
+
+def pump_until(window: Any, condition: Callable[[], bool], what: str,
+               timeout: float = WAIT) -> None:
+    """Run the Tk event loop until *condition()* is true; fail naming *what* on timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        window.update()
+        time.sleep(0.002)  # one GUI loop tick; the condition is what we wait for
+
+
+def load_sample(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"sample_{name}",
+                                                  ROOT / "samples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- morsock.tk.attach ---------------------------------------------------------------------
+
+def test_import_morsock_does_not_import_tkinter() -> None:
+    code = "import sys, morsock; sys.exit('tkinter' in sys.modules or 'morsock.tk' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_attach_runs_events_on_the_tk_thread_in_order(root: Any) -> None:
+    queue = morsock.EventQueue()
+    pump = morsock.tk.attach(root, queue, interval_ms=5)
+    seen: List[Any] = []
+
+    def record(i: int) -> None:
+        seen.append((i, threading.get_ident()))
+
+    def post_all() -> None:
+        for i in range(500):
+            queue.post(record, i)
+
+    poster = threading.Thread(target=post_all)
+    poster.start()
+    poster.join(WAIT)
+    pump_until(root, lambda: len(seen) == 500, "500 posted callbacks")
+    assert [i for i, _ in seen] == list(range(500))
+    assert {ident for _, ident in seen} == {threading.get_ident()}
+    assert pump.events_run == 500
+    pump.detach()
+
+
+def test_default_queue_is_used_without_an_argument(root: Any) -> None:
+    ran = threading.Event()
+    pump = morsock.tk.attach(root)
+    try:
+        assert pump.queue is morsock.EventQueue.default()
+        morsock.EventQueue.default().post(ran.set)
+        pump_until(root, ran.is_set, "a callback on the default queue")
+    finally:
+        pump.detach()
+
+
+def test_a_flood_is_pumped_in_bounded_ticks(root: Any) -> None:
+    """Tk's own events (here an idle callback) run while a flood is being drained."""
+    queue = morsock.EventQueue()
+    done: List[int] = []
+    for i in range(5000):
+        queue.post(done.append, i)
+    ran_before_idle: List[int] = []
+    pump = morsock.tk.attach(root, queue, interval_ms=5, max_per_tick=100)
+    root.after_idle(lambda: ran_before_idle.append(len(done)))
+    pump_until(root, lambda: len(done) == 5000, "the flood to be drained")
+    assert ran_before_idle and ran_before_idle[0] < 5000, ran_before_idle
+    assert done == list(range(5000))
+    pump.detach()
+
+
+def test_an_exception_in_a_posted_callback_does_not_stop_the_pump(root: Any,
+                                                                   caplog: Any) -> None:
+    queue = morsock.EventQueue()
+    pump = morsock.tk.attach(root, queue, interval_ms=5)
+    after: List[int] = []
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    queue.post(boom)
+    queue.post(after.append, 1)
+    pump_until(root, lambda: after == [1], "the callback after the failing one")
+    assert pump.active
+    assert "boom" in caplog.text
+    pump.detach()
+
+
+def test_detach_is_idempotent_stops_pumping_and_keeps_other_bindings(root: Any) -> None:
+    queue = morsock.EventQueue()
+    other: List[str] = []
+    root.bind("<Destroy>", lambda event: other.append(str(event.widget)), add="+")
+    pump = morsock.tk.attach(root, queue, interval_ms=5)
+    pump.detach()
+    pump.detach()
+    assert not pump.active
+    queue.post(lambda: None)
+    marker = threading.Event()
+    root.after(50, marker.set)
+    pump_until(root, marker.is_set, "50 ms of Tk time")
+    assert len(queue) == 1  # nobody pumped it
+    root.destroy()
+    assert other, "detach() removed the application's own <Destroy> binding"
+
+
+def test_destroying_the_root_stops_the_pump_cleanly(display: str, capfd: Any) -> None:
+    queue = morsock.EventQueue()
+    first = tk.Tk()
+    pump = morsock.tk.attach(first, queue, interval_ms=1)
+    child = tk.Frame(first)
+    child.pack()
+    child.destroy()  # a child's <Destroy> reaches the root's bindings too: ignored
+    assert pump.active
+    first.update()
+    first.destroy()  # with an `after` pending
+    assert not pump.active
+    queue.post(lambda: None)
+    # Tcl timers are per thread: a pending `after` of the destroyed root would fire while
+    # another root runs, and report "invalid command name".
+    second = tk.Tk()
+    try:
+        marker = threading.Event()
+        second.after(100, marker.set)
+        pump_until(second, marker.is_set, "100 ms of Tk time on a second root")
+    finally:
+        second.destroy()
+    assert len(queue) == 1
+    assert "invalid command name" not in capfd.readouterr().err
+    pump.detach()  # harmless after destroy
+
+
+def test_attach_rejects_bad_arguments(root: Any) -> None:
+    with pytest.raises(ValueError):
+        morsock.tk.attach(root, morsock.EventQueue(), interval_ms=0)
+    with pytest.raises(ValueError):
+        morsock.tk.attach(root, morsock.EventQueue(), max_per_tick=0)
+
+
+def test_server_events_run_on_the_tk_thread(root: Any) -> None:
+    queue = morsock.EventQueue()
+    events: List[Any] = []
+    pump = morsock.tk.attach(root, queue)
+    main = threading.get_ident()
+
+    def note(name: str) -> Callable[..., None]:
+        return lambda *args: events.append((name, threading.get_ident()))
+
+    with running_server(lambda s, c, d: d, events_use_main_thread=True, event_queue=queue,
+                        on_connect=note("connect"), on_disconnect=note("disconnect")) as server:
+        with morsock.Client("127.0.0.1", server.port) as client:
+            assert client.request(b"x", timeout=WAIT) == b"x"
+        pump_until(root, lambda: len(events) == 2, "on_connect and on_disconnect")
+    assert events == [("connect", main), ("disconnect", main)]
+    pump.detach()
+
+
+# -- samples/tk_server.py ------------------------------------------------------------------
+
+def test_tk_server_form_shows_clients_and_statistics(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    clients: List[morsock.Client] = []
+    try:
+        assert app.status_text().startswith("DISCONNECTED")
+        app.start_button.invoke()
+        assert app.server.active
+        assert app.port_var.get() == str(app.server.port) != "0"
+        pump_until(root, lambda: app.status_text().startswith("LISTENING"), "LISTENING")
+        assert "Clients: 0" in app.status_text()
+        assert app.client_rows() == []
+
+        got: List[threading.Event] = []
+        for _ in range(2):
+            arrived = threading.Event()
+            got.append(arrived)
+            client = morsock.Client("127.0.0.1", app.server.port,
+                                    on_handle_command=lambda c, d, e=arrived: e.set())
+            client.connect()
+            clients.append(client)
+            assert client.request(b"hello", timeout=WAIT) == b"Echo: hello"
+        pump_until(root, lambda: len(app.client_rows()) == 2, "two rows in the client list")
+        server_side = app.server.clients
+        for row in app.client_rows():
+            handle, ip, port, since, bytes_in, bytes_out, messages = row
+            peer = server_side[int(handle)]
+            assert (ip, port) == ("127.0.0.1", str(peer.peer_port))
+            assert since == peer.connected_at.strftime("%H:%M:%S")
+            assert (bytes_in, bytes_out, messages) == ("14 B", "20 B", "1/1")
+        pump_until(root, lambda: "Clients: 2 | Total connections: 2" in app.status_text(),
+                   "the status bar to count two clients")
+        assert "Received: 28 B" in app.status_text() and "Sent: 40 B" in app.status_text()
+        pump_until(root, lambda: app.log_text().count("connected from 127.0.0.1") == 2
+                   and "says: hello" in app.log_text(), "connect and message log lines")
+
+        # The status bar refreshes by itself every second (uptime).
+        pump_until(root, lambda: "Uptime: 00:00:00" not in app.status_text(),
+                   "the 1-second refresh to show the uptime")
+
+        app.broadcast_var.set("news for all")
+        app.broadcast_button.invoke()
+        assert all(e.wait(WAIT) for e in got)
+        assert "Broadcast to 2 client(s)" in app.log_text()
+
+        first = app.tree.get_children()[0]
+        app.tree.selection_set(first)
+        app.disconnect_selected_button.invoke()
+        pump_until(root, lambda: len(app.client_rows()) == 1 and
+                   "Clients: 1 | Total connections: 2" in app.status_text(),
+                   "the selected client to leave the list")
+        assert app.tree.get_children() != (first,)
+        pump_until(root, lambda: f"Client #{first} disconnected" in app.log_text(),
+                   "the disconnect log line")
+
+        app.disconnect_all_button.invoke()
+        pump_until(root, lambda: app.client_rows() == [] and "Clients: 0" in app.status_text(),
+                   "an empty client list")
+
+        app.stop_button.invoke()
+        pump_until(root, lambda: app.status_text().startswith("DISCONNECTED"), "DISCONNECTED")
+        assert "Server stopped" in app.log_text()
+    finally:
+        for client in clients:
+            client.disconnect()
+        app.close()
+
+
+def test_tk_server_form_encrypted_broadcast_and_bad_settings(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", key="k", mode="GCM",
+                              profile="MORMOT", event_queue=morsock.EventQueue())
+    try:
+        app.port_var.set("not a port")
+        assert app.start() is False
+        assert "Cannot start" in app.log_text()
+        app.port_var.set("0")
+        assert app.start()
+        assert app.server.encryption_info == "AES-256-GCM (MORMOT)"
+        replies: List[bytes] = []
+        arrived = threading.Event()
+
+        def on_message(client: morsock.Client, data: bytes) -> None:
+            replies.append(data)
+            arrived.set()
+
+        with morsock.Client("127.0.0.1", app.server.port, encryption_key="k",
+                            encryption_mode="GCM", encryption_profile="MORMOT",
+                            on_handle_command=on_message) as client:
+            assert client.request("ciphered", timeout=WAIT, encrypted=True) == b"Echo: ciphered"
+            pump_until(root, lambda: len(app.client_rows()) == 1, "one row")
+            assert app.broadcast("secret news", encrypted=True) == 1
+            assert arrived.wait(WAIT)
+        assert replies == [b"secret news"]
+    finally:
+        app.close()
+
+
+# -- samples/tk_client.py ------------------------------------------------------------------
+
+def test_tk_client_form_connects_sends_and_reconnects(root: Any) -> None:
+    tk_client = load_sample("tk_client")
+    with running_server(lambda s, c, d: b"Echo: " + d) as server:
+        app = tk_client.ClientApp(root, port=server.port, strategy="IMMEDIATE",
+                                  event_queue=morsock.EventQueue())
+        try:
+            assert app.status_text().startswith("DISCONNECTED")
+            app.connect_button.invoke()
+            pump_until(root, lambda: app.status_text().startswith("CONNECTED"), "CONNECTED")
+            pump_until(root, lambda: "Connected to 127.0.0.1" in app.log_text(),
+                       "the connect log line")
+            assert "Sent: 0 B (0 msg)" in app.status_text()
+
+            app.message_var.set("ping")
+            app.send_button.invoke()
+            pump_until(root, lambda: "Received: Echo: ping" in app.log_text(), "the echo")
+            pump_until(root, lambda: "Sent: 13 B (1 msg)" in app.status_text()
+                       and "Received: 19 B (1 msg)" in app.status_text(),
+                       "the byte counts in the status bar")
+
+            # Forced disconnect by the server: the form's client comes back by itself.
+            pump_until(root, lambda: server.client_count == 1, "the server to see the client")
+            server.disconnect_all_clients()
+            pump_until(root, lambda: app.log_text().count("Connected to 127.0.0.1") == 2,
+                       "an automatic reconnection")
+            assert "Disconnected" in app.log_text()
+            pump_until(root, lambda: app.status_text().startswith("CONNECTED"), "CONNECTED")
+            assert app.send("again")
+            pump_until(root, lambda: "Received: Echo: again" in app.log_text(), "the echo")
+
+            app.disconnect_button.invoke()
+            pump_until(root, lambda: app.status_text().startswith("DISCONNECTED"),
+                       "DISCONNECTED")
+            assert app.send("nobody listens") is False
+            assert "Send failed" in app.log_text()
+        finally:
+            app.close()
+
+
+def test_tk_client_form_reports_reconnect_attempts_and_gives_up(root: Any) -> None:
+    tk_client = load_sample("tk_client")
+    with socket.socket() as closed_port:  # bound, not listening: connections are refused
+        closed_port.bind(("127.0.0.1", 0))
+        port = closed_port.getsockname()[1]
+        app = tk_client.ClientApp(root, port=port, strategy="IMMEDIATE", max_attempts=2,
+                                  event_queue=morsock.EventQueue())
+        try:
+            assert app.connect()
+            pump_until(root, lambda: "Gave up reconnecting" in app.log_text(),
+                       "the client to give up")
+            log = app.log_text()
+            assert "Reconnect attempt 1 failed" in log and "Reconnect attempt 2 failed" in log
+            pump_until(root, lambda: "Reconnect attempts: 2" in app.status_text(),
+                       "the attempt count in the status bar")
+            assert app.status_text().startswith("DISCONNECTED")
+        finally:
+            app.close()
