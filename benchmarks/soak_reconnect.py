@@ -42,6 +42,10 @@ from morsock import (Client, NotConnectedError, ReconnectStrategy, RequestTimeou
                      Server)
 
 
+#: Set while the chaos loop restarts the server (classifies the clients' drops).
+SERVER_DOWN = threading.Event()
+
+
 def open_fds() -> int:
     """Open file descriptors of this process (Linux; -1 elsewhere)."""
     try:
@@ -95,7 +99,9 @@ class SoakClient:
         self.connects = 0
         self.disconnects = 0
         self.down_since: Optional[float] = None
+        self.down_cause = "cut"
         self.reconnect_times: List[float] = []
+        self.reconnect_causes: List[str] = []
         self.error_codes: Dict[int, int] = {}
         self.sent = self.answered = self.wrong = 0
         self.not_connected = self.timeouts = self.lost_connected = self.unreceived_up = 0
@@ -109,6 +115,7 @@ class SoakClient:
             self.connects += 1
             if self.down_since is not None:
                 self.reconnect_times.append(time.monotonic() - self.down_since)
+                self.reconnect_causes.append(self.down_cause)
                 self.down_since = None
             self.lock.notify_all()
         self.up.set()
@@ -117,6 +124,7 @@ class SoakClient:
         with self.lock:
             self.disconnects += 1
             self.down_since = time.monotonic()
+            self.down_cause = "restart" if SERVER_DOWN.is_set() else "cut"
         self.up.clear()
 
     def _on_error(self, sender: Client, message: str, code: int) -> None:
@@ -203,9 +211,11 @@ def run(args: argparse.Namespace) -> int:
             if now >= end:
                 break
             if now >= next_restart:
+                SERVER_DOWN.set()
                 server.stop()
                 stop.wait(args.down_ms / 1000)
                 server.start()
+                SERVER_DOWN.clear()
                 restarts += 1
                 next_restart = time.monotonic() + args.restart_every * rng.uniform(0.7, 1.3)
             else:
@@ -256,6 +266,10 @@ def run(args: argparse.Namespace) -> int:
 
     total = lambda name: sum(getattr(c, name) for c in clients)  # noqa: E731
     reconnect_times = sorted(t for c in clients for t in c.reconnect_times)
+    by_cause: Dict[str, List[float]] = {"cut": [], "restart": []}
+    for c in clients:
+        for t, cause in zip(c.reconnect_times, c.reconnect_causes):
+            by_cause[cause].append(t)
     connects = total("connects")
     codes: Dict[int, int] = {}
     for c in clients:
@@ -288,6 +302,12 @@ def run(args: argparse.Namespace) -> int:
     if reconnect_times:
         print(f"time to reconnect             median {statistics.median(reconnect_times) * 1000:.0f} ms, "
               f"max {reconnect_times[-1] * 1000:.0f} ms  (n={len(reconnect_times)})")
+        for cause, label in (("cut", "after a forced disconnect"),
+                             ("restart", f"across a restart ({args.down_ms} ms down)")):
+            times = sorted(by_cause[cause])
+            if times:
+                print(f"  {label:<32s}median {statistics.median(times) * 1000:.0f} ms, "
+                      f"max {times[-1] * 1000:.0f} ms  (n={len(times)})")
     print(f"final request, every client   {final_ok}/{len(clients)}")
     print(f"threads before/peak/after     {threads_before} / {peak_threads} / {threads_after}")
     print(f"fds before/after              {fds_before} / {fds_after}")

@@ -162,6 +162,7 @@ class Client(Component):
         self._addresses: List[Tuple[Any, ...]] = []
         self._handshake: Any = None
         self._handshake_error: Optional[BaseException] = None
+        self._close_done: Optional[threading.Event] = None  # see _shutdown
         self._tls: Optional[TLSHandshake] = None
         self._attempt: Optional[_Attempt] = None
         self._resolvers: Set[threading.Thread] = set()
@@ -183,8 +184,10 @@ class Client(Component):
 
     @property
     def connected(self) -> bool:
-        """True while a connection is established."""
-        return self._state is ClientState.CONNECTED
+        """True while a connection is established: False as soon as it starts closing
+        (when :meth:`send_data` would raise NotConnectedError), before ``state`` changes."""
+        conn = self._conn
+        return self._state is ClientState.CONNECTED and conn is not None and not conn.closing
 
     @property
     def active(self) -> bool:
@@ -207,6 +210,8 @@ class Client(Component):
         (code and ``on_error`` code ``TLS_FAILED``; the server's certificate is checked
         against ``server_hostname``, default ``host``). With ``auto_reconnect`` the
         numbered retries then go on in the background. No effect if already connected.
+        While retries run, connect() takes over: the scheduled retry is cancelled, the
+        attempt count restarts at 0, and a failure schedules retry 1 again.
         """
         with self._life_lock:
             if self._state is ClientState.CONNECTED:
@@ -264,8 +269,23 @@ class Client(Component):
                 self._dispatcher.emit("on_state_change", old, self._state)
 
     def reconnect(self) -> None:
-        """Disconnect (if connected) and connect again; raises like :meth:`connect`."""
-        self.disconnect()
+        """Disconnect (if connected) and connect again; raises like :meth:`connect`.
+
+        Also works from one of the client's own handlers (e.g. ``on_error`` after
+        ``MAX_RECONNECT_ATTEMPTS``): the threads are then kept, the connection closed, and a
+        new one made; the events of both follow once the handler returns.
+        """
+        with self._life_lock:
+            reactor, pool = self._reactor, self._pool
+            own_thread = pool is not None and pool.owns_current_thread()
+            if own_thread:
+                self._user_stopped = True      # the close below schedules no retry
+                closed = threading.Event()
+                reactor.call_soon(self._shutdown, closed)
+        if not own_thread:
+            self.disconnect()
+        elif not closed.wait(30):
+            self._log.error("client: connection not closed within 30 s")
         self.connect()
 
     def __enter__(self) -> "Client":
@@ -586,7 +606,11 @@ class Client(Component):
         if conn is not None:
             if self._state is ClientState.CONNECTED:
                 self._set_state(ClientState.DISCONNECTING)
-            conn.close()
+            if not conn.close() and done is not None:
+                # A close begun on the worker (e.g. still reporting its error) queues its
+                # _finish_close later: disconnect() waits for it (see _connection_closed),
+                # so the pool still runs the on_disconnect it posts, after that on_error.
+                self._close_done, done = done, None
         if self._state is not ClientState.DISCONNECTED:
             self._set_state(ClientState.DISCONNECTED)
         if done is not None:
@@ -594,6 +618,9 @@ class Client(Component):
 
     def _connection_closed(self, conn: Connection) -> None:
         """Reactor thread: the socket of *conn* is closed."""
+        waiter, self._close_done = self._close_done, None
+        if waiter is not None:  # disconnect() waits: release it once DISCONNECTED is posted
+            self._reactor.call_soon(waiter.set)
         self._fail_waiters()
         if conn is not self._conn:
             return

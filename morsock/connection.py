@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .crypto import AuthSession
 
 _pack_header = HEADER.pack
+#: Replies at least this large skip the cork and leave at once with sendmsg (no copy).
+_DIRECT_SEND_MIN = 32 * 1024
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
 
@@ -130,6 +132,8 @@ class Connection:
         self._frame_ends: Deque[int] = deque()  # _queued_total at the end of each queued frame
         self._write_armed = False
         self._cork_owner: Optional[int] = None  # thread whose sends are held until uncork()
+        # scatter/gather send of header + payload (not on Windows, not over TLS)
+        self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else getattr(sock, "sendmsg", None)
         self._reading = True
         #: TLS: the socket is an ``ssl.SSLSocket``; byte counts are then the application
         #: bytes passed to/from the TLS layer (record overhead not counted).
@@ -427,21 +431,49 @@ class Connection:
 
     def queue_frame(self, payload: bytes) -> None:
         """Fast path for a plaintext reply while this thread has the connection corked
-        (the strand running a batch): header and payload go straight into the queue.
-        Raises like :meth:`send_frame`."""
+        (the strand running a batch): header and payload go straight into the queue, or,
+        for a large payload with nothing queued before it, straight to the kernel with one
+        scatter/gather ``sendmsg`` (no copy). Raises like :meth:`send_frame`."""
         size = len(payload)
+        sent = frames = 0
         with self._send_lock:
             if self.closing:
                 raise NotConnectedError(f"{self.describe()} is not connected")
             out = self._out
-            if out and len(out) + size + HEADER_SIZE > self.max_send_buffer:
-                raise SendBufferFullError(
-                    f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
-                    f"max_send_buffer={self.max_send_buffer})")
-            out += _pack_header(MAGIC, size, 0)
-            out += payload
-            self._queued_total += size + HEADER_SIZE
-            self._frame_ends.append(self._queued_total)
+            header = _pack_header(MAGIC, size, 0)
+            if out:
+                if len(out) + size + HEADER_SIZE > self.max_send_buffer:
+                    raise SendBufferFullError(
+                        f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
+                        f"max_send_buffer={self.max_send_buffer})")
+            elif size >= _DIRECT_SEND_MIN and self._sendmsg is not None:
+                try:
+                    sent = self._sendmsg((header, payload))
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self.closing = True
+                    self._reactor.call_soon(self._finish_close)
+                    raise NotConnectedError(f"{self.describe()}: send failed: {exc}") from exc
+                if sent == size + HEADER_SIZE:
+                    frames = 1
+                else:
+                    if sent < HEADER_SIZE:
+                        out += header[sent:]
+                        out += payload
+                    else:
+                        out += memoryview(payload)[sent - HEADER_SIZE:]
+                    self._queued_total += size + HEADER_SIZE - sent
+                    self._frame_ends.append(self._queued_total)
+                    self._reactor.call_soon(self._arm_write)
+                header = b""
+            if header:
+                out += header
+                out += payload
+                self._queued_total += size + HEADER_SIZE
+                self._frame_ends.append(self._queued_total)
+        if sent:
+            self._owner._count_sent(self, sent, frames)
 
     def cork(self) -> None:
         """Hold this thread's sends in the queue until :meth:`uncork` (strand batch start):
