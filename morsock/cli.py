@@ -101,8 +101,9 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     srv.add_argument("--port", type=int, default=3434, help="port (default 3434; 0 = any free)")
     srv.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
-    srv.add_argument("--max-connections", type=int, default=1000,
-                     help="connection limit (default 1000)")
+    srv.add_argument("--max-connections", type=int, default=100_000,
+                     help="connection limit (default 100000, so the open-file limit is "
+                          "what bounds it; the Server class defaults to 1000)")
     srv.add_argument("--prefix", default="", help="text put before each echoed payload")
     srv.add_argument("--status", choices=("auto", "on", "off"), default="auto",
                      help="live status line on stderr (auto: only on a terminal)")
@@ -130,8 +131,23 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one (POSIX only; else no effect)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def _run_server(args: argparse.Namespace) -> int:
     prefix = args.prefix.encode("utf-8")
+    _raise_open_file_limit()
 
     def echo(sender: Server, client: Any, data: bytes) -> bytes:
         return prefix + data if prefix else data
