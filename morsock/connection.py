@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
 from .enums import ErrorCode
 from .errors import NotConnectedError, ProtocolError, SendBufferFullError
 from .protocol import HEADER, HEADER_SIZE, MAGIC, FrameDecoder
-from .reactor import EVENT_READ, EVENT_WRITE
+from .reactor import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
     from ._component import Component
@@ -131,6 +131,8 @@ class Connection:
         self._flushed_total = 0         # bytes of _out ever sent
         self._frame_ends: Deque[int] = deque()  # _queued_total at the end of each queued frame
         self._write_armed = False
+        self._broken = False            # the socket failed: close without lingering
+        self._linger_timer: Optional[Timer] = None  # set while a graceful close drains
         self._cork_owner: Optional[int] = None  # thread whose sends are held until uncork()
         # scatter/gather send of header + payload (not on Windows, not over TLS)
         self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else getattr(sock, "sendmsg", None)
@@ -241,6 +243,7 @@ class Connection:
             self.close(ErrorCode.TLS_FAILED, f"TLS error on {self.describe()}: {exc}")
             return
         except OSError as exc:
+            self._broken = True
             if exc.errno == errno.ETIMEDOUT:  # keep-alive / TCP_USER_TIMEOUT gave up
                 self.close(ErrorCode.TIMEOUT, f"{self.describe()}: connection timed out "
                            f"(no answer to keep-alive or unacknowledged data): {exc}")
@@ -296,9 +299,37 @@ class Connection:
             drained = not self._out
         if sent:
             self._owner._count_sent(self, sent, frames)
-        if drained and self._write_armed:
+        if drained and self._linger_timer is not None:
+            self._finish_close()  # a graceful close was waiting for this
+        elif drained and self._write_armed:
             self._write_armed = False
             self._update_interest()
+
+    def _on_send_error(self) -> None:
+        """Reactor thread: the socket failed while sending; close without lingering."""
+        self._broken = True
+        if not self.close():
+            self._finish_close()  # already closing (lingering): finish now
+
+    def _start_linger(self) -> None:
+        """Reactor thread: a graceful close with bytes still queued -- stop reading, let
+        the queue drain, then close; give up after ``connection_timeout``."""
+        self._reading = False
+        self._write_armed = True
+        try:
+            self._reactor.modify(self._sock, EVENT_WRITE, self.on_ready)
+        except KeyError:
+            self._reactor.register(self._sock, EVENT_WRITE, self.on_ready)
+        self._linger_timer = self._reactor.call_later(self._owner.connection_timeout,
+                                                      self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        if self.closed:
+            return
+        self._owner._log.warning("%s: %d queued bytes not taken by the peer within "
+                                 "connection_timeout; closing", self, len(self._out))
+        self._broken = True
+        self._finish_close()
 
     def _flush_locked(self) -> "tuple[int, int]":
         """Send what the kernel takes from the queue; return (bytes, frames completed)."""
@@ -315,7 +346,7 @@ class Connection:
             return 0, 0
         except OSError as exc:
             self._owner._log.info("%s: send failed: %s", self, exc)
-            self._reactor.call_soon(self.close)
+            self._reactor.call_soon(self._on_send_error)
             return 0, 0
         del out[:n]
         self._flushed_total += n
@@ -329,9 +360,17 @@ class Connection:
         return n, done
 
     def _finish_close(self) -> None:
-        """Flush what the kernel takes at once, close the socket, notify the owner."""
+        """Close the socket and notify the owner. A graceful close (no error code, socket
+        healthy) with bytes still queued first lets them drain (:meth:`_start_linger`):
+        nothing accepted by :meth:`send_frame` is dropped while the peer reads."""
         if self.closed:
             return
+        if self._linger_timer is None:
+            if self._out and not self._broken and self.close_code is None:
+                self._start_linger()
+                return
+        else:
+            self._linger_timer.cancel()
         self.closed = True
         with self._send_lock:
             if self._out:
@@ -419,6 +458,7 @@ class Connection:
             n = 0
         except OSError as exc:
             self.closing = True
+            self._broken = True
             self._reactor.call_soon(self._finish_close)
             raise NotConnectedError(f"{self.describe()}: send failed: {exc}") from exc
         if n == len(frame):
@@ -453,6 +493,7 @@ class Connection:
                     sent = 0
                 except OSError as exc:
                     self.closing = True
+                    self._broken = True
                     self._reactor.call_soon(self._finish_close)
                     raise NotConnectedError(f"{self.describe()}: send failed: {exc}") from exc
                 if sent == size + HEADER_SIZE:

@@ -682,3 +682,21 @@ def test_server_client_send_encrypted_in_mormot_profile() -> None:
                 frame = peer.recv_frame()
                 assert frame.flag == 1
                 assert vector_decrypt("CTR", frame.payload) == expected
+
+
+def test_disconnect_delivers_what_was_queued_before_it():
+    """A graceful disconnect lets the send queue drain first (nothing accepted is lost)."""
+    big = bytes(range(256)) * (4 * 4096)  # 4 MiB: far more than the kernel buffers hold
+    with running_server(None, max_send_buffer=64 << 20) as server:
+        with RawPeer.to(server, timeout=20) as peer:
+            wait_until(lambda: server.client_count == 1, what="the peer to connect")
+            client = next(iter(server.clients.values()))
+            for _ in range(4):
+                client.send_data(big)
+            assert client.send_queue_size > 0  # the kernel did not take it all at once
+            assert client.disconnect()
+            frames = peer.frames(4, timeout=20)
+            assert [f.payload for f in frames] == [big] * 4
+            assert peer.expect_close(10) == b""
+        wait_until(lambda: server.client_count == 0, what="the close to finish")
+        assert server.total_messages_sent == 4
