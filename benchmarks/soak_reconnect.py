@@ -300,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"other exceptions              {len(other)}" + (f"  e.g. {other[0]}" if other else ""))
     print(f"server receipts               {receipts.total:,}")
     if reconnect_times:
-        print(f"time to reconnect             median {statistics.median(reconnect_times) * 1000:.0f} ms, "
+        median_ms = statistics.median(reconnect_times) * 1000
+        print(f"time to reconnect             median {median_ms:.0f} ms, "
               f"max {reconnect_times[-1] * 1000:.0f} ms  (n={len(reconnect_times)})")
         for cause, label in (("cut", "after a forced disconnect"),
                              ("restart", f"across a restart ({args.down_ms} ms down)")):

@@ -335,9 +335,11 @@ def main() -> int:
         ctx: Optional[ssl.SSLContext] = ssl.create_default_context(cafile=str(ca))
         if args.no_tls:
             ctx = None
-        print(f"{'plain TCP' if args.no_tls else 'TLS'} echo: {ssl.OPENSSL_VERSION}, Python {sys.version.split()[0]}, "
+        pinned = "no" if server_cpu is None else f"server CPU {server_cpu}, load CPU {cpus[1]}"
+        print(f"{'plain TCP' if args.no_tls else 'TLS'} echo: {ssl.OPENSSL_VERSION}, "
+              f"Python {sys.version.split()[0]}, "
               f"{args.rounds} rounds x {args.secs:g} s (+{args.warmup:g} s warm-up), "
-              f"pinned: {'no' if server_cpu is None else 'server CPU %d, load CPU %d' % (server_cpu, cpus[1])}",
+              f"pinned: {pinned}",
               flush=True)
         for rnd in range(args.rounds):
             for scenario in scenarios:

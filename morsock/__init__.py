@@ -9,10 +9,24 @@ can run on the application's main thread (:class:`EventQueue`).
 import logging as _logging
 
 from ._version import __version__
-from .enums import (AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize,
-                    ReconnectStrategy, ServerState)
-from .errors import (ConnectError, CryptoError, MorsockError, NotConnectedError,
-                     ProtocolError, RequestTimeout, SendBufferFullError)
+from .enums import (
+    AESMode,
+    ClientState,
+    EncryptionProfile,
+    ErrorCode,
+    KeySize,
+    ReconnectStrategy,
+    ServerState,
+)
+from .errors import (
+    ConnectError,
+    CryptoError,
+    MorsockError,
+    NotConnectedError,
+    ProtocolError,
+    RequestTimeout,
+    SendBufferFullError,
+)
 
 __all__ = [
     "__version__",
@@ -22,9 +36,9 @@ __all__ = [
     "RequestTimeout", "SendBufferFullError", "CryptoError",
 ]
 
+from .client import Client  # noqa: E402
 from .events import EventQueue  # noqa: E402
 from .server import Server, ServerClient  # noqa: E402
-from .client import Client  # noqa: E402
 
 __all__ += ["EventQueue", "Server", "ServerClient", "Client"]
 

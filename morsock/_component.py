@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import socket
+import textwrap
 import threading
-from typing import Any, Callable, Dict, Generic, Optional, TypeVar, Union, overload
+from enum import Enum
+from typing import Any, Callable, Generic, TypeVar, Union, overload
 
 from .connection import Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize
 from .errors import CryptoError, MorsockError
 from .events import EventDispatcher, EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, FLAG_PLAIN, Frame, encode_frame
+from .protocol import FLAG_MORMOT, FLAG_PLAIN, Frame, encode_frame
 from .reactor import Reactor
 from .workers import WorkerPool
 
@@ -44,22 +46,26 @@ class Setting(Generic[T]):
     ``live`` (read afresh each time it is used, so a change takes effect at once).
     """
 
-    def __init__(self, default: T, convert: Optional[Callable[[Any], T]] = None,
-                 live: bool = False) -> None:
+    def __init__(self, default: T, convert: Callable[[Any], T] | None = None,
+                 live: bool = False, doc: str = "") -> None:
         self.default = default
         self.convert = convert
         self.live = live
         self.name = ""
+        shown = (f"{type(default).__name__}.{default.name}" if isinstance(default, Enum)
+                 else repr(default))
+        when = "may also be set while running." if live else "set it while stopped."
+        self.__doc__ = "\n".join(textwrap.wrap(f"{doc} Default: {shown}; {when}", 76))
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     @overload
-    def __get__(self, obj: None, objtype: Any = None) -> "Setting[T]": ...
+    def __get__(self, obj: None, objtype: Any = None) -> Setting[T]: ...
     @overload
     def __get__(self, obj: object, objtype: Any = None) -> T: ...
 
-    def __get__(self, obj: Optional[object], objtype: Any = None) -> Any:
+    def __get__(self, obj: object | None, objtype: Any = None) -> Any:
         if obj is None:
             return self
         return obj.__dict__.get("_setting_" + self.name, self.default)
@@ -74,33 +80,33 @@ class Setting(Generic[T]):
 
 
 def _non_negative_int(value: Any) -> int:
-    value = int(value)
-    if value < 0:
+    number = int(value)
+    if number < 0:
         raise ValueError("must be >= 0")
-    return value
+    return number
 
 
 def _positive_int(value: Any) -> int:
-    value = int(value)
-    if value < 1:
+    number = int(value)
+    if number < 1:
         raise ValueError("must be >= 1")
-    return value
+    return number
 
 
-def _optional_seconds(value: Any) -> Optional[float]:
+def _optional_seconds(value: Any) -> float | None:
     if value is None:
         return None
-    value = float(value)
-    if value <= 0:
+    seconds = float(value)
+    if seconds <= 0:
         raise ValueError("must be > 0 or None")
-    return value
+    return seconds
 
 
 def _seconds(value: Any) -> float:
-    value = float(value)
-    if value <= 0:
+    seconds = float(value)
+    if seconds <= 0:
         raise ValueError("must be > 0")
-    return value
+    return seconds
 
 
 def _ssl_context(value: Any) -> Any:
@@ -148,37 +154,68 @@ class Component:
     """Base of Server and Client (see their docstrings for the public surface)."""
 
     # Settings both components have (API §3/§4).
-    connection_timeout: Setting[float] = Setting(10.0, _seconds, live=True)
-    events_use_main_thread: Setting[bool] = Setting(False, bool)
-    event_queue: Setting[Optional[EventQueue]] = Setting(None)
-    encryption_key: Setting[str] = Setting("", lambda v: "" if v is None else str(v))
-    encryption_mode: Setting[AESMode] = Setting(AESMode.CBC, AESMode.parse)
-    encryption_key_size: Setting[KeySize] = Setting(KeySize.AES256, KeySize.parse)
-    encryption_profile: Setting[EncryptionProfile] = Setting(EncryptionProfile.AUTHENTICATED,
-                                                             EncryptionProfile.parse)
-    require_encryption: Setting[bool] = Setting(False, bool, live=True)
-    keep_alive: Setting[bool] = Setting(True, bool)
+    connection_timeout: Setting[float] = Setting(
+        10.0, _seconds, live=True,
+        doc="Seconds: the bound of a connect attempt (client), of a TLS handshake, and of a "
+            "frame once its first byte arrived; past it the connection fails (TIMEOUT).")
+    events_use_main_thread: Setting[bool] = Setting(
+        False, bool,
+        doc="Run every event except on_handle_command on the thread that pumps "
+            "event_queue (EventQueue.pump, morsock.tk.attach), not on library threads.")
+    event_queue: Setting[EventQueue | None] = Setting(
+        None, doc="The EventQueue of events_use_main_thread (None: EventQueue.default()).")
+    encryption_key: Setting[str] = Setting(
+        "", lambda v: "" if v is None else str(v),
+        doc="Passphrase of the per-message AES encryption (empty: no encryption); the "
+            "keys are derived from it once, at start.")
+    encryption_mode: Setting[AESMode] = Setting(
+        AESMode.CBC, AESMode.parse, doc="AES mode: an AESMode or its name ('cbc', 'amCBC').")
+    encryption_key_size: Setting[KeySize] = Setting(
+        KeySize.AES256, KeySize.parse, doc="AES key size: a KeySize or 128, 192, 256.")
+    encryption_profile: Setting[EncryptionProfile] = Setting(
+        EncryptionProfile.AUTHENTICATED, EncryptionProfile.parse,
+        doc="AUTHENTICATED (flag 2: authenticated, replay-proof) or MORMOT (flag 1: "
+            "byte-compatible with the Delphi components, unauthenticated).")
+    require_encryption: Setting[bool] = Setting(
+        False, bool, live=True,
+        doc="Refuse plaintext frames: a peer that sends one is disconnected "
+            "(ENCRYPTION_REQUIRED).")
+    keep_alive: Setting[bool] = Setting(
+        True, bool, doc="TCP keep-alive on every socket (timing: the keepalive_* settings).")
     #: Keep-alive timing (whole seconds, applied to every socket when ``keep_alive``):
     #: first probe after ``keepalive_idle`` (default 10) idle seconds, then one every
     #: ``keepalive_interval`` (5), dropped after ``keepalive_count`` (3) unanswered probes;
     #: on Linux unacknowledged data also fails after idle + interval * count (25 s).
-    keepalive_idle: Setting[int] = Setting(10, _positive_int)
-    keepalive_interval: Setting[int] = Setting(5, _positive_int)
-    keepalive_count: Setting[int] = Setting(3, _positive_int)
-    no_delay: Setting[bool] = Setting(True, bool)
-    max_message_size: Setting[int] = Setting(16 * 1024 * 1024, _non_negative_int)
-    max_send_buffer: Setting[int] = Setting(8 * 1024 * 1024, _positive_int, live=True)
-    ssl_context: Setting[Any] = Setting(None, _ssl_context)
-    logger: Setting[Optional[logging.Logger]] = Setting(None)
+    keepalive_idle: Setting[int] = Setting(
+        10, _positive_int, doc="Seconds without traffic before the first keep-alive probe.")
+    keepalive_interval: Setting[int] = Setting(
+        5, _positive_int, doc="Seconds between keep-alive probes.")
+    keepalive_count: Setting[int] = Setting(
+        3, _positive_int,
+        doc="Unanswered keep-alive probes after which the connection fails (TIMEOUT).")
+    no_delay: Setting[bool] = Setting(
+        True, bool, doc="TCP_NODELAY on every socket: small messages leave at once.")
+    max_message_size: Setting[int] = Setting(
+        16 * 1024 * 1024, _non_negative_int,
+        doc="Largest payload accepted from a peer, in bytes, checked from the frame header "
+            "before anything is allocated (a larger frame: MESSAGE_TOO_LARGE).")
+    max_send_buffer: Setting[int] = Setting(
+        8 * 1024 * 1024, _positive_int, live=True,
+        doc="Most bytes queued for one connection: past it send_data raises "
+            "SendBufferFullError (an empty queue always takes one frame).")
+    ssl_context: Setting[Any] = Setting(
+        None, _ssl_context, doc="An ssl.SSLContext: every connection is TLS (None: plain TCP).")
+    logger: Setting[logging.Logger | None] = Setting(
+        None, doc="The logger of this component (None: logging.getLogger('morsock')).")
 
-    _EVENTS: tuple = ()
+    _EVENTS: tuple[str, ...] = ()
 
-    def __init__(self, settings: Dict[str, Any], events: Dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], events: dict[str, Any]) -> None:
         self._lock = threading.RLock()           # guards life cycle and the client set
         self._stats_lock = threading.Lock()      # guards every statistics counter
         self._reactor: Any = None
         self._pool: Any = None
-        self._crypto: Optional[CryptoContext] = None
+        self._crypto: CryptoContext | None = None
         self._scratch = bytearray(256 * 1024)
         self._scratch_view = memoryview(self._scratch)
         for name in self._EVENTS:
@@ -217,11 +254,11 @@ class Component:
     def _emit(self, name: str, *args: Any) -> None:
         self._dispatcher.emit(name, *args)
 
-    def _handler_failed(self, name: str, exc: BaseException, args: tuple = ()) -> None:
+    def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
         """A handler raised: report ``HANDLER_EXCEPTION`` (*args*: the event's arguments)."""
         raise NotImplementedError
 
-    def _report(self, conn: Optional[Connection], message: str, code: int) -> None:
+    def _report(self, conn: Connection | None, message: str, code: int) -> None:
         raise NotImplementedError
 
     def _configure(self, sock: socket.socket) -> None:
@@ -238,7 +275,7 @@ class Component:
                                    self.encryption_key_size, self.encryption_profile)
 
     # -- frames in -------------------------------------------------------------------
-    def _open_frame(self, conn: Connection, frame: Frame) -> Optional[bytes]:
+    def _open_frame(self, conn: Connection, frame: Frame) -> bytes | None:
         """Plaintext of *frame*, or None if it was consumed (handshake) or rejected (the
         connection is then closed with the matching error). Runs on the strand."""
         flag = frame.flag

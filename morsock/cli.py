@@ -17,7 +17,7 @@ import ssl
 import sys
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any
 
 from . import __version__
 from .client import Client
@@ -59,7 +59,7 @@ def _add_tls_args(parser: argparse.ArgumentParser, server: bool) -> None:
                            help="name the server certificate must match (default: --host)")
 
 
-def _tls_context(args: argparse.Namespace, server: bool) -> Optional[ssl.SSLContext]:
+def _tls_context(args: argparse.Namespace, server: bool) -> ssl.SSLContext | None:
     """The ``ssl.SSLContext`` the TLS flags ask for (None: no TLS). Raises ValueError
     for inconsistent flags, OSError / ssl.SSLError for unreadable or bad files."""
     if server:
@@ -166,8 +166,10 @@ def _run_server(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for name in ("SIGINT", "SIGTERM"):  # SIGTERM: not on every platform
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            signal.signal(signum, on_signal)
     try:
         server.start()
     except MorsockError as exc:
@@ -235,7 +237,7 @@ def _run_client(args: argparse.Namespace) -> int:
     return status
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m morsock`` and the ``morsock`` script; returns the exit code."""
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

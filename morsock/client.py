@@ -8,14 +8,12 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
+from typing import Any, Callable
 
 from ._component import Component, Data, Setting, _non_negative_int, as_bytes
 from .connection import CONNECTED, DISCONNECTED, Connection
-from .enums import (AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize,
-                    ReconnectStrategy)
-from .errors import (ConnectError, CryptoError, MorsockError, NotConnectedError,
-                     RequestTimeout)
+from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
+from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout
 from .events import EventQueue
 from .protocol import FLAG_AUTHENTICATED, Frame
 from .reactor import EVENT_WRITE, Timer
@@ -35,8 +33,8 @@ class _Waiter:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.reply: Optional[bytes] = None
-        self.error: Optional[BaseException] = None
+        self.reply: bytes | None = None
+        self.error: BaseException | None = None
 
 
 class _Attempt:
@@ -46,7 +44,7 @@ class _Attempt:
 
     def __init__(self, user: bool) -> None:
         self.done = threading.Event()
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.user = user
 
 
@@ -63,7 +61,7 @@ class _BoundStrand:
     def post(self, item: Any) -> None:
         self._strand.post((self._conn, item))
 
-    def post_many(self, items: List[Any]) -> None:
+    def post_many(self, items: list[Any]) -> None:
         conn = self._conn
         self._strand.post_many([(conn, item) for item in items])
 
@@ -81,6 +79,22 @@ class Client(Component):
     ``on_state_change(sender, old, new)``, ``on_data_sent(sender, n)``,
     ``on_data_received(sender, n)``. All of a client's events run in one order, on its
     worker thread (or, with ``events_use_main_thread``, wherever its queue is pumped).
+    Each is also a constructor keyword.
+
+    Settings -- constructor arguments, and attributes settable while disconnected (the
+    ``auto_reconnect`` and ``reconnect_*`` ones, ``connection_timeout``,
+    ``require_encryption`` and ``max_send_buffer`` at any time; ``help()`` on each tells
+    its meaning): ``host``, ``port``, ``connection_timeout``, ``auto_reconnect``,
+    ``reconnect_strategy``, ``reconnect_interval``, ``reconnect_max_attempts``,
+    ``reconnect_max_interval``, ``keep_alive``, ``keepalive_idle``, ``keepalive_interval``,
+    ``keepalive_count``, ``no_delay``, ``max_message_size``, ``max_send_buffer``,
+    ``encryption_key``, ``encryption_mode``, ``encryption_key_size``,
+    ``encryption_profile``, ``require_encryption``, ``ssl_context``, ``server_hostname``,
+    ``events_use_main_thread``, ``event_queue``, ``logger``.
+
+    Read-only: ``state``, ``active``, ``connected``, ``connected_time``,
+    ``reconnect_attempts``, ``remote_ip``, ``total_bytes_received``, ``total_bytes_sent``,
+    ``messages_received``, ``messages_sent``, ``encryption_info``.
 
     Keep-alive (``keep_alive``, ``keepalive_idle=10``, ``keepalive_interval=5``,
     ``keepalive_count=3``, seconds / probes) detects a dead server within about
@@ -108,66 +122,79 @@ class Client(Component):
     block) to release every thread and socket.
     """
 
-    host: Setting[str] = Setting("localhost", str)
-    port: Setting[int] = Setting(3434, int)
-    auto_reconnect: Setting[bool] = Setting(False, bool, live=True)
+    host: Setting[str] = Setting("localhost", str, doc="Server address (name or IP).")
+    port: Setting[int] = Setting(3434, int, doc="Server port.")
+    auto_reconnect: Setting[bool] = Setting(
+        False, bool, live=True,
+        doc="Retry after a failed connect() and after a drop (for any reason but "
+            "disconnect()), as reconnect_strategy says.")
     reconnect_strategy: Setting[ReconnectStrategy] = Setting(
-        ReconnectStrategy.BACKOFF, ReconnectStrategy.parse, live=True)
-    reconnect_interval: Setting[int] = Setting(5000, _non_negative_int, live=True)
-    reconnect_max_attempts: Setting[int] = Setting(10, _non_negative_int, live=True)
-    reconnect_max_interval: Setting[int] = Setting(30000, _non_negative_int, live=True)
-    server_hostname: Setting[Optional[str]] = Setting(None)
+        ReconnectStrategy.BACKOFF, ReconnectStrategy.parse, live=True,
+        doc="Delay before attempt n: NONE (no retry), IMMEDIATE (100 ms), FIXED_INTERVAL "
+            "(reconnect_interval), BACKOFF (reconnect_interval * 2 ** (n - 1), +-20% "
+            "jitter, at most reconnect_max_interval).")
+    reconnect_interval: Setting[int] = Setting(
+        5000, _non_negative_int, live=True,
+        doc="Milliseconds: the FIXED_INTERVAL delay and the first BACKOFF delay.")
+    reconnect_max_attempts: Setting[int] = Setting(
+        10, _non_negative_int, live=True,
+        doc="Failed attempts before giving up (on_error(..., MAX_RECONNECT_ATTEMPTS)); "
+            "0: unlimited.")
+    reconnect_max_interval: Setting[int] = Setting(
+        30000, _non_negative_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
+    server_hostname: Setting[str | None] = Setting(
+        None, doc="Name the server's TLS certificate must match (None: host).")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
 
-    on_handle_command: Optional[Callable[["Client", bytes], Optional[Data]]]
-    on_connect: Optional[Callable[["Client"], Any]]
-    on_disconnect: Optional[Callable[["Client"], Any]]
-    on_error: Optional[Callable[["Client", str, int], Any]]
-    on_state_change: Optional[Callable[["Client", ClientState, ClientState], Any]]
-    on_data_sent: Optional[Callable[["Client", int], Any]]
-    on_data_received: Optional[Callable[["Client", int], Any]]
+    on_handle_command: Callable[[Client, bytes], Data | None] | None
+    on_connect: Callable[[Client], Any] | None
+    on_disconnect: Callable[[Client], Any] | None
+    on_error: Callable[[Client, str, int], Any] | None
+    on_state_change: Callable[[Client, ClientState, ClientState], Any] | None
+    on_data_sent: Callable[[Client, int], Any] | None
+    on_data_received: Callable[[Client, int], Any] | None
 
     def __init__(self, host: str = "localhost", port: int = 3434, *,
                  connection_timeout: float = 10, auto_reconnect: bool = False,
-                 reconnect_strategy: Union[ReconnectStrategy, str] = ReconnectStrategy.BACKOFF,
+                 reconnect_strategy: ReconnectStrategy | str = ReconnectStrategy.BACKOFF,
                  reconnect_interval: int = 5000, reconnect_max_attempts: int = 10,
                  reconnect_max_interval: int = 30000, events_use_main_thread: bool = False,
-                 event_queue: Optional[EventQueue] = None, encryption_key: str = "",
-                 encryption_mode: Union[AESMode, str] = AESMode.CBC,
-                 encryption_key_size: Union[KeySize, int] = KeySize.AES256,
-                 encryption_profile: Union[EncryptionProfile, str] = EncryptionProfile.AUTHENTICATED,
+                 event_queue: EventQueue | None = None, encryption_key: str = "",
+                 encryption_mode: AESMode | str = AESMode.CBC,
+                 encryption_key_size: KeySize | int = KeySize.AES256,
+                 encryption_profile: EncryptionProfile | str = EncryptionProfile.AUTHENTICATED,
                  require_encryption: bool = False, keep_alive: bool = True,
                  no_delay: bool = True, keepalive_idle: int = 10,
                  keepalive_interval: int = 5, keepalive_count: int = 3,
                  max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024, ssl_context: Any = None,
-                 server_hostname: Optional[str] = None,
-                 logger: Optional[logging.Logger] = None, **events: Any) -> None:
+                 server_hostname: str | None = None,
+                 logger: logging.Logger | None = None, **events: Any) -> None:
         settings = dict(locals())
         for name in ("self", "events", "__class__"):
             settings.pop(name, None)
         self._state = ClientState.DISCONNECTED
         self._life_lock = threading.RLock()
         self._request_lock = threading.Lock()
-        self._waiters: Deque[_Waiter] = deque()
-        self._conn: Optional[Connection] = None
-        self._strand: Optional[Strand] = None
+        self._waiters: deque[_Waiter] = deque()
+        self._conn: Connection | None = None
+        self._strand: Strand | None = None
         self._user_stopped = True
-        self._policy: Optional[ReconnectPolicy] = None
-        self._retry_timer: Optional[Timer] = None
-        self._connect_timer: Optional[Timer] = None
-        self._connecting: Optional[socket.socket] = None
-        self._addresses: List[Tuple[Any, ...]] = []
+        self._policy: ReconnectPolicy | None = None
+        self._retry_timer: Timer | None = None
+        self._connect_timer: Timer | None = None
+        self._connecting: socket.socket | None = None
+        self._addresses: list[tuple[Any, ...]] = []
         self._handshake: Any = None
-        self._handshake_error: Optional[BaseException] = None
-        self._close_done: Optional[threading.Event] = None  # see _shutdown
-        self._tls: Optional[TLSHandshake] = None
-        self._attempt: Optional[_Attempt] = None
-        self._resolvers: Set[threading.Thread] = set()
+        self._handshake_error: BaseException | None = None
+        self._close_done: threading.Event | None = None  # see _shutdown
+        self._tls: TLSHandshake | None = None
+        self._attempt: _Attempt | None = None
+        self._resolvers: set[threading.Thread] = set()
         self._resolvers_lock = threading.Lock()
-        self._connected_mono: Optional[float] = None
+        self._connected_mono: float | None = None
         self._connected_for = 0.0
         self._remote_ip = ""
         self._zero_stats()
@@ -217,7 +244,7 @@ class Client(Component):
             if self._state is ClientState.CONNECTED:
                 return
             self._user_stopped = False
-            if self._reactor is None:
+            if not self._is_running():
                 self._prepare_runtime(f"morsock-client-{self.host}:{self.port}", 1)
                 self._strand = self._pool.strand(self._run_pair)
                 self._pool.start()
@@ -288,7 +315,7 @@ class Client(Component):
             self._log.error("client: connection not closed within 30 s")
         self.connect()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         self.connect()
         return self
 
@@ -358,7 +385,7 @@ class Client(Component):
                                                        self._attempt_timed_out, attempt)
         host, port = self.host, self.port
         try:   # an IP literal needs no lookup
-            numeric: Optional[List[Any]] = list(socket.getaddrinfo(
+            numeric: list[Any] | None = list(socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
         except (OSError, UnicodeError):
             numeric = None
@@ -395,7 +422,7 @@ class Client(Component):
         self._addresses = list(result)
         self._try_next_address(attempt, None)
 
-    def _try_next_address(self, attempt: _Attempt, last_error: Optional[BaseException]) -> None:
+    def _try_next_address(self, attempt: _Attempt, last_error: BaseException | None) -> None:
         if not self._addresses:
             self._attempt_failed(attempt, ConnectError(
                 f"cannot connect to {self.host}:{self.port}: {last_error}"))
@@ -504,7 +531,7 @@ class Client(Component):
             conn.start(announce=False)
             self._established(conn)
 
-    def _handshake_frames(self, frames: List[Frame]) -> List[Frame]:
+    def _handshake_frames(self, frames: list[Frame]) -> list[Frame]:
         """Reactor-thread hook: the first frame of an AUTHENTICATED connection is the
         server's handshake reply."""
         conn = self._conn
@@ -591,7 +618,7 @@ class Client(Component):
         self._retry_timer = self._reactor.call_later(delay, self._start_attempt,
                                                      _Attempt(user=False))
 
-    def _shutdown(self, done: Optional[threading.Event]) -> None:
+    def _shutdown(self, done: threading.Event | None) -> None:
         """Reactor thread: stop retrying, abort an attempt, close the connection."""
         self._user_stopped = True
         self._cancel_retry()
@@ -645,7 +672,7 @@ class Client(Component):
         assert self._strand is not None
         return _BoundStrand(self._strand, conn)
 
-    def _run_pair(self, pair: Tuple[Optional[Connection], Any]) -> None:
+    def _run_pair(self, pair: tuple[Connection | None, Any]) -> None:
         conn, item = pair
         if conn is None:
             name, args = item
@@ -744,10 +771,10 @@ class Client(Component):
         self._log.error("%s (code %d)", message, code)
         self._post_event("on_error", message, code)
 
-    def _report(self, conn: Optional[Connection], message: str, code: int) -> None:
+    def _report(self, conn: Connection | None, message: str, code: int) -> None:
         self._report_ordered(message, code)
 
-    def _handler_failed(self, name: str, exc: BaseException, args: tuple = ()) -> None:
+    def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._dispatcher.emit("on_error", f"{name} handler raised {type(exc).__name__}: {exc}",
                               ErrorCode.HANDLER_EXCEPTION)
@@ -828,7 +855,7 @@ class Client(Component):
         if not done.wait(5):   # the reactor stopped meanwhile (disconnect())
             self._reset_policy(None)
 
-    def _reset_policy(self, done: Optional[threading.Event]) -> None:
+    def _reset_policy(self, done: threading.Event | None) -> None:
         """Reactor thread (or no reactor running): zero the count."""
         if self._policy is not None:
             self._policy.reset()

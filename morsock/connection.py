@@ -25,13 +25,13 @@ import ssl
 import sys
 import threading
 import time
-from threading import get_ident
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
+from threading import get_ident
+from typing import TYPE_CHECKING, Any, Callable
 
 from .enums import ErrorCode
 from .errors import NotConnectedError, ProtocolError, SendBufferFullError
-from .protocol import HEADER, HEADER_SIZE, MAGIC, FrameDecoder
+from .protocol import HEADER, HEADER_SIZE, MAGIC, Frame, FrameDecoder
 from .reactor import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
@@ -105,14 +105,14 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive_count)
     ioctl = getattr(sock, "ioctl", None)
     if ioctl is not None and hasattr(socket, "SIO_KEEPALIVE_VALS"):  # pragma: no cover
-        ioctl(socket.SIO_KEEPALIVE_VALS,  # type: ignore[attr-defined]
+        ioctl(socket.SIO_KEEPALIVE_VALS,
               (1, keepalive_idle * 1000, keepalive_interval * 1000))
 
 
 class Connection:
     """I/O state of one connected socket (see the module docstring for threads)."""
 
-    def __init__(self, owner: "Component", sock: socket.socket, *, max_message_size: int,
+    def __init__(self, owner: Component, sock: socket.socket, *, max_message_size: int,
                  max_send_buffer: int) -> None:
         self._owner = owner
         self._sock = sock
@@ -129,11 +129,11 @@ class Connection:
         self._out = bytearray()
         self._queued_total = 0          # bytes ever put in _out
         self._flushed_total = 0         # bytes of _out ever sent
-        self._frame_ends: Deque[int] = deque()  # _queued_total at the end of each queued frame
+        self._frame_ends: deque[int] = deque()  # _queued_total at the end of each queued frame
         self._write_armed = False
         self._broken = False            # the socket failed: close without lingering
-        self._linger_timer: Optional[Timer] = None  # set while a graceful close drains
-        self._cork_owner: Optional[int] = None  # thread whose sends are held until uncork()
+        self._linger_timer: Timer | None = None  # set while a graceful close drains
+        self._cork_owner: int | None = None  # thread whose sends are held until uncork()
         # scatter/gather send of header + payload (not on Windows, not over TLS)
         self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else getattr(sock, "sendmsg", None)
         self._reading = True
@@ -142,7 +142,7 @@ class Connection:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._read_wants_write = False  # TLS: a read must be retried once writable
         #: TLS: the peer's verified certificate (``getpeercert()``), else None.
-        self.peer_certificate: Optional[dict] = None
+        self.peer_certificate: dict[str, Any] | None = None
         if self._tls:
             try:
                 self.peer_certificate = sock.getpeercert() or None  # type: ignore[attr-defined]
@@ -152,21 +152,21 @@ class Connection:
         #: Set once a close has been asked for; nothing is sent or handled after it.
         self.closing = False
         self.closed = False
-        self.close_code: Optional[ErrorCode] = None
-        self.session: Optional["AuthSession"] = None
+        self.close_code: ErrorCode | None = None
+        self.session: AuthSession | None = None
         #: Reactor-thread hook that sees decoded frames first (the client's handshake).
-        self.frame_hook: Optional[Callable[[list], list]] = None
+        self.frame_hook: Callable[[list[Frame]], list[Frame]] | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
         self.messages_received = 0
         self.messages_sent = 0
         self.last_activity = time.monotonic()
         #: monotonic time when the first byte of the frame in progress arrived (or None).
-        self.partial_since: Optional[float] = None
+        self.partial_since: float | None = None
         #: monotonic time a frame was first refused for a full send queue since the peer
         #: last took any bytes (None: not stalled). The server disconnects a client that
         #: stays stalled past ``connection_timeout`` (SEND_BUFFER_FULL).
-        self.send_stalled_since: Optional[float] = None
+        self.send_stalled_since: float | None = None
 
     # -- reactor thread ----------------------------------------------------------------
     def start(self, announce: bool = True) -> None:
@@ -331,7 +331,7 @@ class Connection:
         self._broken = True
         self._finish_close()
 
-    def _flush_locked(self) -> "tuple[int, int]":
+    def _flush_locked(self) -> tuple[int, int]:
         """Send what the kernel takes from the queue; return (bytes, frames completed)."""
         out = self._out
         if not out:
@@ -392,7 +392,7 @@ class Connection:
         self._strand.post(DISCONNECTED)
 
     # -- any thread ------------------------------------------------------------------
-    def close(self, code: Optional[ErrorCode] = None, message: str = "") -> bool:
+    def close(self, code: ErrorCode | None = None, message: str = "") -> bool:
         """Close the connection: nothing is sent or handled after this call; the socket is
         closed by the reactor and ``on_disconnect`` fires after the items already running.
 
@@ -434,7 +434,7 @@ class Connection:
         if sent:
             self._owner._count_sent(self, sent, frames)
 
-    def _send_locked(self, frame: bytes) -> "tuple[int, int]":
+    def _send_locked(self, frame: bytes) -> tuple[int, int]:
         if self.closing:
             raise NotConnectedError(f"{self.describe()} is not connected")
         out = self._out

@@ -66,14 +66,21 @@ import hashlib
 import hmac
 import os
 import struct
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Union
 
 from Crypto.Cipher import AES
 
 from .enums import AESMode, ErrorCode, KeySize
 from .errors import CryptoError
-from .protocol import (FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAGIC,
-                       MAX_FRAME_SIZE, encode_frame)
+from .protocol import (
+    FLAG_AUTHENTICATED,
+    FLAG_MORMOT,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_FRAME_SIZE,
+    encode_frame,
+)
 
 __all__ = [
     "MORMOT_SALT", "MORMOT_ITERATIONS", "AUTH_SALT", "AUTH_ITERATIONS",
@@ -103,8 +110,8 @@ CLIENT_HELLO_SIZE = len(HELLO_MAGIC) + 2 + RANDOM_SIZE            # 38
 SERVER_HELLO_SIZE = len(HELLO_MAGIC) + RANDOM_SIZE + MAC_SIZE     # 68
 SEQ_LIMIT = 1 << 64    # sequence numbers are 0 .. SEQ_LIMIT - 1
 
-_MODES: Tuple[AESMode, ...] = tuple(AESMode)
-_PADS: Tuple[bytes, ...] = tuple(bytes((n,)) * n for n in range(BLOCK_SIZE + 1))
+_MODES: tuple[AESMode, ...] = tuple(AESMode)
+_PADS: tuple[bytes, ...] = tuple(bytes((n,)) * n for n in range(BLOCK_SIZE + 1))
 _SEQ = struct.Struct(">Q")
 _pack_header = HEADER.pack
 _pack_seq = _SEQ.pack
@@ -161,7 +168,7 @@ def _pad(data: bytes) -> bytes:
     return data + _PADS[BLOCK_SIZE - len(data) % BLOCK_SIZE]
 
 
-def _unpad(data: bytes) -> Optional[bytes]:
+def _unpad(data: bytes) -> bytes | None:
     """Return *data* without its PKCS#7 padding, or None if the padding is invalid."""
     if not data:
         return None
@@ -234,7 +241,7 @@ class MormotCipher:
     def __repr__(self) -> str:
         return f"MormotCipher(mode={self.mode.name}, key_size={int(self.key_size)})"
 
-    def _encrypt(self, plaintext: Buffer, iv: Optional[bytes]) -> Tuple[bytes, bytes]:
+    def _encrypt(self, plaintext: Buffer, iv: bytes | None) -> tuple[bytes, bytes]:
         """Return (iv, ciphertext of the padded plaintext)."""
         src = _as_bytes(plaintext)
         _check_size(mormot_payload_size(len(src)))
@@ -247,7 +254,7 @@ class MormotCipher:
         ciphertext: bytes = self._factory(self._key, iv).encrypt(_pad(src))
         return iv, ciphertext
 
-    def encrypt(self, plaintext: Buffer, iv: Optional[bytes] = None) -> bytes:
+    def encrypt(self, plaintext: Buffer, iv: bytes | None = None) -> bytes:
         """Return the payload ``IV || AES(plaintext || PKCS#7)``.
 
         *iv* (16 bytes) is for test vectors only; by default a fresh random IV is used.
@@ -255,7 +262,7 @@ class MormotCipher:
         iv, ciphertext = self._encrypt(plaintext, iv)
         return iv + ciphertext
 
-    def seal_frame(self, plaintext: Buffer, iv: Optional[bytes] = None) -> bytes:
+    def seal_frame(self, plaintext: Buffer, iv: bytes | None = None) -> bytes:
         """Return a complete flag-1 frame (header + payload) carrying *plaintext*.
 
         *iv*: test vectors only, as in :meth:`encrypt`.
@@ -558,7 +565,7 @@ def _hello_fields(mode: AESMode, key_size: KeySize) -> bytes:
     return bytes((_MODES.index(mode), int(key_size) // 64))
 
 
-def _random(value: Optional[bytes]) -> bytes:
+def _random(value: bytes | None) -> bytes:
     if value is None:
         return os.urandom(RANDOM_SIZE)
     if len(value) != RANDOM_SIZE:
@@ -584,7 +591,7 @@ class ClientHandshake:
 
     def __init__(self, key_text: str, mode: ModeLike = AESMode.CBC,
                  key_size: KeySizeLike = KeySize.AES256, *,
-                 client_random: Optional[bytes] = None) -> None:
+                 client_random: bytes | None = None) -> None:
         """Raise :class:`CryptoError` for an empty key. *client_random*: tests only."""
         self.mode: AESMode = AESMode.parse(mode)
         self.key_size: KeySize = KeySize.parse(key_size)
@@ -622,8 +629,8 @@ class ClientHandshake:
 
 
 def server_handshake(key_text: str, mode: ModeLike, key_size: KeySizeLike,
-                     hello_payload: Buffer, *, server_random: Optional[bytes] = None
-                     ) -> Tuple[bytes, AuthSession]:
+                     hello_payload: Buffer, *, server_random: bytes | None = None
+                     ) -> tuple[bytes, AuthSession]:
     """Answer a ClientHello: return (complete ServerHello frame, session).
 
     *hello_payload* is the payload of the first flag-2 frame the client sent. Raises

@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
+from typing import Any, Callable, TextIO
 
 from . import __version__
 from .client import Client
@@ -57,7 +57,7 @@ class _Tour:
     def __init__(self, stack: contextlib.ExitStack) -> None:
         self.stack = stack
         self.server = self.start_server()
-        self.clients: List[Client] = []
+        self.clients: list[Client] = []
         self.expected_in = 0       # messages the main server must have received
         self.expected_out = 0      # messages it must have sent
         self.expected_connections = 0
@@ -129,7 +129,7 @@ class _Tour:
         return detail
 
     def broadcast(self) -> str:
-        received: Dict[int, bytes] = {}
+        received: dict[int, bytes] = {}
         lock = threading.Lock()
         all_in = threading.Event()
         listeners = 3
@@ -154,7 +154,7 @@ class _Tour:
         return f"sent to {queued} clients; all {listeners} listeners received it"
 
     def reconnect(self) -> str:
-        connects: List[float] = []
+        connects: list[float] = []
         disconnected = threading.Event()
         reconnected = threading.Event()
 
@@ -182,7 +182,7 @@ class _Tour:
 
     def threaded_requests(self, threads: int = 8, per_thread: int = 25) -> str:
         client = self.client(self.server)
-        errors: List[str] = []
+        errors: list[str] = []
         lock = threading.Lock()
 
         def worker(index: int) -> None:
@@ -218,7 +218,7 @@ class _Tour:
         _wait_for(lambda: server.client_count == 0, "every client to be gone")
         sent_by_clients = sum(c.total_bytes_sent for c in self.clients)
         received_by_clients = sum(c.total_bytes_received for c in self.clients)
-        checks: List[Tuple[str, int, int]] = [
+        checks: list[tuple[str, int, int]] = [
             ("connections", server.total_connections, self.expected_connections),
             ("messages in", server.total_messages_received, self.expected_in),
             ("messages out", server.total_messages_sent, self.expected_out),
@@ -232,11 +232,11 @@ class _Tour:
                 f"{server.total_bytes_received:,}/{server.total_bytes_sent:,}: exact")
 
 
-def run_demo(quiet: bool = False, out: Optional[TextIO] = None) -> int:
+def run_demo(quiet: bool = False, out: TextIO | None = None) -> int:
     """Run the tour, write the report to *out* (default stdout); return the exit code."""
     out = out if out is not None else sys.stdout
     started = time.monotonic()
-    results: List[Tuple[str, bool, str]] = []
+    results: list[tuple[str, bool, str]] = []
 
     def say(text: str) -> None:
         if not quiet:
@@ -245,7 +245,7 @@ def run_demo(quiet: bool = False, out: Optional[TextIO] = None) -> int:
     with contextlib.ExitStack() as stack:
         tour = _Tour(stack)
         say(f"morsock {__version__} demo: echo server on 127.0.0.1:{tour.server.port}")
-        steps: List[Tuple[str, Callable[[], str]]] = [
+        steps: list[tuple[str, Callable[[], str]]] = [
             ("plain echo", tour.plain_echo),
             ("encrypted echo, AUTHENTICATED",
              lambda: tour.encrypted_echo(EncryptionProfile.AUTHENTICATED, AESMode.GCM)),

@@ -8,12 +8,12 @@ and the Delphi spelling with its prefix (``"amCBC"``, ``"rsBackoff"``): use
 from __future__ import annotations
 
 import enum
-from typing import Type, TypeVar, Union
+from typing import TypeVar
 
 _E = TypeVar("_E", bound=enum.Enum)
 
 
-def _parse(cls: Type[_E], value: Union[_E, str, int], prefixes: tuple[str, ...]) -> _E:
+def _parse(cls: type[_E], value: _E | str | int, prefixes: tuple[str, ...]) -> _E:
     """Return the member of *cls* named or valued by *value*; raise ValueError otherwise."""
     if isinstance(value, cls):
         return value
@@ -47,7 +47,7 @@ class AESMode(enum.Enum):
     CTC = "CTC"
 
     @classmethod
-    def parse(cls, value: Union["AESMode", str]) -> "AESMode":
+    def parse(cls, value: AESMode | str) -> AESMode:
         """Accept a member, ``"cbc"``, ``"CBC"`` or ``"amCBC"`` (case-insensitive)."""
         return _parse(cls, value, ("AM",))
 
@@ -60,7 +60,7 @@ class KeySize(enum.IntEnum):
     AES256 = 256
 
     @classmethod
-    def parse(cls, value: Union["KeySize", str, int]) -> "KeySize":
+    def parse(cls, value: KeySize | str | int) -> KeySize:
         """Accept a member, 128/192/256, ``"256"``, ``"AES256"`` or ``"aks256"``."""
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
@@ -84,7 +84,7 @@ class EncryptionProfile(enum.Enum):
     MORMOT = "MORMOT"
 
     @classmethod
-    def parse(cls, value: Union["EncryptionProfile", str]) -> "EncryptionProfile":
+    def parse(cls, value: EncryptionProfile | str) -> EncryptionProfile:
         """Accept a member or its name (case-insensitive)."""
         return _parse(cls, value, ())
 
@@ -98,7 +98,7 @@ class ReconnectStrategy(enum.Enum):
     FIXED_INTERVAL = "FIXED_INTERVAL"
 
     @classmethod
-    def parse(cls, value: Union["ReconnectStrategy", str]) -> "ReconnectStrategy":
+    def parse(cls, value: ReconnectStrategy | str) -> ReconnectStrategy:
         """Accept a member, its name, or the Delphi spelling (``"rsBackoff"``)."""
         if isinstance(value, str) and value.strip().lower() == "rsfixedinterval":
             return cls.FIXED_INTERVAL
@@ -128,6 +128,25 @@ class ErrorCode(enum.IntEnum):
 
     All are negative: positive codes passed to a client's ``on_error`` are reconnection
     attempt numbers (1, 2, ...).
+
+    * ``CONNECTION_FAILED`` (-1) -- ``Client.connect()`` failed.
+    * ``INVALID_PROTOCOL`` -- bad magic (from its first wrong byte) or an unknown flag.
+    * ``MESSAGE_TOO_LARGE`` -- a header announcing more than ``max_message_size``.
+    * ``DECRYPT_FAILED`` -- a MORMOT-profile frame that does not decrypt, or one this
+      side has no MORMOT key for.
+    * ``AUTHENTICATION_FAILED`` -- an AUTHENTICATED frame that fails its tag/MAC, is
+      replayed, reordered or from another connection; a failed handshake.
+    * ``ENCRYPTION_REQUIRED`` -- a plaintext frame while ``require_encryption`` is set.
+    * ``HANDLER_EXCEPTION`` -- an event handler raised.
+    * ``SERVER_FULL`` -- a connection past ``max_connections`` (closed at once).
+    * ``SEND_BUFFER_FULL`` -- a peer that does not read: its queue is at
+      ``max_send_buffer``.
+    * ``TIMEOUT`` -- a frame not completed within ``connection_timeout``,
+      ``idle_timeout`` reached, keep-alive gave up, or a connect timed out.
+    * ``BIND_FAILED`` -- ``Server.start()`` could not listen.
+    * ``TLS_FAILED`` -- a TLS handshake failed.
+    * ``CONNECTION_LOST`` -- the connection dropped under a pending operation.
+    * ``MAX_RECONNECT_ATTEMPTS`` (-99) -- reconnection gave up.
     """
 
     CONNECTION_FAILED = -1

@@ -18,7 +18,7 @@ report for the same condition (``None`` where there is none).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any
 
 from .enums import ErrorCode
 
@@ -26,11 +26,11 @@ from .enums import ErrorCode
 class MorsockError(Exception):
     """Base class of every exception morsock raises on purpose."""
 
-    default_code: Optional[ErrorCode] = None
+    default_code: ErrorCode | None = None
 
-    def __init__(self, message: str = "", code: Optional[ErrorCode] = None) -> None:
+    def __init__(self, message: str = "", code: ErrorCode | None = None) -> None:
         super().__init__(message)
-        self.code: Optional[ErrorCode] = code if code is not None else self.default_code
+        self.code: ErrorCode | None = code if code is not None else self.default_code
 
 
 class ProtocolError(MorsockError):
@@ -38,11 +38,11 @@ class ProtocolError(MorsockError):
 
     default_code = ErrorCode.INVALID_PROTOCOL
 
-    def __init__(self, message: str = "", code: Optional[ErrorCode] = None,
-                 frames: Optional[List[Any]] = None) -> None:
+    def __init__(self, message: str = "", code: ErrorCode | None = None,
+                 frames: list[Any] | None = None) -> None:
         super().__init__(message, code)
         #: Frames that were complete before the bad bytes (FrameDecoder.feed).
-        self.frames: List[Any] = list(frames or ())
+        self.frames: list[Any] = list(frames or ())
 
 
 class CryptoError(MorsockError):

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, ClassVar, Deque, Optional, Tuple
+from typing import Any, Callable, ClassVar
 
 __all__ = ["EventQueue", "EventDispatcher"]
 
@@ -27,15 +27,15 @@ class EventQueue:
     ``morsock.tk.attach(root)`` pumps it from Tk's ``after`` loop.
     """
 
-    _default: ClassVar[Optional["EventQueue"]] = None
+    _default: ClassVar[EventQueue | None] = None
     _default_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self) -> None:
-        self._items: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = deque()
+        self._items: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._cond = threading.Condition(threading.Lock())
 
     @classmethod
-    def default(cls) -> "EventQueue":
+    def default(cls) -> EventQueue:
         """The process-wide queue used when a component gets no ``event_queue``."""
         with cls._default_lock:
             if cls._default is None:
@@ -48,7 +48,7 @@ class EventQueue:
             self._items.append((fn, args))
             self._cond.notify()
 
-    def pump(self, timeout: float = 0.0, max_events: Optional[int] = None) -> int:
+    def pump(self, timeout: float = 0.0, max_events: int | None = None) -> int:
         """Run queued callbacks on the calling thread; return how many ran.
 
         Waits up to *timeout* seconds for the first callback when the queue is empty
@@ -95,8 +95,8 @@ class EventDispatcher:
     (*args*: the event's arguments after the sender, e.g. the server's client).
     """
 
-    def __init__(self, owner: Any, queue: Optional[EventQueue],
-                 on_failure: Callable[[str, BaseException, Tuple[Any, ...]], None],
+    def __init__(self, owner: Any, queue: EventQueue | None,
+                 on_failure: Callable[[str, BaseException, tuple[Any, ...]], None],
                  logger: logging.Logger) -> None:
         self._owner = owner
         self.queue = queue
@@ -117,7 +117,7 @@ class EventDispatcher:
         else:
             self.call(name, fn, args)
 
-    def call(self, name: str, fn: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
+    def call(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """Run one handler now, turning an exception into a reported failure."""
         try:
             return fn(self._owner, *args)

@@ -15,7 +15,7 @@ payload of an encrypted frame is opaque here (see :mod:`morsock.crypto`).
 from __future__ import annotations
 
 import struct
-from typing import List, NamedTuple, Union
+from typing import NamedTuple, Union
 
 from .enums import ErrorCode
 from .errors import ProtocolError
@@ -106,11 +106,11 @@ class FrameDecoder:
         """True once a stream error was raised."""
         return self._error is not None
 
-    def feed(self, data: Buffer) -> List[Frame]:
+    def feed(self, data: Buffer) -> list[Frame]:
         """Consume *data*; return the frames it completes, in stream order."""
         if self._error is not None:
             raise self._error
-        frames: List[Frame] = []
+        frames: list[Frame] = []
         buf = self._buf
         if buf:
             buf += data
@@ -129,7 +129,7 @@ class FrameDecoder:
             self._check_partial_header(buf, frames)
         return frames
 
-    def _parse(self, src: Buffer, n: int, frames: List[Frame]) -> int:
+    def _parse(self, src: Buffer, n: int, frames: list[Frame]) -> int:
         """Append the complete frames of src[:n] to *frames*; return bytes consumed."""
         pos = 0
         limit = self.max_message_size
@@ -154,14 +154,14 @@ class FrameDecoder:
         self._need = HEADER_SIZE
         return pos
 
-    def _check_partial_header(self, buf: bytearray, frames: List[Frame]) -> None:
+    def _check_partial_header(self, buf: bytearray, frames: list[Frame]) -> None:
         """Reject a bad magic as soon as its first wrong byte arrives."""
         k = min(len(buf), 4)
         if buf[:k] != _MAGIC_BYTES[:k]:
             self._fail(ErrorCode.INVALID_PROTOCOL,
                        f"bad frame magic (stream starts {bytes(buf[:k]).hex()})", frames)
 
-    def _fail(self, code: ErrorCode, message: str, frames: List[Frame]) -> None:
+    def _fail(self, code: ErrorCode, message: str, frames: list[Frame]) -> None:
         error = ProtocolError(message, code, frames)
         self._buf = bytearray()
         self._error = error

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable
 
 __all__ = ["Reactor", "Timer", "EVENT_READ", "EVENT_WRITE"]
 
@@ -32,7 +32,7 @@ class Timer:
 
     __slots__ = ("deadline", "fn", "args", "cancelled")
 
-    def __init__(self, deadline: float, fn: Callback, args: Tuple[Any, ...]) -> None:
+    def __init__(self, deadline: float, fn: Callback, args: tuple[Any, ...]) -> None:
         self.deadline = deadline
         self.fn = fn
         self.args = args
@@ -54,21 +54,25 @@ class Reactor:
     :meth:`unregister`.
     """
 
-    def __init__(self, name: str, logger: Optional[logging.Logger] = None) -> None:
+    def __init__(self, name: str, logger: logging.Logger | None = None) -> None:
         self.name = name
         self._log = logger or logging.getLogger("morsock")
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        if self._wake_w.family in (socket.AF_INET, socket.AF_INET6):
+            # Windows builds the pair over TCP: without this, Nagle could hold a wake-up
+            # byte until the previous one is acknowledged (delayed ACK: up to 200 ms).
+            self._wake_w.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._selector.register(self._wake_r, EVENT_READ, self._on_wake)
-        self._calls: Deque[Tuple[Callback, Tuple[Any, ...]]] = deque()
+        self._calls: deque[tuple[Callback, tuple[Any, ...]]] = deque()
         self._calls_lock = threading.Lock()
         self._wake_pending = False
-        self._timers: List[Tuple[float, int, Timer]] = []
+        self._timers: list[tuple[float, int, Timer]] = []
         self._timer_seq = itertools.count()
-        self._thread: Optional[threading.Thread] = None
-        self._leader: Optional[int] = None   # ident of the thread inside poll_once()
+        self._thread: threading.Thread | None = None
+        self._leader: int | None = None   # ident of the thread inside poll_once()
         self._running = False
         self._closed = False
 
@@ -167,7 +171,7 @@ class Reactor:
             except Exception:
                 self._log.exception("%s: error in %r", self.name, fn)
 
-    def _run_timers(self) -> Optional[float]:
+    def _run_timers(self) -> float | None:
         """Run due timers; return seconds until the next one (None: no timer)."""
         timers = self._timers
         now = time.monotonic()
@@ -186,7 +190,7 @@ class Reactor:
             now = time.monotonic()
         return None
 
-    def poll_once(self, max_timeout: Optional[float] = None) -> None:
+    def poll_once(self, max_timeout: float | None = None) -> None:
         """One loop iteration: due timers, a ``select`` (blocking until I/O, the next timer,
         a :meth:`call_soon`, or *max_timeout*), its I/O callbacks, then queued calls.
 

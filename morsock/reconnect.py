@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random as _random
-from typing import Callable, Optional, Union
+from typing import Callable
 
 from .enums import ReconnectStrategy
 
@@ -62,7 +62,7 @@ class ReconnectPolicy:
     ``disconnect()`` cancels any scheduled attempt; the policy itself holds no timer.
     """
 
-    def __init__(self, strategy: Union[ReconnectStrategy, str] = ReconnectStrategy.BACKOFF,
+    def __init__(self, strategy: ReconnectStrategy | str = ReconnectStrategy.BACKOFF,
                  interval_ms: int = 5000, max_attempts: int = 10,
                  max_interval_ms: int = 30000, *, jitter: float = 0.2,
                  random: Callable[[], float] = _random.random) -> None:
@@ -130,7 +130,7 @@ class ReconnectPolicy:
         shift = min(n - 1, self._max_interval_ms.bit_length())
         return min(self._max_interval_ms, self._interval_ms << shift)
 
-    def delay_for(self, n: int) -> Optional[float]:
+    def delay_for(self, n: int) -> float | None:
         """Seconds to wait before attempt *n* (an int >= 1); None under strategy NONE.
 
         Ignores ``attempts`` and ``max_attempts``. Under BACKOFF it draws one random value.
@@ -150,7 +150,7 @@ class ReconnectPolicy:
         delay = nominal * (1.0 + self._jitter * (2.0 * r - 1.0))
         return min(self._max_interval_ms / 1000, max(0.0, delay))
 
-    def next_delay(self) -> Optional[float]:
+    def next_delay(self) -> float | None:
         """Seconds before the next attempt (number ``attempts + 1``), or None if none
         should be made (strategy NONE or :attr:`exhausted`). Does not change the state."""
         if self.exhausted:

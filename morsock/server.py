@@ -8,12 +8,14 @@ import errno
 import functools
 import itertools
 import logging
+import os
+import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Set, Union
+from typing import Any, Callable
 
-from ._component import (Component, Data, Setting, _optional_seconds, _positive_int)
+from ._component import Component, Data, Setting, _optional_seconds, _positive_int
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
@@ -25,6 +27,22 @@ from .tls import TLSHandshake
 __all__ = ["Server", "ServerClient"]
 
 _LOG_DEBUG = functools.partial(logging.getLogger("morsock").isEnabledFor, logging.DEBUG)
+
+#: Most clients a server admits where the selector is ``select()`` (Windows:
+#: ``selectors.DefaultSelector`` is ``SelectSelector``, which watches at most 512 sockets;
+#: the listening and wake-up sockets take two). A higher ``max_connections`` is capped.
+SELECT_MAX_CONNECTIONS = 500
+
+#: SO_REUSEADDR on the listening socket, except on Windows, where it would let a second
+#: server bind a port that is in use (as ``socket.create_server`` does; Windows never
+#: holds a closed listener's port in TIME_WAIT, so a restart still binds at once).
+_REUSE_ADDRESS = os.name not in ("nt", "cygwin")
+
+
+def _select_limited() -> bool:
+    """True where the reactor's selector is ``select()``-based (Windows)."""
+    default: type[selectors.BaseSelector] = selectors.DefaultSelector  # varies by platform
+    return default is selectors.SelectSelector
 
 
 class ServerClient(Connection):
@@ -38,10 +56,12 @@ class ServerClient(Connection):
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
     None without TLS or when the peer sent none). Free for the application:
     ``custom_data``.
-    Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
+    Methods (any thread): :meth:`send_data`, :meth:`disconnect`. The other methods it
+    inherits from :class:`morsock.connection.Connection` (``send_frame``, ``cork`` ...)
+    are the library's own I/O machinery, not for the application.
     """
 
-    def __init__(self, server: "Server", sock: socket.socket, handle: int) -> None:
+    def __init__(self, server: Server, sock: socket.socket, handle: int) -> None:
         super().__init__(server, sock, max_message_size=server.max_message_size,
                          max_send_buffer=server.max_send_buffer)
         self.server = server
@@ -105,11 +125,23 @@ class Server(Component):
     ``on_connect(sender, client)``, ``on_disconnect(sender, client)``,
     ``on_error(sender, client_or_None, message, code)``,
     ``on_state_change(sender, old, new)``, ``on_data_sent(sender, client, nbytes)``,
-    ``on_data_received(sender, client, nbytes)``.
+    ``on_data_received(sender, client, nbytes)``. Each is also a constructor keyword.
 
-    Every constructor argument is also an attribute, settable while stopped (a few --
+    Settings -- constructor arguments, and attributes settable while stopped (a few --
     ``max_connections``, ``connection_timeout``, ``idle_timeout``, ``require_encryption``,
-    ``max_send_buffer`` -- also while listening).
+    ``max_send_buffer`` -- also while listening; ``help()`` on each tells its meaning):
+    ``port``, ``host``, ``max_connections``, ``thread_pool_size``, ``connection_timeout``,
+    ``idle_timeout``, ``backlog``, ``reuse_port``, ``keep_alive``, ``keepalive_idle``,
+    ``keepalive_interval``, ``keepalive_count``, ``no_delay``, ``max_message_size``,
+    ``max_send_buffer``, ``encryption_key``, ``encryption_mode``, ``encryption_key_size``,
+    ``encryption_profile``, ``require_encryption``, ``ssl_context``,
+    ``events_use_main_thread``, ``event_queue``, ``logger``.
+
+    Read-only, exact at every moment: ``state``, ``active``, ``client_count`` (also
+    ``total_active_connections``), ``total_connections``, ``total_rejected_connections``,
+    ``total_bytes_received``, ``total_bytes_sent``, ``total_messages_received``,
+    ``total_messages_sent``, ``up_time``, ``encryption_info``, ``clients`` (a snapshot
+    ``{handle: ServerClient}``); ``property_lock`` (holding it freezes the client set).
 
     Limits on hostile or dead peers: a frame must be complete within
     ``connection_timeout`` seconds of its first byte, and a connection silent for
@@ -122,40 +154,56 @@ class Server(Component):
     :func:`morsock.connection.configure_socket`.
     """
 
-    port: Setting[int] = Setting(3434, int)
-    host: Setting[str] = Setting("0.0.0.0", str)
-    max_connections: Setting[int] = Setting(1000, _positive_int, live=True)
-    thread_pool_size: Setting[int] = Setting(4, _positive_int)
-    reuse_port: Setting[bool] = Setting(False, bool)
-    idle_timeout: Setting[Optional[float]] = Setting(None, _optional_seconds, live=True)
-    backlog: Setting[int] = Setting(4096, _positive_int)
+    port: Setting[int] = Setting(
+        3434, int, doc="TCP port to listen on (0: a free one, which port then holds).")
+    host: Setting[str] = Setting(
+        "0.0.0.0", str, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
+    max_connections: Setting[int] = Setting(
+        1000, _positive_int, live=True,
+        doc="Most clients at once: a connection past it is closed at once "
+            "(on_error(None, ..., SERVER_FULL)). Capped at SELECT_MAX_CONNECTIONS (500) "
+            "where the selector is select() (Windows).")
+    thread_pool_size: Setting[int] = Setting(
+        4, _positive_int,
+        doc="Worker threads running on_handle_command (one connection's frames run one "
+            "at a time, in order).")
+    reuse_port: Setting[bool] = Setting(
+        False, bool,
+        doc="Also set SO_REUSEPORT (where the platform has none, start() raises "
+            "MorsockError).")
+    idle_timeout: Setting[float | None] = Setting(
+        None, _optional_seconds, live=True,
+        doc="Seconds a client may send nothing before it is closed (TIMEOUT); None: never.")
+    backlog: Setting[int] = Setting(
+        4096, _positive_int, doc="listen() backlog: connections the kernel holds until "
+                                 "they are accepted.")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
 
-    on_handle_command: Optional[Callable[["Server", ServerClient, bytes], Optional[Data]]]
-    on_connect: Optional[Callable[["Server", ServerClient], Any]]
-    on_disconnect: Optional[Callable[["Server", ServerClient], Any]]
-    on_error: Optional[Callable[["Server", Optional[ServerClient], str, int], Any]]
-    on_state_change: Optional[Callable[["Server", ServerState, ServerState], Any]]
-    on_data_sent: Optional[Callable[["Server", ServerClient, int], Any]]
-    on_data_received: Optional[Callable[["Server", ServerClient, int], Any]]
+    on_handle_command: Callable[[Server, ServerClient, bytes], Data | None] | None
+    on_connect: Callable[[Server, ServerClient], Any] | None
+    on_disconnect: Callable[[Server, ServerClient], Any] | None
+    on_error: Callable[[Server, ServerClient | None, str, int], Any] | None
+    on_state_change: Callable[[Server, ServerState, ServerState], Any] | None
+    on_data_sent: Callable[[Server, ServerClient, int], Any] | None
+    on_data_received: Callable[[Server, ServerClient, int], Any] | None
 
     def __init__(self, port: int = 3434, host: str = "0.0.0.0", *,
                  max_connections: int = 1000, thread_pool_size: int = 4,
                  connection_timeout: float = 10, events_use_main_thread: bool = False,
-                 event_queue: Optional[EventQueue] = None, encryption_key: str = "",
-                 encryption_mode: Union[AESMode, str] = AESMode.CBC,
-                 encryption_key_size: Union[KeySize, int] = KeySize.AES256,
-                 encryption_profile: Union[EncryptionProfile, str] = EncryptionProfile.AUTHENTICATED,
+                 event_queue: EventQueue | None = None, encryption_key: str = "",
+                 encryption_mode: AESMode | str = AESMode.CBC,
+                 encryption_key_size: KeySize | int = KeySize.AES256,
+                 encryption_profile: EncryptionProfile | str = EncryptionProfile.AUTHENTICATED,
                  require_encryption: bool = False, keep_alive: bool = True,
                  no_delay: bool = True, keepalive_idle: int = 10,
                  keepalive_interval: int = 5, keepalive_count: int = 3,
                  reuse_port: bool = False,
                  max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024,
-                 idle_timeout: Optional[float] = None, backlog: int = 4096,
-                 ssl_context: Any = None, logger: Optional[logging.Logger] = None,
+                 idle_timeout: float | None = None, backlog: int = 4096,
+                 ssl_context: Any = None, logger: logging.Logger | None = None,
                  **events: Any) -> None:
         self._state = ServerState.DISCONNECTED
         settings = dict(locals())
@@ -165,10 +213,10 @@ class Server(Component):
         #: Re-entrant lock over the client set: holding it freezes ``clients``.
         self.property_lock = threading.RLock()
         self._no_clients = threading.Condition(self.property_lock)  # notified when empty
-        self._clients: Dict[int, ServerClient] = {}
+        self._clients: dict[int, ServerClient] = {}
         self._handles = itertools.count(1)
-        self._tls_pending: Set[TLSHandshake] = set()  # reactor thread only
-        self._listener: Optional[socket.socket] = None
+        self._tls_pending: set[TLSHandshake] = set()  # reactor thread only
+        self._listener: socket.socket | None = None
         self._started_mono = 0.0
         self._sweep_timer: Any = None
         self._zero_stats()
@@ -235,6 +283,7 @@ class Server(Component):
             self._started_mono = time.monotonic()
             self._log.info("server listening on %s:%d (%s)", self.host, self.port,
                            self.encryption_info)
+            self._connection_limit()  # warns now if max_connections is capped here
             self._set_state(ServerState.LISTENING)
 
     def _bind(self) -> socket.socket:
@@ -243,7 +292,10 @@ class Server(Component):
         family, socktype, proto, _, address = infos[0]
         sock = socket.socket(family, socktype, proto)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if _REUSE_ADDRESS:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            elif hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # pragma: no cover - Windows
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
             if self.reuse_port:
                 if not hasattr(socket, "SO_REUSEPORT"):
                     raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not supported here")
@@ -308,7 +360,7 @@ class Server(Component):
         finally:
             done.set()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.start()
         return self
 
@@ -333,13 +385,14 @@ class Server(Component):
                     self._reactor.call_later(0.1, self._resume_accepting)
                 return
             with self.property_lock:
-                full = len(self._clients) + len(self._tls_pending) >= self.max_connections
+                limit = self._connection_limit()
+                full = len(self._clients) + len(self._tls_pending) >= limit
             if full:
                 sock.close()
                 with self._stats_lock:
                     self._total_rejected += 1
                 self._report(None, f"connection from {address[0]}:{address[1]} refused: "
-                             f"server full (max_connections={self.max_connections})",
+                             f"server full (max_connections={limit})",
                              ErrorCode.SERVER_FULL)
                 continue
             try:
@@ -392,6 +445,21 @@ class Server(Component):
         self._tls_pending.discard(handshake)
         self._report(None, message, code)
 
+    _cap_warned = False  # the SELECT_MAX_CONNECTIONS warning was logged (once per server)
+
+    def _connection_limit(self) -> int:
+        """``max_connections``, capped at :data:`SELECT_MAX_CONNECTIONS` where the selector
+        is ``select()`` (a warning is logged the first time the cap applies)."""
+        limit = self.max_connections
+        if limit <= SELECT_MAX_CONNECTIONS or not _select_limited():
+            return limit
+        if not self._cap_warned:
+            self._cap_warned = True
+            self._log.warning("max_connections=%d capped at %d: this platform's selector is "
+                              "select(), which watches at most 512 sockets", limit,
+                              SELECT_MAX_CONNECTIONS)
+        return SELECT_MAX_CONNECTIONS
+
     def _resume_accepting(self) -> None:
         if self._listener is not None and self._state is ServerState.LISTENING:
             self._reactor.register(self._listener, EVENT_READ, self._on_accept)
@@ -418,8 +486,8 @@ class Server(Component):
                              f"{client.describe()}: frame not completed within "
                              f"connection_timeout={frame_limit:g} s")
             elif idle_limit is not None and now - client.last_activity > idle_limit:
-                client.close(ErrorCode.TIMEOUT,
-                             f"{client.describe()}: idle for more than idle_timeout={idle_limit:g} s")
+                client.close(ErrorCode.TIMEOUT, f"{client.describe()}: idle for more than "
+                                                f"idle_timeout={idle_limit:g} s")
             elif (client.send_stalled_since is not None
                   and now - client.send_stalled_since > frame_limit):
                 client.close(ErrorCode.SEND_BUFFER_FULL,
@@ -449,11 +517,12 @@ class Server(Component):
     def _handle_frame(self, conn: Connection, frame: Frame) -> None:
         flag = frame.flag
         if flag == 0 and not self.require_encryption:
-            data: Optional[bytes] = frame.payload
+            data = frame.payload
         else:
-            data = self._open_frame(conn, frame)
-            if data is None:
+            opened = self._open_frame(conn, frame)
+            if opened is None:
                 return
+            data = opened
         handler = self.on_handle_command
         if handler is None:
             return
@@ -486,7 +555,7 @@ class Server(Component):
         conn.session = session
 
     # -- events and statistics -----------------------------------------------------------
-    def _handler_failed(self, name: str, exc: BaseException, args: tuple = ()) -> None:
+    def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
         """Report ``on_error(client, ..., HANDLER_EXCEPTION)``; *client* is the event's
         first argument when that is a client (on_connect, on_handle_command ...), else None."""
         conn = args[0] if args and isinstance(args[0], Connection) else None
@@ -494,7 +563,7 @@ class Server(Component):
         self._emit("on_error", conn, f"{name} handler raised {type(exc).__name__}: {exc}",
                    ErrorCode.HANDLER_EXCEPTION)
 
-    def _report(self, conn: Optional[Connection], message: str, code: int) -> None:
+    def _report(self, conn: Connection | None, message: str, code: int) -> None:
         self._log.error("%s (code %d)", message, code)
         self._emit("on_error", conn, message, code)
 
@@ -536,7 +605,8 @@ class Server(Component):
 
     @property
     def total_connections(self) -> int:
-        """Connections accepted since start (or :meth:`clear_statistics`); rejected ones excluded."""
+        """Connections accepted since start (or :meth:`clear_statistics`), rejected ones
+        excluded."""
         return self._total_connections
 
     @property
@@ -595,16 +665,16 @@ class Server(Component):
 
     # -- clients ---------------------------------------------------------------------------
     @property
-    def clients(self) -> Dict[int, ServerClient]:
+    def clients(self) -> dict[int, ServerClient]:
         """A snapshot ``{handle: ServerClient}`` of the connected clients."""
         with self.property_lock:
             return dict(self._clients)
 
-    def find_client(self, handle: int) -> Optional[ServerClient]:
+    def find_client(self, handle: int) -> ServerClient | None:
         """The client with that handle, or None."""
         return self._clients.get(handle)
 
-    def find_client_by_ip(self, ip: str) -> Optional[ServerClient]:
+    def find_client_by_ip(self, ip: str) -> ServerClient | None:
         """The first (lowest handle) client connected from *ip*, or None."""
         with self.property_lock:
             for client in self._clients.values():
@@ -612,7 +682,7 @@ class Server(Component):
                     return client
         return None
 
-    def disconnect_client(self, client: Union[int, ServerClient]) -> bool:
+    def disconnect_client(self, client: int | ServerClient) -> bool:
         """Disconnect a client given by handle or object; False if not connected."""
         if not isinstance(client, ServerClient):
             found = self.find_client(int(client))

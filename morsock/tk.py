@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import tkinter
-from typing import Any, Optional
+from typing import Any
 
 from .events import EventQueue
 
@@ -54,9 +54,9 @@ class TkPump:
         self.max_per_tick = int(max_per_tick)
         #: Callbacks run so far by this pump.
         self.events_run = 0
-        self._after_id: Optional[str] = None
+        self._after_id: str | None = None
         self._active = True
-        self._bind_id: Optional[str] = root.bind("<Destroy>", self._on_destroy, add="+")
+        self._bind_id: str | None = root.bind("<Destroy>", self._on_destroy, add="+")
         self._after_id = root.after(0, self._tick)
 
     @property
@@ -123,7 +123,7 @@ class TkPump:
                 f"{self.interval_ms} ms, {self.events_run} events run>")
 
 
-def attach(root: tkinter.Misc, queue: Optional[EventQueue] = None, interval_ms: int = 15,
+def attach(root: tkinter.Misc, queue: EventQueue | None = None, interval_ms: int = 15,
            max_per_tick: int = 200) -> TkPump:
     """Pump *queue* (default :meth:`EventQueue.default`) from *root*'s ``after`` loop.
 

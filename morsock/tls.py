@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from .enums import ErrorCode
 from .reactor import EVENT_READ, EVENT_WRITE, Reactor, Timer
@@ -43,21 +43,21 @@ class TLSHandshake:
     """
 
     def __init__(self, reactor: Reactor, context: ssl.SSLContext, sock: socket.socket, *,
-                 server_side: bool, server_hostname: Optional[str] = None,
-                 timeout: Optional[float] = None,
+                 server_side: bool, server_hostname: str | None = None,
+                 timeout: float | None = None,
                  on_success: Callable[[ssl.SSLSocket], None],
                  on_failure: Callable[[str, ErrorCode], None],
                  description: str = "") -> None:
         self._reactor = reactor
         self._context = context
-        self._raw: Optional[socket.socket] = sock
-        self._sock: Optional[ssl.SSLSocket] = None
+        self._raw: socket.socket | None = sock
+        self._sock: ssl.SSLSocket | None = None
         self._server_side = server_side
         self._server_hostname = server_hostname
         self._timeout = timeout
         self._on_success = on_success
         self._on_failure = on_failure
-        self._timer: Optional[Timer] = None
+        self._timer: Timer | None = None
         self._events = 0
         self.description = description
         self.done = False

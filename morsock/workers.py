@@ -26,7 +26,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -48,14 +49,14 @@ class Strand:
 
     __slots__ = ("_pool", "_runner", "_items", "_lock", "_scheduled", "_begin", "_end")
 
-    def __init__(self, pool: "WorkerPool", runner: Callable[[Any], None],
-                 begin: Optional[Callable[[], None]] = None,
-                 end: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, pool: WorkerPool, runner: Callable[[Any], None],
+                 begin: Callable[[], None] | None = None,
+                 end: Callable[[], None] | None = None) -> None:
         self._pool = pool
         self._runner = runner
         self._begin = begin   # called before each batch (the connection corks its output)
         self._end = end       # called after each batch (uncork: one send for all replies)
-        self._items: Deque[Any] = deque()
+        self._items: deque[Any] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
 
@@ -106,8 +107,8 @@ class WorkerPool:
     running it). Start with :meth:`start`; stop with :meth:`shutdown`, which first lets
     every strand already scheduled finish."""
 
-    def __init__(self, size: int, name: str, logger: Optional[logging.Logger] = None,
-                 reactor: Optional["Reactor"] = None) -> None:
+    def __init__(self, size: int, name: str, logger: logging.Logger | None = None,
+                 reactor: Reactor | None = None) -> None:
         if size < 1:
             raise ValueError("thread_pool_size must be >= 1")
         self.size = size
@@ -115,15 +116,15 @@ class WorkerPool:
         self._log = logger or logging.getLogger("morsock")
         self._reactor = reactor
         self._cv = threading.Condition(threading.Lock())
-        self._ready: Deque[Strand] = deque()
+        self._ready: deque[Strand] = deque()
         self._poll_free = reactor is not None
         self._idle = 0
         self._stopping = False
         self._strand_time = 0.0   # moving average of a strand batch's run time, seconds
-        self._threads: List[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
 
-    def strand(self, runner: Callable[[Any], None], begin: Optional[Callable[[], None]] = None,
-               end: Optional[Callable[[], None]] = None) -> Strand:
+    def strand(self, runner: Callable[[Any], None], begin: Callable[[], None] | None = None,
+               end: Callable[[], None] | None = None) -> Strand:
         """A new strand whose items are passed to *runner* on this pool, with optional
         *begin*/*end* hooks around each batch."""
         return Strand(self, runner, begin, end)
@@ -166,7 +167,7 @@ class WorkerPool:
         ready = self._ready
         reactor = self._reactor
         while True:
-            strand: Optional[Strand] = None
+            strand: Strand | None = None
             with cv:
                 while True:
                     if self._poll_free and not self._stopping:

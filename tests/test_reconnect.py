@@ -159,7 +159,8 @@ def reset_close(sock: socket.socket) -> None:
 
 
 def client_threads(port: int) -> List[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(f"morsock-client-127.0.0.1:{port}-")]
+    prefix = f"morsock-client-127.0.0.1:{port}-"
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
@@ -448,7 +449,8 @@ def test_disconnect_from_on_error_handler_stops_retrying() -> None:
         rec.hooks.append(on_error)
         connect_expecting_failure(client)
         assert stopped.wait(WAIT)
-        assert rec.wait_for(lambda: not client_threads(port)), [t.name for t in client_threads(port)]
+        assert rec.wait_for(lambda: not client_threads(port)), \
+            [t.name for t in client_threads(port)]
         assert rec.quiet_for(0.5)
         assert [c for c in rec.codes() if c > 1] == []
 

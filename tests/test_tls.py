@@ -448,7 +448,8 @@ def test_failed_tls_attempts_are_retried_like_any_failed_attempt(pki: Path) -> N
         try:
             with pytest.raises(ConnectError):
                 client.connect()
-            crec.wait_for(lambda ev: any(e[0] == "error" and e[-1] == ErrorCode.MAX_RECONNECT_ATTEMPTS
+            crec.wait_for(lambda ev: any(e[0] == "error"
+                                         and e[-1] == ErrorCode.MAX_RECONNECT_ATTEMPTS
                                          for e in ev), what="MAX_RECONNECT_ATTEMPTS")
         finally:
             client.disconnect()
@@ -526,7 +527,8 @@ def test_cli_server_with_required_client_certificates(pki: Path) -> None:
                 time.sleep(0.05)
         with Client(LOCAL, port, ssl_context=client_ctx(pki, cert="client")) as client:
             assert client.request(b"via the CLI server") == b"via the CLI server"
-        refused = Client(LOCAL, port, ssl_context=client_ctx(pki, max_version=ssl.TLSVersion.TLSv1_2))
+        refused = Client(LOCAL, port,
+                         ssl_context=client_ctx(pki, max_version=ssl.TLSVersion.TLSv1_2))
         try:
             with pytest.raises(ConnectError):
                 refused.connect()

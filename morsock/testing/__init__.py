@@ -14,7 +14,8 @@ import contextlib
 import socket
 import struct
 import time
-from typing import Any, Callable, Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Any, Callable
 
 from ..protocol import FLAG_PLAIN, HEADER, HEADER_SIZE, MAGIC, Frame, encode_frame
 from ..server import Server
@@ -28,7 +29,7 @@ def echo_handler(server: Server, client: Any, data: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def running_server(handler: Optional[Callable[..., Any]] = echo_handler,
+def running_server(handler: Callable[..., Any] | None = echo_handler,
                    **settings: Any) -> Iterator[Server]:
     """Start a server on ``127.0.0.1``, port 0 (both overridable), yield it, stop it.
 
@@ -49,6 +50,8 @@ class RawPeer:
     """A plain blocking TCP peer for protocol-level tests (not thread-safe).
 
     Every read is bounded by *timeout* seconds: a test fails fast instead of hanging.
+    Attributes: ``sock`` (the connected socket, for anything not covered here) and
+    ``timeout``.
     """
 
     def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
@@ -58,12 +61,12 @@ class RawPeer:
         self._buf = bytearray()
 
     @classmethod
-    def to(cls, server: Server, timeout: float = 5.0) -> "RawPeer":
+    def to(cls, server: Server, timeout: float = 5.0) -> RawPeer:
         """Connect to a running server (127.0.0.1 if it listens on every address)."""
         host = server.host if server.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         return cls(host, server.port, timeout)
 
-    def __enter__(self) -> "RawPeer":
+    def __enter__(self) -> RawPeer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -101,7 +104,7 @@ class RawPeer:
             self._buf += chunk
         return True
 
-    def recv_frame(self, timeout: Optional[float] = None) -> Frame:
+    def recv_frame(self, timeout: float | None = None) -> Frame:
         """Read one frame; raises TimeoutError, or ConnectionError if the peer closed."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         if not self._fill(HEADER_SIZE, deadline):
@@ -120,7 +123,7 @@ class RawPeer:
         self.send_frame(payload, flag)
         return self.recv_frame().payload
 
-    def expect_close(self, timeout: Optional[float] = None) -> bytes:
+    def expect_close(self, timeout: float | None = None) -> bytes:
         """Wait until the peer closes; return whatever bytes came before the close.
 
         Raises TimeoutError if the connection is still open after *timeout*.
@@ -143,6 +146,6 @@ class RawPeer:
                 return data
             self._buf += chunk
 
-    def frames(self, count: int, timeout: Optional[float] = None) -> List[Frame]:
+    def frames(self, count: int, timeout: float | None = None) -> list[Frame]:
         """Read exactly *count* frames."""
         return [self.recv_frame(timeout) for _ in range(count)]

@@ -8,12 +8,13 @@ are closed at the end of the test.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
-from . import RawPeer, echo_handler, running_server
 from ..server import Server
+from . import RawPeer, echo_handler, running_server
 
 
 @pytest.fixture
