@@ -61,6 +61,9 @@ class _BoundStrand:
     def post(self, item: Any) -> None:
         self._strand.post((self._conn, item))
 
+    def is_idle(self) -> bool:
+        return False  # shared by every connection of the client: keep the strand's order
+
     def post_many(self, items: list[Any]) -> None:
         conn = self._conn
         self._strand.post_many([(conn, item) for item in items])

@@ -255,7 +255,10 @@ class Connection:
             self._reading = False
             self._read_wants_write = False
             self._update_interest()
-            self._strand.post(EOF)
+            if self._strand.is_idle():
+                self.close()  # nothing left to handle: close now, no hand-off
+            else:
+                self._strand.post(EOF)  # close once the frames already queued are handled
             return
         now = time.monotonic()
         self.last_activity = now
@@ -380,7 +383,8 @@ class Connection:
                 if self._out:
                     self._owner._log.info("%s: closed with %d unsent bytes", self, len(self._out))
                     self._out.clear()
-        self._reactor.unregister(self._sock)
+        if self._reading or self._write_armed:  # else already unregistered
+            self._reactor.unregister(self._sock)
         if self._tls:  # best effort close_notify; never waits for the peer's
             with self._send_lock:
                 try:

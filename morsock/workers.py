@@ -78,6 +78,11 @@ class Strand:
             self._scheduled = True
         self._pool._schedule(self)
 
+    def is_idle(self) -> bool:
+        """True when nothing is queued or running on this strand. Thread-safe."""
+        with self._lock:
+            return not self._scheduled
+
     def _drain(self) -> None:
         """Run queued items until none is left (pool thread)."""
         runner = self._runner
