@@ -16,8 +16,9 @@ the leader wakes a follower to take the poll role at once; when they are fast, w
 would cost more than the handler, so an idle follower takes the free poll role at its next
 :data:`WATCHDOG` tick instead: a handler that blocks delays other connections' I/O by at
 most that much. Ready strands that wait while every thread is busy are picked up by the
-next free thread; the leader polls with a short timeout while any wait, so it notices them
-within :data:`STARVATION_CHECK` seconds even without new I/O.
+next free thread; while any wait, the leader only harvests I/O that is already there
+(a zero-timeout poll) and then runs the next one, so a busy server alternates between
+reading and handling instead of blocking in ``select``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from .reactor import Reactor
 
-__all__ = ["WorkerPool", "Strand", "STARVATION_CHECK"]
+__all__ = ["WorkerPool", "Strand"]
 
-#: Longest a ready strand waits for a free thread before the leader hands over its role.
-STARVATION_CHECK = 0.002
 #: Idle followers look at the poll role this often: a leader that went on to run a handler
 #: that blocks is relieved of polling within this time, even with no hand-off.
 WATCHDOG = 0.02
@@ -192,7 +191,8 @@ class WorkerPool:
             if strand is None:
                 assert reactor is not None
                 try:
-                    reactor.poll_once(STARVATION_CHECK if ready else None)
+                    # strands waiting: only harvest ready I/O, never block in select
+                    reactor.poll_once(0.0 if ready else None)
                 except Exception:
                     self._log.exception("%s: error in the reactor loop", self.name)
                 with cv:
