@@ -517,7 +517,7 @@ class Client(Component):
             sock.close()
             self._try_next_address(attempt, exc)
             return
-        conn.established = False  # type: ignore[attr-defined]
+        conn.established = False
         self._conn = conn
         ctx = self._crypto
         assert ctx is not None
@@ -561,7 +561,7 @@ class Client(Component):
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
-        conn.established = True  # type: ignore[attr-defined]
+        conn.established = True
         self._connected_mono = time.monotonic()
         self._remote_ip = conn.peer_ip
         if self._policy is not None:

@@ -55,7 +55,7 @@ class Strand:
         self._runner = runner
         self._begin = begin   # called before each batch (the connection corks its output)
         self._end = end       # called after each batch (uncork: one send for all replies)
-        self._items: deque[Any] = deque()
+        self._items: list[Any] = []
         self._lock = threading.Lock()
         self._scheduled = False
 
@@ -92,7 +92,7 @@ class Strand:
                     self._scheduled = False
                     return
                 batch = self._items
-                self._items = deque()
+                self._items = []
             if self._begin is not None:
                 self._begin()
             try:
