@@ -13,10 +13,11 @@ that became ready -- then hands the poll role to an idle follower and runs a rea
 itself, on the thread that already holds the data and the GIL. A request therefore costs
 no thread hand-off of its own. When handlers are slow on average (> :data:`SLOW_STRAND`)
 the leader wakes a follower to take the poll role at once; when they are fast, waking one
-would cost more than the handler, so an idle follower takes the free poll role at its next
-:data:`WATCHDOG` tick instead: a handler that blocks delays other connections' I/O by at
-most that much. Ready strands that wait while every thread is busy are picked up by the
-next free thread; while any wait, the leader only harvests I/O that is already there
+would cost more than the handler. Then one idle follower, the standby, looks every
+:data:`WATCHDOG` seconds whether the poll role has been left free that long (a handler
+that blocks) and takes it if so: a handler that blocks delays other connections' I/O by
+at most about twice that. Ready strands that wait while every thread is busy are picked
+up by the next free thread; while any wait, the leader only harvests I/O that is already there
 (a zero-timeout poll) and then runs the next one, so a busy server alternates between
 reading and handling instead of blocking in ``select``.
 """
@@ -35,9 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = ["WorkerPool", "Strand"]
 
-#: Idle followers look at the poll role this often: a leader that went on to run a handler
-#: that blocks is relieved of polling within this time, even with no hand-off.
-WATCHDOG = 0.02
+#: One idle follower (the standby) looks at the poll role this often: a leader that went
+#: on to run a handler that blocks is relieved of polling within this time, even with no
+#: hand-off. Each look costs a GIL hand-off, so it is rare.
+WATCHDOG = 0.05
 #: A leader hands the poll role over at once (waking a follower) when strands take longer
 #: than this on average; for faster handlers the wake-up would cost more than it saves.
 SLOW_STRAND = 0.0005
@@ -123,6 +125,8 @@ class WorkerPool:
         self._ready: deque[Strand] = deque()
         self._poll_free = reactor is not None
         self._idle = 0
+        self._standby = False     # an idle thread is in the timed (watchdog) wait
+        self._released_at = 0.0   # when the leader last left the poll role (monotonic)
         self._stopping = False
         self._strand_time = 0.0   # moving average of a strand batch's run time, seconds
         self._threads: list[threading.Thread] = []
@@ -173,20 +177,33 @@ class WorkerPool:
         while True:
             strand: Strand | None = None
             with cv:
+                watching = False
                 while True:
-                    if self._poll_free and not self._stopping:
+                    if (watching and not self._stopping
+                            and time.monotonic() - self._released_at < WATCHDOG):
+                        pass  # the watch found the leader cycling normally: back to sleep
+                    elif self._poll_free and not self._stopping:
                         self._poll_free = False
                         break
-                    if ready:
+                    elif ready:
                         strand = ready.popleft()
                         if ready and self._idle and (reactor is None
                                                      or self._strand_time > SLOW_STRAND):
                             cv.notify()
                         break
-                    if self._stopping:
+                    elif self._stopping:
                         return
                     self._idle += 1
-                    cv.wait(WATCHDOG if reactor is not None else None)
+                    if reactor is not None and not self._standby:
+                        # One idle thread at a time keeps watch (see WATCHDOG): it steps in
+                        # only if the poll role has been left free that long (a handler
+                        # blocks); the others sleep until notified.
+                        self._standby = True
+                        watching = not cv.wait(WATCHDOG)
+                        self._standby = False
+                    else:
+                        cv.wait()
+                        watching = False
                     self._idle -= 1
             if strand is None:
                 assert reactor is not None
@@ -197,6 +214,7 @@ class WorkerPool:
                     self._log.exception("%s: error in the reactor loop", self.name)
                 with cv:
                     self._poll_free = True
+                    self._released_at = time.monotonic()
                     if not ready:
                         continue
                     strand = ready.popleft()
