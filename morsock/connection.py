@@ -483,16 +483,21 @@ class Connection:
         except (BlockingIOError, InterruptedError) + _TLS_WANT:
             n = 0
         except OSError as exc:
-            self.closing = True
-            self._broken = True
-            self._reactor.call_soon(self._finish_close)
-            raise NotConnectedError(f"{self.describe()}: send failed: {exc}") from exc
+            raise self._send_failed(exc) from exc
         if n == len(frame):
             return n, 1
         out += memoryview(frame)[n:]
         self._frame_queued(len(frame) - n)
         self._reactor.call_soon(self._arm_write)
         return n, 0
+
+    def _send_failed(self, exc: OSError) -> NotConnectedError:
+        """Under the send lock: the socket failed while a caller sent on it. Close it (no
+        lingering) and return the error to raise to that caller."""
+        self.closing = True
+        self._broken = True
+        self._reactor.call_soon(self._finish_close)
+        return NotConnectedError(f"{self.describe()}: send failed: {exc}")
 
     def queue_frame(self, payload: bytes) -> None:
         """Fast path for a plaintext reply while this thread has the connection corked
@@ -517,10 +522,7 @@ class Connection:
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError as exc:
-                    self.closing = True
-                    self._broken = True
-                    self._reactor.call_soon(self._finish_close)
-                    raise NotConnectedError(f"{self.describe()}: send failed: {exc}") from exc
+                    raise self._send_failed(exc) from exc
                 if sent == size + HEADER_SIZE:
                     frames = 1
                 else:
