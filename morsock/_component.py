@@ -15,7 +15,7 @@ from typing import Any, Callable, Generic, TypeVar, Union, overload
 
 from .connection import Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize
-from .errors import CryptoError, MorsockError
+from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventDispatcher, EventQueue
 from .protocol import FLAG_MORMOT, FLAG_PLAIN, Frame, encode_frame
 from .reactor import Reactor
@@ -339,7 +339,6 @@ class Component:
 
     def _reply(self, conn: Connection, reply: Any, encrypted: bool) -> None:
         """Send a handler's return value; a full queue disconnects that peer."""
-        from .errors import NotConnectedError, SendBufferFullError
         try:
             self._send_on(conn, reply, encrypted)
         except NotConnectedError:

@@ -455,7 +455,7 @@ class Client(Component):
             self._connect_timer = None
         self._drop_connecting()
         conn = self._conn
-        if conn is not None and not getattr(conn, "established", True):
+        if conn is not None and not conn.established:
             self._conn = None
             conn.close()
 
@@ -579,7 +579,7 @@ class Client(Component):
         conn = self._conn
         error = ConnectError(f"connect to {self.host}:{self.port} timed out after "
                              f"{self.connection_timeout:g} s", ErrorCode.TIMEOUT)
-        if conn is not None and not getattr(conn, "established", True):
+        if conn is not None and not conn.established:
             self._handshake_error = error
             conn.close()
             return
@@ -625,7 +625,7 @@ class Client(Component):
         """Reactor thread: stop retrying, abort an attempt, close the connection."""
         self._user_stopped = True
         self._cancel_retry()
-        attempt = getattr(self, "_attempt", None)
+        attempt = self._attempt
         if attempt is not None and not attempt.done.is_set():
             attempt.error = ConnectError("disconnect() was called")
             if self._connect_timer is not None:
@@ -655,8 +655,8 @@ class Client(Component):
         if conn is not self._conn:
             return
         self._conn = None
-        if not getattr(conn, "established", False):
-            error = getattr(self, "_handshake_error", None) or ConnectError(
+        if not conn.established:
+            error = self._handshake_error or ConnectError(
                 f"{self.host}:{self.port} closed the connection during the handshake")
             self._handshake_error = None
             if self._attempt is not None:
@@ -687,7 +687,7 @@ class Client(Component):
         if item is CONNECTED:
             self._dispatcher.emit("on_connect")
         elif item is DISCONNECTED:
-            if getattr(conn, "established", False):
+            if conn.established:
                 self._dispatcher.emit("on_disconnect")
         else:
             self._handle_frame(conn, item)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import json
 import os
 import struct
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -18,6 +16,7 @@ from Crypto.Protocol.KDF import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import VECTORS, vectors_path
 from morsock import crypto
 from morsock.crypto import (AuthSession, ClientHandshake, MormotCipher,
                             authenticated_master_key, authenticated_payload_size,
@@ -38,25 +37,7 @@ SETTINGS = settings(max_examples=25, deadline=None,
 
 # ----------------------------------------------------------------------------- vectors
 
-def _vectors_path() -> Path:
-    env = os.environ.get("MORSOCK_INTEROP_VECTORS")
-    if env:
-        return Path(env)
-    return (Path(__file__).resolve().parents[2] / "shared" / "interop"
-            / "mormot_v103_vectors.json")
-
-
-def _load_vectors() -> Dict[str, Any]:
-    path = _vectors_path()
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as fh:
-        data: Dict[str, Any] = json.load(fh)
-    return data
-
-
-VECTORS = _load_vectors()
-needs_vectors = pytest.mark.skipif(not VECTORS, reason=f"no interop vectors at {_vectors_path()}")
+needs_vectors = pytest.mark.skipif(not VECTORS, reason=f"no interop vectors at {vectors_path()}")
 
 
 def _edge_id(edge: Dict[str, Any]) -> str:
