@@ -6,11 +6,14 @@ Not public: :class:`~morsock.Server` and :class:`~morsock.Client` are the facade
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import textwrap
 import threading
+from collections.abc import Iterable
 from enum import Enum
+from operator import attrgetter
 from typing import Any, Callable, Generic, TypeVar, Union, overload
 
 from .connection import Connection
@@ -37,6 +40,44 @@ def as_bytes(data: Data) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
     raise TypeError(f"data must be bytes-like or str, not {type(data).__name__}")
+
+
+_COUNTERS = tuple(attrgetter(name) for name in
+                  ("bytes_received", "bytes_sent", "messages_received", "messages_sent"))
+
+
+class Tally:
+    """A component's statistics totals, exact at every moment without a lock per byte:
+    each connection counts its own traffic (see :mod:`morsock.connection`); a total is
+    what closed connections had counted plus what the live ones hold now, less the offset
+    :meth:`clear` leaves. *live* returns the live connections; it is called, and
+    :meth:`closed` must be called, under *lock*. Index 0..3: bytes received, bytes sent,
+    messages received, messages sent."""
+
+    def __init__(self, lock: Any, live: Callable[[], Iterable[Connection]]) -> None:
+        self._lock = lock
+        self._live = live
+        self._closed = [0, 0, 0, 0]
+        self._offset = [0, 0, 0, 0]
+
+    def clear(self) -> None:
+        """Start every total from zero again; live connections' own counters go on."""
+        with self._lock:
+            live = list(self._live())
+            self._closed = [0, 0, 0, 0]
+            self._offset = [sum(map(get, live)) for get in _COUNTERS]
+
+    def closed(self, conn: Connection) -> None:
+        """*conn* just left the live set (its counters are final): keep its counts."""
+        closed = self._closed
+        for index, get in enumerate(_COUNTERS):
+            closed[index] += get(conn)
+
+    def total(self, index: int) -> int:
+        """One total (see the class docstring for *index*). Any thread."""
+        with self._lock:
+            live = sum(map(_COUNTERS[index], self._live()))
+            return int(self._closed[index] + live - self._offset[index])
 
 
 class Setting(Generic[T]):
@@ -209,6 +250,9 @@ class Component:
         None, doc="The logger of this component (None: logging.getLogger('morsock')).")
 
     _EVENTS: tuple[str, ...] = ()
+    # set by __init__ from _EVENTS; read by every connection, so declared here
+    on_data_received: Callable[..., Any] | None
+    on_data_sent: Callable[..., Any] | None
 
     def __init__(self, settings: dict[str, Any], events: dict[str, Any]) -> None:
         self._lock = threading.RLock()           # guards life cycle and the client set
@@ -350,18 +394,30 @@ class Component:
                          getattr(exc, "code", None) or ErrorCode.HANDLER_EXCEPTION)
 
     # -- statistics ------------------------------------------------------------------
-    def _count_received(self, conn: Connection, nbytes: int, frames: int) -> None:
-        raise NotImplementedError
-
-    def _count_sent(self, conn: Connection, nbytes: int, frames: int) -> None:
+    def _emit_data_event(self, name: str, conn: Connection, nbytes: int) -> None:
+        """``on_data_received`` / ``on_data_sent`` for *nbytes* on *conn*; called only
+        while that event is set, from the thread that moved the bytes."""
         raise NotImplementedError
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         raise NotImplementedError
 
+    def _run_items(self, conn: Connection, items: list[Any]) -> None:
+        """Strand batch runner: *conn*'s items in order, with its sends corked, so the
+        replies to the batch leave in one ``send``."""
+        conn.cork()
+        try:
+            for item in items:
+                try:
+                    conn._run_item(item)
+                except Exception:
+                    self._log.exception("unhandled error handling %r on %s", item, conn)
+        finally:
+            conn.uncork()
+
     def _strand_for(self, conn: Connection) -> Any:
         """The strand that runs *conn*'s items (default: one of its own)."""
-        return self._pool.strand(conn._run_item, conn.cork, conn.uncork)
+        return self._pool.strand(functools.partial(self._run_items, conn))
 
     def _connection_closed(self, conn: Connection) -> None:
         raise NotImplementedError

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ._component import Component, Data, Setting, _non_negative_int, as_bytes
+from ._component import Component, Data, Setting, Tally, _non_negative_int, as_bytes
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
 from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout
@@ -19,7 +19,7 @@ from .protocol import FLAG_AUTHENTICATED, Frame
 from .reactor import EVENT_WRITE, Timer
 from .reconnect import ReconnectPolicy
 from .tls import TLSHandshake
-from .workers import Strand
+from .workers import Strand, each
 
 __all__ = ["Client"]
 
@@ -200,8 +200,9 @@ class Client(Component):
         self._connected_mono: float | None = None
         self._connected_for = 0.0
         self._remote_ip = ""
-        self._zero_stats()
+        self._live_conns: set[Connection] = set()  # counted in the totals, under _stats_lock
         super().__init__(settings, events)
+        self._tally = Tally(self._stats_lock, lambda: self._live_conns)
 
     # -- life cycle ------------------------------------------------------------------------
     def _is_running(self) -> bool:
@@ -249,7 +250,7 @@ class Client(Component):
             self._user_stopped = False
             if not self._is_running():
                 self._prepare_runtime(f"morsock-client-{self.host}:{self.port}", 1)
-                self._strand = self._pool.strand(self._run_pair)
+                self._strand = self._pool.strand(each(self._run_pair, self._log))
                 self._pool.start()
                 self._reactor.start()
             attempt = _Attempt(user=True)
@@ -519,6 +520,8 @@ class Client(Component):
             return
         conn.established = False
         self._conn = conn
+        with self._stats_lock:
+            self._live_conns.add(conn)
         ctx = self._crypto
         assert ctx is not None
         if ctx.authenticated:
@@ -648,6 +651,10 @@ class Client(Component):
 
     def _connection_closed(self, conn: Connection) -> None:
         """Reactor thread: the socket of *conn* is closed."""
+        with self._stats_lock:
+            if conn in self._live_conns:
+                self._live_conns.remove(conn)
+                self._tally.closed(conn)
         waiter, self._close_done = self._close_done, None
         if waiter is not None:  # disconnect() waits: release it once DISCONNECTED is posted
             self._reactor.call_soon(waiter.set)
@@ -782,25 +789,8 @@ class Client(Component):
         self._dispatcher.emit("on_error", f"{name} handler raised {type(exc).__name__}: {exc}",
                               ErrorCode.HANDLER_EXCEPTION)
 
-    def _zero_stats(self) -> None:
-        self._bytes_received = 0
-        self._bytes_sent = 0
-        self._messages_received = 0
-        self._messages_sent = 0
-
-    def _count_received(self, conn: Connection, nbytes: int, frames: int) -> None:
-        with self._stats_lock:
-            self._bytes_received += nbytes
-            self._messages_received += frames
-        if self.on_data_received is not None:
-            self._dispatcher.emit("on_data_received", nbytes)
-
-    def _count_sent(self, conn: Connection, nbytes: int, frames: int) -> None:
-        with self._stats_lock:
-            self._bytes_sent += nbytes
-            self._messages_sent += frames
-        if self.on_data_sent is not None:
-            self._dispatcher.emit("on_data_sent", nbytes)
+    def _emit_data_event(self, name: str, conn: Connection, nbytes: int) -> None:
+        self._dispatcher.emit(name, nbytes)
 
     @property
     def connected_time(self) -> float:
@@ -823,23 +813,23 @@ class Client(Component):
     def total_bytes_received(self) -> int:
         """Wire bytes received (headers included), over all connections; over TLS, the
         application bytes that came out of the TLS layer (record overhead excluded)."""
-        return self._bytes_received
+        return self._tally.total(0)
 
     @property
     def total_bytes_sent(self) -> int:
         """Wire bytes sent (headers included), over all connections; over TLS, the
         application bytes handed to the TLS layer (record overhead excluded)."""
-        return self._bytes_sent
+        return self._tally.total(1)
 
     @property
     def messages_received(self) -> int:
         """Frames received, over all connections."""
-        return self._messages_received
+        return self._tally.total(2)
 
     @property
     def messages_sent(self) -> int:
         """Frames sent, over all connections."""
-        return self._messages_sent
+        return self._tally.total(3)
 
     def reset_reconnection_state(self) -> None:
         """Zero the failed-attempt count, so the backoff restarts from its first delay.
@@ -867,5 +857,4 @@ class Client(Component):
 
     def clear_statistics(self) -> None:
         """Zero the byte and message counters."""
-        with self._stats_lock:
-            self._zero_stats()
+        self._tally.clear()

@@ -13,8 +13,13 @@ Threads:
 * the strand (one pool thread at a time) -- frames and life-cycle markers, passed to the
   owner's ``_run_item``.
 
-The owner (the component) provides ``_reactor``, ``_pool``, ``_log``, ``_count_received``,
-``_count_sent``, ``_run_item``, ``_report`` and ``_connection_closed``.
+The owner (the component) provides ``_reactor``, ``_pool``, ``_log``, ``_scratch``,
+``_scratch_view``, ``_strand_for``, ``_run_item``, ``_report``, ``_connection_closed``, the
+``on_data_received`` / ``on_data_sent`` attributes and ``_emit_data_event``.
+
+Statistics: a connection keeps its own counters, each with a single writer -- the
+received ones are written by the reactor thread only, the sent ones under the send lock
+-- so counting takes no lock of its own; the component adds them up.
 """
 
 from __future__ import annotations
@@ -185,11 +190,16 @@ class Connection:
     def start(self, announce: bool = True) -> None:
         """Register with the selector (reactor thread); with *announce*, queue the
         CONNECTED marker (else the owner posts it once the connection is usable)."""
-        self._reactor.register(self._sock, EVENT_READ, self.on_ready)
+        self._reactor.register(self._sock, EVENT_READ, self._read_callback())
         if announce:
             self._strand.post(CONNECTED)
         if self._tls:  # bytes that came with the handshake may wait inside the SSL object
             self._reactor.call_soon(self._read_again)
+
+    def _read_callback(self) -> Callable[[int], None]:
+        """The selector callback while only reading: the read itself (one call less per
+        event), but over TLS :meth:`on_ready`, which knows the handshake's twists."""
+        return self.on_ready if self._tls else self._read
 
     def on_ready(self, mask: int) -> None:
         """Selector callback: read what is ready, flush what is queued."""
@@ -245,7 +255,11 @@ class Connection:
             raise BlockingIOError
         return n
 
-    def _read(self) -> None:
+    def _read(self, mask: int = EVENT_READ) -> None:
+        """Read once and hand the frames that completed to the strand (reactor thread;
+        also the selector callback while only reading, *mask* then unused)."""
+        if not self._reading:
+            return
         owner = self._owner
         scratch = owner._scratch
         try:
@@ -278,14 +292,19 @@ class Connection:
         try:
             frames = self._decoder.feed(owner._scratch_view[:n])
         except ProtocolError as exc:
-            owner._count_received(self, n, 0)
+            self.bytes_received += n
+            if owner.on_data_received is not None:
+                owner._emit_data_event("on_data_received", self, n)
             self.close(exc.code, f"{exc} from {self.describe()}")
             return
-        if not self._decoder.buffered:
+        if not self._decoder._buf:
             self.partial_since = None
         elif frames or self.partial_since is None:
             self.partial_since = now  # the frame in progress started in this chunk
-        owner._count_received(self, n, len(frames))
+        self.bytes_received += n
+        self.messages_received += len(frames)
+        if owner.on_data_received is not None:
+            owner._emit_data_event("on_data_received", self, n)
         if frames:
             hook = self.frame_hook
             if hook is not None:
@@ -295,7 +314,9 @@ class Connection:
     def _update_interest(self) -> None:
         events = ((EVENT_READ if self._reading else 0)
                   | (EVENT_WRITE if self._write_armed or self._read_wants_write else 0))
-        if events:
+        if events == EVENT_READ:
+            self._reactor.modify(self._sock, events, self._read_callback())
+        elif events:
             self._reactor.modify(self._sock, events, self.on_ready)
         else:
             self._reactor.unregister(self._sock)
@@ -311,10 +332,10 @@ class Connection:
 
     def _flush(self) -> None:
         with self._send_lock:
-            sent, frames = self._flush_locked()
+            sent = self._flush_locked()
             drained = not self._out
-        if sent:
-            self._owner._count_sent(self, sent, frames)
+        if sent and self._owner.on_data_sent is not None:
+            self._owner._emit_data_event("on_data_sent", self, sent)
         if drained and self._linger_timer is not None:
             self._finish_close()  # a graceful close was waiting for this
         elif drained and self._write_armed:
@@ -347,11 +368,11 @@ class Connection:
         self._broken = True
         self._finish_close()
 
-    def _flush_locked(self) -> tuple[int, int]:
-        """Send what the kernel takes from the queue; return (bytes, frames completed)."""
+    def _flush_locked(self) -> int:
+        """Send what the kernel takes from the queue and count it; return the bytes sent."""
         out = self._out
         if not out:
-            return 0, 0
+            return 0
         try:
             if self._tls and len(out) > TLS_WRITE_CHUNK:
                 with memoryview(out) as view, view[:TLS_WRITE_CHUNK] as head:
@@ -359,23 +380,31 @@ class Connection:
             else:
                 n = self._sock.send(out)
         except (BlockingIOError, InterruptedError) + _TLS_WANT:
-            return 0, 0
+            return 0
         except OSError as exc:
             self._owner._log.info("%s: send failed: %s", self, exc)
             self._reactor.call_soon(self._on_send_error)
-            return 0, 0
-        del out[:n]
-        self._flushed_total += n
-        if n:
-            self.send_stalled_since = None
-        done = 0
+            return 0
+        if not n:
+            return 0
+        self.send_stalled_since = None
+        self.bytes_sent += n
         ends = self._frame_ends
-        while ends and ends[0] <= self._flushed_total:
+        assert ends is not None
+        if n == len(out):
+            out.clear()
+            self._flushed_total = self._queued_total
+            self.messages_sent += len(ends)
+            self._frame_ends = None  # idle connections keep no deque
+            return n
+        del out[:n]
+        flushed = self._flushed_total = self._flushed_total + n
+        done = 0
+        while ends and ends[0] <= flushed:
             ends.popleft()
             done += 1
-        if not out:
-            self._frame_ends = None  # idle connections keep no deque
-        return n, done
+        self.messages_sent += done
+        return n
 
     def _frame_queued(self, nbytes: int) -> None:
         """Account for *nbytes* of a frame put in the queue (under the send lock)."""
@@ -400,9 +429,9 @@ class Connection:
         self.closed = True
         with self._send_lock:
             if self._out:
-                sent, frames = self._flush_locked()
-                if sent:
-                    self._owner._count_sent(self, sent, frames)
+                sent = self._flush_locked()
+                if sent and self._owner.on_data_sent is not None:
+                    self._owner._emit_data_event("on_data_sent", self, sent)
                 if self._out:
                     self._owner._log.info("%s: closed with %d unsent bytes", self, len(self._out))
                     self._out.clear()
@@ -447,9 +476,9 @@ class Connection:
         takes the frame). Thread-safe; never blocks on the peer.
         """
         with self._send_lock:
-            sent, frames = self._send_locked(frame)
-        if sent:
-            self._owner._count_sent(self, sent, frames)
+            sent = self._send_locked(frame)
+        if sent and self._owner.on_data_sent is not None:
+            self._owner._emit_data_event("on_data_sent", self, sent)
 
     def send_sealed(self, seal: Callable[[bytes], bytes], data: bytes) -> None:
         """Like :meth:`send_frame` with ``seal(data)`` built under the send lock, so frames
@@ -457,11 +486,12 @@ class Connection:
         with self._send_lock:
             if self.closing:
                 raise NotConnectedError(f"{self.describe()} is not connected")
-            sent, frames = self._send_locked(seal(data))
-        if sent:
-            self._owner._count_sent(self, sent, frames)
+            sent = self._send_locked(seal(data))
+        if sent and self._owner.on_data_sent is not None:
+            self._owner._emit_data_event("on_data_sent", self, sent)
 
-    def _send_locked(self, frame: bytes) -> tuple[int, int]:
+    def _send_locked(self, frame: bytes) -> int:
+        """Send or queue *frame* (under the send lock); count and return the bytes sent."""
         if self.closing:
             raise NotConnectedError(f"{self.describe()} is not connected")
         out = self._out
@@ -474,7 +504,7 @@ class Connection:
                     f"max_send_buffer={self.max_send_buffer})")
             out += frame
             self._frame_queued(len(frame))
-            return 0, 0
+            return 0
         try:
             if self._tls and len(frame) > TLS_WRITE_CHUNK:
                 n = self._sock.send(memoryview(frame)[:TLS_WRITE_CHUNK])
@@ -484,12 +514,16 @@ class Connection:
             n = 0
         except OSError as exc:
             raise self._send_failed(exc) from exc
+        if n:
+            self.bytes_sent += n
+            self.send_stalled_since = None
         if n == len(frame):
-            return n, 1
+            self.messages_sent += 1
+            return n
         out += memoryview(frame)[n:]
         self._frame_queued(len(frame) - n)
         self._reactor.call_soon(self._arm_write)
-        return n, 0
+        return n
 
     def _send_failed(self, exc: OSError) -> NotConnectedError:
         """Under the send lock: the socket failed while a caller sent on it. Close it (no
@@ -505,41 +539,59 @@ class Connection:
         for a large payload with nothing queued before it, straight to the kernel with one
         scatter/gather ``sendmsg`` (no copy). Raises like :meth:`send_frame`."""
         size = len(payload)
-        sent = frames = 0
         with self._send_lock:
             if self.closing:
                 raise NotConnectedError(f"{self.describe()} is not connected")
             out = self._out
-            header = _pack_header(MAGIC, size, 0)
             if out:
                 if len(out) + size + HEADER_SIZE > self.max_send_buffer:
+                    if self.send_stalled_since is None:
+                        self.send_stalled_since = time.monotonic()
                     raise SendBufferFullError(
                         f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
                         f"max_send_buffer={self.max_send_buffer})")
             elif size >= _DIRECT_SEND_MIN and self._sendmsg is not None:
-                try:
-                    sent = self._sendmsg((header, payload))
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    raise self._send_failed(exc) from exc
-                if sent == size + HEADER_SIZE:
-                    frames = 1
-                else:
-                    if sent < HEADER_SIZE:
-                        out += header[sent:]
-                        out += payload
-                    else:
-                        out += memoryview(payload)[sent - HEADER_SIZE:]
-                    self._frame_queued(size + HEADER_SIZE - sent)
-                    self._reactor.call_soon(self._arm_write)
-                header = b""
-            if header:
-                out += header
-                out += payload
-                self._frame_queued(size + HEADER_SIZE)
+                sent = self._send_direct(payload)
+                if sent and self._owner.on_data_sent is not None:
+                    self._owner._emit_data_event("on_data_sent", self, sent)
+                return
+            out += _pack_header(MAGIC, size, 0)
+            out += payload
+            queued = self._queued_total = self._queued_total + size + HEADER_SIZE
+            ends = self._frame_ends
+            if ends is None:
+                self._frame_ends = deque((queued,))
+            else:
+                ends.append(queued)
+
+    def _send_direct(self, payload: bytes) -> int:
+        """Under the send lock, nothing queued: send a frame of *payload* with one
+        ``sendmsg``, queue what the kernel did not take; count and return the bytes sent."""
+        size = len(payload)
+        header = _pack_header(MAGIC, size, 0)
+        assert self._sendmsg is not None
+        sent: int
+        try:
+            sent = self._sendmsg((header, payload))
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise self._send_failed(exc) from exc
         if sent:
-            self._owner._count_sent(self, sent, frames)
+            self.bytes_sent += sent
+            self.send_stalled_since = None
+        if sent == size + HEADER_SIZE:
+            self.messages_sent += 1
+            return sent
+        out = self._out
+        if sent < HEADER_SIZE:
+            out += header[sent:]
+            out += payload
+        else:
+            out += memoryview(payload)[sent - HEADER_SIZE:]
+        self._frame_queued(size + HEADER_SIZE - sent)
+        self._reactor.call_soon(self._arm_write)
+        return sent
 
     def cork(self) -> None:
         """Hold this thread's sends in the queue until :meth:`uncork` (strand batch start):
@@ -549,14 +601,16 @@ class Connection:
 
     def uncork(self) -> None:
         """Send what :meth:`cork` held, at once if the kernel takes it (strand batch end)."""
+        self._cork_owner = None  # before looking at the queue: see _send_locked
+        if not self._out or self._write_armed or self.closing:
+            return
         with self._send_lock:
-            self._cork_owner = None
             if not self._out or self._write_armed or self.closing:
                 return
-            sent, frames = self._flush_locked()
+            sent = self._flush_locked()
             pending = bool(self._out)
-        if sent:
-            self._owner._count_sent(self, sent, frames)
+        if sent and self._owner.on_data_sent is not None:
+            self._owner._emit_data_event("on_data_sent", self, sent)
         if pending:
             self._reactor.call_soon(self._arm_write)
 

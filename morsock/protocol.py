@@ -68,6 +68,10 @@ def encode_frame(payload: Buffer, flag: int = FLAG_PLAIN) -> bytes:
     return encode_header(len(payload), flag) + payload
 
 
+#: ``Frame(payload, flag)`` without the Python-level ``__new__`` of a NamedTuple.
+_new_frame = tuple.__new__
+
+
 class FrameDecoder:
     """Incremental frame parser.
 
@@ -149,7 +153,7 @@ class FrameDecoder:
                 if end > n:
                     self._need = end - pos
                     return pos
-                append(Frame(bytes(mv[pos + HEADER_SIZE:end]), flag))
+                append(_new_frame(Frame, (bytes(mv[pos + HEADER_SIZE:end]), flag)))
                 pos = end
         self._need = HEADER_SIZE
         return pos

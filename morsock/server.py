@@ -13,9 +13,10 @@ import selectors
 import socket
 import threading
 import time
+from threading import get_ident
 from typing import Any, Callable
 
-from ._component import Component, Data, Setting, _optional_seconds, _positive_int
+from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
@@ -220,6 +221,7 @@ class Server(Component):
         self._started_mono = 0.0
         self._sweep_timer: Any = None
         self._zero_stats()
+        self._tally = Tally(self.property_lock, self._clients.values)
         super().__init__(settings, events)
 
     # -- life cycle --------------------------------------------------------------------
@@ -499,12 +501,47 @@ class Server(Component):
     def _connection_closed(self, conn: Connection) -> None:
         assert isinstance(conn, ServerClient)
         with self.property_lock:
-            self._clients.pop(conn.handle, None)
+            if self._clients.pop(conn.handle, None) is not None:
+                self._tally.closed(conn)  # closed: nothing is read or sent any more
             if not self._clients:
                 self._no_clients.notify_all()
         self._log.info("client #%d %s disconnected", conn.handle, conn.describe())
 
     # -- strand (worker thread) ----------------------------------------------------------
+    def _run_items(self, conn: Connection, items: list[Any]) -> None:
+        # The hot path: plaintext frames to a handler that returns bytes. Anything else
+        # (markers, encrypted frames, other replies, debug logging) takes _run_item.
+        conn._cork_owner = get_ident()  # conn.cork(), inline
+        handler = self.on_handle_command
+        fast = handler is not None and not self.require_encryption and not _LOG_DEBUG()
+        queue_frame = conn.queue_frame
+        try:
+            for item in items:
+                if fast and item.__class__ is Frame and item[1] == 0 and not conn.closing:
+                    try:
+                        reply = handler(self, conn, item[0])  # type: ignore[misc,arg-type]
+                    except Exception as exc:
+                        self._handler_failed("on_handle_command", exc, (conn,))
+                        continue
+                    if not reply:
+                        continue
+                    if reply.__class__ is bytes:
+                        try:
+                            queue_frame(reply)  # corked: sent when the batch ends
+                            continue
+                        except NotConnectedError:
+                            continue
+                        except SendBufferFullError:
+                            pass  # _reply reports it and disconnects
+                    self._reply(conn, reply, False)
+                    continue
+                try:
+                    conn._run_item(item)
+                except Exception:
+                    self._log.exception("unhandled error handling %r on %s", item, conn)
+        finally:
+            conn.uncork()
+
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:
             self._log.info("client #%d connected from %s", conn.handle, conn.describe())  # type: ignore[attr-defined]
@@ -570,28 +607,9 @@ class Server(Component):
     def _zero_stats(self) -> None:
         self._total_connections = 0
         self._total_rejected = 0
-        self._bytes_received = 0
-        self._bytes_sent = 0
-        self._messages_received = 0
-        self._messages_sent = 0
 
-    def _count_received(self, conn: Connection, nbytes: int, frames: int) -> None:
-        with self._stats_lock:
-            conn.bytes_received += nbytes
-            conn.messages_received += frames
-            self._bytes_received += nbytes
-            self._messages_received += frames
-        if self.on_data_received is not None:
-            self._emit("on_data_received", conn, nbytes)
-
-    def _count_sent(self, conn: Connection, nbytes: int, frames: int) -> None:
-        with self._stats_lock:
-            conn.bytes_sent += nbytes
-            conn.messages_sent += frames
-            self._bytes_sent += nbytes
-            self._messages_sent += frames
-        if self.on_data_sent is not None:
-            self._emit("on_data_sent", conn, nbytes)
+    def _emit_data_event(self, name: str, conn: Connection, nbytes: int) -> None:
+        self._emit(name, conn, nbytes)
 
     @property
     def client_count(self) -> int:
@@ -618,23 +636,23 @@ class Server(Component):
     def total_bytes_received(self) -> int:
         """Wire bytes received from all clients (headers included; over TLS, the
         application bytes that came out of the TLS layer, record overhead excluded)."""
-        return self._bytes_received
+        return self._tally.total(0)
 
     @property
     def total_bytes_sent(self) -> int:
         """Wire bytes sent to all clients (headers included; over TLS, the application
         bytes handed to the TLS layer, record overhead excluded)."""
-        return self._bytes_sent
+        return self._tally.total(1)
 
     @property
     def total_messages_received(self) -> int:
         """Frames received from all clients."""
-        return self._messages_received
+        return self._tally.total(2)
 
     @property
     def total_messages_sent(self) -> int:
         """Frames sent to all clients."""
-        return self._messages_sent
+        return self._tally.total(3)
 
     @property
     def up_time(self) -> int:
@@ -647,6 +665,7 @@ class Server(Component):
         """Zero the totals (live clients and their own counters are kept)."""
         with self._stats_lock:
             self._zero_stats()
+        self._tally.clear()
 
     def get_server_info(self) -> str:
         """A short multi-line report of state, address, clients and totals."""

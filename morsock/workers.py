@@ -28,13 +28,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from threading import get_ident
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .reactor import Reactor
 
-__all__ = ["WorkerPool", "Strand"]
+__all__ = ["WorkerPool", "Strand", "each"]
 
 #: One idle follower (the standby) looks at the poll role this often: a leader that went
 #: on to run a handler that blocks is relieved of polling within this time, even with no
@@ -46,17 +47,15 @@ SLOW_STRAND = 0.0005
 
 
 class Strand:
-    """Serial executor bound to a pool; ``runner(item)`` processes one item."""
+    """Serial executor bound to a pool: ``run_batch(items)`` processes a list of queued
+    items in order (see :func:`each` to run an item at a time). It must not raise: an
+    exception that escapes is logged and the rest of that batch is lost."""
 
-    __slots__ = ("_pool", "_runner", "_items", "_lock", "_scheduled", "_begin", "_end")
+    __slots__ = ("_pool", "_run_batch", "_items", "_lock", "_scheduled")
 
-    def __init__(self, pool: WorkerPool, runner: Callable[[Any], None],
-                 begin: Callable[[], None] | None = None,
-                 end: Callable[[], None] | None = None) -> None:
+    def __init__(self, pool: WorkerPool, run_batch: Callable[[list[Any]], None]) -> None:
         self._pool = pool
-        self._runner = runner
-        self._begin = begin   # called before each batch (the connection corks its output)
-        self._end = end       # called after each batch (uncork: one send for all replies)
+        self._run_batch = run_batch
         self._items: list[Any] = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -70,42 +69,51 @@ class Strand:
             self._scheduled = True
         self._pool._schedule(self)
 
-    def post_many(self, items: Iterable[Any]) -> None:
-        """Queue several items in order with one hand-off. Thread-safe."""
+    def post_many(self, items: list[Any]) -> None:
+        """Queue the items of *items* in order with one hand-off; the strand may keep the
+        list itself, so the caller must not use it afterwards. Thread-safe."""
         with self._lock:
-            self._items.extend(items)
-            if self._scheduled or not self._items:
+            if self._items:
+                self._items.extend(items)
+            elif items:
+                self._items = items
+            else:
+                return
+            if self._scheduled:
                 return
             self._scheduled = True
         self._pool._schedule(self)
 
     def is_idle(self) -> bool:
         """True when nothing is queued or running on this strand. Thread-safe."""
-        with self._lock:
-            return not self._scheduled
+        return not self._scheduled  # one attribute read: atomic
 
     def _drain(self) -> None:
         """Run queued items until none is left (pool thread)."""
-        runner = self._runner
         lock = self._lock
         while True:
             with lock:
-                if not self._items:
+                items = self._items
+                if not items:
                     self._scheduled = False
                     return
-                batch = self._items
                 self._items = []
-            if self._begin is not None:
-                self._begin()
             try:
-                for item in batch:
-                    try:
-                        runner(item)
-                    except Exception:
-                        self._pool._log.exception("unhandled error in %s", self._pool.name)
-            finally:
-                if self._end is not None:
-                    self._end()
+                self._run_batch(items)
+            except Exception:
+                self._pool._log.exception("unhandled error in %s", self._pool.name)
+
+
+def each(run_item: Callable[[Any], None], log: logging.Logger) -> Callable[[list[Any]], None]:
+    """A batch runner for :class:`Strand` that passes items one at a time to *run_item*,
+    logging (and going on after) an item that raises."""
+    def run_batch(items: list[Any]) -> None:
+        for item in items:
+            try:
+                run_item(item)
+            except Exception:
+                log.exception("unhandled error running %r", item)
+    return run_batch
 
 
 class WorkerPool:
@@ -129,13 +137,13 @@ class WorkerPool:
         self._released_at = 0.0   # when the leader last left the poll role (monotonic)
         self._stopping = False
         self._strand_time = 0.0   # moving average of a strand batch's run time, seconds
+        self._harvest: list[Strand] = []  # scheduled by the leader during its poll
         self._threads: list[threading.Thread] = []
 
-    def strand(self, runner: Callable[[Any], None], begin: Callable[[], None] | None = None,
-               end: Callable[[], None] | None = None) -> Strand:
-        """A new strand whose items are passed to *runner* on this pool, with optional
-        *begin*/*end* hooks around each batch."""
-        return Strand(self, runner, begin, end)
+    def strand(self, run_batch: Callable[[list[Any]], None]) -> Strand:
+        """A new strand whose queued items are passed, a list at a time, to *run_batch*
+        on this pool."""
+        return Strand(self, run_batch)
 
     def start(self) -> None:
         """Start the threads."""
@@ -164,10 +172,14 @@ class WorkerPool:
 
     def _schedule(self, strand: Strand) -> None:
         reactor = self._reactor
+        if reactor is not None and reactor._leader == get_ident():
+            # The leader, inside poll_once: it publishes what it harvested in one go when
+            # the poll returns, then runs it itself (see _lead).
+            self._harvest.append(strand)
+            return
         with self._cv:
             self._ready.append(strand)
-            # The leader runs what it scheduled itself; anyone else wakes a thread.
-            if self._idle and (reactor is None or not reactor.in_thread()):
+            if self._idle:
                 self._cv.notify()
 
     def _work(self) -> None:
@@ -206,20 +218,47 @@ class WorkerPool:
                         watching = False
                     self._idle -= 1
             if strand is None:
-                assert reactor is not None
-                try:
-                    # strands waiting: only harvest ready I/O, never block in select
-                    reactor.poll_once(0.0 if ready else None)
-                except Exception:
-                    self._log.exception("%s: error in the reactor loop", self.name)
-                with cv:
-                    self._poll_free = True
-                    self._released_at = time.monotonic()
-                    if not ready:
-                        continue
-                    strand = ready.popleft()
-                    if self._idle and self._strand_time > SLOW_STRAND:
-                        cv.notify()  # a follower takes the poll role (or the next strand)
-            start = time.perf_counter()
+                self._lead()
+            else:
+                start = perf_counter()
+                strand._drain()
+                self._strand_time += (perf_counter() - start - self._strand_time) * 0.125
+
+    def _lead(self) -> None:
+        """Hold the poll role for one poll, then run what it harvested, in order, before
+        polling again -- as a single-threaded reactor would: one ``select`` per batch."""
+        reactor = self._reactor
+        assert reactor is not None
+        ready = self._ready
+        cv = self._cv
+        try:
+            # strands waiting: only harvest ready I/O, never block in select
+            reactor.poll_once(0.0 if ready else None)
+        except Exception:
+            self._log.exception("%s: error in the reactor loop", self.name)
+        harvest = self._harvest
+        with cv:
+            self._poll_free = True
+            self._released_at = time.monotonic()
+            if harvest:
+                ready.extend(harvest)
+                harvest.clear()
+            count = len(ready)
+            if not count:
+                return
+            if self._idle and self._strand_time > SLOW_STRAND:
+                cv.notify()  # slow handlers: a follower takes the poll role at once
+        # Run this batch without the pool lock (deque pops are atomic); a follower may
+        # take some of it meanwhile.
+        popleft = ready.popleft
+        start = perf_counter()
+        done = 0
+        while done < count:
+            try:
+                strand = popleft()
+            except IndexError:
+                break
             strand._drain()
-            self._strand_time += (time.perf_counter() - start - self._strand_time) * 0.125
+            done += 1
+        if done:
+            self._strand_time += ((perf_counter() - start) / done - self._strand_time) * 0.125
