@@ -250,6 +250,8 @@ class Component:
         None, doc="The logger of this component (None: logging.getLogger('morsock')).")
 
     _EVENTS: tuple[str, ...] = ()
+    #: Strand items for plaintext frames are their payloads (``bytes``), not Frames.
+    _PLAIN_FRAMES_AS_BYTES = False
     # set by __init__ from _EVENTS; read by every connection, so declared here
     on_data_received: Callable[..., Any] | None
     on_data_sent: Callable[..., Any] | None

@@ -30,7 +30,6 @@ import ssl
 import sys
 import threading
 import time
-from collections import deque
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -44,8 +43,11 @@ if TYPE_CHECKING:
     from .crypto import AuthSession
 
 _pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
 #: Replies at least this large skip the cork and leave at once with sendmsg (no copy).
 _DIRECT_SEND_MIN = 32 * 1024
+#: A strand batch holds at most about this many reply bytes before queueing them.
+HOLD_MAX = 256 * 1024
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
 
@@ -114,13 +116,32 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
               (1, keepalive_idle * 1000, keepalive_interval * 1000))
 
 
+def _frames_sent(out: bytearray, n: int, head_left: int) -> tuple[int, int]:
+    """For a send queue *out* -- the last *head_left* bytes of one frame, then whole
+    frames -- that just sent its first *n* bytes (fewer than all): how many frames that
+    completed, and how many bytes are left of the frame then in progress."""
+    done = 0
+    pos = head_left
+    if pos:
+        if n < pos:
+            return 0, pos - n
+        done = 1
+    while pos < n:  # a frame (whole, header included) starts at pos
+        end = pos + HEADER_SIZE + _unpack_header(out, pos)[1]
+        if end > n:
+            return done, end - n
+        pos = end
+        done += 1
+    return done, 0
+
+
 class Connection:
     """I/O state of one connected socket (see the module docstring for threads)."""
 
     # Slots keep an idle connection small (10,000 held connections are a benchmark case);
     # ServerClient adds a __dict__ of its own, so applications may still set attributes.
     __slots__ = ("_owner", "_sock", "peer_ip", "peer_port", "_reactor", "_decoder", "_strand",
-                 "_send_lock", "_out", "_queued_total", "_flushed_total", "_frame_ends",
+                 "_send_lock", "_out", "_queued_frames", "_head_left", "_held", "_held_bytes",
                  "_write_armed", "_broken", "_linger_timer", "_cork_owner", "_sendmsg",
                  "_reading", "_tls", "_read_wants_write", "peer_certificate", "max_send_buffer",
                  "closing", "closed", "close_code", "session", "frame_hook", "established",
@@ -138,14 +159,20 @@ class Connection:
         except (OSError, IndexError, TypeError):
             self.peer_ip, self.peer_port = "", 0
         self._reactor = owner._reactor
-        self._decoder = FrameDecoder(max_message_size)
+        self._decoder = FrameDecoder(max_message_size,
+                                     plain_as_bytes=owner._PLAIN_FRAMES_AS_BYTES)
         self._strand = owner._strand_for(self)
         self._send_lock = threading.Lock()
         self._out = bytearray()
-        self._queued_total = 0          # bytes ever put in _out
-        self._flushed_total = 0         # bytes of _out ever sent
-        # _queued_total at the end of each queued frame (made when first needed)
-        self._frame_ends: deque[int] | None = None
+        # _out holds the rest of one frame (_head_left bytes; 0: none) then whole frames:
+        # _queued_frames of them in all, counted as sent once their last byte leaves.
+        self._queued_frames = 0
+        self._head_left = 0
+        # Plaintext replies held back by the thread that corked the connection, not yet in
+        # _out. Only that thread touches them: Server._run_items appends; uncork, or a
+        # send or close() by that thread, moves them to _out (_release_held_locked).
+        self._held: list[bytes] = []
+        self._held_bytes = 0
         self._write_armed = False
         self._broken = False            # the socket failed: close without lingering
         self._linger_timer: Timer | None = None  # set while a graceful close drains
@@ -389,30 +416,16 @@ class Connection:
             return 0
         self.send_stalled_since = None
         self.bytes_sent += n
-        ends = self._frame_ends
-        assert ends is not None
         if n == len(out):
             out.clear()
-            self._flushed_total = self._queued_total
-            self.messages_sent += len(ends)
-            self._frame_ends = None  # idle connections keep no deque
+            self.messages_sent += self._queued_frames
+            self._queued_frames = self._head_left = 0
             return n
+        done, self._head_left = _frames_sent(out, n, self._head_left)
         del out[:n]
-        flushed = self._flushed_total = self._flushed_total + n
-        done = 0
-        while ends and ends[0] <= flushed:
-            ends.popleft()
-            done += 1
+        self._queued_frames -= done
         self.messages_sent += done
         return n
-
-    def _frame_queued(self, nbytes: int) -> None:
-        """Account for *nbytes* of a frame put in the queue (under the send lock)."""
-        self._queued_total += nbytes
-        ends = self._frame_ends
-        if ends is None:
-            ends = self._frame_ends = deque()
-        ends.append(self._queued_total)
 
     def _finish_close(self) -> None:
         """Close the socket and notify the owner. A graceful close (no error code, socket
@@ -458,6 +471,11 @@ class Connection:
         with self._send_lock:
             if self.closing:
                 return False
+            if self._held and self._cork_owner == get_ident():
+                try:  # replies this thread's batch made before closing still leave
+                    self._release_held_locked()
+                except SendBufferFullError:
+                    pass
             self.closing = True
             self.close_code = code
         if code is not None:
@@ -502,8 +520,10 @@ class Connection:
                 raise SendBufferFullError(
                     f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
                     f"max_send_buffer={self.max_send_buffer})")
+            if self._held and self._cork_owner == get_ident():
+                self._release_held_locked()  # this thread's replies go first
             out += frame
-            self._frame_queued(len(frame))
+            self._queued_frames += 1
             return 0
         try:
             if self._tls and len(frame) > TLS_WRITE_CHUNK:
@@ -521,7 +541,8 @@ class Connection:
             self.messages_sent += 1
             return n
         out += memoryview(frame)[n:]
-        self._frame_queued(len(frame) - n)
+        self._head_left = len(frame) - n
+        self._queued_frames = 1
         self._reactor.call_soon(self._arm_write)
         return n
 
@@ -542,6 +563,8 @@ class Connection:
         with self._send_lock:
             if self.closing:
                 raise NotConnectedError(f"{self.describe()} is not connected")
+            if self._held and self._cork_owner == get_ident():
+                self._release_held_locked()  # this thread's replies go first
             out = self._out
             if out:
                 if len(out) + size + HEADER_SIZE > self.max_send_buffer:
@@ -557,12 +580,34 @@ class Connection:
                 return
             out += _pack_header(MAGIC, size, 0)
             out += payload
-            queued = self._queued_total = self._queued_total + size + HEADER_SIZE
-            ends = self._frame_ends
-            if ends is None:
-                self._frame_ends = deque((queued,))
-            else:
-                ends.append(queued)
+            self._queued_frames += 1
+
+    def _release_held_locked(self) -> None:
+        """Under the send lock, on the corking thread: put the held replies in the queue,
+        in order. Raises SendBufferFullError at the first that does not fit (the rest are
+        dropped: the caller closes the connection)."""
+        held = self._held
+        size = self._held_bytes
+        self._held = []
+        self._held_bytes = 0
+        out = self._out
+        limit = self.max_send_buffer
+        if out and len(out) + size > limit:
+            for index, payload in enumerate(held):
+                if out and len(out) + len(payload) + HEADER_SIZE > limit:
+                    self._queued_frames += index
+                    if self.send_stalled_since is None:
+                        self.send_stalled_since = time.monotonic()
+                    raise SendBufferFullError(
+                        f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
+                        f"max_send_buffer={limit})")
+                out += _pack_header(MAGIC, len(payload), 0)
+                out += payload
+        else:
+            for payload in held:
+                out += _pack_header(MAGIC, len(payload), 0)
+                out += payload
+        self._queued_frames += len(held)
 
     def _send_direct(self, payload: bytes) -> int:
         """Under the send lock, nothing queued: send a frame of *payload* with one
@@ -589,7 +634,8 @@ class Connection:
             out += payload
         else:
             out += memoryview(payload)[sent - HEADER_SIZE:]
-        self._frame_queued(size + HEADER_SIZE - sent)
+        self._head_left = size + HEADER_SIZE - sent
+        self._queued_frames = 1
         self._reactor.call_soon(self._arm_write)
         return sent
 
@@ -600,19 +646,33 @@ class Connection:
         self._cork_owner = get_ident()
 
     def uncork(self) -> None:
-        """Send what :meth:`cork` held, at once if the kernel takes it (strand batch end)."""
-        self._cork_owner = None  # before looking at the queue: see _send_locked
-        if not self._out or self._write_armed or self.closing:
-            return
+        """End of a strand batch: queue the replies it held, then send the queue at once if
+        the kernel takes it. A reply that overflows ``max_send_buffer`` disconnects the
+        peer (SEND_BUFFER_FULL), as :meth:`send_frame` would."""
+        full: SendBufferFullError | None = None
+        sent = 0
+        pending = False
         with self._send_lock:
-            if not self._out or self._write_armed or self.closing:
-                return
-            sent = self._flush_locked()
-            pending = bool(self._out)
+            self._cork_owner = None
+            if self._held:
+                if self.closing:  # close() from another thread: nothing is sent after it
+                    self._held = []
+                    self._held_bytes = 0
+                else:
+                    try:
+                        self._release_held_locked()
+                    except SendBufferFullError as exc:
+                        full = exc
+            if self._out and not self._write_armed and not self.closing:
+                sent = self._flush_locked()
+                pending = bool(self._out)
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
         if pending:
             self._reactor.call_soon(self._arm_write)
+        if full is not None:
+            self.close(ErrorCode.SEND_BUFFER_FULL,
+                       f"{full}: the peer does not read; disconnected")
 
     @property
     def send_queue_size(self) -> int:

@@ -15,7 +15,7 @@ payload of an encrypted frame is opaque here (see :mod:`morsock.crypto`).
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 from .enums import ErrorCode
 from .errors import ProtocolError
@@ -36,6 +36,7 @@ FLAG_PLAIN = 0
 FLAG_MORMOT = 1
 FLAG_AUTHENTICATED = 2
 VALID_FLAGS = frozenset((FLAG_PLAIN, FLAG_MORMOT, FLAG_AUTHENTICATED))
+_MAX_FLAG = max(VALID_FLAGS)  # the valid flags are 0.._MAX_FLAG
 
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _pack = HEADER.pack
@@ -88,14 +89,19 @@ class FrameDecoder:
     After an error the decoder is *broken*: every later ``feed`` raises the same error.
     Frames completed before the bad bytes in the same chunk are not lost: they are in
     the exception's ``frames`` attribute, in order.
+
+    With *plain_as_bytes*, a plaintext frame comes out as its payload alone (``bytes``),
+    saving an object per frame; other frames are still :class:`Frame`.
     """
 
-    __slots__ = ("max_message_size", "_buf", "_need", "_error")
+    __slots__ = ("max_message_size", "_buf", "_need", "_error", "_wrap_plain")
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *,
+                 plain_as_bytes: bool = False) -> None:
         if max_message_size < 0:
             raise ValueError("max_message_size must be >= 0")
         self.max_message_size = max_message_size
+        self._wrap_plain = not plain_as_bytes
         self._buf = bytearray()
         self._need = HEADER_SIZE   # bytes _buf must hold before the next parse can progress
         self._error: ProtocolError | None = None
@@ -110,11 +116,11 @@ class FrameDecoder:
         """True once a stream error was raised."""
         return self._error is not None
 
-    def feed(self, data: Buffer) -> list[Frame]:
+    def feed(self, data: Buffer) -> list[Any]:
         """Consume *data*; return the frames it completes, in stream order."""
         if self._error is not None:
             raise self._error
-        frames: list[Frame] = []
+        frames: list[Any] = []
         buf = self._buf
         if buf:
             buf += data
@@ -133,39 +139,49 @@ class FrameDecoder:
             self._check_partial_header(buf, frames)
         return frames
 
-    def _parse(self, src: Buffer, n: int, frames: list[Frame]) -> int:
+    def _parse(self, src: Buffer, n: int, frames: list[Any]) -> int:
         """Append the complete frames of src[:n] to *frames*; return bytes consumed."""
         pos = 0
         limit = self.max_message_size
         append = frames.append
+        wrap_plain = self._wrap_plain
         with memoryview(src) as mv:
             while n - pos >= HEADER_SIZE:
                 magic, size, flag = _unpack_from(src, pos)
-                if magic != MAGIC:
-                    self._fail(ErrorCode.INVALID_PROTOCOL,
-                               f"bad frame magic 0x{magic:08X} (expected 0x{MAGIC:08X})", frames)
-                if flag not in VALID_FLAGS:
-                    self._fail(ErrorCode.INVALID_PROTOCOL, f"unknown frame flag {flag}", frames)
-                if size > limit:
-                    self._fail(ErrorCode.MESSAGE_TOO_LARGE,
-                               f"frame of {size} bytes exceeds max_message_size={limit}", frames)
+                if magic != MAGIC or flag > _MAX_FLAG or size > limit:
+                    self._check_header(magic, size, flag, frames)
                 end = pos + HEADER_SIZE + size
                 if end > n:
                     self._need = end - pos
                     return pos
-                append(_new_frame(Frame, (bytes(mv[pos + HEADER_SIZE:end]), flag)))
+                if flag or wrap_plain:
+                    append(_new_frame(Frame, (bytes(mv[pos + HEADER_SIZE:end]), flag)))
+                else:
+                    append(bytes(mv[pos + HEADER_SIZE:end]))
                 pos = end
         self._need = HEADER_SIZE
         return pos
 
-    def _check_partial_header(self, buf: bytearray, frames: list[Frame]) -> None:
+    def _check_header(self, magic: int, size: int, flag: int, frames: list[Any]) -> None:
+        """Raise the ProtocolError a bad header deserves (see the class docstring)."""
+        if magic != MAGIC:
+            self._fail(ErrorCode.INVALID_PROTOCOL,
+                       f"bad frame magic 0x{magic:08X} (expected 0x{MAGIC:08X})", frames)
+        if flag not in VALID_FLAGS:
+            self._fail(ErrorCode.INVALID_PROTOCOL, f"unknown frame flag {flag}", frames)
+        if size > self.max_message_size:
+            self._fail(ErrorCode.MESSAGE_TOO_LARGE,
+                       f"frame of {size} bytes exceeds max_message_size={self.max_message_size}",
+                       frames)
+
+    def _check_partial_header(self, buf: bytearray, frames: list[Any]) -> None:
         """Reject a bad magic as soon as its first wrong byte arrives."""
         k = min(len(buf), 4)
         if buf[:k] != _MAGIC_BYTES[:k]:
             self._fail(ErrorCode.INVALID_PROTOCOL,
                        f"bad frame magic (stream starts {bytes(buf[:k]).hex()})", frames)
 
-    def _fail(self, code: ErrorCode, message: str, frames: list[Frame]) -> None:
+    def _fail(self, code: ErrorCode, message: str, frames: list[Any]) -> None:
         error = ProtocolError(message, code, frames)
         self._buf = bytearray()
         self._error = error

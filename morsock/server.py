@@ -17,11 +17,11 @@ from threading import get_ident
 from typing import Any, Callable
 
 from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
-from .connection import CONNECTED, DISCONNECTED, Connection
+from .connection import _DIRECT_SEND_MIN, CONNECTED, DISCONNECTED, HOLD_MAX, Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import Frame
+from .protocol import HEADER_SIZE, Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 
@@ -179,6 +179,7 @@ class Server(Component):
         4096, _positive_int, doc="listen() backlog: connections the kernel holds until "
                                  "they are accepted.")
 
+    _PLAIN_FRAMES_AS_BYTES = True
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
 
@@ -517,15 +518,20 @@ class Server(Component):
         queue_frame = conn.queue_frame
         try:
             for item in items:
-                if fast and item.__class__ is Frame and item[1] == 0 and not conn.closing:
+                if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
                     try:
-                        reply = handler(self, conn, item[0])  # type: ignore[misc,arg-type]
+                        reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                     except Exception as exc:
                         self._handler_failed("on_handle_command", exc, (conn,))
                         continue
                     if not reply:
                         continue
                     if reply.__class__ is bytes:
+                        if len(reply) < _DIRECT_SEND_MIN and conn._held_bytes < HOLD_MAX:
+                            # held: framed and queued by uncork, in one go
+                            conn._held.append(reply)
+                            conn._held_bytes += len(reply) + HEADER_SIZE
+                            continue
                         try:
                             queue_frame(reply)  # corked: sent when the batch ends
                             continue
@@ -548,6 +554,8 @@ class Server(Component):
             self._emit("on_connect", conn)
         elif item is DISCONNECTED:
             self._emit("on_disconnect", conn)
+        elif item.__class__ is bytes:  # the payload of a plaintext frame
+            self._handle_frame(conn, Frame(item, 0))
         else:
             self._handle_frame(conn, item)
 
