@@ -124,41 +124,46 @@ class FrameDecoder:
         buf = self._buf
         if buf:
             buf += data
-            if len(buf) < self._need:
-                if len(buf) < HEADER_SIZE:
+            size = len(buf)
+            if size < self._need:
+                if size < HEADER_SIZE:
                     self._check_partial_header(buf, frames)
                 return frames
-            pos = self._parse(buf, len(buf), frames)
+            with memoryview(buf) as view:  # released before buf is resized
+                pos = self._parse(view, size, frames)
             del buf[:pos]
         else:
-            n = len(data)
-            pos = self._parse(data, n, frames)
-            if pos < n:
-                buf += memoryview(data)[pos:]
+            view = data if data.__class__ is memoryview else memoryview(data)
+            if view.itemsize != 1:
+                view = view.cast("B")  # count bytes, not items
+            size = len(view)
+            pos = self._parse(view, size, frames)
+            if pos == size:
+                return frames
+            buf += view[pos:]
         if len(buf) < HEADER_SIZE and buf:
             self._check_partial_header(buf, frames)
         return frames
 
-    def _parse(self, src: Buffer, n: int, frames: list[Any]) -> int:
-        """Append the complete frames of src[:n] to *frames*; return bytes consumed."""
+    def _parse(self, view: memoryview, n: int, frames: list[Any]) -> int:
+        """Append the complete frames of view[:n] to *frames*; return bytes consumed."""
         pos = 0
         limit = self.max_message_size
         append = frames.append
         wrap_plain = self._wrap_plain
-        with memoryview(src) as mv:
-            while n - pos >= HEADER_SIZE:
-                magic, size, flag = _unpack_from(src, pos)
-                if magic != MAGIC or flag > _MAX_FLAG or size > limit:
-                    self._check_header(magic, size, flag, frames)
-                end = pos + HEADER_SIZE + size
-                if end > n:
-                    self._need = end - pos
-                    return pos
-                if flag or wrap_plain:
-                    append(_new_frame(Frame, (bytes(mv[pos + HEADER_SIZE:end]), flag)))
-                else:
-                    append(bytes(mv[pos + HEADER_SIZE:end]))
-                pos = end
+        while n - pos >= HEADER_SIZE:
+            magic, size, flag = _unpack_from(view, pos)
+            if magic != MAGIC or flag > _MAX_FLAG or size > limit:
+                self._check_header(magic, size, flag, frames)
+            end = pos + HEADER_SIZE + size
+            if end > n:
+                self._need = end - pos
+                return pos
+            if flag or wrap_plain:
+                append(_new_frame(Frame, (bytes(view[pos + HEADER_SIZE:end]), flag)))
+            else:
+                append(bytes(view[pos + HEADER_SIZE:end]))
+            pos = end
         self._need = HEADER_SIZE
         return pos
 
