@@ -93,6 +93,7 @@ class Setting(Generic[T]):
         self.convert = convert
         self.live = live
         self.name = ""
+        self._key = ""
         shown = (f"{type(default).__name__}.{default.name}" if isinstance(default, Enum)
                  else repr(default))
         when = "may also be set while running." if live else "set it while stopped."
@@ -100,6 +101,7 @@ class Setting(Generic[T]):
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
+        self._key = "_setting_" + name  # where an instance keeps its value
 
     @overload
     def __get__(self, obj: None, objtype: Any = None) -> Setting[T]: ...
@@ -109,7 +111,7 @@ class Setting(Generic[T]):
     def __get__(self, obj: object | None, objtype: Any = None) -> Any:
         if obj is None:
             return self
-        return obj.__dict__.get("_setting_" + self.name, self.default)
+        return obj.__dict__.get(self._key, self.default)
 
     def __set__(self, obj: Any, value: Any) -> None:
         if not self.live and obj._is_running():
@@ -117,7 +119,7 @@ class Setting(Generic[T]):
                                f"active; stop it first")
         if self.convert is not None:
             value = self.convert(value)
-        obj.__dict__["_setting_" + self.name] = value
+        obj.__dict__[self._key] = value
 
 
 def _non_negative_int(value: Any) -> int:
@@ -308,6 +310,7 @@ class Component:
         raise NotImplementedError
 
     def _configure(self, sock: socket.socket) -> None:
+        """Socket options from the settings (non-blocking, TCP_NODELAY, keep-alive)."""
         from .connection import configure_socket
         configure_socket(sock, no_delay=self.no_delay, keep_alive=self.keep_alive,
                          keepalive_idle=self.keepalive_idle,
@@ -403,6 +406,11 @@ class Component:
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         raise NotImplementedError
+
+    def _marker_wanted(self, marker: Any) -> bool:
+        """Whether *conn*'s strand needs the life-cycle *marker* (CONNECTED or
+        DISCONNECTED) at all; reactor thread."""
+        return True
 
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
         """Strand batch runner: *conn*'s items in order, with its sends corked, so the

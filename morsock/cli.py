@@ -145,9 +145,38 @@ def _raise_open_file_limit() -> None:
             pass
 
 
+#: glibc mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def _keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep up to 64 MiB of freed memory instead of handing it back
+    to the kernel at once. Each worker thread allocates from an arena of its own, and
+    glibc trims an arena as soon as 128 KiB lie free at its top: with 64 KiB messages
+    that is after almost every message, and the next one page-faults its memory in again
+    (measured: server CPU per 64 KiB echo about halved). Equivalent to the environment
+    ``MALLOC_TRIM_THRESHOLD_=67108864 MALLOC_MMAP_THRESHOLD_=33554432``, which embedding
+    programs can use. Returns False where there is no glibc (no effect)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    # An explicit trim threshold also freezes the mmap threshold, so set that too: blocks
+    # up to 32 MiB come from the arenas (reused) rather than a fresh mmap each time.
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+                and mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024))
+
+
 def _run_server(args: argparse.Namespace) -> int:
     prefix = args.prefix.encode("utf-8")
     _raise_open_file_limit()
+    _keep_freed_memory()
 
     def echo(sender: Server, client: Any, data: bytes) -> bytes:
         return prefix + data if prefix else data

@@ -149,11 +149,13 @@ class Connection:
                  "last_activity", "partial_since", "send_stalled_since", "__weakref__")
 
     def __init__(self, owner: Component, sock: socket.socket, *, max_message_size: int,
-                 max_send_buffer: int) -> None:
+                 max_send_buffer: int, peer: Any = None) -> None:
+        """*peer*: the peer's address as ``accept()`` gave it (else asked of *sock*)."""
         self._owner = owner
         self._sock = sock
         try:
-            peer = sock.getpeername()
+            if peer is None:
+                peer = sock.getpeername()
             self.peer_ip: str = str(peer[0])
             self.peer_port: int = int(peer[1])
         except (OSError, IndexError, TypeError):
@@ -218,7 +220,7 @@ class Connection:
         """Register with the selector (reactor thread); with *announce*, queue the
         CONNECTED marker (else the owner posts it once the connection is usable)."""
         self._reactor.register(self._sock, EVENT_READ, self._read_callback())
-        if announce:
+        if announce and self._owner._marker_wanted(CONNECTED):
             self._strand.post(CONNECTED)
         if self._tls:  # bytes that came with the handshake may wait inside the SSL object
             self._reactor.call_soon(self._read_again)
@@ -458,7 +460,8 @@ class Connection:
                     pass
         self._sock.close()
         self._owner._connection_closed(self)
-        self._strand.post(DISCONNECTED)
+        if self._owner._marker_wanted(DISCONNECTED):
+            self._strand.post(DISCONNECTED)
 
     # -- any thread ------------------------------------------------------------------
     def close(self, code: ErrorCode | None = None, message: str = "") -> bool:

@@ -11,6 +11,7 @@ import logging
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 from threading import get_ident
@@ -38,6 +39,10 @@ SELECT_MAX_CONNECTIONS = 500
 #: server bind a port that is in use (as ``socket.create_server`` does; Windows never
 #: holds a closed listener's port in TIME_WAIT, so a restart still binds at once).
 _REUSE_ADDRESS = os.name not in ("nt", "cygwin")
+#: Linux copies TCP_NODELAY, SO_KEEPALIVE, the keep-alive timings and TCP_USER_TIMEOUT
+#: from a listening socket to the sockets it accepts: set there once, they cost accepted
+#: connections nothing (test_hardening checks accepted sockets carry them).
+_OPTIONS_INHERITED = sys.platform.startswith("linux")
 
 
 def _select_limited() -> bool:
@@ -62,15 +67,21 @@ class ServerClient(Connection):
     are the library's own I/O machinery, not for the application.
     """
 
-    def __init__(self, server: Server, sock: socket.socket, handle: int) -> None:
+    def __init__(self, server: Server, sock: socket.socket, handle: int,
+                 peer: Any = None) -> None:
         super().__init__(server, sock, max_message_size=server.max_message_size,
-                         max_send_buffer=server.max_send_buffer)
+                         max_send_buffer=server.max_send_buffer, peer=peer)
         self.server = server
         self.handle = handle
-        self.connected_at = datetime.datetime.now()
+        self._connected_wall = time.time()
         self._connected_mono = time.monotonic()
         #: Free slot for the application (Delphi ``CustomData``).
         self.custom_data: Any = None
+
+    @property
+    def connected_at(self) -> datetime.datetime:
+        """When the connection was accepted (local time)."""
+        return datetime.datetime.fromtimestamp(self._connected_wall)
 
     @property
     def connected(self) -> bool:
@@ -306,6 +317,8 @@ class Server(Component):
             sock.bind(address)
             sock.listen(self.backlog)
             sock.setblocking(False)
+            if _OPTIONS_INHERITED:
+                self._configure(sock)
         except BaseException:
             sock.close()
             raise
@@ -375,6 +388,8 @@ class Server(Component):
         listener = self._listener
         if listener is None or self._state is not ServerState.LISTENING:
             return
+        limit = self._connection_limit()
+        tls = self.ssl_context is not None
         for _ in range(64):
             try:
                 sock, address = listener.accept()
@@ -387,10 +402,7 @@ class Server(Component):
                     self._reactor.unregister(listener)
                     self._reactor.call_later(0.1, self._resume_accepting)
                 return
-            with self.property_lock:
-                limit = self._connection_limit()
-                full = len(self._clients) + len(self._tls_pending) >= limit
-            if full:
+            if len(self._clients) + len(self._tls_pending) >= limit:  # only this thread adds
                 sock.close()
                 with self._stats_lock:
                     self._total_rejected += 1
@@ -399,11 +411,14 @@ class Server(Component):
                              ErrorCode.SERVER_FULL)
                 continue
             try:
-                self._configure(sock)
-                if self.ssl_context is not None:
+                if _OPTIONS_INHERITED:
+                    sock.setblocking(False)  # the rest came with the listener's options
+                else:
+                    self._configure(sock)
+                if tls:
                     self._start_tls(sock, address)
                     continue
-                client = ServerClient(self, sock, next(self._handles))
+                client = ServerClient(self, sock, next(self._handles), address)
             except OSError as exc:
                 sock.close()
                 self._log.info("accepted socket from %s failed at once: %s", address, exc)
@@ -416,7 +431,15 @@ class Server(Component):
             self._clients[client.handle] = client
         with self._stats_lock:
             self._total_connections += 1
+        self._log.info("client #%d connected from %s", client.handle, client.describe())
         client.start()
+
+    def _marker_wanted(self, marker: Any) -> bool:
+        # A marker only fires its event: without a handler, it need not go through the
+        # strand at all (a connection that comes and goes costs two strand runs less).
+        if marker is CONNECTED:
+            return self.on_connect is not None
+        return self.on_disconnect is not None
 
     def _start_tls(self, sock: socket.socket, address: Any) -> None:
         """Reactor thread: TLS handshake with an accepted socket. It counts against
@@ -550,7 +573,6 @@ class Server(Component):
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:
-            self._log.info("client #%d connected from %s", conn.handle, conn.describe())  # type: ignore[attr-defined]
             self._emit("on_connect", conn)
         elif item is DISCONNECTED:
             self._emit("on_disconnect", conn)

@@ -82,7 +82,12 @@ class Strand:
             if self._scheduled:
                 return
             self._scheduled = True
-        self._pool._schedule(self)
+        pool = self._pool
+        reactor = pool._reactor
+        if reactor is not None and reactor._leader == get_ident():
+            pool._harvest.append(self)  # _schedule, inline: the hot path of every read
+        else:
+            pool._schedule(self)
 
     def is_idle(self) -> bool:
         """True when nothing is queued or running on this strand. Thread-safe."""

@@ -108,6 +108,9 @@ def test_keep_alive_and_no_delay_off_are_applied() -> None:
     with running_server(keep_alive=False, no_delay=False) as server:
         with RawPeer.to(server) as peer:
             assert peer.request(b"x") == b"x"
+            sock = _only_client(server)._sock  # the accepted socket, server side
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
             sock = _only_client(server)._sock
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
