@@ -48,6 +48,8 @@ _unpack_header = HEADER.unpack_from
 _DIRECT_SEND_MIN = 32 * 1024
 #: A strand batch holds at most about this many reply bytes before queueing them.
 HOLD_MAX = 256 * 1024
+#: Most frames sent with one sendmsg (two buffers each; Linux takes at most 1024).
+_SENDMSG_MAX_FRAMES = 256
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
 
@@ -477,7 +479,7 @@ class Connection:
             if self._held and self._cork_owner == get_ident():
                 try:  # replies this thread's batch made before closing still leave
                     self._release_held_locked()
-                except SendBufferFullError:
+                except (SendBufferFullError, NotConnectedError):
                     pass
             self.closing = True
             self.close_code = code
@@ -523,11 +525,12 @@ class Connection:
                 raise SendBufferFullError(
                     f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
                     f"max_send_buffer={self.max_send_buffer})")
+            sent = 0
             if self._held and self._cork_owner == get_ident():
-                self._release_held_locked()  # this thread's replies go first
+                sent = self._release_held_locked()  # this thread's replies go first
             out += frame
             self._queued_frames += 1
-            return 0
+            return sent
         try:
             if self._tls and len(frame) > TLS_WRITE_CHUNK:
                 n = self._sock.send(memoryview(frame)[:TLS_WRITE_CHUNK])
@@ -557,43 +560,34 @@ class Connection:
         self._reactor.call_soon(self._finish_close)
         return NotConnectedError(f"{self.describe()}: send failed: {exc}")
 
-    def queue_frame(self, payload: bytes) -> None:
-        """Fast path for a plaintext reply while this thread has the connection corked
-        (the strand running a batch): header and payload go straight into the queue, or,
-        for a large payload with nothing queued before it, straight to the kernel with one
-        scatter/gather ``sendmsg`` (no copy). Raises like :meth:`send_frame`."""
-        size = len(payload)
+    def release_held(self) -> None:
+        """Cork owner, mid-batch: queue (or send) the replies held so far, e.g. once they
+        pass :data:`HOLD_MAX` bytes. Raises SendBufferFullError / NotConnectedError like
+        :meth:`send_frame`."""
         with self._send_lock:
             if self.closing:
+                self._held = []
+                self._held_bytes = 0
                 raise NotConnectedError(f"{self.describe()} is not connected")
-            if self._held and self._cork_owner == get_ident():
-                self._release_held_locked()  # this thread's replies go first
-            out = self._out
-            if out:
-                if len(out) + size + HEADER_SIZE > self.max_send_buffer:
-                    if self.send_stalled_since is None:
-                        self.send_stalled_since = time.monotonic()
-                    raise SendBufferFullError(
-                        f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
-                        f"max_send_buffer={self.max_send_buffer})")
-            elif size >= _DIRECT_SEND_MIN and self._sendmsg is not None:
-                sent = self._send_direct(payload)
-                if sent and self._owner.on_data_sent is not None:
-                    self._owner._emit_data_event("on_data_sent", self, sent)
-                return
-            out += _pack_header(MAGIC, size, 0)
-            out += payload
-            self._queued_frames += 1
+            sent = self._release_held_locked()
+        if sent and self._owner.on_data_sent is not None:
+            self._owner._emit_data_event("on_data_sent", self, sent)
 
-    def _release_held_locked(self) -> None:
-        """Under the send lock, on the corking thread: put the held replies in the queue,
-        in order. Raises SendBufferFullError at the first that does not fit (the rest are
-        dropped: the caller closes the connection)."""
+    def _release_held_locked(self) -> int:
+        """Under the send lock, on the corking thread: frame the held replies and queue
+        them in order -- or, when nothing is queued and they are large, hand them to the
+        kernel at once with one scatter/gather ``sendmsg`` (no copy). Returns the bytes
+        sent. Raises SendBufferFullError at the first reply that does not fit (the rest
+        are dropped: the caller closes the connection), NotConnectedError if the socket
+        failed."""
         held = self._held
         size = self._held_bytes
         self._held = []
         self._held_bytes = 0
         out = self._out
+        if (not out and size >= _DIRECT_SEND_MIN and self._sendmsg is not None
+                and len(held) <= _SENDMSG_MAX_FRAMES):
+            return self._send_frames(held, size)
         limit = self.max_send_buffer
         if out and len(out) + size > limit:
             for index, payload in enumerate(held):
@@ -611,16 +605,20 @@ class Connection:
                 out += _pack_header(MAGIC, len(payload), 0)
                 out += payload
         self._queued_frames += len(held)
+        return 0
 
-    def _send_direct(self, payload: bytes) -> int:
-        """Under the send lock, nothing queued: send a frame of *payload* with one
-        ``sendmsg``, queue what the kernel did not take; count and return the bytes sent."""
-        size = len(payload)
-        header = _pack_header(MAGIC, size, 0)
+    def _send_frames(self, payloads: list[bytes], size: int) -> int:
+        """Under the send lock, nothing queued: send frames of *payloads* (*size* bytes
+        in all) with one ``sendmsg``, queue what the kernel did not take; count and
+        return the bytes sent."""
+        buffers: list[bytes] = []
+        for payload in payloads:
+            buffers.append(_pack_header(MAGIC, len(payload), 0))
+            buffers.append(payload)
         assert self._sendmsg is not None
         sent: int
         try:
-            sent = self._sendmsg((header, payload))
+            sent = self._sendmsg(buffers)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -628,17 +626,31 @@ class Connection:
         if sent:
             self.bytes_sent += sent
             self.send_stalled_since = None
-        if sent == size + HEADER_SIZE:
-            self.messages_sent += 1
+        if sent == size:
+            self.messages_sent += len(payloads)
             return sent
         out = self._out
-        if sent < HEADER_SIZE:
-            out += header[sent:]
-            out += payload
-        else:
-            out += memoryview(payload)[sent - HEADER_SIZE:]
-        self._head_left = size + HEADER_SIZE - sent
-        self._queued_frames = 1
+        pos = done = 0
+        for index, payload in enumerate(payloads):
+            length = len(payload) + HEADER_SIZE
+            if pos + length <= sent:  # this frame left whole
+                pos += length
+                done += 1
+                continue
+            skip = sent - pos  # bytes of this frame that left (0 for the ones after it)
+            if skip <= 0:
+                out += buffers[2 * index]
+                out += payload
+            else:
+                if skip < HEADER_SIZE:
+                    out += buffers[2 * index][skip:]
+                    out += payload
+                else:
+                    out += memoryview(payload)[skip - HEADER_SIZE:]
+                self._head_left = length - skip
+            pos = sent
+        self.messages_sent += done
+        self._queued_frames = len(payloads) - done
         self._reactor.call_soon(self._arm_write)
         return sent
 
@@ -663,11 +675,13 @@ class Connection:
                     self._held_bytes = 0
                 else:
                     try:
-                        self._release_held_locked()
+                        sent = self._release_held_locked()
                     except SendBufferFullError as exc:
                         full = exc
+                    except NotConnectedError:
+                        pass  # the socket failed: it is being closed
             if self._out and not self._write_armed and not self.closing:
-                sent = self._flush_locked()
+                sent += self._flush_locked()
                 pending = bool(self._out)
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)

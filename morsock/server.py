@@ -18,7 +18,7 @@ from threading import get_ident
 from typing import Any, Callable
 
 from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
-from .connection import _DIRECT_SEND_MIN, CONNECTED, DISCONNECTED, HOLD_MAX, Connection
+from .connection import CONNECTED, DISCONNECTED, HOLD_MAX, Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
@@ -538,7 +538,6 @@ class Server(Component):
         conn._cork_owner = get_ident()  # conn.cork(), inline
         handler = self.on_handle_command
         fast = handler is not None and not self.require_encryption and not _LOG_DEBUG()
-        queue_frame = conn.queue_frame
         try:
             for item in items:
                 if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
@@ -550,18 +549,20 @@ class Server(Component):
                     if not reply:
                         continue
                     if reply.__class__ is bytes:
-                        if len(reply) < _DIRECT_SEND_MIN and conn._held_bytes < HOLD_MAX:
-                            # held: framed and queued by uncork, in one go
-                            conn._held.append(reply)
-                            conn._held_bytes += len(reply) + HEADER_SIZE
+                        # held: framed and sent by uncork, with the rest of the batch
+                        conn._held.append(reply)
+                        conn._held_bytes += len(reply) + HEADER_SIZE
+                        if conn._held_bytes < HOLD_MAX:
                             continue
                         try:
-                            queue_frame(reply)  # corked: sent when the batch ends
+                            conn.release_held()
                             continue
                         except NotConnectedError:
                             continue
-                        except SendBufferFullError:
-                            pass  # _reply reports it and disconnects
+                        except SendBufferFullError as exc:
+                            conn.close(ErrorCode.SEND_BUFFER_FULL,
+                                       f"{exc}: the peer does not read; disconnected")
+                            continue
                     self._reply(conn, reply, False)
                     continue
                 try:
@@ -603,15 +604,7 @@ class Server(Component):
             return
         if not reply:
             return
-        if flag == 0 and reply.__class__ is bytes:
-            try:
-                conn.queue_frame(reply)  # the strand holds conn corked: sent at batch end
-                return
-            except NotConnectedError:
-                return
-            except SendBufferFullError:
-                pass  # _reply reports it and disconnects
-        self._reply(conn, reply, flag != 0)
+        self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake

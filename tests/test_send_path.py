@@ -1,0 +1,161 @@
+"""The server's send path: replies held per strand batch, one ``sendmsg`` for large ones,
+partial sends, and exact counting of the frames that left."""
+
+from __future__ import annotations
+
+import random
+import socket
+from typing import Any, List
+
+from morsock.connection import HOLD_MAX, _frames_sent
+from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
+from morsock.testing import RawPeer, echo_handler, running_server
+
+from helpers import frame_size, wait_until
+
+
+def _model_frames_sent(lengths: List[int], head_left: int, n: int) -> tuple:
+    """Byte-by-byte model of _frames_sent: a queue of the *head_left* last bytes of one
+    frame, then whole frames of *lengths* (wire lengths)."""
+    spans = [(-1, head_left)] if head_left else []  # the head began leaving earlier
+    pos = head_left
+    for length in lengths:
+        spans.append((pos, pos + length))
+        pos += length
+    done = sum(1 for _, end in spans if end <= n)
+    # bytes left of the frame that *started* leaving but did not finish (0: none)
+    left = next((end - n for start, end in spans if start < n < end), 0)
+    return done, left
+
+
+def test_frames_sent_matches_a_byte_model_at_every_cut() -> None:
+    payloads = [b"", b"a", b"x" * 17, b"y" * 300]
+    frames = b"".join(encode_frame(p) for p in payloads)
+    lengths = [frame_size(len(p)) for p in payloads]
+    for head_left in (0, 1, 5, 12):
+        out = bytearray(b"\xee" * head_left + frames)  # the head's bytes are never parsed
+        for n in range(len(out)):  # fewer than all, as the caller guarantees
+            assert _frames_sent(out, n, head_left) == _model_frames_sent(lengths, head_left, n)
+
+
+def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -> None:
+    rng = random.Random(6)
+    sizes = [rng.choice((1, 9, 100, 4000, 40000, 70000, 150000)) for _ in range(120)]
+    payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    wire = sum(frame_size(size) for size in sizes)
+    with running_server(echo_handler) as server:
+        sock = socket.socket()
+        # a small receive window: the server's sends stop short, replies queue up
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        try:
+            sock.connect(("127.0.0.1", server.port))
+            wait_until(lambda: server.client_count == 1, what="the peer to connect")
+            client = next(iter(server.clients.values()))
+            # and a small send buffer on the server's side (white box: its socket)
+            client._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            sock.sendall(b"".join(encode_frame(p) for p in payloads))
+            decoder = FrameDecoder(1 << 20)
+            got: List[bytes] = []
+            while len(got) < len(payloads):
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed the connection"
+                got += [frame.payload for frame in decoder.feed(chunk)]
+            assert got == payloads
+            wait_until(lambda: client.messages_sent == len(payloads), what="all counted")
+            assert client.bytes_sent == wire == client.bytes_received
+            assert server.total_messages_sent == len(payloads) == server.total_messages_received
+            assert server.total_bytes_sent == wire
+        finally:
+            sock.close()
+
+
+def test_a_send_from_the_handler_keeps_its_place_among_held_replies() -> None:
+    def handler(sender: Any, client: Any, data: bytes) -> bytes:
+        client.send_data(b"push-" + data)
+        return b"reply-" + data
+
+    with running_server(handler) as server:
+        with RawPeer.to(server) as peer:
+            names = [str(i).encode() for i in range(40)]
+            peer.send_raw(b"".join(encode_frame(n) for n in names))  # one batch, most likely
+            got = [f.payload for f in peer.frames(2 * len(names), timeout=10)]
+            assert got == [x for n in names for x in (b"push-" + n, b"reply-" + n)]
+
+
+def test_replies_held_before_a_disconnect_from_the_handler_still_leave() -> None:
+    def handler(sender: Any, client: Any, data: bytes) -> bytes:
+        if data == b"quit":
+            client.disconnect()
+            return b"never sent"
+        return b"re:" + data
+
+    with running_server(handler) as server:
+        with RawPeer.to(server) as peer:
+            peer.send_raw(b"".join(encode_frame(p) for p in (b"a", b"b", b"quit", b"c")))
+            assert [f.payload for f in peer.frames(2, timeout=10)] == [b"re:a", b"re:b"]
+            assert peer.expect_close(10) == b""
+
+
+def test_replies_past_hold_max_go_out_before_the_batch_ends() -> None:
+    size = HOLD_MAX // 4
+    payloads = [bytes([i]) * size for i in range(10)]  # 2.5 x HOLD_MAX in one batch
+    with running_server(echo_handler) as server:
+        with RawPeer.to(server, timeout=20) as peer:
+            peer.send_raw(b"".join(encode_frame(p) for p in payloads))
+            assert [f.payload for f in peer.frames(len(payloads), timeout=20)] == payloads
+            client = next(iter(server.clients.values()))
+            wait_until(lambda: client.messages_sent == len(payloads), what="all counted")
+            assert client.bytes_sent == len(payloads) * (size + HEADER_SIZE)
+
+
+class _StubReactor:
+    def call_soon(self, fn: Any, *args: Any) -> None:
+        pass  # arming EVENT_WRITE: not needed here
+
+
+class _StubOwner:
+    """Just what a Connection reads of its component."""
+
+    _PLAIN_FRAMES_AS_BYTES = True
+    on_data_sent = on_data_received = None
+
+    def __init__(self) -> None:
+        self._reactor = _StubReactor()
+
+    def _strand_for(self, conn: Any) -> None:
+        return None
+
+
+def test_a_partial_sendmsg_queues_exactly_the_rest_at_every_cut() -> None:
+    from morsock.connection import Connection
+
+    payloads = [b"a" * 20, b"b", b"c" * 5, b"d" * 40]
+    stream = b"".join(encode_frame(p) for p in payloads)
+    lengths = [frame_size(len(p)) for p in payloads]
+    left, right = socket.socketpair()
+    try:
+        conn = Connection(_StubOwner(), left, max_message_size=1 << 20,  # type: ignore[arg-type]
+                          max_send_buffer=1 << 20, peer=("stub", 0))
+        for cut in range(len(stream)):
+            conn._out.clear()
+            conn._head_left = conn._queued_frames = conn.messages_sent = conn.bytes_sent = 0
+            conn._sendmsg = lambda buffers, cut=cut: cut  # the kernel takes *cut* bytes
+            assert conn._send_frames(payloads, len(stream)) == cut
+            assert bytes(conn._out) == stream[cut:]
+            assert (conn.messages_sent, conn._head_left) == _model_frames_sent(lengths, 0, cut)
+            assert conn.messages_sent + conn._queued_frames == len(payloads)
+            assert conn.bytes_sent == cut
+            # and the queue's own accounting agrees when the rest leaves in pieces
+            total = conn.messages_sent
+            while conn._out:
+                n = min(7, len(conn._out))
+                done, conn._head_left = ((conn._queued_frames, 0) if n == len(conn._out) else
+                                         _frames_sent(conn._out, n, conn._head_left))
+                del conn._out[:n]
+                conn._queued_frames -= done
+                total += done
+            assert total == len(payloads) and conn._queued_frames == 0
+    finally:
+        left.close()
+        right.close()
