@@ -118,7 +118,7 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
               (1, keepalive_idle * 1000, keepalive_interval * 1000))
 
 
-def _frames_sent(out: bytearray, n: int, head_left: int) -> tuple[int, int]:
+def _frames_sent(out: bytes | bytearray, n: int, head_left: int) -> tuple[int, int]:
     """For a send queue *out* -- the last *head_left* bytes of one frame, then whole
     frames -- that just sent its first *n* bytes (fewer than all): how many frames that
     completed, and how many bytes are left of the frame then in progress."""
@@ -531,24 +531,34 @@ class Connection:
             out += frame
             self._queued_frames += 1
             return sent
+        return self._send_now_locked(frame, 1)
+
+    def _send_now_locked(self, data: bytes, frames: int) -> int:
+        """Under the send lock, nothing queued: send *data* (*frames* whole frames) now,
+        queue what the kernel did not take; count and return the bytes sent. Raises
+        NotConnectedError if the socket failed (it is then being closed)."""
         try:
-            if self._tls and len(frame) > TLS_WRITE_CHUNK:
-                n = self._sock.send(memoryview(frame)[:TLS_WRITE_CHUNK])
+            if self._tls and len(data) > TLS_WRITE_CHUNK:
+                n = self._sock.send(memoryview(data)[:TLS_WRITE_CHUNK])
             else:
-                n = self._sock.send(frame)
+                n = self._sock.send(data)
         except (BlockingIOError, InterruptedError) + _TLS_WANT:
             n = 0
         except OSError as exc:
             raise self._send_failed(exc) from exc
+        if n == len(data):
+            self.bytes_sent += n
+            self.send_stalled_since = None
+            self.messages_sent += frames
+            return n
+        done = 0
         if n:
             self.bytes_sent += n
             self.send_stalled_since = None
-        if n == len(frame):
-            self.messages_sent += 1
-            return n
-        out += memoryview(frame)[n:]
-        self._head_left = len(frame) - n
-        self._queued_frames = 1
+            done, self._head_left = _frames_sent(data, n, 0)
+            self.messages_sent += done
+        self._out += memoryview(data)[n:]
+        self._queued_frames = frames - done
         self._reactor.call_soon(self._arm_write)
         return n
 
@@ -669,20 +679,36 @@ class Connection:
         pending = False
         with self._send_lock:
             self._cork_owner = None
-            if self._held:
-                if self.closing:  # close() from another thread: nothing is sent after it
-                    self._held = []
-                    self._held_bytes = 0
+            held = self._held
+            if held and not self.closing and not self._out and self._held_bytes < _DIRECT_SEND_MIN:
+                # The common case in one go: frame the few replies and send them (what the
+                # kernel does not take is queued, and EVENT_WRITE armed, by _send_now_locked).
+                self._held = []
+                self._held_bytes = 0
+                if len(held) == 1:
+                    data = _pack_header(MAGIC, len(held[0]), 0) + held[0]
                 else:
-                    try:
-                        sent = self._release_held_locked()
-                    except SendBufferFullError as exc:
-                        full = exc
-                    except NotConnectedError:
-                        pass  # the socket failed: it is being closed
-            if self._out and not self._write_armed and not self.closing:
-                sent += self._flush_locked()
-                pending = bool(self._out)
+                    data = b"".join([part for payload in held for part in
+                                     (_pack_header(MAGIC, len(payload), 0), payload)])
+                try:
+                    sent = self._send_now_locked(data, len(held))
+                except NotConnectedError:
+                    pass  # the socket failed: it is being closed
+            else:
+                if held:
+                    if self.closing:  # close() from another thread: nothing is sent after it
+                        self._held = []
+                        self._held_bytes = 0
+                    else:
+                        try:
+                            sent = self._release_held_locked()
+                        except SendBufferFullError as exc:
+                            full = exc
+                        except NotConnectedError:
+                            pass  # the socket failed: it is being closed
+                if self._out and not self._write_armed and not self.closing:
+                    sent += self._flush_locked()
+                    pending = bool(self._out)
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
         if pending:
