@@ -137,6 +137,13 @@ class FrameDecoder:
             if view.itemsize != 1:
                 view = view.cast("B")  # count bytes, not items
             size = len(view)
+            if size >= HEADER_SIZE:
+                # One whole plaintext frame, the commonest chunk: _parse's work, inline.
+                magic, length, flag = _unpack_from(view, 0)
+                if (size == HEADER_SIZE + length and magic == MAGIC and not flag
+                        and not self._wrap_plain and length <= self.max_message_size):
+                    frames.append(bytes(view[HEADER_SIZE:]))
+                    return frames
             pos = self._parse(view, size, frames)
             if pos == size:
                 return frames

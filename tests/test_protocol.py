@@ -151,3 +151,44 @@ def test_garbage_never_yields_garbage(data, step):
                 assert frame.flag in (0, 1, 2)
     except ProtocolError as exc:
         assert exc.code in (ErrorCode.INVALID_PROTOCOL, ErrorCode.MESSAGE_TOO_LARGE)
+
+
+# -- plain_as_bytes: what the server's connections use ------------------------------------
+
+def _as_items(messages):
+    return [p if f == 0 else Frame(p, f) for p, f in messages]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=300), st.sampled_from([0, 0, 1, 2])), max_size=30),
+       st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=50),
+       st.booleans())
+def test_plain_as_bytes_random_splits_and_whole_frames(messages, cuts, whole):
+    decoder = FrameDecoder(plain_as_bytes=True)
+    out = []
+    if whole:  # one frame per chunk: the decoder's one-frame shortcut
+        for p, f in messages:
+            out += decoder.feed(memoryview(encode_frame(p, f)))
+    else:
+        blob = b"".join(encode_frame(p, f) for p, f in messages)
+        pos, i = 0, 0
+        while pos < len(blob):
+            step = cuts[i % len(cuts)]
+            out += decoder.feed(blob[pos:pos + step])
+            pos += step
+            i += 1
+    assert out == _as_items(messages)
+    assert all(type(item) is bytes for item, (_, f) in zip(out, messages) if f == 0)
+    assert decoder.buffered == 0
+
+
+def test_plain_as_bytes_whole_frame_still_checks_limit_and_magic():
+    with pytest.raises(ProtocolError) as err:
+        FrameDecoder(max_message_size=100, plain_as_bytes=True).feed(encode_frame(b"x" * 101))
+    assert err.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    bad = struct.pack("<IIB", MAGIC ^ 1, 3, 0) + b"abc"
+    with pytest.raises(ProtocolError) as err:
+        FrameDecoder(plain_as_bytes=True).feed(bad)
+    assert err.value.code is ErrorCode.INVALID_PROTOCOL
+    assert FrameDecoder(max_message_size=3, plain_as_bytes=True).feed(
+        encode_frame(b"abc")) == [b"abc"]
