@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from enum import Enum
 from operator import attrgetter
-from typing import Any, Callable, Generic, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, Union, overload
 
 from .connection import Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize
@@ -80,11 +80,15 @@ class Tally:
             return int(self._closed[index] + live - self._offset[index])
 
 
-class Setting(Generic[T]):
+class Setting(property, Generic[T]):
     """A component setting: a plain attribute while the component is stopped.
 
     Setting one while it runs raises :class:`MorsockError`, unless the setting is
     ``live`` (read afresh each time it is used, so a change takes effect at once).
+
+    Reading one is a C-level property read (``operator.attrgetter`` on the instance's
+    ``_setting_<name>``, which :class:`Component` fills in with the defaults): settings are
+    read on hot paths.
     """
 
     def __init__(self, default: T, convert: Callable[[Any], T] | None = None,
@@ -97,29 +101,41 @@ class Setting(Generic[T]):
         shown = (f"{type(default).__name__}.{default.name}" if isinstance(default, Enum)
                  else repr(default))
         when = "may also be set while running." if live else "set it while stopped."
-        self.__doc__ = "\n".join(textwrap.wrap(f"{doc} Default: {shown}; {when}", 76))
+        text = "\n".join(textwrap.wrap(f"{doc} Default: {shown}; {when}", 76))
+        super().__init__(None, self._assign, None, text)
+        self.__doc__ = text
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
         self._key = "_setting_" + name  # where an instance keeps its value
+        text = self.__doc__
+        property.__init__(self, attrgetter(self._key), self._assign, None, text)
+        self.__doc__ = text  # (3.9 would take the getter's)
 
-    @overload
-    def __get__(self, obj: None, objtype: Any = None) -> Setting[T]: ...
-    @overload
-    def __get__(self, obj: object, objtype: Any = None) -> T: ...
+    if TYPE_CHECKING:
+        @overload
+        def __get__(self, obj: None, objtype: Any = None) -> Setting[T]: ...
+        @overload
+        def __get__(self, obj: object, objtype: Any = None) -> T: ...
+        def __get__(self, obj: object | None, objtype: Any = None) -> Any: ...
+        def __set__(self, obj: Any, value: Any) -> None: ...
 
-    def __get__(self, obj: object | None, objtype: Any = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__.get(self._key, self.default)
-
-    def __set__(self, obj: Any, value: Any) -> None:
+    def _assign(self, obj: Any, value: Any) -> None:
         if not self.live and obj._is_running():
             raise MorsockError(f"{type(obj).__name__}.{self.name} cannot change while it is "
                                f"active; stop it first")
         if self.convert is not None:
             value = self.convert(value)
         obj.__dict__[self._key] = value
+
+    @staticmethod
+    def fill_defaults(obj: object) -> None:
+        """Give *obj* the default of every setting of its class (before any is read)."""
+        values = obj.__dict__
+        for klass in reversed(type(obj).__mro__):
+            for attr in vars(klass).values():
+                if isinstance(attr, Setting):
+                    values.setdefault(attr._key, attr.default)
 
 
 def _non_negative_int(value: Any) -> int:
@@ -257,6 +273,11 @@ class Component:
     # set by __init__ from _EVENTS; read by every connection, so declared here
     on_data_received: Callable[..., Any] | None
     on_data_sent: Callable[..., Any] | None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        self = super().__new__(cls)
+        Setting.fill_defaults(self)  # before any __init__ reads a setting
+        return self
 
     def __init__(self, settings: dict[str, Any], events: dict[str, Any]) -> None:
         self._lock = threading.RLock()           # guards life cycle and the client set
