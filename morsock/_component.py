@@ -429,22 +429,16 @@ class Component:
         raise NotImplementedError
 
     def _marker_wanted(self, marker: Any) -> bool:
-        """Whether *conn*'s strand needs the life-cycle *marker* (CONNECTED or
+        """Whether a connection's strand needs the life-cycle *marker* (CONNECTED or
         DISCONNECTED) at all; reactor thread."""
         return True
 
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        """Strand batch runner: *conn*'s items in order, with its sends corked, so the
-        replies to the batch leave in one ``send``."""
-        conn.cork()
-        try:
-            for item in items:
-                try:
-                    conn._run_item(item)
-                except Exception:
-                    self._log.exception("unhandled error handling %r on %s", item, conn)
-        finally:
-            conn.uncork()
+        """Strand batch runner (a pool thread): *conn*'s items in order, with its sends
+        corked (``conn.cork()`` ... ``conn.uncork()``), so the replies to the batch leave
+        in one ``send``; each item goes to ``conn._run_item``, and one that raises is
+        logged without stopping the rest."""
+        raise NotImplementedError
 
     def _strand_for(self, conn: Connection) -> Any:
         """The strand that runs *conn*'s items (default: one of its own)."""

@@ -1,25 +1,27 @@
 """The worker pool and strands: where user handlers run.
 
-A :class:`Strand` is a per-connection FIFO of work items that runs one item at a time,
-in order, on whichever pool thread picks it up: frames of one connection are handled
-sequentially while different connections run in parallel. Producers (the reactor, or any
-thread) call :meth:`Strand.post` / :meth:`Strand.post_many`; the strand schedules itself on
-the :class:`WorkerPool` when it goes from idle to busy. No lock is held while an item runs.
+A :class:`Strand` is a per-connection FIFO of work items that runs its items in order, a
+list at a time, on whichever pool thread picks it up: frames of one connection are
+handled sequentially while different connections run in parallel. Producers (the
+reactor, or any thread) call :meth:`Strand.post` / :meth:`Strand.post_many`; the strand
+schedules itself on the :class:`WorkerPool` when it goes from idle to busy. No lock is
+held while its items run.
 
 Given a reactor, the pool runs it **leader/follower** style (as mORMot's reader threads
 do): the pool threads take turns holding the *poll role*. The leader runs one
-:meth:`~morsock.reactor.Reactor.poll_once` -- reading, decoding and scheduling the strands
-that became ready -- then hands the poll role to an idle follower and runs a ready strand
-itself, on the thread that already holds the data and the GIL. A request therefore costs
-no thread hand-off of its own. When handlers are slow on average (> :data:`SLOW_STRAND`)
-the leader wakes a follower to take the poll role at once; when they are fast, waking one
+:meth:`~morsock.reactor.Reactor.poll_once` -- reading, decoding and scheduling the
+strands that became ready, which it collects in a list of its own -- then publishes them
+in one go, leaves the poll role free and runs them itself, in order, before it polls
+again: one ``select`` per batch, as a single-threaded reactor does, on the thread that
+already holds the data, so a request costs no thread hand-off of its own. When handlers
+are slow on average (> :data:`SLOW_STRAND`) the leader wakes a follower, which takes the
+poll role at once (and may take strands of the batch); when they are fast, waking one
 would cost more than the handler. Then one idle follower, the standby, looks every
 :data:`WATCHDOG` seconds whether the poll role has been left free that long (a handler
 that blocks) and takes it if so: a handler that blocks delays other connections' I/O by
-at most about twice that. Ready strands that wait while every thread is busy are picked
-up by the next free thread; while any wait, the leader only harvests I/O that is already there
-(a zero-timeout poll) and then runs the next one, so a busy server alternates between
-reading and handling instead of blocking in ``select``.
+at most about twice that. While strands wait, a leader only harvests I/O that is already
+there (a zero-timeout poll), so a busy server alternates between reading and handling
+instead of blocking in ``select``.
 """
 
 from __future__ import annotations
