@@ -22,7 +22,7 @@ from .connection import CONNECTED, DISCONNECTED, HOLD_MAX, Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import HEADER_SIZE, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER_SIZE, Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 
@@ -234,6 +234,7 @@ class Server(Component):
         self._sweep_timer: Any = None
         self._zero_stats()
         self._tally = Tally(self.property_lock, self._clients.values)
+        self._sealed_flag = -1
         super().__init__(settings, events)
 
     # -- life cycle --------------------------------------------------------------------
@@ -277,6 +278,11 @@ class Server(Component):
             try:
                 self._prepare_runtime(f"morsock-server-{self.port}", self.thread_pool_size,
                                       leader_follower=True)
+                ctx = self._crypto
+                assert ctx is not None
+                # the flag of the frames _run_sealed opens (-1: none, no key)
+                self._sealed_flag = (FLAG_MORMOT if ctx.mormot is not None else
+                                     FLAG_AUTHENTICATED if ctx.authenticated else -1)
                 # after _prepare_runtime: its dispatcher honours events_use_main_thread
                 self._set_state(ServerState.STARTING)
                 listener = self._bind()
@@ -565,12 +571,50 @@ class Server(Component):
                             continue
                     self._reply(conn, reply, False)
                     continue
+                if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
+                        and not conn.closing and (conn.session is not None
+                                                  or item[1] == FLAG_MORMOT)):
+                    self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
+                    continue
                 try:
                     conn._run_item(item)
                 except Exception:
                     self._log.exception("unhandled error handling %r on %s", item, conn)
         finally:
             conn.uncork()
+
+    def _run_sealed(self, conn: Connection, payload: bytes,
+                    handler: Callable[[Server, ServerClient, bytes], Any]) -> None:
+        """_handle_frame for an encrypted frame of this server's profile, once the
+        AUTHENTICATED handshake is done: open it, call *handler*, seal its bytes reply
+        (corked: it leaves with the batch). Strand thread."""
+        mormot = self._crypto.mormot  # type: ignore[union-attr]
+        session = conn.session
+        try:
+            data = mormot.decrypt(payload) if session is None else session.open(payload)
+        except CryptoError as exc:
+            conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
+                       f"frame from {conn.describe()} rejected: {exc}")
+            return
+        try:
+            reply = handler(self, conn, data)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._handler_failed("on_handle_command", exc, (conn,))
+            return
+        if not reply:
+            return
+        if reply.__class__ is not bytes:
+            self._reply(conn, reply, True)
+            return
+        try:
+            if session is None:
+                conn.send_frame(mormot.seal_frame(reply))
+            else:
+                conn.send_sealed(session.seal, reply)
+        except NotConnectedError:
+            pass
+        except SendBufferFullError as exc:
+            conn.close(ErrorCode.SEND_BUFFER_FULL, f"{exc}: the peer does not read; disconnected")
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:

@@ -7,11 +7,15 @@ import random
 import socket
 from typing import Any, List
 
+import pytest
+
+from morsock import Client, ErrorCode
+
 from morsock.connection import HOLD_MAX, _frames_sent
 from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
-from helpers import frame_size, wait_until
+from helpers import Recorder, frame_size, wait_until
 
 
 def _model_frames_sent(lengths: List[int], head_left: int, n: int) -> tuple:
@@ -159,3 +163,33 @@ def test_a_partial_sendmsg_queues_exactly_the_rest_at_every_cut() -> None:
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.parametrize("profile", ["MORMOT", "AUTHENTICATED"])
+def test_encrypted_requests_get_every_kind_of_handler_outcome(profile: str) -> None:
+    """The server's lean path for encrypted frames: a bytes reply, a str reply, no reply,
+    a handler that raises (reported; the connection stays)."""
+    def handler(sender: Any, client: Any, data: bytes) -> Any:
+        if data == b"str":
+            return "é text"
+        if data == b"none":
+            return None
+        if data == b"raise":
+            raise RuntimeError("boom")
+        return b"re:" + data
+
+    rec = Recorder()
+    key = "send path key"
+    with running_server(handler, encryption_key=key, encryption_profile=profile,
+                        on_error=rec.handler("error")) as server, \
+            Client("127.0.0.1", server.port, encryption_key=key,
+                   encryption_profile=profile) as client:
+        assert client.request(b"x", encrypted=True) == b"re:x"
+        assert client.request(b"str", encrypted=True) == "é text".encode("utf-8")
+        client.send_data(b"none", encrypted=True)
+        client.send_data(b"raise", encrypted=True)
+        (_, sc, message, code), = rec.wait_count("error", 1)
+        assert code == ErrorCode.HANDLER_EXCEPTION and "boom" in message
+        assert client.request(b"after", encrypted=True) == b"re:after"  # nothing else came
+        # "none" and "raise" got no reply (AUTHENTICATED: the hello and its answer even out)
+        assert server.total_messages_received - server.total_messages_sent == 2
