@@ -14,7 +14,6 @@ import socket
 import sys
 import threading
 import time
-from threading import get_ident
 from typing import Any, Callable
 
 from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
@@ -541,7 +540,7 @@ class Server(Component):
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
         # The hot path: plaintext frames to a handler that returns bytes. Anything else
         # (markers, encrypted frames, other replies, debug logging) takes _run_item.
-        conn._cork_owner = get_ident()  # conn.cork(), inline
+        conn.cork()
         handler = self.on_handle_command
         fast = handler is not None and not self.require_encryption and not _LOG_DEBUG()
         try:
@@ -588,33 +587,29 @@ class Server(Component):
         """_handle_frame for an encrypted frame of this server's profile, once the
         AUTHENTICATED handshake is done: open it, call *handler*, seal its bytes reply
         (corked: it leaves with the batch). Strand thread."""
-        mormot = self._crypto.mormot  # type: ignore[union-attr]
         session = conn.session
         try:
-            data = mormot.decrypt(payload) if session is None else session.open(payload)
+            if session is None:
+                data = self._crypto.mormot.decrypt(payload)  # type: ignore[union-attr]
+            else:
+                data = session.open(payload)
         except CryptoError as exc:
             conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
                        f"frame from {conn.describe()} rejected: {exc}")
             return
+        reply = self._call_handler(handler, conn, data)
+        if reply:
+            self._reply(conn, reply, True)
+
+    def _call_handler(self, handler: Callable[[Server, ServerClient, bytes], Any],
+                      conn: Connection, data: bytes) -> Any:
+        """``handler(self, conn, data)``; None when it raised (reported as
+        HANDLER_EXCEPTION). Strand thread."""
         try:
-            reply = handler(self, conn, data)  # type: ignore[arg-type]
+            return handler(self, conn, data)  # type: ignore[arg-type]
         except Exception as exc:
             self._handler_failed("on_handle_command", exc, (conn,))
-            return
-        if not reply:
-            return
-        if reply.__class__ is not bytes:
-            self._reply(conn, reply, True)
-            return
-        try:
-            if session is None:
-                conn.send_frame(mormot.seal_frame(reply))
-            else:
-                conn.send_sealed(session.seal, reply)
-        except NotConnectedError:
-            pass
-        except SendBufferFullError as exc:
-            conn.close(ErrorCode.SEND_BUFFER_FULL, f"{exc}: the peer does not read; disconnected")
+            return None
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:
@@ -641,14 +636,9 @@ class Server(Component):
         if _LOG_DEBUG():
             self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
                             len(data), flag)
-        try:
-            reply = handler(self, conn, data)  # type: ignore[arg-type]
-        except Exception as exc:
-            self._handler_failed("on_handle_command", exc, (conn,))
-            return
-        if not reply:
-            return
-        self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
+        reply = self._call_handler(handler, conn, data)
+        if reply:
+            self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake
