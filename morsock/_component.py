@@ -297,6 +297,7 @@ class Component:
                                 f"argument {name!r}")
             setattr(self, name, value)
         self._dispatcher = EventDispatcher(self, None, self._handler_failed, self._log)
+        self._debug = functools.partial(self._log.isEnabledFor, logging.DEBUG)
 
     # -- helpers for subclasses --------------------------------------------------------
     def _is_running(self) -> bool:
@@ -316,6 +317,8 @@ class Component:
             # not ``or``: an empty EventQueue is falsy (it has __len__)
             queue = self.event_queue if self.event_queue is not None else EventQueue.default()
         self._dispatcher = EventDispatcher(self, queue, self._handler_failed, self._log)
+        #: ``self._debug()``: whether the component's logger takes per-message DEBUG records
+        self._debug = functools.partial(self._log.isEnabledFor, logging.DEBUG)
         self._reactor = Reactor(f"{name}-reactor", self._log)
         self._pool = WorkerPool(pool_size, f"{name}-worker", self._log,
                                 self._reactor if leader_follower else None)

@@ -703,6 +703,9 @@ class Client(Component):
         data = self._open_frame(conn, frame)
         if data is None:
             return
+        if self._debug():
+            self._log.debug("%d-byte message from %s (flag %d)", len(data), conn.describe(),
+                            frame.flag)
         with self._request_lock:
             waiter = self._waiters.popleft() if self._waiters else None
         if waiter is not None:

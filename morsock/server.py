@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -27,7 +26,6 @@ from .tls import TLSHandshake
 
 __all__ = ["Server", "ServerClient"]
 
-_LOG_DEBUG = functools.partial(logging.getLogger("morsock").isEnabledFor, logging.DEBUG)
 
 #: Most clients a server admits where the selector is ``select()`` (Windows:
 #: ``selectors.DefaultSelector`` is ``SelectSelector``, which watches at most 512 sockets;
@@ -542,7 +540,7 @@ class Server(Component):
         # (markers, encrypted frames, other replies, debug logging) takes _run_item.
         conn.cork()
         handler = self.on_handle_command
-        fast = handler is not None and not self.require_encryption and not _LOG_DEBUG()
+        fast = handler is not None and not self.require_encryption and not self._debug()
         try:
             for item in items:
                 if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
@@ -633,7 +631,7 @@ class Server(Component):
         handler = self.on_handle_command
         if handler is None:
             return
-        if _LOG_DEBUG():
+        if self._debug():
             self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
                             len(data), flag)
         reply = self._call_handler(handler, conn, data)

@@ -184,6 +184,33 @@ def test_disconnect_while_a_close_from_the_worker_is_under_way() -> None:
     assert rec.named("error")[0][2] == ErrorCode.ENCRYPTION_REQUIRED
 
 
+def test_per_message_debug_on_the_logger_passed() -> None:
+    """API §5: the client logs each message it receives at DEBUG, on its own logger (its
+    level decides, not the "morsock" logger's)."""
+    lines: List[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("elsewhere.client")
+    handler = Lines(logging.DEBUG)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        with running_server() as server, Client(LOCAL, server.port, logger=logger) as client:
+            assert client.request(b"hello") == b"hello"
+            assert client.request(b"second") == b"second"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+    assert [line for line in lines if "-byte message" in line] == [
+        f"5-byte message from {LOCAL}:{server.port} (flag 0)",
+        f"6-byte message from {LOCAL}:{server.port} (flag 0)"]
+
+
 # ------------------------------------------------------------------------ requests
 
 def test_request_timeout_gives_up_its_place() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import struct
@@ -435,6 +436,49 @@ def test_handler_exception_is_reported_and_connection_kept() -> None:
             assert server.client_count == 1
         rec.wait_count("disconnect", 1)
     assert rec.count("error") == 1
+
+
+class _Lines(logging.Handler):
+    """Collects the messages a logger emits."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("name", ["morsock.test.debug", "elsewhere.app"])
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
+def test_per_message_debug_follows_the_logger_passed(name: str, level: int) -> None:
+    """API §5: per-message detail at DEBUG, on the logger passed as ``logger=``: that
+    logger's level decides, whatever the level of the "morsock" logger."""
+    logger = logging.getLogger(name)
+    lines = _Lines()
+    logger.addHandler(lines)
+    logger.setLevel(level)
+    logger.propagate = False
+    base = logging.getLogger("morsock")
+    base_level = base.level
+    base.setLevel(logging.WARNING if level == logging.DEBUG else logging.DEBUG)
+    try:
+        with running_server(echo_handler, logger=logger) as server:
+            with RawPeer(LOCAL, server.port) as peer:
+                assert peer.request(b"hello") == b"hello"
+                assert peer.request(b"again!") == b"again!"
+    finally:
+        base.setLevel(base_level)
+        logger.removeHandler(lines)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+    per_message = [line for line in lines.lines if "-byte message" in line]
+    if level == logging.DEBUG:
+        assert per_message == ["client #1: 5-byte message (flag 0)",
+                               "client #1: 6-byte message (flag 0)"]
+    else:
+        assert per_message == []
+    assert any(line.startswith("server listening") for line in lines.lines), lines.lines
 
 
 # ------------------------------------------------------------------------ client management
