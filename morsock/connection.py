@@ -181,16 +181,16 @@ class Connection:
         self._broken = False            # the socket failed: close without lingering
         self._linger_timer: Timer | None = None  # set while a graceful close drains
         self._cork_owner: int | None = None  # thread whose sends are held until uncork()
-        # scatter/gather send of header + payload (not on Windows, not over TLS)
-        self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else getattr(sock, "sendmsg", None)
-        self._reading = True
         #: TLS: the socket is an ``ssl.SSLSocket``; byte counts are then the application
         #: bytes passed to/from the TLS layer (record overhead not counted).
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls = tls = isinstance(sock, ssl.SSLSocket)
+        # scatter/gather send of header + payload (not on Windows, not over TLS)
+        self._sendmsg = None if tls else getattr(sock, "sendmsg", None)
+        self._reading = True
         self._read_wants_write = False  # TLS: a read must be retried once writable
         #: TLS: the peer's verified certificate (``getpeercert()``), else None.
         self.peer_certificate: dict[str, Any] | None = None
-        if self._tls:
+        if tls:
             try:
                 self.peer_certificate = sock.getpeercert() or None  # type: ignore[attr-defined]
             except (OSError, ValueError):
@@ -688,8 +688,12 @@ class Connection:
                 if len(held) == 1:
                     data = _pack_header(MAGIC, len(held[0]), 0) + held[0]
                 else:
-                    data = b"".join([part for payload in held for part in
-                                     (_pack_header(MAGIC, len(payload), 0), payload)])
+                    parts: list[bytes] = []
+                    add = parts.append
+                    for payload in held:
+                        add(_pack_header(MAGIC, len(payload), 0))
+                        add(payload)
+                    data = b"".join(parts)
                 try:
                     sent = self._send_now_locked(data, len(held))
                 except NotConnectedError:

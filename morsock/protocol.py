@@ -41,6 +41,10 @@ _MAX_FLAG = max(VALID_FLAGS)  # the valid flags are 0.._MAX_FLAG
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _pack = HEADER.pack
 _unpack_from = HEADER.unpack_from
+#: _parse copies a chunk up to this size into one ``bytes`` first: each payload is then a
+#: plain slice of it, not a memoryview slice copied by ``bytes()`` -- a third less work
+#: per small frame, for one ``memcpy`` of the chunk.
+_COPY_MAX = 16 * 1024
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -158,18 +162,22 @@ class FrameDecoder:
         limit = self.max_message_size
         append = frames.append
         wrap_plain = self._wrap_plain
+        copied = n <= _COPY_MAX
+        src: Any = view[:n].tobytes() if copied else view
         while n - pos >= HEADER_SIZE:
-            magic, size, flag = _unpack_from(view, pos)
+            magic, size, flag = _unpack_from(src, pos)
             if magic != MAGIC or flag > _MAX_FLAG or size > limit:
                 self._check_header(magic, size, flag, frames)
-            end = pos + HEADER_SIZE + size
+            start = pos + HEADER_SIZE
+            end = start + size
             if end > n:
                 self._need = end - pos
                 return pos
+            payload = src[start:end] if copied else bytes(src[start:end])
             if flag or wrap_plain:
-                append(_new_frame(Frame, (bytes(view[pos + HEADER_SIZE:end]), flag)))
+                append(_new_frame(Frame, (payload, flag)))
             else:
-                append(bytes(view[pos + HEADER_SIZE:end]))
+                append(payload)
             pos = end
         self._need = HEADER_SIZE
         return pos

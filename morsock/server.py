@@ -71,7 +71,7 @@ class ServerClient(Connection):
         self.server = server
         self.handle = handle
         self._connected_wall = time.time()
-        self._connected_mono = time.monotonic()
+        self._connected_mono = self.last_activity  # time.monotonic(), as Connection took it
         #: Free slot for the application (Delphi ``CustomData``).
         self.custom_data: Any = None
 
@@ -434,7 +434,8 @@ class Server(Component):
             self._clients[client.handle] = client
         with self._stats_lock:
             self._total_connections += 1
-        self._log.info("client #%d connected from %s", client.handle, client.describe())
+        self._log.info("client #%d connected from %s:%d", client.handle, client.peer_ip,
+                       client.peer_port)
         client.start()
 
     def _marker_wanted(self, marker: Any) -> bool:
@@ -532,7 +533,8 @@ class Server(Component):
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
             if not self._clients:
                 self._no_clients.notify_all()
-        self._log.info("client #%d %s disconnected", conn.handle, conn.describe())
+        self._log.info("client #%d %s:%d disconnected", conn.handle, conn.peer_ip,
+                       conn.peer_port)
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:

@@ -182,6 +182,36 @@ def test_plain_as_bytes_random_splits_and_whole_frames(messages, cuts, whole):
     assert decoder.buffered == 0
 
 
+@pytest.mark.parametrize("plain_as_bytes", [False, True])
+def test_chunks_on_both_sides_of_the_copy_threshold_from_a_reused_buffer(plain_as_bytes):
+    """Chunks up to _COPY_MAX are parsed from one bytes copy, larger ones through a
+    memoryview: either way every payload is an independent ``bytes`` object, intact after
+    the caller's receive buffer (reused, like the components' scratch) is overwritten."""
+    from morsock.protocol import _COPY_MAX
+    rng = random.Random(1234)
+    sizes = [rng.choice([0, 1, 63, 64, 1000, 9000, 17000, 40000]) for _ in range(300)]
+    messages = [(rng.randbytes(n), rng.choice([0, 0, 1, 2])) for n in sizes]
+    blob = b"".join(encode_frame(p, f) for p, f in messages)
+    scratch = bytearray(64 * 1024)
+    view = memoryview(scratch)
+    decoder = FrameDecoder(plain_as_bytes=plain_as_bytes)
+    out, pos, seen = [], 0, set()
+    while pos < len(blob):
+        step = rng.choice([1, 9, 100, _COPY_MAX - 1, _COPY_MAX, _COPY_MAX + 1, 30000, 65536])
+        chunk = blob[pos:pos + step]
+        scratch[:len(chunk)] = chunk
+        out += decoder.feed(view[:len(chunk)])
+        scratch[:len(chunk)] = b"\xee" * len(chunk)  # the next recv_into overwrites it
+        seen.add(min(len(chunk), _COPY_MAX + 1))
+        pos += step
+    assert {_COPY_MAX, _COPY_MAX + 1} <= seen
+    expected = _as_items(messages) if plain_as_bytes else [Frame(p, f) for p, f in messages]
+    assert out == expected
+    payloads = [item if type(item) is bytes else item.payload for item in out]
+    assert all(type(p) is bytes for p in payloads)
+    assert decoder.buffered == 0
+
+
 def test_plain_as_bytes_whole_frame_still_checks_limit_and_magic():
     with pytest.raises(ProtocolError) as err:
         FrameDecoder(max_message_size=100, plain_as_bytes=True).feed(encode_frame(b"x" * 101))
