@@ -118,6 +118,17 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
               (1, keepalive_idle * 1000, keepalive_interval * 1000))
 
 
+def _framed(payloads: list[bytes]) -> list[bytes]:
+    """Header, payload, header, payload ...: plaintext frames of *payloads* as buffers
+    (for ``b"".join`` or a scatter/gather ``sendmsg``)."""
+    parts: list[bytes] = []
+    add = parts.append
+    for payload in payloads:
+        add(_pack_header(MAGIC, len(payload), 0))
+        add(payload)
+    return parts
+
+
 def _frames_sent(out: bytes | bytearray, n: int, head_left: int) -> tuple[int, int]:
     """For a send queue *out* -- the last *head_left* bytes of one frame, then whole
     frames -- that just sent its first *n* bytes (fewer than all): how many frames that
@@ -621,10 +632,7 @@ class Connection:
         """Under the send lock, nothing queued: send frames of *payloads* (*size* bytes
         in all) with one ``sendmsg``, queue what the kernel did not take; count and
         return the bytes sent."""
-        buffers: list[bytes] = []
-        for payload in payloads:
-            buffers.append(_pack_header(MAGIC, len(payload), 0))
-            buffers.append(payload)
+        buffers = _framed(payloads)
         assert self._sendmsg is not None
         sent: int
         try:
@@ -688,12 +696,7 @@ class Connection:
                 if len(held) == 1:
                     data = _pack_header(MAGIC, len(held[0]), 0) + held[0]
                 else:
-                    parts: list[bytes] = []
-                    add = parts.append
-                    for payload in held:
-                        add(_pack_header(MAGIC, len(payload), 0))
-                        add(payload)
-                    data = b"".join(parts)
+                    data = b"".join(_framed(held))
                 try:
                     sent = self._send_now_locked(data, len(held))
                 except NotConnectedError:

@@ -538,8 +538,9 @@ class Server(Component):
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        # The hot path: plaintext frames to a handler that returns bytes. Anything else
-        # (markers, encrypted frames, other replies, debug logging) takes _run_item.
+        # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
+        # of this server's profile take _run_sealed; anything else (markers, other
+        # replies, debug logging, frames needing a handshake) takes _run_item.
         conn.cork()
         handler = self.on_handle_command
         fast = handler is not None and not self.require_encryption and not self._debug()

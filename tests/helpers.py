@@ -3,15 +3,17 @@ and the interop vectors with an independent (hand-rolled) MORMOT-profile decoder
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from Crypto.Cipher import AES
 
@@ -91,6 +93,30 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT,
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.005)  # polling a condition with a deadline, not timing
+
+
+@contextlib.contextmanager
+def log_lines(name: str, level: int) -> Iterator[List[str]]:
+    """The messages of logger *name* while the block runs, with its level set to *level*
+    and its records kept from its parents; its level and propagation are restored."""
+    lines: List[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger(name)
+    handler = Collect()
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
 
 
 def free_port() -> int:

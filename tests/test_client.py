@@ -19,7 +19,8 @@ from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
 
 from helpers import (TIMEOUT, VECTOR_KEY, VECTOR_MODES, VECTORS, Recorder, frame_size,
-                     free_port, read_frame, vector_cases, vector_decrypt, wait_until)
+                     free_port, log_lines, read_frame, vector_cases, vector_decrypt,
+                     wait_until)
 
 LOCAL = "127.0.0.1"
 C = ClientState
@@ -187,25 +188,11 @@ def test_disconnect_while_a_close_from_the_worker_is_under_way() -> None:
 def test_per_message_debug_on_the_logger_passed() -> None:
     """API §5: the client logs each message it receives at DEBUG, on its own logger (its
     level decides, not the "morsock" logger's)."""
-    lines: List[str] = []
-
-    class Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger("elsewhere.client")
-    handler = Lines(logging.DEBUG)
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    try:
+    with log_lines("elsewhere.client", logging.DEBUG) as lines:
+        logger = logging.getLogger("elsewhere.client")
         with running_server() as server, Client(LOCAL, server.port, logger=logger) as client:
             assert client.request(b"hello") == b"hello"
             assert client.request(b"second") == b"second"
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(logging.NOTSET)
-        logger.propagate = True
     assert [line for line in lines if "-byte message" in line] == [
         f"5-byte message from {LOCAL}:{server.port} (flag 0)",
         f"6-byte message from {LOCAL}:{server.port} (flag 0)"]

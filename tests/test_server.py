@@ -19,7 +19,8 @@ from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
 from helpers import (TIMEOUT, VECTOR_KEY, VECTOR_MODES, VECTORS, Recorder, frame_size,
-                     free_port, vector_cases, vector_decrypt, vector_edge, wait_until)
+                     free_port, log_lines, vector_cases, vector_decrypt, vector_edge,
+                     wait_until)
 
 LOCAL = "127.0.0.1"
 S = ServerState
@@ -438,47 +439,29 @@ def test_handler_exception_is_reported_and_connection_kept() -> None:
     assert rec.count("error") == 1
 
 
-class _Lines(logging.Handler):
-    """Collects the messages a logger emits."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: List[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @pytest.mark.parametrize("name", ["morsock.test.debug", "elsewhere.app"])
 @pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
 def test_per_message_debug_follows_the_logger_passed(name: str, level: int) -> None:
     """API §5: per-message detail at DEBUG, on the logger passed as ``logger=``: that
     logger's level decides, whatever the level of the "morsock" logger."""
-    logger = logging.getLogger(name)
-    lines = _Lines()
-    logger.addHandler(lines)
-    logger.setLevel(level)
-    logger.propagate = False
     base = logging.getLogger("morsock")
     base_level = base.level
     base.setLevel(logging.WARNING if level == logging.DEBUG else logging.DEBUG)
     try:
-        with running_server(echo_handler, logger=logger) as server:
-            with RawPeer(LOCAL, server.port) as peer:
-                assert peer.request(b"hello") == b"hello"
-                assert peer.request(b"again!") == b"again!"
+        with log_lines(name, level) as lines:
+            with running_server(echo_handler, logger=logging.getLogger(name)) as server:
+                with RawPeer(LOCAL, server.port) as peer:
+                    assert peer.request(b"hello") == b"hello"
+                    assert peer.request(b"again!") == b"again!"
     finally:
         base.setLevel(base_level)
-        logger.removeHandler(lines)
-        logger.setLevel(logging.NOTSET)
-        logger.propagate = True
-    per_message = [line for line in lines.lines if "-byte message" in line]
+    per_message = [line for line in lines if "-byte message" in line]
     if level == logging.DEBUG:
         assert per_message == ["client #1: 5-byte message (flag 0)",
                                "client #1: 6-byte message (flag 0)"]
     else:
         assert per_message == []
-    assert any(line.startswith("server listening") for line in lines.lines), lines.lines
+    assert any(line.startswith("server listening") for line in lines), lines
 
 
 # ------------------------------------------------------------------------ client management
