@@ -50,6 +50,10 @@ _DIRECT_SEND_MIN = 32 * 1024
 HOLD_MAX = 256 * 1024
 #: Most frames sent with one sendmsg (two buffers each; Linux takes at most 1024).
 _SENDMSG_MAX_FRAMES = 256
+#: Headers of plaintext frames with payloads shorter than this are prebuilt: a lookup
+#: costs less than ``HEADER.pack`` for every reply (about 16 against 39 ns).
+_HEADER_CACHE_MAX = 512
+_PLAIN_HEADERS = tuple(_pack_header(MAGIC, n, 0) for n in range(_HEADER_CACHE_MAX))
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
 
@@ -124,7 +128,8 @@ def _framed(payloads: list[bytes]) -> list[bytes]:
     parts: list[bytes] = []
     add = parts.append
     for payload in payloads:
-        add(_pack_header(MAGIC, len(payload), 0))
+        n = len(payload)
+        add(_PLAIN_HEADERS[n] if n < _HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0))
         add(payload)
     return parts
 
@@ -185,7 +190,8 @@ class Connection:
         self._head_left = 0
         # Plaintext replies held back by the thread that corked the connection, not yet in
         # _out. Only that thread touches them: Server._run_items appends; uncork, or a
-        # send or close() by that thread, moves them to _out (_release_held_locked).
+        # send or close() by that thread, moves them to _out (_release_held_locked). The
+        # list is emptied in place, never replaced: _run_items keeps a reference to it.
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._write_armed = False
@@ -587,7 +593,7 @@ class Connection:
         :meth:`send_frame`."""
         with self._send_lock:
             if self.closing:
-                self._held = []
+                self._held.clear()
                 self._held_bytes = 0
                 raise NotConnectedError(f"{self.describe()} is not connected")
             sent = self._release_held_locked()
@@ -601,9 +607,9 @@ class Connection:
         sent. Raises SendBufferFullError at the first reply that does not fit (the rest
         are dropped: the caller closes the connection), NotConnectedError if the socket
         failed."""
-        held = self._held
+        held = self._held[:]
         size = self._held_bytes
-        self._held = []
+        self._held.clear()
         self._held_bytes = 0
         out = self._out
         if (not out and size >= _DIRECT_SEND_MIN and self._sendmsg is not None
@@ -691,20 +697,24 @@ class Connection:
             if held and not self.closing and not self._out and self._held_bytes < _DIRECT_SEND_MIN:
                 # The common case in one go: frame the few replies and send them (what the
                 # kernel does not take is queued, and EVENT_WRITE armed, by _send_now_locked).
-                self._held = []
-                self._held_bytes = 0
-                if len(held) == 1:
-                    data = _pack_header(MAGIC, len(held[0]), 0) + held[0]
+                count = len(held)
+                if count == 1:
+                    reply = held[0]
+                    n = len(reply)
+                    data = (_PLAIN_HEADERS[n] if n < _HEADER_CACHE_MAX
+                            else _pack_header(MAGIC, n, 0)) + reply
                 else:
                     data = b"".join(_framed(held))
+                held.clear()
+                self._held_bytes = 0
                 try:
-                    sent = self._send_now_locked(data, len(held))
+                    sent = self._send_now_locked(data, count)
                 except NotConnectedError:
                     pass  # the socket failed: it is being closed
             else:
                 if held:
                     if self.closing:  # close() from another thread: nothing is sent after it
-                        self._held = []
+                        held.clear()
                         self._held_bytes = 0
                     else:
                         try:

@@ -146,7 +146,7 @@ class FrameDecoder:
                 magic, length, flag = _unpack_from(view, 0)
                 if (size == HEADER_SIZE + length and magic == MAGIC and not flag
                         and not self._wrap_plain and length <= self.max_message_size):
-                    frames.append(bytes(view[HEADER_SIZE:]))
+                    frames.append(view[HEADER_SIZE:].tobytes())
                     return frames
             pos = self._parse(view, size, frames)
             if pos == size:
@@ -173,7 +173,7 @@ class FrameDecoder:
             if end > n:
                 self._need = end - pos
                 return pos
-            payload = src[start:end] if copied else bytes(src[start:end])
+            payload = src[start:end] if copied else src[start:end].tobytes()
             if flag or wrap_plain:
                 append(_new_frame(Frame, (payload, flag)))
             else:

@@ -11,7 +11,7 @@ import pytest
 
 from morsock import Client, ErrorCode
 
-from morsock.connection import HOLD_MAX, _frames_sent
+from morsock.connection import _HEADER_CACHE_MAX, HOLD_MAX, _framed, _frames_sent
 from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
@@ -72,6 +72,24 @@ def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -
             assert server.total_bytes_sent == wire
         finally:
             sock.close()
+
+
+def test_framing_matches_encode_frame_on_both_sides_of_the_prebuilt_headers() -> None:
+    lengths = list(range(0, 40)) + list(range(_HEADER_CACHE_MAX - 3, _HEADER_CACHE_MAX + 4))
+    payloads = [bytes([n % 251]) * n for n in lengths]
+    assert b"".join(_framed(payloads)) == b"".join(encode_frame(p) for p in payloads)
+
+
+def test_single_replies_on_both_sides_of_the_prebuilt_headers_arrive_exactly() -> None:
+    sizes = [1, _HEADER_CACHE_MAX - 1, _HEADER_CACHE_MAX, _HEADER_CACHE_MAX + 1, 4000]
+    with running_server(echo_handler) as server:
+        with RawPeer.to(server) as peer:
+            for size in sizes:  # one at a time: each reply leaves on its own (an empty
+                # reply is none at all, so 0 is checked by the _framed test above)
+                payload = bytes([size % 251]) * size
+                peer.send_raw(encode_frame(payload))
+                frame = peer.recv_frame(timeout=10)
+                assert (frame.payload, frame.flag) == (payload, 0)
 
 
 def test_a_send_from_the_handler_keeps_its_place_among_held_replies() -> None:
