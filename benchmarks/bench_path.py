@@ -85,7 +85,7 @@ def main() -> None:
         def read_only() -> None:
             conn._read(1)
             harvest.clear()
-            strand._items = []
+            strand._first = None
             strand._scheduled = False
 
         view = server._scratch_view

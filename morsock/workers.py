@@ -55,11 +55,16 @@ class Strand:
     items in order (see :func:`each` to run an item at a time). It must not raise: an
     exception that escapes is logged and the rest of that batch is lost."""
 
-    __slots__ = ("_pool", "_run_batch", "_items", "_lock", "_scheduled")
+    __slots__ = ("_pool", "_run_batch", "_first", "_items", "_lock", "_scheduled")
 
     def __init__(self, pool: WorkerPool, run_batch: Callable[[list[Any]], None]) -> None:
         self._pool = pool
         self._run_batch = run_batch
+        # An idle strand (not scheduled) holds no items. The post that schedules it puts
+        # its items in _first, which only the thread that drains the strand then reads:
+        # the first batch costs no second lock. Items posted while the strand is
+        # scheduled go to _items, under the lock.
+        self._first: list[Any] | None = None
         self._items: list[Any] = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -67,25 +72,27 @@ class Strand:
     def post(self, item: Any) -> None:
         """Queue one item. Thread-safe."""
         with self._lock:
-            self._items.append(item)
             if self._scheduled:
+                self._items.append(item)
                 return
             self._scheduled = True
+            self._first = [item]
         self._pool._schedule(self)
 
     def post_many(self, items: list[Any]) -> None:
         """Queue the items of *items* in order with one hand-off; the strand may keep the
         list itself, so the caller must not use it afterwards. Thread-safe."""
+        if not items:
+            return
         with self._lock:
-            if self._items:
-                self._items.extend(items)
-            elif items:
-                self._items = items
-            else:
-                return
             if self._scheduled:
+                if self._items:
+                    self._items.extend(items)
+                else:
+                    self._items = items
                 return
             self._scheduled = True
+            self._first = items
         pool = self._pool
         reactor = pool._reactor
         if reactor is not None and reactor._leader == get_ident():
@@ -99,18 +106,21 @@ class Strand:
 
     def _drain(self) -> None:
         """Run queued items until none is left (pool thread)."""
+        items = self._first
+        self._first = None
         lock = self._lock
         while True:
+            if items:
+                try:
+                    self._run_batch(items)
+                except Exception:
+                    self._pool._log.exception("unhandled error in %s", self._pool.name)
             with lock:
                 items = self._items
                 if not items:
                     self._scheduled = False
                     return
                 self._items = []
-            try:
-                self._run_batch(items)
-            except Exception:
-                self._pool._log.exception("unhandled error in %s", self._pool.name)
 
 
 def each(run_item: Callable[[Any], None], log: logging.Logger) -> Callable[[list[Any]], None]:

@@ -1,0 +1,193 @@
+"""Strands and the worker pool on their own: items of a strand run in the order they
+were posted, one batch at a time, however many threads post and drain; nothing posted
+is lost, with or without a reactor run by the pool (leader/follower)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, Iterator, List, Optional, Tuple
+
+import pytest
+
+from morsock.reactor import Reactor
+from morsock.workers import WorkerPool
+
+from helpers import TIMEOUT
+
+
+@pytest.fixture(params=["pool only", "leader/follower"])
+def pool(request: pytest.FixtureRequest) -> Iterator[WorkerPool]:
+    reactor: Optional[Reactor] = Reactor("test-reactor") if request.param != "pool only" else None
+    workers = WorkerPool(4, "test-worker", reactor=reactor)
+    workers.start()
+    try:
+        yield workers
+    finally:
+        workers.shutdown(TIMEOUT)
+        if reactor is not None:
+            reactor.close()
+
+
+@pytest.fixture()
+def fast_switching() -> Iterator[None]:
+    """Switch threads as often as CPython allows, so interleavings actually happen."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+class Sink:
+    """A strand's batch runner that records items, notices overlapping batches, and
+    tells when *total* items have run."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.items: List[Any] = []
+        self.batches = 0
+        self.overlaps = 0
+        self._running = False
+        self._done = threading.Event()
+
+    def run_batch(self, items: List[Any]) -> None:
+        if self._running:
+            self.overlaps += 1
+        self._running = True
+        self.batches += 1
+        for item in items:
+            self.items.append(item)
+            sum(range(50))  # some work, so that a thread switch may fall inside a batch
+        self._running = False
+        if len(self.items) >= self.total:
+            self._done.set()
+
+    def wait(self) -> None:
+        assert self._done.wait(TIMEOUT), f"{len(self.items)} of {self.total} items ran"
+
+
+def test_items_from_many_threads_run_in_order_one_batch_at_a_time(
+        pool: WorkerPool, fast_switching: None) -> None:
+    producers, per_producer = 4, 3000
+    sink = Sink(producers * per_producer)
+    strand = pool.strand(sink.run_batch)
+    start = threading.Barrier(producers)
+
+    def produce(name: int) -> None:
+        start.wait(TIMEOUT)
+        seq = 0
+        while seq < per_producer:
+            for _ in range(20):  # a little work between posts: the strand often runs dry
+                pass
+            if seq % 3:  # mixed: single posts and lists of up to 4
+                strand.post((name, seq))
+                seq += 1
+            else:
+                batch = [(name, n) for n in range(seq, min(seq + 4, per_producer))]
+                strand.post_many(batch)
+                seq += len(batch)
+
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    sink.wait()
+    assert sink.overlaps == 0
+    assert len(sink.items) == producers * per_producer
+    for name in range(producers):  # each producer's items in the order it posted them
+        assert [seq for who, seq in sink.items if who == name] == list(range(per_producer))
+    # the strand went idle once everything ran (its last batch may still be returning)
+    deadline = threading.Event()
+    for _ in range(1000):
+        if strand.is_idle():
+            break
+        deadline.wait(0.01)  # polling a condition with a bound, not timing
+    assert strand.is_idle()
+
+
+def test_strands_run_in_parallel_but_each_in_order(pool: WorkerPool,
+                                                   fast_switching: None) -> None:
+    sinks = [Sink(500) for _ in range(8)]
+    strands = [pool.strand(s.run_batch) for s in sinks]
+    for n in range(500):
+        for strand in strands:
+            strand.post(n)
+    for sink in sinks:
+        sink.wait()
+        assert sink.items == list(range(500))
+        assert sink.overlaps == 0
+
+
+def test_items_posted_while_a_batch_runs_follow_it_in_order(pool: WorkerPool) -> None:
+    batches: List[List[str]] = []
+    done = threading.Event()
+    strand: Any = None
+
+    def run_batch(items: List[str]) -> None:
+        batches.append(list(items))
+        if items == ["a"]:  # the first batch posts more while it runs
+            strand.post("b")
+            strand.post_many(["c", "d"])
+            strand.post("e")
+            assert not strand.is_idle()
+        if items[-1] == "e":
+            done.set()
+
+    strand = pool.strand(run_batch)
+    strand.post("a")
+    assert done.wait(TIMEOUT)
+    assert batches == [["a"], ["b", "c", "d", "e"]]
+    assert _wait_for(strand.is_idle)
+    # idle again: the next post starts a new first batch
+    done.clear()
+    strand.post_many(["x", "e"])
+    assert done.wait(TIMEOUT)
+    assert batches[-1] == ["x", "e"]
+
+
+def test_a_batch_that_raises_is_logged_and_the_strand_goes_on(
+        pool: WorkerPool, caplog: pytest.LogCaptureFixture) -> None:
+    seen: List[Any] = []
+    done = threading.Event()
+
+    def run_batch(items: List[Any]) -> None:
+        for item in items:
+            if item == "boom":
+                raise RuntimeError("boom")
+            seen.append(item)
+            if item == "last":
+                done.set()
+
+    strand = pool.strand(run_batch)
+    with caplog.at_level(logging.ERROR, logger="morsock"):
+        strand.post("boom")
+        assert _wait_for(lambda: any(r.exc_info for r in caplog.records))
+        strand.post_many(["after", "last"])
+        assert done.wait(TIMEOUT)
+    assert seen == ["after", "last"]
+    assert any("unhandled error" in r.getMessage() for r in caplog.records)
+
+
+def test_posting_an_empty_list_schedules_nothing(pool: WorkerPool) -> None:
+    calls: List[Tuple[Any, ...]] = []
+    strand = pool.strand(lambda items: calls.append(tuple(items)))
+    strand.post_many([])
+    assert strand.is_idle()
+    done = threading.Event()
+    strand2 = pool.strand(lambda items: done.set())
+    strand2.post("x")  # anything the pool would run for the first strand runs before this
+    assert done.wait(TIMEOUT)
+    assert calls == []
+
+
+def _wait_for(predicate: Any) -> bool:
+    waiter = threading.Event()
+    for _ in range(int(TIMEOUT / 0.01)):
+        if predicate():
+            return True
+        waiter.wait(0.01)  # polling a condition with a bound, not timing
+    return bool(predicate())
