@@ -190,8 +190,7 @@ class Connection:
         self._head_left = 0
         # Plaintext replies held back by the thread that corked the connection, not yet in
         # _out. Only that thread touches them: Server._run_items appends; uncork, or a
-        # send or close() by that thread, moves them to _out (_release_held_locked). The
-        # list is emptied in place, never replaced: _run_items keeps a reference to it.
+        # send or close() by that thread, moves them to _out (_release_held_locked).
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._write_armed = False
@@ -593,7 +592,7 @@ class Connection:
         :meth:`send_frame`."""
         with self._send_lock:
             if self.closing:
-                self._held.clear()
+                self._held = []
                 self._held_bytes = 0
                 raise NotConnectedError(f"{self.describe()} is not connected")
             sent = self._release_held_locked()
@@ -607,9 +606,9 @@ class Connection:
         sent. Raises SendBufferFullError at the first reply that does not fit (the rest
         are dropped: the caller closes the connection), NotConnectedError if the socket
         failed."""
-        held = self._held[:]
+        held = self._held
         size = self._held_bytes
-        self._held.clear()
+        self._held = []
         self._held_bytes = 0
         out = self._out
         if (not out and size >= _DIRECT_SEND_MIN and self._sendmsg is not None
@@ -697,6 +696,8 @@ class Connection:
             if held and not self.closing and not self._out and self._held_bytes < _DIRECT_SEND_MIN:
                 # The common case in one go: frame the few replies and send them (what the
                 # kernel does not take is queued, and EVENT_WRITE armed, by _send_now_locked).
+                self._held = []
+                self._held_bytes = 0
                 count = len(held)
                 if count == 1:
                     reply = held[0]
@@ -705,8 +706,6 @@ class Connection:
                             else _pack_header(MAGIC, n, 0)) + reply
                 else:
                     data = b"".join(_framed(held))
-                held.clear()
-                self._held_bytes = 0
                 try:
                     sent = self._send_now_locked(data, count)
                 except NotConnectedError:
@@ -714,7 +713,7 @@ class Connection:
             else:
                 if held:
                     if self.closing:  # close() from another thread: nothing is sent after it
-                        held.clear()
+                        self._held = []
                         self._held_bytes = 0
                     else:
                         try:

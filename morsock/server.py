@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 import time
-from threading import get_ident
 from typing import Any, Callable
 
 from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
@@ -542,10 +541,9 @@ class Server(Component):
         # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
-        conn._cork_owner = get_ident()  # conn.cork(), inline
+        conn.cork()
         handler = self.on_handle_command
         fast = handler is not None and not self.require_encryption and not self._debug()
-        hold = conn._held.append  # the list is emptied in place, never replaced
         try:
             for item in items:
                 if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
@@ -558,7 +556,7 @@ class Server(Component):
                         continue
                     if reply.__class__ is bytes:
                         # held: framed and sent by uncork, with the rest of the batch
-                        hold(reply)
+                        conn._held.append(reply)
                         conn._held_bytes += len(reply) + HEADER_SIZE
                         if conn._held_bytes < HOLD_MAX:
                             continue

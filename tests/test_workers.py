@@ -14,7 +14,7 @@ import pytest
 from morsock.reactor import Reactor
 from morsock.workers import WorkerPool
 
-from helpers import TIMEOUT
+from helpers import TIMEOUT, wait_until
 
 
 @pytest.fixture(params=["pool only", "leader/follower"])
@@ -100,13 +100,8 @@ def test_items_from_many_threads_run_in_order_one_batch_at_a_time(
     assert len(sink.items) == producers * per_producer
     for name in range(producers):  # each producer's items in the order it posted them
         assert [seq for who, seq in sink.items if who == name] == list(range(per_producer))
-    # the strand went idle once everything ran (its last batch may still be returning)
-    deadline = threading.Event()
-    for _ in range(1000):
-        if strand.is_idle():
-            break
-        deadline.wait(0.01)  # polling a condition with a bound, not timing
-    assert strand.is_idle()
+    # the strand goes idle once everything ran (its last batch may still be returning)
+    wait_until(strand.is_idle, what="the strand idle")
 
 
 def test_strands_run_in_parallel_but_each_in_order(pool: WorkerPool,
@@ -141,7 +136,7 @@ def test_items_posted_while_a_batch_runs_follow_it_in_order(pool: WorkerPool) ->
     strand.post("a")
     assert done.wait(TIMEOUT)
     assert batches == [["a"], ["b", "c", "d", "e"]]
-    assert _wait_for(strand.is_idle)
+    wait_until(strand.is_idle, what="the strand idle")
     # idle again: the next post starts a new first batch
     done.clear()
     strand.post_many(["x", "e"])
@@ -165,7 +160,7 @@ def test_a_batch_that_raises_is_logged_and_the_strand_goes_on(
     strand = pool.strand(run_batch)
     with caplog.at_level(logging.ERROR, logger="morsock"):
         strand.post("boom")
-        assert _wait_for(lambda: any(r.exc_info for r in caplog.records))
+        wait_until(lambda: any(r.exc_info for r in caplog.records), what="the error logged")
         strand.post_many(["after", "last"])
         assert done.wait(TIMEOUT)
     assert seen == ["after", "last"]
@@ -183,11 +178,3 @@ def test_posting_an_empty_list_schedules_nothing(pool: WorkerPool) -> None:
     assert done.wait(TIMEOUT)
     assert calls == []
 
-
-def _wait_for(predicate: Any) -> bool:
-    waiter = threading.Event()
-    for _ in range(int(TIMEOUT / 0.01)):
-        if predicate():
-            return True
-        waiter.wait(0.01)  # polling a condition with a bound, not timing
-    return bool(predicate())
