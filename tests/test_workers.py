@@ -87,8 +87,8 @@ def test_items_from_many_threads_run_in_order_one_batch_at_a_time(
                 seq += 1
             else:
                 batch = [(name, n) for n in range(seq, min(seq + 4, per_producer))]
+                seq += len(batch)  # before posting: the strand may keep (and extend) the list
                 strand.post_many(batch)
-                seq += len(batch)
 
     threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
     for t in threads:
