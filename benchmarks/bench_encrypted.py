@@ -27,6 +27,14 @@ Run from the repository: ``python benchmarks/bench_encrypted.py [--rounds 3] [--
     (``MormotCipher.decrypt`` + ``seal_frame``; ``AuthSession.open`` + ``seal``);
   - ``ratio`` = (server us/req - plaintext echo us/req) / raw us. 1.0 means the server
     adds nothing to the crypto it cannot avoid; the target is <= 1.2.
+  - ``raw srv``: the same raw work done by a server under the same load -- a plaintext
+    morsock echo (``--serve-raw``, the CLI server's settings) whose handler runs it on
+    prebuilt inputs before answering -- i.e. that server's us/req minus the plaintext
+    echo's. At the encrypted request rate the load generator sleeps between replies and
+    every reply has to wake it, which costs the server's kernel time that the fast
+    plaintext echo it is compared with does not pay; ``raw srv`` includes that, ``raw
+    us`` does not. ``@srv`` = (server us/req - plaintext echo us/req) / raw srv: what
+    morsock's encrypted path costs against the bare crypto under equal conditions.
 * Part 2, "parallel" (server NOT pinned; the machine's cores are shared by the server and
   the load): 64 KiB encrypted messages over several connections with thread_pool_size
   1, 2 and 4: MB/s (payload both ways), server CPU % (over 100 = more than one core
@@ -212,6 +220,39 @@ def morsock_cmd(profile: str, mode: str, threads: int) -> List[str]:
     if profile != PLAIN:
         cmd += ["--key", KEY, "--mode", mode, "--key-size", str(KEY_BITS), "--profile", profile]
     return cmd
+
+
+def raw_server_cmd(profile: str, mode: str, size: int, threads: int) -> List[str]:
+    """A plaintext echo server (morsock, as the CLI's) whose handler also does the bare
+    crypto work of one request (:func:`raw_work`, prebuilt inputs) before it answers."""
+    return [sys.executable, str(Path(__file__).resolve()), "--serve-raw",
+            f"{profile}/{mode}/{size}/{threads}", "--host", "127.0.0.1"]
+
+
+def serve_raw(spec: str, host: str, port: int, port_file: str) -> None:
+    """``--serve-raw PROFILE/MODE/SIZE/THREADS``: run the server of :func:`raw_server_cmd`
+    until SIGTERM; its port goes to *port_file* (as the CLI's ``--port-file``)."""
+    from morsock import Server
+    from morsock.cli import _keep_freed_memory
+    profile, mode, size, threads = spec.split("/")
+    _keep_freed_memory()   # as the CLI server does
+    work = raw_work(profile, mode, int(size))
+
+    def echo(sender: Any, client: Any, data: bytes) -> bytes:
+        work()
+        return data
+
+    server = Server(port, host, thread_pool_size=int(threads), on_handle_command=echo)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start()
+    try:
+        with open(port_file + ".tmp", "w") as fh:
+            fh.write(f"{server.port}\n")
+        os.replace(port_file + ".tmp", port_file)
+        stop.wait()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------- the load
@@ -427,11 +468,16 @@ MALLOC_TUNE = {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": 
 
 def measure(profile: str, mode: str, size: int, threads: int, conns: int, depth: int,
             warmup: float, secs: float, server_cpu: Optional[int],
-            env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+            env: Optional[Dict[str, str]] = None, raw_in_handler: bool = False
+            ) -> Dict[str, float]:
     """Start a fresh server (pinned to *server_cpu* unless None, *env* added to its
-    environment), load it, stop it."""
-    with ServerProcess(morsock_cmd(profile, mode, threads), cpu=server_cpu, env=env) as srv:
-        r = drive(srv.port, srv.pid, profile, mode, size, conns, depth, warmup, secs)
+    environment), load it, stop it. *raw_in_handler*: the plaintext server of
+    :func:`raw_server_cmd` doing *profile*/*mode*'s bare crypto, under a plaintext load."""
+    cmd = (raw_server_cmd(profile, mode, size, threads) if raw_in_handler
+           else morsock_cmd(profile, mode, threads))
+    with ServerProcess(cmd, cpu=server_cpu, env=env) as srv:
+        r = drive(srv.port, srv.pid, PLAIN if raw_in_handler else profile, mode, size, conns,
+                  depth, warmup, secs)
         r["rss_mb"] = rss_bytes(srv.pid) / 1e6
     return r
 
@@ -695,17 +741,26 @@ def run_cost(args: argparse.Namespace, server_cpu: Optional[int], load_cpu: Opti
                 after = _timed_on(server_cpu, load_cpu, key) if profile != PLAIN else (0.0, 0.0)
                 r["raw_us"] = (before[0] + after[0]) / 2
                 r["lib_us"] = (before[1] + after[1]) / 2
+                if profile != PLAIN:  # the same bare crypto, done by a plaintext server
+                    raw_srv = measure(profile, mode, size, args.threads, conns, depth,
+                                      args.warmup, args.secs, server_cpu, args.env,
+                                      raw_in_handler=True)
+                    r["raw_srv_req"] = raw_srv["us_req"]
+                    r["errors"] += raw_srv["errors"]
                 results[key].append(r)
                 (plain_runs if profile == PLAIN else pending).append(r)
                 print(f"  round {rnd + 1} {size_label(size):>6} {profile:13} {mode:3} "
                       f"{r['req_s']:8.0f} req/s {r['us_req']:7.1f} us/req srv {r['srv_pct']:4.0f}% "
-                      f"lg {r['lg_pct']:4.0f}% raw {r['raw_us']:6.1f} us err {r['errors']}",
-                      flush=True)
+                      f"lg {r['lg_pct']:4.0f}% raw {r['raw_us']:6.1f} us"
+                      + (f" raw in server {r['raw_srv_req']:6.1f} us/req" if 'raw_srv_req' in r
+                         else "") + f" err {r['errors']}", flush=True)
             base = plain_runs[0]["us_req"]
             for r in pending:   # against the plaintext echo of the same round
                 r["extra_us"] = r["us_req"] - base
                 r["ratio"] = r["extra_us"] / r["raw_us"]
                 r["srv_lib"] = r["extra_us"] / r["lib_us"]
+                r["raw_srv_us"] = r["raw_srv_req"] - base
+                r["ratio_srv"] = r["extra_us"] / r["raw_srv_us"]
     return results
 
 
@@ -713,13 +768,16 @@ def print_cost(args: argparse.Namespace, results: Dict) -> int:
     print(f"\nper-request cost, medians of {args.rounds} round(s) x {args.secs:g} s; "
           f"thread_pool_size {args.threads}; crypto = us/req - plaintext us/req (same round); "
           "ratio = crypto / raw us (target <= 1.2); srv/lib = crypto / lib us; "
+          "raw srv = us/req of a plaintext echo whose handler does the raw work, minus "
+          "plaintext us/req (same load, same round); @srv = crypto / raw srv; "
           "sys = system CPU us/req; flt = minor page faults per request")
     hdr = (f"{'size':>6} {'profile':13} {'mode':4} {'load':>5} {'req/s':>8} {'MB/s':>7} "
            f"{'us/req':>7} {'crypto':>7} {'raw us':>7} {'lib us':>7} {'ratio':>6} "
-           f"{'srv/lib':>7} {'sys':>5} {'flt':>5} {'srv%':>5} {'lg%':>5} {'err':>4}")
+           f"{'srv/lib':>7} {'raw srv':>7} {'@srv':>5} "
+           f"{'sys':>5} {'flt':>5} {'srv%':>5} {'lg%':>5} {'err':>4}")
     print(hdr)
     status = 0
-    worst = 0.0
+    worst = worst_srv = 0.0
     for size in args.sizes:
         conns, depth = LOAD_SHAPE.get(size, (8, 2))
         shape = f"{conns}x{depth}"
@@ -729,19 +787,24 @@ def print_cost(args: argparse.Namespace, results: Dict) -> int:
             profile, mode, _ = key
             errs = sum(int(r["errors"]) for r in runs)
             status |= errs > 0
-            cells = ["-"] * 5
+            cells = ["-"] * 7
             if profile != PLAIN:
                 ratio = med(runs, "ratio")
                 worst = max(worst, ratio)
+                worst_srv = max(worst_srv, med(runs, "ratio_srv"))
                 cells = [f"{med(runs, 'extra_us'):.1f}", f"{med(runs, 'raw_us'):.1f}",
                          f"{med(runs, 'lib_us'):.1f}", f"{ratio:.2f}",
-                         f"{med(runs, 'srv_lib'):.2f}"]
+                         f"{med(runs, 'srv_lib'):.2f}", f"{med(runs, 'raw_srv_us'):.1f}",
+                         f"{med(runs, 'ratio_srv'):.2f}"]
             print(f"{size_label(size):>6} {profile:13} {mode:4} {shape:>5} "
                   f"{med(runs, 'req_s'):8.0f} {med(runs, 'mb_s'):7.1f} {med(runs, 'us_req'):7.1f} "
                   f"{cells[0]:>7} {cells[1]:>7} {cells[2]:>7} {cells[3]:>6} {cells[4]:>7} "
+                  f"{cells[5]:>7} {cells[6]:>5} "
                   f"{med(runs, 'sys_us_req'):5.1f} {med(runs, 'flt_req'):5.1f} "
                   f"{med(runs, 'srv_pct'):5.0f} {med(runs, 'lg_pct'):5.0f} {errs:4d}")
     print(f"worst ratio: {worst:.2f} ({'within' if worst <= 1.2 else 'ABOVE'} the 1.2 target)")
+    print(f"worst @srv (against the same raw work done by a server under the same load): "
+          f"{worst_srv:.2f}")
     if any(m == "CBC" for m in args.modes) and any(s >= 16384 for s in args.sizes):
         print("note: pycryptodome's CBC decryption of big buffers runs at one of two speeds "
               "chosen per process (address layout) on some CPUs, so big-CBC ratios swing "
@@ -827,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "= 256 MiB (glibc keeps freed buffers: fewer page faults on big frames)")
     ap.add_argument("--json", help="also write the raw results to this file")
     ap.add_argument("--ceiling-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-raw", help=argparse.SUPPRESS)   # see raw_server_cmd
+    ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--port-file", help=argparse.SUPPRESS)
     return ap
 
 
@@ -835,6 +902,9 @@ def main() -> int:
     if args.ceiling_worker:
         profile, mode, size, secs = args.ceiling_worker
         ceiling_worker(profile, mode, int(size), float(secs))
+        return 0
+    if args.serve_raw:
+        serve_raw(args.serve_raw, args.host, args.port, args.port_file)
         return 0
     args.sizes = [int(s) for s in _csv(args.sizes)]
     args.modes = [AESMode.parse(m).name for m in _csv(args.modes)]

@@ -142,11 +142,14 @@ class FrameDecoder:
                 view = view.cast("B")  # count bytes, not items
             size = len(view)
             if size >= HEADER_SIZE:
-                # One whole plaintext frame, the commonest chunk: _parse's work, inline.
+                # One whole frame, the commonest chunk: _parse's work, inline.
                 magic, length, flag = _unpack_from(view, 0)
-                if (size == HEADER_SIZE + length and magic == MAGIC and not flag
-                        and not self._wrap_plain and length <= self.max_message_size):
-                    frames.append(view[HEADER_SIZE:].tobytes())
+                if (size == HEADER_SIZE + length and magic == MAGIC and flag <= _MAX_FLAG
+                        and length <= self.max_message_size):
+                    if flag or self._wrap_plain:
+                        frames.append(_new_frame(Frame, (view[HEADER_SIZE:].tobytes(), flag)))
+                    else:
+                        frames.append(view[HEADER_SIZE:].tobytes())
                     return frames
             pos = self._parse(view, size, frames)
             if pos == size:

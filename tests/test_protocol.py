@@ -222,3 +222,26 @@ def test_plain_as_bytes_whole_frame_still_checks_limit_and_magic():
     assert err.value.code is ErrorCode.INVALID_PROTOCOL
     assert FrameDecoder(max_message_size=3, plain_as_bytes=True).feed(
         encode_frame(b"abc")) == [b"abc"]
+
+
+@pytest.mark.parametrize("plain_as_bytes", [False, True])
+def test_one_whole_frame_per_chunk_of_every_flag(plain_as_bytes):
+    """A chunk that is exactly one frame (the decoder's shortcut): encrypted frames come
+    out as Frame(payload, flag) in both modes, an unknown flag or an oversize frame is
+    refused there as it is inside a longer chunk, and nothing stays buffered."""
+    decoder = FrameDecoder(max_message_size=64, plain_as_bytes=plain_as_bytes)
+    for flag in (FLAG_MORMOT, FLAG_AUTHENTICATED):
+        for payload in (b"", b"x", bytes(range(64))):
+            out = decoder.feed(memoryview(encode_frame(payload, flag)))
+            assert out == [Frame(payload, flag)]
+            assert type(out[0]) is Frame and type(out[0].payload) is bytes
+    assert decoder.buffered == 0
+    for flag in (3, 4, 255):
+        with pytest.raises(ProtocolError) as err:
+            FrameDecoder(plain_as_bytes=plain_as_bytes).feed(
+                struct.pack("<IIB", MAGIC, 2, flag) + b"ab")
+        assert err.value.code is ErrorCode.INVALID_PROTOCOL
+    with pytest.raises(ProtocolError) as err:
+        FrameDecoder(max_message_size=64, plain_as_bytes=plain_as_bytes).feed(
+            encode_frame(bytes(65), FLAG_MORMOT))
+    assert err.value.code is ErrorCode.MESSAGE_TOO_LARGE
