@@ -242,13 +242,10 @@ class MormotCipher:
         return f"MormotCipher(mode={self.mode.name}, key_size={int(self.key_size)})"
 
     def _encrypt(self, plaintext: Buffer, iv: bytes | None) -> tuple[bytes, bytes]:
-        """Return (iv, ciphertext of the padded plaintext). Runs for every message sent:
-        _as_bytes, _pad and the size check are written out here (a call each less)."""
-        src = plaintext if type(plaintext) is bytes else _as_bytes(plaintext)
-        n = len(src)
-        pad = BLOCK_SIZE - n % BLOCK_SIZE
-        if IV_SIZE + n + pad > MAX_FRAME_SIZE:
-            _check_size(IV_SIZE + n + pad)  # raises
+        """Return (iv, ciphertext of the padded plaintext)."""
+        src = _as_bytes(plaintext)
+        pad = BLOCK_SIZE - len(src) % BLOCK_SIZE  # _pad's, reused by the size check
+        _check_size(IV_SIZE + len(src) + pad)
         if iv is None:
             iv = os.urandom(IV_SIZE)
         elif len(iv) != IV_SIZE:
@@ -283,17 +280,17 @@ class MormotCipher:
         key almost always gives). Without authentication, a tampered frame whose padding
         stays valid decrypts to modified data: that is the MORMOT profile's nature.
         """
-        data = payload if type(payload) is bytes else _as_bytes(payload)
+        data = _as_bytes(payload)
         n = len(data)
         if n < IV_SIZE + BLOCK_SIZE or n % BLOCK_SIZE:
             raise CryptoError(f"MORMOT payload has an invalid length of {n} bytes (expected "
                               "a 16-byte IV and a positive multiple of 16)", _DECRYPT_FAILED)
         padded: bytes = self._factory(self._key, data[:IV_SIZE]).decrypt(data[IV_SIZE:])
-        pad = padded[-1]  # _unpad, written out (it runs for every message received)
-        if not 1 <= pad <= BLOCK_SIZE or padded[-pad:] != _PADS[pad]:
+        plaintext = _unpad(padded)
+        if plaintext is None:
             raise CryptoError("MORMOT payload does not decrypt: invalid PKCS#7 padding "
                               "(wrong key, mode or key size?)", _DECRYPT_FAILED)
-        return padded[:-pad]
+        return plaintext
 
 
 # --------------------------------------------------------------------- AUTHENTICATED
