@@ -319,6 +319,10 @@ class Component:
         self._dispatcher = EventDispatcher(self, queue, self._handler_failed, self._log)
         #: ``self._debug()``: whether the component's logger takes per-message DEBUG records
         self._debug = functools.partial(self._log.isEnabledFor, logging.DEBUG)
+        #: what ``_debug()`` answered, kept by the logging module until a level changes
+        #: (``Logger._cache``: read with ``.get(logging.DEBUG)``, None when not known)
+        cache = getattr(self._log, "_cache", None)
+        self._debug_cache: dict[int, bool] = cache if isinstance(cache, dict) else {}
         self._reactor = Reactor(f"{name}-reactor", self._log)
         self._pool = WorkerPool(pool_size, f"{name}-worker", self._log,
                                 self._reactor if leader_follower else None)
@@ -417,7 +421,7 @@ class Component:
         except NotConnectedError:
             pass
         except SendBufferFullError as exc:
-            conn.close(ErrorCode.SEND_BUFFER_FULL, f"{exc}: the peer does not read; disconnected")
+            conn.drop_for_full_queue(exc)
         except (CryptoError, TypeError, ValueError) as exc:
             self._report(conn, f"reply to {conn.describe()} not sent: {exc}",
                          getattr(exc, "code", None) or ErrorCode.HANDLER_EXCEPTION)

@@ -68,6 +68,8 @@ class _BoundStrand:
         conn = self._conn
         self._strand.post_many([(conn, item) for item in items])
 
+    post_polled = post_many
+
 
 class Client(Component):
     """A connecting TCP component with auto-reconnect (Delphi ``TmMClient``).

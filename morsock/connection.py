@@ -42,10 +42,11 @@ if TYPE_CHECKING:
     from ._component import Component
     from .crypto import AuthSession
 
+_monotonic = time.monotonic
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 #: Replies at least this large skip the cork and leave at once with sendmsg (no copy).
-_DIRECT_SEND_MIN = 32 * 1024
+DIRECT_SEND_MIN = 32 * 1024
 #: A strand batch holds at most about this many reply bytes before queueing them.
 HOLD_MAX = 256 * 1024
 #: Most frames sent with one sendmsg (two buffers each; Linux takes at most 1024).
@@ -132,6 +133,13 @@ def _framed(payloads: list[bytes]) -> list[bytes]:
         add(_PLAIN_HEADERS[n] if n < _HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0))
         add(payload)
     return parts
+
+
+def plain_frame(payload: bytes) -> bytes:
+    """The plaintext frame of *payload* (``encode_frame(payload)``, with the header looked
+    up for short payloads)."""
+    n = len(payload)
+    return (_PLAIN_HEADERS[n] if n < _HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0)) + payload
 
 
 def _frames_sent(out: bytes | bytearray, n: int, head_left: int) -> tuple[int, int]:
@@ -334,17 +342,17 @@ class Connection:
             else:
                 self._strand.post(EOF)  # close once the frames already queued are handled
             return
-        now = time.monotonic()
-        self.last_activity = now
+        self.last_activity = now = _monotonic()
+        decoder = self._decoder
         try:
-            frames = self._decoder.feed(owner._scratch_view[:n])
+            frames = decoder.feed_buffer(owner._scratch_view, n)
         except ProtocolError as exc:
             self.bytes_received += n
             if owner.on_data_received is not None:
                 owner._emit_data_event("on_data_received", self, n)
             self.close(exc.code, f"{exc} from {self.describe()}")
             return
-        if not self._decoder._buf:
+        if not decoder._buf:
             self.partial_since = None
         elif frames or self.partial_since is None:
             self.partial_since = now  # the frame in progress started in this chunk
@@ -356,7 +364,7 @@ class Connection:
             hook = self.frame_hook
             if hook is not None:
                 frames = hook(frames)
-            self._strand.post_many(frames)
+            self._strand.post_polled(frames)
 
     def _update_interest(self) -> None:
         events = ((EVENT_READ if self._reading else 0)
@@ -515,7 +523,10 @@ class Connection:
         takes the frame). Thread-safe; never blocks on the peer.
         """
         with self._send_lock:
-            sent = self._send_locked(frame)
+            if self._out or self._cork_owner is not None or self.closing:
+                sent = self._send_locked(frame)
+            else:  # the common case, a call less: nothing queued or held
+                sent = self._send_now_locked(frame, 1)
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
 
@@ -611,7 +622,7 @@ class Connection:
         self._held = []
         self._held_bytes = 0
         out = self._out
-        if (not out and size >= _DIRECT_SEND_MIN and self._sendmsg is not None
+        if (not out and size >= DIRECT_SEND_MIN and self._sendmsg is not None
                 and len(held) <= _SENDMSG_MAX_FRAMES):
             return self._send_frames(held, size)
         limit = self.max_send_buffer
@@ -693,7 +704,7 @@ class Connection:
         with self._send_lock:
             self._cork_owner = None
             held = self._held
-            if held and not self.closing and not self._out and self._held_bytes < _DIRECT_SEND_MIN:
+            if held and not self.closing and not self._out and self._held_bytes < DIRECT_SEND_MIN:
                 # The common case in one go: frame the few replies and send them (what the
                 # kernel does not take is queued, and EVENT_WRITE armed, by _send_now_locked).
                 self._held = []
@@ -730,8 +741,12 @@ class Connection:
         if pending:
             self._reactor.call_soon(self._arm_write)
         if full is not None:
-            self.close(ErrorCode.SEND_BUFFER_FULL,
-                       f"{full}: the peer does not read; disconnected")
+            self.drop_for_full_queue(full)
+
+    def drop_for_full_queue(self, exc: SendBufferFullError) -> None:
+        """A reply did not fit in the send queue: the peer does not read, so close the
+        connection with SEND_BUFFER_FULL (any thread)."""
+        self.close(ErrorCode.SEND_BUFFER_FULL, f"{exc}: the peer does not read; disconnected")
 
     @property
     def send_queue_size(self) -> int:

@@ -124,39 +124,46 @@ class FrameDecoder:
         """Consume *data*; return the frames it completes, in stream order."""
         if self._error is not None:
             raise self._error
-        frames: list[Any] = []
         buf = self._buf
-        if buf:
-            buf += data
-            size = len(buf)
-            if size < self._need:
-                if size < HEADER_SIZE:
-                    self._check_partial_header(buf, frames)
-                return frames
-            with memoryview(buf) as view:  # released before buf is resized
-                pos = self._parse(view, size, frames)
-            del buf[:pos]
-        else:
+        if not buf:
             view = data if data.__class__ is memoryview else memoryview(data)
             if view.itemsize != 1:
                 view = view.cast("B")  # count bytes, not items
-            size = len(view)
-            if size >= HEADER_SIZE:
-                # One whole frame, the commonest chunk: _parse's work, inline.
-                magic, length, flag = _unpack_from(view, 0)
-                if (size == HEADER_SIZE + length and magic == MAGIC and flag <= _MAX_FLAG
-                        and length <= self.max_message_size):
-                    if flag or self._wrap_plain:
-                        frames.append(_new_frame(Frame, (view[HEADER_SIZE:].tobytes(), flag)))
-                    else:
-                        frames.append(view[HEADER_SIZE:].tobytes())
-                    return frames
+            return self.feed_buffer(view, len(view))
+        frames: list[Any] = []
+        buf += data
+        size = len(buf)
+        if size < self._need:
+            if size < HEADER_SIZE:
+                self._check_partial_header(buf, frames)
+            return frames
+        with memoryview(buf) as view:  # released before buf is resized
             pos = self._parse(view, size, frames)
-            if pos == size:
-                return frames
-            buf += view[pos:]
+        del buf[:pos]
         if len(buf) < HEADER_SIZE and buf:
             self._check_partial_header(buf, frames)
+        return frames
+
+    def feed_buffer(self, buffer: memoryview, n: int) -> list[Any]:
+        """``feed(buffer[:n])`` for a byte view the caller reuses (the reactor's scratch
+        buffer), without slicing it first. Every payload returned is a copy."""
+        if self._buf or self._error is not None:
+            return self.feed(buffer[:n])
+        if n >= HEADER_SIZE:
+            # One whole frame, the commonest chunk: _parse's work, inline.
+            magic, length, flag = _unpack_from(buffer, 0)
+            if (n == HEADER_SIZE + length and magic == MAGIC and flag <= _MAX_FLAG
+                    and length <= self.max_message_size):
+                if flag or self._wrap_plain:
+                    return [_new_frame(Frame, (buffer[HEADER_SIZE:n].tobytes(), flag))]
+                return [buffer[HEADER_SIZE:n].tobytes()]
+        frames: list[Any] = []
+        pos = self._parse(buffer, n, frames)
+        if pos < n:
+            buf = self._buf
+            buf += buffer[pos:n]
+            if len(buf) < HEADER_SIZE:
+                self._check_partial_header(buf, frames)
         return frames
 
     def _parse(self, view: memoryview, n: int, frames: list[Any]) -> int:

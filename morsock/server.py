@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
-from .connection import CONNECTED, DISCONNECTED, HOLD_MAX, Connection
+from .connection import CONNECTED, DIRECT_SEND_MIN, DISCONNECTED, HOLD_MAX, Connection, plain_frame
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
@@ -541,9 +541,38 @@ class Server(Component):
         # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
-        conn.cork()
         handler = self.on_handle_command
-        fast = handler is not None and not self.require_encryption and not self._debug()
+        debug = self._debug_cache.get(logging.DEBUG)  # isEnabledFor's own answer, cached
+        fast = handler is not None and not self.require_encryption and not (
+            self._debug() if debug is None else debug)
+        if fast and len(items) == 1 and items[0].__class__ is bytes:
+            # One plaintext frame, the commonest batch: a short reply leaves at once (there
+            # is nothing to cork it with).
+            if conn.closing:
+                return
+            try:
+                reply = handler(self, conn, items[0])  # type: ignore[misc,arg-type]
+            except Exception as exc:
+                self._handler_failed("on_handle_command", exc, (conn,))
+                return
+            if reply.__class__ is bytes and len(reply) < DIRECT_SEND_MIN:
+                if reply:
+                    try:
+                        conn.send_frame(plain_frame(reply))
+                    except NotConnectedError:
+                        pass
+                    except SendBufferFullError as exc:
+                        conn.drop_for_full_queue(exc)
+                return
+            if reply.__class__ is bytes:  # large: uncork sends it with sendmsg (no copy)
+                conn.cork()
+                conn._held.append(reply)
+                conn._held_bytes += len(reply) + HEADER_SIZE
+                conn.uncork()
+            elif reply:
+                self._reply(conn, reply, False)
+            return
+        conn.cork()
         try:
             for item in items:
                 if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
@@ -566,8 +595,7 @@ class Server(Component):
                         except NotConnectedError:
                             continue
                         except SendBufferFullError as exc:
-                            conn.close(ErrorCode.SEND_BUFFER_FULL,
-                                       f"{exc}: the peer does not read; disconnected")
+                            conn.drop_for_full_queue(exc)
                             continue
                     self._reply(conn, reply, False)
                     continue

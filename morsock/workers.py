@@ -93,10 +93,23 @@ class Strand:
                 return
             self._scheduled = True
             self._first = items
+        self._pool._schedule(self)
+
+    def post_polled(self, items: list[Any]) -> None:
+        """:meth:`post_many` from the thread polling the pool's reactor (the hot path of
+        every read): the strand joins the poll's harvest without asking who calls."""
+        with self._lock:
+            if self._scheduled:
+                if self._items:
+                    self._items.extend(items)
+                else:
+                    self._items = items
+                return
+            self._scheduled = True
+            self._first = items
         pool = self._pool
-        reactor = pool._reactor
-        if reactor is not None and reactor._leader == get_ident():
-            pool._harvest.append(self)  # _schedule, inline: the hot path of every read
+        if pool._reactor is not None:
+            pool._harvest.append(self)
         else:
             pool._schedule(self)
 

@@ -224,24 +224,69 @@ def test_plain_as_bytes_whole_frame_still_checks_limit_and_magic():
         encode_frame(b"abc")) == [b"abc"]
 
 
+def _feed_from_scratch(decoder, chunk):
+    """FrameDecoder.feed_buffer as the components call it: *chunk* at the start of a
+    larger reused buffer, which is overwritten afterwards (as the next recv_into does)."""
+    scratch = bytearray(len(chunk) + 100)
+    scratch[:len(chunk)] = chunk
+    scratch[len(chunk):] = encode_frame(b"never read") * 5 + b"\xee" * 5
+    try:
+        return decoder.feed_buffer(memoryview(scratch), len(chunk))
+    finally:
+        scratch[:] = b"\xee" * len(scratch)
+
+
+def _feed(decoder, chunk):
+    return decoder.feed(memoryview(chunk))
+
+
+@pytest.mark.parametrize("feed", [_feed, _feed_from_scratch])
 @pytest.mark.parametrize("plain_as_bytes", [False, True])
-def test_one_whole_frame_per_chunk_of_every_flag(plain_as_bytes):
+def test_one_whole_frame_per_chunk_of_every_flag(plain_as_bytes, feed):
     """A chunk that is exactly one frame (the decoder's shortcut): encrypted frames come
     out as Frame(payload, flag) in both modes, an unknown flag or an oversize frame is
     refused there as it is inside a longer chunk, and nothing stays buffered."""
     decoder = FrameDecoder(max_message_size=64, plain_as_bytes=plain_as_bytes)
     for flag in (FLAG_MORMOT, FLAG_AUTHENTICATED):
         for payload in (b"", b"x", bytes(range(64))):
-            out = decoder.feed(memoryview(encode_frame(payload, flag)))
+            out = feed(decoder, encode_frame(payload, flag))
             assert out == [Frame(payload, flag)]
             assert type(out[0]) is Frame and type(out[0].payload) is bytes
+    for payload in (b"", b"x", bytes(range(64))):
+        out = feed(decoder, encode_frame(payload))
+        assert out == [payload if plain_as_bytes else Frame(payload, FLAG_PLAIN)]
+        assert type(out[0]) is (bytes if plain_as_bytes else Frame)
     assert decoder.buffered == 0
     for flag in (3, 4, 255):
         with pytest.raises(ProtocolError) as err:
-            FrameDecoder(plain_as_bytes=plain_as_bytes).feed(
-                struct.pack("<IIB", MAGIC, 2, flag) + b"ab")
+            feed(FrameDecoder(plain_as_bytes=plain_as_bytes),
+                 struct.pack("<IIB", MAGIC, 2, flag) + b"ab")
         assert err.value.code is ErrorCode.INVALID_PROTOCOL
     with pytest.raises(ProtocolError) as err:
-        FrameDecoder(max_message_size=64, plain_as_bytes=plain_as_bytes).feed(
-            encode_frame(bytes(65), FLAG_MORMOT))
+        feed(FrameDecoder(max_message_size=64, plain_as_bytes=plain_as_bytes),
+             encode_frame(bytes(65), FLAG_MORMOT))
     assert err.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    with pytest.raises(ProtocolError) as err:
+        feed(FrameDecoder(plain_as_bytes=plain_as_bytes),
+             struct.pack("<IIB", MAGIC ^ 1, 2, 0) + b"ab")
+    assert err.value.code is ErrorCode.INVALID_PROTOCOL
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=300), st.sampled_from([0, 0, 1, 2])), max_size=30),
+       st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=50),
+       st.booleans())
+def test_feed_buffer_from_a_reused_scratch_under_any_split(messages, cuts, plain_as_bytes):
+    """feed_buffer(view, n) reads only view[:n] and copies what it returns, whatever the
+    split: chunks of one whole frame, several, parts of one, after a partial frame."""
+    decoder = FrameDecoder(plain_as_bytes=plain_as_bytes)
+    blob = b"".join(encode_frame(p, f) for p, f in messages)
+    out, pos, i = [], 0, 0
+    while pos < len(blob):
+        step = cuts[i % len(cuts)]
+        out += _feed_from_scratch(decoder, blob[pos:pos + step])
+        pos += step
+        i += 1
+    assert out == (_as_items(messages) if plain_as_bytes
+                   else [Frame(p, f) for p, f in messages])
+    assert decoder.buffered == 0

@@ -464,6 +464,29 @@ def test_per_message_debug_follows_the_logger_passed(name: str, level: int) -> N
     assert any(line.startswith("server listening") for line in lines), lines
 
 
+def test_per_message_debug_follows_a_level_changed_while_running() -> None:
+    """A level set while the server runs -- on the logger's parent, here -- decides from
+    the next message on: the server reads the logging module's own cached answer, which
+    every setLevel clears, never a copy of its own."""
+    parent = logging.getLogger("morsock.test.live")
+    parent_level = parent.level
+    parent.setLevel(logging.INFO)
+    try:
+        with log_lines("morsock.test.live.child", logging.NOTSET) as lines:
+            logger = logging.getLogger("morsock.test.live.child")
+            with running_server(echo_handler, logger=logger) as server:
+                with RawPeer(LOCAL, server.port) as peer:
+                    assert peer.request(b"one") == b"one"
+                    parent.setLevel(logging.DEBUG)
+                    assert peer.request(b"two!") == b"two!"
+                    parent.setLevel(logging.INFO)
+                    assert peer.request(b"three") == b"three"
+    finally:
+        parent.setLevel(parent_level)
+    assert [line for line in lines if "-byte message" in line] == [
+        "client #1: 4-byte message (flag 0)"]
+
+
 # ------------------------------------------------------------------------ client management
 
 def test_client_management_and_server_client_fields() -> None:
