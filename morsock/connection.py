@@ -52,9 +52,11 @@ HOLD_MAX = 256 * 1024
 #: Most frames sent with one sendmsg (two buffers each; Linux takes at most 1024).
 _SENDMSG_MAX_FRAMES = 256
 #: Headers of plaintext frames with payloads shorter than this are prebuilt: a lookup
-#: costs less than ``HEADER.pack`` for every reply (about 16 against 39 ns).
-_HEADER_CACHE_MAX = 512
-_PLAIN_HEADERS = tuple(_pack_header(MAGIC, n, 0) for n in range(_HEADER_CACHE_MAX))
+#: costs less than ``HEADER.pack`` for every reply (about 16 against 39 ns). The header
+#: of an *n*-byte payload: ``PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else
+#: HEADER.pack(MAGIC, n, 0)`` (written out where it runs once per reply).
+HEADER_CACHE_MAX = 512
+PLAIN_HEADERS = tuple(_pack_header(MAGIC, n, 0) for n in range(HEADER_CACHE_MAX))
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
 
@@ -123,23 +125,11 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
               (1, keepalive_idle * 1000, keepalive_interval * 1000))
 
 
-def _framed(payloads: list[bytes]) -> list[bytes]:
-    """Header, payload, header, payload ...: plaintext frames of *payloads* as buffers
-    (for ``b"".join`` or a scatter/gather ``sendmsg``)."""
-    parts: list[bytes] = []
-    add = parts.append
-    for payload in payloads:
-        n = len(payload)
-        add(_PLAIN_HEADERS[n] if n < _HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0))
-        add(payload)
-    return parts
-
-
 def plain_frame(payload: bytes) -> bytes:
     """The plaintext frame of *payload* (``encode_frame(payload)``, with the header looked
     up for short payloads)."""
     n = len(payload)
-    return (_PLAIN_HEADERS[n] if n < _HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0)) + payload
+    return (PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0)) + payload
 
 
 def _frames_sent(out: bytes | bytearray, n: int, head_left: int) -> tuple[int, int]:
@@ -196,9 +186,10 @@ class Connection:
         # _queued_frames of them in all, counted as sent once their last byte leaves.
         self._queued_frames = 0
         self._head_left = 0
-        # Plaintext replies held back by the thread that corked the connection, not yet in
-        # _out. Only that thread touches them: Server._run_items appends; uncork, or a
-        # send or close() by that thread, moves them to _out (_release_held_locked).
+        # Plaintext frames held back by the thread that corked the connection, not yet in
+        # _out, as header, payload, header, payload ... (_held_bytes in all). Only that
+        # thread touches them: Server._run_items appends; uncork, or a send or close() by
+        # that thread, moves them to _out (_release_held_locked).
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._write_armed = False
@@ -623,32 +614,29 @@ class Connection:
         self._held_bytes = 0
         out = self._out
         if (not out and size >= DIRECT_SEND_MIN and self._sendmsg is not None
-                and len(held) <= _SENDMSG_MAX_FRAMES):
+                and len(held) <= 2 * _SENDMSG_MAX_FRAMES):
             return self._send_frames(held, size)
         limit = self.max_send_buffer
         if out and len(out) + size > limit:
-            for index, payload in enumerate(held):
-                if out and len(out) + len(payload) + HEADER_SIZE > limit:
-                    self._queued_frames += index
+            for index in range(0, len(held), 2):
+                if len(out) + len(held[index + 1]) + HEADER_SIZE > limit:
+                    self._queued_frames += index // 2
                     if self.send_stalled_since is None:
                         self.send_stalled_since = time.monotonic()
                     raise SendBufferFullError(
                         f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
                         f"max_send_buffer={limit})")
-                out += _pack_header(MAGIC, len(payload), 0)
-                out += payload
+                out += held[index]
+                out += held[index + 1]
         else:
-            for payload in held:
-                out += _pack_header(MAGIC, len(payload), 0)
-                out += payload
-        self._queued_frames += len(held)
+            out += b"".join(held)
+        self._queued_frames += len(held) // 2
         return 0
 
-    def _send_frames(self, payloads: list[bytes], size: int) -> int:
-        """Under the send lock, nothing queued: send frames of *payloads* (*size* bytes
-        in all) with one ``sendmsg``, queue what the kernel did not take; count and
-        return the bytes sent."""
-        buffers = _framed(payloads)
+    def _send_frames(self, buffers: list[bytes], size: int) -> int:
+        """Under the send lock, nothing queued: send the frames of *buffers* (header,
+        payload, header, payload ...: *size* bytes in all) with one ``sendmsg``, queue
+        what the kernel did not take; count and return the bytes sent."""
         assert self._sendmsg is not None
         sent: int
         try:
@@ -660,12 +648,14 @@ class Connection:
         if sent:
             self.bytes_sent += sent
             self.send_stalled_since = None
+        frames = len(buffers) // 2
         if sent == size:
-            self.messages_sent += len(payloads)
+            self.messages_sent += frames
             return sent
         out = self._out
         pos = done = 0
-        for index, payload in enumerate(payloads):
+        for index in range(frames):
+            payload = buffers[2 * index + 1]
             length = len(payload) + HEADER_SIZE
             if pos + length <= sent:  # this frame left whole
                 pos += length
@@ -684,7 +674,7 @@ class Connection:
                 self._head_left = length - skip
             pos = sent
         self.messages_sent += done
-        self._queued_frames = len(payloads) - done
+        self._queued_frames = frames - done
         self._reactor.call_soon(self._arm_write)
         return sent
 
@@ -709,16 +699,8 @@ class Connection:
                 # kernel does not take is queued, and EVENT_WRITE armed, by _send_now_locked).
                 self._held = []
                 self._held_bytes = 0
-                count = len(held)
-                if count == 1:
-                    reply = held[0]
-                    n = len(reply)
-                    data = (_PLAIN_HEADERS[n] if n < _HEADER_CACHE_MAX
-                            else _pack_header(MAGIC, n, 0)) + reply
-                else:
-                    data = b"".join(_framed(held))
                 try:
-                    sent = self._send_now_locked(data, count)
+                    sent = self._send_now_locked(b"".join(held), len(held) // 2)
                 except NotConnectedError:
                     pass  # the socket failed: it is being closed
             else:

@@ -168,29 +168,32 @@ class FrameDecoder:
 
     def _parse(self, view: memoryview, n: int, frames: list[Any]) -> int:
         """Append the complete frames of view[:n] to *frames*; return bytes consumed."""
-        pos = 0
         limit = self.max_message_size
         append = frames.append
         wrap_plain = self._wrap_plain
         copied = n <= _COPY_MAX
         src: Any = view[:n].tobytes() if copied else view
-        while n - pos >= HEADER_SIZE:
-            magic, size, flag = _unpack_from(src, pos)
-            if magic != MAGIC or flag > _MAX_FLAG or size > limit:
-                self._check_header(magic, size, flag, frames)
-            start = pos + HEADER_SIZE
+        plain_bytes = copied and not wrap_plain  # plaintext payloads: a slice of src each
+        start = HEADER_SIZE  # where the payload of the frame at start - HEADER_SIZE begins
+        while start <= n:
+            magic, size, flag = _unpack_from(src, start - HEADER_SIZE)
             end = start + size
-            if end > n:
-                self._need = end - pos
-                return pos
-            payload = src[start:end] if copied else src[start:end].tobytes()
-            if flag or wrap_plain:
-                append(_new_frame(Frame, (payload, flag)))
+            if plain_bytes and magic == MAGIC and not flag and end <= n and size <= limit:
+                append(src[start:end])  # the commonest frame, checked in one go
             else:
-                append(payload)
-            pos = end
+                if magic != MAGIC or flag > _MAX_FLAG or size > limit:
+                    self._check_header(magic, size, flag, frames)
+                if end > n:
+                    self._need = end - start + HEADER_SIZE
+                    return start - HEADER_SIZE
+                payload = src[start:end] if copied else src[start:end].tobytes()
+                if flag or wrap_plain:
+                    append(_new_frame(Frame, (payload, flag)))
+                else:
+                    append(payload)
+            start = end + HEADER_SIZE
         self._need = HEADER_SIZE
-        return pos
+        return start - HEADER_SIZE
 
     def _check_header(self, magic: int, size: int, flag: int, frames: list[Any]) -> None:
         """Raise the ProtocolError a bad header deserves (see the class docstring)."""

@@ -16,11 +16,20 @@ import time
 from typing import Any, Callable
 
 from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
-from .connection import CONNECTED, DIRECT_SEND_MIN, DISCONNECTED, HOLD_MAX, Connection, plain_frame
+from .connection import (
+    CONNECTED,
+    DIRECT_SEND_MIN,
+    DISCONNECTED,
+    HEADER_CACHE_MAX,
+    HOLD_MAX,
+    PLAIN_HEADERS,
+    Connection,
+    plain_frame,
+)
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER_SIZE, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAGIC, Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 
@@ -566,7 +575,7 @@ class Server(Component):
                 return
             if reply.__class__ is bytes:  # large: uncork sends it with sendmsg (no copy)
                 conn.cork()
-                conn._held.append(reply)
+                conn._held += (HEADER.pack(MAGIC, len(reply), 0), reply)
                 conn._held_bytes += len(reply) + HEADER_SIZE
                 conn.uncork()
             elif reply:
@@ -581,12 +590,16 @@ class Server(Component):
                     except Exception as exc:
                         self._handler_failed("on_handle_command", exc, (conn,))
                         continue
-                    if not reply:
-                        continue
                     if reply.__class__ is bytes:
-                        # held: framed and sent by uncork, with the rest of the batch
-                        conn._held.append(reply)
-                        conn._held_bytes += len(reply) + HEADER_SIZE
+                        # held: sent by uncork, with the rest of the batch
+                        n = len(reply)
+                        if not n:
+                            continue
+                        held = conn._held
+                        held.append(PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
+                                    else HEADER.pack(MAGIC, n, 0))
+                        held.append(reply)
+                        conn._held_bytes += n + HEADER_SIZE
                         if conn._held_bytes < HOLD_MAX:
                             continue
                         try:
@@ -597,7 +610,8 @@ class Server(Component):
                         except SendBufferFullError as exc:
                             conn.drop_for_full_queue(exc)
                             continue
-                    self._reply(conn, reply, False)
+                    if reply:
+                        self._reply(conn, reply, False)
                     continue
                 if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
                         and not conn.closing and (conn.session is not None

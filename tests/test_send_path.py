@@ -11,7 +11,7 @@ import pytest
 
 from morsock import Client, ErrorCode
 
-from morsock.connection import _HEADER_CACHE_MAX, HOLD_MAX, _framed, _frames_sent
+from morsock.connection import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS, _frames_sent, plain_frame
 from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
@@ -75,17 +75,18 @@ def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -
 
 
 def test_framing_matches_encode_frame_on_both_sides_of_the_prebuilt_headers() -> None:
-    lengths = list(range(0, 40)) + list(range(_HEADER_CACHE_MAX - 3, _HEADER_CACHE_MAX + 4))
+    lengths = list(range(0, 40)) + list(range(HEADER_CACHE_MAX - 3, HEADER_CACHE_MAX + 4))
     payloads = [bytes([n % 251]) * n for n in lengths]
-    assert b"".join(_framed(payloads)) == b"".join(encode_frame(p) for p in payloads)
+    assert [plain_frame(p) for p in payloads] == [encode_frame(p) for p in payloads]
+    assert all(PLAIN_HEADERS[n] == encode_frame(bytes(n))[:9] for n in range(HEADER_CACHE_MAX))
 
 
 def test_single_replies_on_both_sides_of_the_prebuilt_headers_arrive_exactly() -> None:
-    sizes = [1, _HEADER_CACHE_MAX - 1, _HEADER_CACHE_MAX, _HEADER_CACHE_MAX + 1, 4000]
+    sizes = [1, HEADER_CACHE_MAX - 1, HEADER_CACHE_MAX, HEADER_CACHE_MAX + 1, 4000]
     with running_server(echo_handler) as server:
         with RawPeer.to(server) as peer:
             for size in sizes:  # one at a time: each reply leaves on its own (an empty
-                # reply is none at all, so 0 is checked by the _framed test above)
+                # reply is none at all, so 0 is checked by the plain_frame test above)
                 payload = bytes([size % 251]) * size
                 peer.send_raw(encode_frame(payload))
                 frame = peer.recv_frame(timeout=10)
@@ -163,7 +164,8 @@ def test_a_partial_sendmsg_queues_exactly_the_rest_at_every_cut() -> None:
             conn._out.clear()
             conn._head_left = conn._queued_frames = conn.messages_sent = conn.bytes_sent = 0
             conn._sendmsg = lambda buffers, cut=cut: cut  # the kernel takes *cut* bytes
-            assert conn._send_frames(payloads, len(stream)) == cut
+            buffers = [part for p in payloads for part in (encode_frame(p)[:9], p)]
+            assert conn._send_frames(buffers, len(stream)) == cut
             assert bytes(conn._out) == stream[cut:]
             assert (conn.messages_sent, conn._head_left) == _model_frames_sent(lengths, 0, cut)
             assert conn.messages_sent + conn._queued_frames == len(payloads)
