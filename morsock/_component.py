@@ -319,10 +319,11 @@ class Component:
         self._dispatcher = EventDispatcher(self, queue, self._handler_failed, self._log)
         #: ``self._debug()``: whether the component's logger takes per-message DEBUG records
         self._debug = functools.partial(self._log.isEnabledFor, logging.DEBUG)
-        #: what ``_debug()`` answered, kept by the logging module until a level changes
-        #: (``Logger._cache``: read with ``.get(logging.DEBUG)``, None when not known)
+        #: ``isEnabledFor(level)``'s answers, kept by the logging module until a level
+        #: changes (``Logger._cache``): ``.get(level)`` is True, False or None (not known:
+        #: ask the logger). Lets the per-message and per-connection paths skip a log call.
         cache = getattr(self._log, "_cache", None)
-        self._debug_cache: dict[int, bool] = cache if isinstance(cache, dict) else {}
+        self._log_levels: dict[int, bool] = cache if isinstance(cache, dict) else {}
         self._reactor = Reactor(f"{name}-reactor", self._log)
         self._pool = WorkerPool(pool_size, f"{name}-worker", self._log,
                                 self._reactor if leader_follower else None)

@@ -478,7 +478,9 @@ class Connection:
         self._sock.close()
         self._owner._connection_closed(self)
         if self._owner._marker_wanted(DISCONNECTED):
-            self._strand.post(DISCONNECTED)
+            self._strand.post(DISCONNECTED)  # the last item
+        elif self._strand.is_idle():
+            self._strand.retire()  # nothing more will run: freed without the collector
 
     # -- any thread ------------------------------------------------------------------
     def close(self, code: ErrorCode | None = None, message: str = "") -> bool:

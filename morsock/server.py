@@ -402,9 +402,17 @@ class Server(Component):
             return
         limit = self._connection_limit()
         tls = self.ssl_context is not None
+        # socket.accept() without its wrapper, which asks the listener for its family and
+        # type (two enum conversions) and its timeout for every connection.
+        accept = getattr(listener, "_accept", None)
+        family = listener.family
         for _ in range(64):
             try:
-                sock, address = listener.accept()
+                if accept is not None:
+                    fd, address = accept()
+                    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                else:
+                    sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -443,8 +451,9 @@ class Server(Component):
             self._clients[client.handle] = client
         with self._stats_lock:
             self._total_connections += 1
-        self._log.info("client #%d connected from %s:%d", client.handle, client.peer_ip,
-                       client.peer_port)
+        if self._log_levels.get(logging.INFO) is not False:
+            self._log.info("client #%d connected from %s:%d", client.handle, client.peer_ip,
+                           client.peer_port)
         client.start()
 
     def _marker_wanted(self, marker: Any) -> bool:
@@ -542,8 +551,9 @@ class Server(Component):
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
             if not self._clients:
                 self._no_clients.notify_all()
-        self._log.info("client #%d %s:%d disconnected", conn.handle, conn.peer_ip,
-                       conn.peer_port)
+        if self._log_levels.get(logging.INFO) is not False:
+            self._log.info("client #%d %s:%d disconnected", conn.handle, conn.peer_ip,
+                           conn.peer_port)
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
@@ -551,7 +561,7 @@ class Server(Component):
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
         handler = self.on_handle_command
-        debug = self._debug_cache.get(logging.DEBUG)  # isEnabledFor's own answer, cached
+        debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
         fast = handler is not None and not self.require_encryption and not (
             self._debug() if debug is None else debug)
         if fast and len(items) == 1 and items[0].__class__ is bytes:
@@ -659,6 +669,7 @@ class Server(Component):
             self._emit("on_connect", conn)
         elif item is DISCONNECTED:
             self._emit("on_disconnect", conn)
+            conn._strand.retire()  # the last item of the connection
         elif item.__class__ is bytes:  # the payload of a plaintext frame
             self._handle_frame(conn, Frame(item, 0))
         else:

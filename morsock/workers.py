@@ -113,6 +113,16 @@ class Strand:
         else:
             pool._schedule(self)
 
+    def retire(self) -> None:
+        """Drop the batch runner once nothing more will be posted: the runner usually
+        refers back to the strand's owner, a reference cycle that would wait for the
+        garbage collector. Call it after the last item ran, or while idle after the last
+        post (an item posted later is logged and dropped)."""
+        self._run_batch = self._retired
+
+    def _retired(self, items: list[Any]) -> None:
+        self._pool._log.error("%d item(s) posted to a retired strand, dropped", len(items))
+
     def is_idle(self) -> bool:
         """True when nothing is queued or running on this strand. Thread-safe."""
         return not self._scheduled  # one attribute read: atomic

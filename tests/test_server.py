@@ -487,6 +487,35 @@ def test_per_message_debug_follows_a_level_changed_while_running() -> None:
         "client #1: 4-byte message (flag 0)"]
 
 
+@pytest.mark.parametrize("with_events", [False, True])
+def test_a_closed_client_is_freed_without_the_garbage_collector(with_events: bool) -> None:
+    """Once a connection is over, nothing the server keeps refers to its ServerClient in
+    a cycle: it is freed by reference counting (a server under connection churn does
+    not feed the cyclic collector a connection at a time)."""
+    import gc
+    import weakref
+    clients: List["weakref.ref[ServerClient]"] = []
+    events = {}
+    if with_events:  # the last item through the strand is then on_disconnect
+        events = {"on_connect": lambda sender, client: clients.append(weakref.ref(client)),
+                  "on_disconnect": lambda sender, client: None}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with running_server(echo_handler, **events) as server:
+            for _ in range(5):
+                with RawPeer(LOCAL, server.port) as peer:
+                    assert peer.request(b"ping") == b"ping"
+                    if not with_events:
+                        clients.append(weakref.ref(next(iter(server.clients.values()))))
+            wait_until(lambda: all(ref() is None for ref in clients),
+                       what="closed clients freed without gc")
+            assert len(clients) == 5
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # ------------------------------------------------------------------------ client management
 
 def test_client_management_and_server_client_fields() -> None:

@@ -178,3 +178,22 @@ def test_posting_an_empty_list_schedules_nothing(pool: WorkerPool) -> None:
     assert done.wait(TIMEOUT)
     assert calls == []
 
+
+
+def test_a_retired_strand_drops_what_is_posted_later_and_says_so(
+        pool: WorkerPool, caplog: pytest.LogCaptureFixture) -> None:
+    """retire() is for a strand whose owner is gone: its runner (and whatever the runner
+    refers to) is released at once; an item posted afterwards would be a bug, so it is
+    logged as an error, never run."""
+    sink = Sink(2)
+    strand = pool.strand(sink.run_batch)
+    strand.post("first")
+    strand.post("second")
+    sink.wait()
+    wait_until(strand.is_idle, what="strand idle")
+    strand.retire()
+    assert strand._run_batch.__self__ is strand  # the sink's bound method is let go
+    with caplog.at_level(logging.ERROR, logger="morsock"):
+        strand.post("late")
+        wait_until(lambda: "retired strand" in caplog.text, what="the drop logged")
+    assert sink.items == ["first", "second"]
