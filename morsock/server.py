@@ -564,33 +564,40 @@ class Server(Component):
         debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
         fast = handler is not None and not self.require_encryption and not (
             self._debug() if debug is None else debug)
-        if fast and len(items) == 1 and items[0].__class__ is bytes:
-            # One plaintext frame, the commonest batch: a short reply leaves at once (there
-            # is nothing to cork it with).
-            if conn.closing:
+        if fast and len(items) == 1:
+            # One frame, the commonest batch: its reply leaves at once (there is nothing
+            # to cork it with), but for a large plaintext one (sendmsg, no copy).
+            item = items[0]
+            if item.__class__ is bytes:  # plaintext
+                if conn.closing:
+                    return
+                try:
+                    reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
+                except Exception as exc:
+                    self._handler_failed("on_handle_command", exc, (conn,))
+                    return
+                if reply.__class__ is bytes and len(reply) < DIRECT_SEND_MIN:
+                    if reply:
+                        try:
+                            conn.send_frame(plain_frame(reply))
+                        except NotConnectedError:
+                            pass
+                        except SendBufferFullError as exc:
+                            conn.drop_for_full_queue(exc)
+                    return
+                if reply.__class__ is bytes:  # large: uncork sends it with sendmsg
+                    conn.cork()
+                    conn._held += (HEADER.pack(MAGIC, len(reply), 0), reply)
+                    conn._held_bytes += len(reply) + HEADER_SIZE
+                    conn.uncork()
+                elif reply:
+                    self._reply(conn, reply, False)
                 return
-            try:
-                reply = handler(self, conn, items[0])  # type: ignore[misc,arg-type]
-            except Exception as exc:
-                self._handler_failed("on_handle_command", exc, (conn,))
+            if (item.__class__ is Frame and item[1] == self._sealed_flag
+                    and not conn.closing and (conn.session is not None
+                                              or item[1] == FLAG_MORMOT)):
+                self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
                 return
-            if reply.__class__ is bytes and len(reply) < DIRECT_SEND_MIN:
-                if reply:
-                    try:
-                        conn.send_frame(plain_frame(reply))
-                    except NotConnectedError:
-                        pass
-                    except SendBufferFullError as exc:
-                        conn.drop_for_full_queue(exc)
-                return
-            if reply.__class__ is bytes:  # large: uncork sends it with sendmsg (no copy)
-                conn.cork()
-                conn._held += (HEADER.pack(MAGIC, len(reply), 0), reply)
-                conn._held_bytes += len(reply) + HEADER_SIZE
-                conn.uncork()
-            elif reply:
-                self._reply(conn, reply, False)
-            return
         conn.cork()
         try:
             for item in items:
