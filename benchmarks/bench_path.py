@@ -7,11 +7,11 @@ socket replaced by a stub (no system calls, no other thread).
 Prints the CPU time per request of the whole path and of its parts (best of the rounds):
 
 * ``whole path``: ``Connection._read`` (one frame per read) -> the strand it schedules ->
-  ``Strand._drain`` -> ``Server._run_items`` -> echo handler -> ``uncork`` -> ``send``;
+  ``Strand._drain`` -> ``Server._run_items`` -> echo handler -> ``send_frame`` -> ``send``
+  (a one-frame batch replies uncorked);
 * ``read callback``: ``_read`` with the decoder and the strand's scheduling only;
-* ``decoder``: ``FrameDecoder.feed`` of one whole frame;
-* ``batch runner``: ``Server._run_items`` of a one-frame batch, with ``uncork`` and the
-  stub ``send``.
+* ``decoder``: ``FrameDecoder.feed_buffer`` of one whole frame in the scratch buffer;
+* ``batch runner``: ``Server._run_items`` of a one-frame batch, with the stub ``send``.
 
 It reaches into morsock's internals (the figures explain the harness's, see
 benchmarks/README.rst); it is a measurement, not a test. Pin it for steadier figures:
@@ -94,7 +94,7 @@ def main() -> None:
         size = len(frame)
 
         def decode() -> None:
-            decoder.feed(view[:size])
+            decoder.feed_buffer(view, size)
 
         payload = bytes(args.size)
 
