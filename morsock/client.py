@@ -64,11 +64,9 @@ class _BoundStrand:
     def is_idle(self) -> bool:
         return False  # shared by every connection of the client: keep the strand's order
 
-    def post_many(self, items: list[Any]) -> None:
+    def post_many(self, items: list[Any], polled: bool = False) -> None:
         conn = self._conn
         self._strand.post_many([(conn, item) for item in items])
-
-    post_polled = post_many
 
 
 class Client(Component):

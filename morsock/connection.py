@@ -355,7 +355,7 @@ class Connection:
             hook = self.frame_hook
             if hook is not None:
                 frames = hook(frames)
-            self._strand.post_polled(frames)
+            self._strand.post_many(frames, True)  # from the poll
 
     def _update_interest(self) -> None:
         events = ((EVENT_READ if self._reading else 0)

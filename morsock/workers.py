@@ -79,9 +79,11 @@ class Strand:
             self._first = [item]
         self._pool._schedule(self)
 
-    def post_many(self, items: list[Any]) -> None:
+    def post_many(self, items: list[Any], polled: bool = False) -> None:
         """Queue the items of *items* in order with one hand-off; the strand may keep the
-        list itself, so the caller must not use it afterwards. Thread-safe."""
+        list itself, so the caller must not use it afterwards. Thread-safe. *polled*:
+        the caller is the thread polling the pool's reactor (the hot path of every
+        read), so a strand this schedules joins the poll's harvest without asking."""
         if not items:
             return
         with self._lock:
@@ -93,22 +95,8 @@ class Strand:
                 return
             self._scheduled = True
             self._first = items
-        self._pool._schedule(self)
-
-    def post_polled(self, items: list[Any]) -> None:
-        """:meth:`post_many` from the thread polling the pool's reactor (the hot path of
-        every read): the strand joins the poll's harvest without asking who calls."""
-        with self._lock:
-            if self._scheduled:
-                if self._items:
-                    self._items.extend(items)
-                else:
-                    self._items = items
-                return
-            self._scheduled = True
-            self._first = items
         pool = self._pool
-        if pool._reactor is not None:
+        if polled and pool._reactor is not None:
             pool._harvest.append(self)
         else:
             pool._schedule(self)
