@@ -477,9 +477,11 @@ class Connection:
                     pass
         self._sock.close()
         self._owner._connection_closed(self)
-        if self._owner._marker_wanted(DISCONNECTED):
-            self._strand.post(DISCONNECTED)  # the last item
-        elif self._strand.is_idle():
+        if self._owner._marker_wanted(DISCONNECTED) or not self._strand.is_idle():
+            # The last item (also when no on_disconnect wants it but items are still
+            # running): the owner retires the strand once it ran.
+            self._strand.post(DISCONNECTED)
+        else:
             self._strand.retire()  # nothing more will run: freed without the collector
 
     # -- any thread ------------------------------------------------------------------

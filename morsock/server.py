@@ -676,7 +676,7 @@ class Server(Component):
             self._emit("on_connect", conn)
         elif item is DISCONNECTED:
             self._emit("on_disconnect", conn)
-            conn._strand.retire()  # the last item of the connection
+            conn._strand.retire()  # the last item: freed without the collector
         elif item.__class__ is bytes:  # the payload of a plaintext frame
             self._handle_frame(conn, Frame(item, 0))
         else:

@@ -516,6 +516,40 @@ def test_a_closed_client_is_freed_without_the_garbage_collector(with_events: boo
             gc.enable()
 
 
+def test_a_client_that_closes_while_its_handler_runs_is_freed_without_the_collector() -> None:
+    """The peer's close arrives while the strand is busy: the EOF goes through the strand,
+    the close completes with items still running, and the strand is retired after them
+    all the same (no on_disconnect is set, so nothing else would pass through it)."""
+    import gc
+    import weakref
+    release = threading.Event()
+    clients: List["weakref.ref[ServerClient]"] = []
+
+    def handler(sender: Server, client: ServerClient, data: bytes) -> None:
+        clients.append(weakref.ref(client))
+        assert release.wait(TIMEOUT)
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with running_server(handler) as server:
+            for _ in range(3):
+                release.clear()
+                with RawPeer(LOCAL, server.port) as peer:
+                    peer.send_raw(encode_frame(b"hold on"))
+                    wait_until(lambda: len(clients) == 1, what="the handler runs")
+                # the peer is gone; the strand is still busy with its frame
+                wait_until(lambda: not clients[0]()._reading,  # type: ignore[union-attr]
+                           what="the server read the EOF")
+                release.set()
+                wait_until(lambda: clients[0]() is None, what="the closed client freed")
+                clients.clear()
+    finally:
+        release.set()
+        if enabled:
+            gc.enable()
+
+
 # ------------------------------------------------------------------------ client management
 
 def test_client_management_and_server_client_fields() -> None:
