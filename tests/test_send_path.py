@@ -213,3 +213,41 @@ def test_encrypted_requests_get_every_kind_of_handler_outcome(profile: str) -> N
         assert client.request(b"after", encrypted=True) == b"re:after"  # nothing else came
         # "none" and "raise" got no reply (AUTHENTICATED: the hello and its answer even out)
         assert server.total_messages_received - server.total_messages_sent == 2
+
+
+def test_held_replies_that_overflow_the_queue_count_only_the_frames_queued() -> None:
+    """A batch's held replies meet a full queue: those that fit are queued and counted
+    (one frame each), the first that does not fit raises, and once the queue drains the
+    frames the peer got are exactly the ones counted as sent."""
+    from morsock.connection import Connection
+    from morsock.errors import SendBufferFullError
+
+    queued = [b"q" * 30, b"r" * 30]  # already waiting for the peer
+    held = [b"a" * 10, b"b" * 10, b"c" * 10]
+    limit = sum(frame_size(len(p)) for p in queued + held[:2])  # room for a and b only
+    left, right = socket.socketpair()
+    try:
+        right.settimeout(10)
+        conn = Connection(_StubOwner(), left, max_message_size=1 << 20,  # type: ignore[arg-type]
+                          max_send_buffer=limit, peer=("stub", 0))
+        conn._out += b"".join(encode_frame(p) for p in queued)
+        conn._queued_frames = len(queued)
+        for p in held:
+            conn._held += (encode_frame(p)[:HEADER_SIZE], p)
+            conn._held_bytes += frame_size(len(p))
+        with pytest.raises(SendBufferFullError):
+            conn.release_held()
+        assert bytes(conn._out) == b"".join(encode_frame(p) for p in queued + held[:2])
+        assert conn._held == [] and conn._held_bytes == 0
+        with conn._send_lock:
+            assert conn._flush_locked() == limit
+        decoder = FrameDecoder(1 << 20)
+        got: List[bytes] = []
+        while len(got) < 4:
+            got += [frame.payload for frame in decoder.feed(right.recv(4096))]
+        assert got == queued + held[:2]
+        assert conn.messages_sent == len(got) and conn._queued_frames == 0
+        assert conn.bytes_sent == limit
+    finally:
+        left.close()
+        right.close()
