@@ -324,6 +324,8 @@ class Component:
         #: ask the logger). Lets the per-message and per-connection paths skip a log call.
         cache = getattr(self._log, "_cache", None)
         self._log_levels: dict[int, bool] = cache if isinstance(cache, dict) else {}
+        #: every connection's strand runner (one bound method for all: see Strand's target)
+        self._batch_runner = self._run_items
         self._reactor = Reactor(f"{name}-reactor", self._log)
         self._pool = WorkerPool(pool_size, f"{name}-worker", self._log,
                                 self._reactor if leader_follower else None)
@@ -450,7 +452,7 @@ class Component:
 
     def _strand_for(self, conn: Connection) -> Any:
         """The strand that runs *conn*'s items (default: one of its own)."""
-        return self._pool.strand(functools.partial(self._run_items, conn))
+        return self._pool.strand(self._batch_runner, conn)
 
     def _connection_closed(self, conn: Connection) -> None:
         raise NotImplementedError

@@ -156,13 +156,17 @@ class Connection:
 
     # Slots keep an idle connection small (10,000 held connections are a benchmark case);
     # ServerClient adds a __dict__ of its own, so applications may still set attributes.
-    __slots__ = ("_owner", "_sock", "peer_ip", "peer_port", "_reactor", "_decoder", "_strand",
-                 "_send_lock", "_out", "_queued_frames", "_head_left", "_held", "_held_bytes",
-                 "_write_armed", "_broken", "_linger_timer", "_cork_owner", "_sendmsg",
-                 "_reading", "_tls", "_read_wants_write", "peer_certificate", "max_send_buffer",
-                 "closing", "closed", "close_code", "session", "frame_hook", "established",
-                 "bytes_received", "bytes_sent", "messages_received", "messages_sent",
-                 "last_activity", "partial_since", "send_stalled_since", "__weakref__")
+    # The first 18 are what a request reads and writes (read, hand-off, reply): kept
+    # together they span 3 cache lines of the object instead of all 5, which counts with
+    # a thousand connections, where a request finds its connection out of the cache.
+    __slots__ = ("_owner", "_sock", "_reading", "_tls", "_decoder", "_strand", "frame_hook",
+                 "last_activity", "partial_since", "bytes_received", "messages_received",
+                 "closing", "_send_lock", "_out", "_cork_owner", "bytes_sent", "messages_sent",
+                 "send_stalled_since",
+                 "peer_ip", "peer_port", "_reactor", "_queued_frames", "_head_left", "_held",
+                 "_held_bytes", "_write_armed", "_broken", "_linger_timer", "_sendmsg",
+                 "_read_wants_write", "peer_certificate", "max_send_buffer", "closed",
+                 "close_code", "session", "established", "__weakref__")
 
     def __init__(self, owner: Component, sock: socket.socket, *, max_message_size: int,
                  max_send_buffer: int, peer: Any = None) -> None:

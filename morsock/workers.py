@@ -51,15 +51,22 @@ SLOW_STRAND = 0.0001
 
 
 class Strand:
-    """Serial executor bound to a pool: ``run_batch(items)`` processes a list of queued
-    items in order (see :func:`each` to run an item at a time). It must not raise: an
-    exception that escapes is logged and the rest of that batch is lost."""
+    """Serial executor bound to a pool: ``run_batch(items)`` -- or, given a *target*,
+    ``run_batch(target, items)`` -- processes a list of queued items in order (see
+    :func:`each` to run an item at a time). It must not raise: an exception that escapes
+    is logged and the rest of that batch is lost.
 
-    __slots__ = ("_pool", "_run_batch", "_first", "_items", "_lock", "_scheduled")
+    A *target* spares an object per strand (``functools.partial(run_batch, target)``):
+    one runner, e.g. a component's bound method, can serve all its connections' strands.
+    """
 
-    def __init__(self, pool: WorkerPool, run_batch: Callable[[list[Any]], None]) -> None:
+    __slots__ = ("_pool", "_run_batch", "_target", "_first", "_items", "_lock", "_scheduled")
+
+    def __init__(self, pool: WorkerPool, run_batch: Callable[..., None],
+                 target: Any = None) -> None:
         self._pool = pool
-        self._run_batch = run_batch
+        self._run_batch: Callable[..., None] | None = run_batch
+        self._target = target
         # An idle strand (not scheduled) holds no items. The post that schedules it puts
         # its items in _first, which only the thread that drains the strand then reads:
         # the first batch costs no second lock. Items posted while the strand is
@@ -102,14 +109,11 @@ class Strand:
             pool._schedule(self)
 
     def retire(self) -> None:
-        """Drop the batch runner once nothing more will be posted: the runner usually
-        refers back to the strand's owner, a reference cycle that would wait for the
-        garbage collector. Call it after the last item ran, or while idle after the last
-        post (an item posted later is logged and dropped)."""
-        self._run_batch = self._retired
-
-    def _retired(self, items: list[Any]) -> None:
-        self._pool._log.error("%d item(s) posted to a retired strand, dropped", len(items))
+        """Drop the batch runner and target once nothing more will be posted: they
+        usually refer back to the strand's owner, a reference cycle that would wait for
+        the garbage collector. Call it after the last item ran, or while idle after the
+        last post (an item posted later is logged and dropped)."""
+        self._run_batch = self._target = None
 
     def is_idle(self) -> bool:
         """True when nothing is queued or running on this strand. Thread-safe."""
@@ -122,8 +126,16 @@ class Strand:
         lock = self._lock
         while True:
             if items:
+                run_batch = self._run_batch
+                target = self._target
                 try:
-                    self._run_batch(items)
+                    if target is not None:
+                        run_batch(target, items)  # type: ignore[misc]
+                    elif run_batch is not None:
+                        run_batch(items)
+                    else:
+                        self._pool._log.error("%d item(s) posted to a retired strand, "
+                                              "dropped", len(items))
                 except Exception:
                     self._pool._log.exception("unhandled error in %s", self._pool.name)
             with lock:
@@ -170,10 +182,10 @@ class WorkerPool:
         self._harvest: list[Strand] = []  # scheduled by the leader during its poll
         self._threads: list[threading.Thread] = []
 
-    def strand(self, run_batch: Callable[[list[Any]], None]) -> Strand:
+    def strand(self, run_batch: Callable[..., None], target: Any = None) -> Strand:
         """A new strand whose queued items are passed, a list at a time, to *run_batch*
-        on this pool."""
-        return Strand(self, run_batch)
+        (after *target*, if given) on this pool."""
+        return Strand(self, run_batch, target)
 
     def start(self) -> None:
         """Start the threads."""

@@ -192,8 +192,35 @@ def test_a_retired_strand_drops_what_is_posted_later_and_says_so(
     sink.wait()
     wait_until(strand.is_idle, what="strand idle")
     strand.retire()
-    assert strand._run_batch.__self__ is strand  # the sink's bound method is let go
+    assert strand._run_batch is None and strand._target is None  # the sink is let go
     with caplog.at_level(logging.ERROR, logger="morsock"):
         strand.post("late")
         wait_until(lambda: "retired strand" in caplog.text, what="the drop logged")
     assert sink.items == ["first", "second"]
+
+
+def test_one_runner_serves_many_strands_through_their_targets(
+        pool: WorkerPool, caplog: pytest.LogCaptureFixture) -> None:
+    """With a target, a strand calls ``run_batch(target, items)``: one runner for every
+    strand, each batch told whose it is, in order per strand; retire() lets the target
+    go as well as the runner."""
+    sinks = [Sink(50) for _ in range(3)]
+
+    def run_batch(target: Sink, items: List[Any]) -> None:
+        target.run_batch(items)
+
+    strands = [pool.strand(run_batch, sink) for sink in sinks]
+    for n in range(50):
+        for index, strand in enumerate(strands):
+            strand.post((index, n))
+    for sink in sinks:
+        sink.wait()
+    for index, sink in enumerate(sinks):
+        assert sink.items == [(index, n) for n in range(50)] and not sink.overlaps
+    wait_until(lambda: all(strand.is_idle() for strand in strands), what="strands idle")
+    strands[0].retire()
+    assert strands[0]._target is None and strands[0]._run_batch is None
+    with caplog.at_level(logging.ERROR, logger="morsock"):
+        strands[0].post("late")
+        wait_until(lambda: "retired strand" in caplog.text, what="the drop logged")
+    assert len(sinks[0].items) == 50
