@@ -70,6 +70,37 @@ def test_read_and_write_masks_reach_the_callbacks(reactor: Reactor, pairs) -> No
     assert seen == [("c", EVENT_WRITE)]
 
 
+def test_callbacks_and_masks_follow_every_register_modify_and_unregister(
+        reactor: Reactor, pairs) -> None:
+    """What a poll calls, with which mask, follows each change of interest and callback
+    exactly (on the epoll path, from the selector's own bookkeeping)."""
+    seen: List[Tuple[str, int]] = []
+    (a, b), _, _ = pairs
+    b.send(b"x")  # a stays readable (never read) and writable throughout
+
+    def poll(name: str, events: int) -> List[Tuple[str, int]]:
+        if events:
+            reactor.modify(a, events, lambda mask: seen.append((name, mask)))
+        seen.clear()
+        reactor.poll_once(POLL if events else 0.0)
+        return list(seen)
+
+    reactor.register(a, EVENT_READ, lambda mask: seen.append(("first", mask)))
+    assert poll("", 0) == [("first", EVENT_READ)]
+    assert poll("second", EVENT_READ) == [("second", EVENT_READ)]
+    assert poll("both", EVENT_READ | EVENT_WRITE) == [("both", EVENT_READ | EVENT_WRITE)]
+    assert poll("write", EVENT_WRITE) == [("write", EVENT_WRITE)]
+    assert poll("read again", EVENT_READ) == [("read again", EVENT_READ)]
+    reactor.unregister(a)
+    assert poll("", 0) == []
+    reactor.register(a, EVENT_READ | EVENT_WRITE, lambda mask: seen.append(("new", mask)))
+    assert poll("", 0) == [("new", EVENT_READ | EVENT_WRITE)]
+    assert poll("last", EVENT_READ) == [("last", EVENT_READ)]
+    reactor.unregister(a)
+    reactor.unregister(a)  # twice: no error
+    assert poll("", 0) == []
+
+
 def test_a_peer_that_closed_reads_as_readable_only_when_read_is_watched(
         reactor: Reactor, pairs) -> None:
     seen: List[Tuple[str, int]] = []
