@@ -129,13 +129,13 @@ class Strand:
                 run_batch = self._run_batch
                 target = self._target
                 try:
-                    if target is not None:
-                        run_batch(target, items)  # type: ignore[misc]
-                    elif run_batch is not None:
-                        run_batch(items)
-                    else:
+                    if run_batch is None:
                         self._pool._log.error("%d item(s) posted to a retired strand, "
                                               "dropped", len(items))
+                    elif target is None:
+                        run_batch(items)
+                    else:
+                        run_batch(target, items)
                 except Exception:
                     self._pool._log.exception("unhandled error in %s", self._pool.name)
             with lock:
