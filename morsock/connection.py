@@ -521,29 +521,21 @@ class Connection:
         bytes plus the frame would exceed ``max_send_buffer`` (an empty queue always
         takes the frame). Thread-safe; never blocks on the peer.
         """
-        lock = self._send_lock
-        lock.acquire()  # not ``with``: half the cost (see workers.Strand._drain)
-        try:
+        with self._send_lock:
             if self._out or self._cork_owner is not None or self.closing:
                 sent = self._send_locked(frame)
             else:  # the common case, a call less: nothing queued or held
                 sent = self._send_now_locked(frame, 1)
-        finally:
-            lock.release()
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
 
     def send_sealed(self, seal: Callable[[bytes], bytes], data: bytes) -> None:
         """Like :meth:`send_frame` with ``seal(data)`` built under the send lock, so frames
         that carry sequence numbers leave in the order they were sealed."""
-        lock = self._send_lock
-        lock.acquire()  # not ``with``: half the cost (see workers.Strand._drain)
-        try:
+        with self._send_lock:
             if self.closing:
                 raise NotConnectedError(f"{self.describe()} is not connected")
             sent = self._send_locked(seal(data))
-        finally:
-            lock.release()
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
 
@@ -708,7 +700,7 @@ class Connection:
         sent = 0
         pending = False
         lock = self._send_lock
-        lock.acquire()  # not ``with``: half the cost (see workers.Strand._drain)
+        lock.acquire()  # not ``with``: pool threads only, see workers.Strand._drain
         try:
             self._cork_owner = None
             held = self._held

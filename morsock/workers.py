@@ -78,23 +78,20 @@ class Strand:
 
     def post(self, item: Any) -> None:
         """Queue one item. Thread-safe."""
-        lock = self._lock
-        lock.acquire()  # not ``with``: see _drain
-        try:
+        with self._lock:
             if self._scheduled:
                 self._items.append(item)
                 return
             self._scheduled = True
             self._first = [item]
-        finally:
-            lock.release()
         self._pool._schedule(self)
 
     def post_many(self, items: list[Any], polled: bool = False) -> None:
         """Queue the items of *items* in order with one hand-off; the strand may keep the
-        list itself, so the caller must not use it afterwards. Thread-safe. *polled*:
-        the caller is the thread polling the pool's reactor (the hot path of every
-        read), so a strand this schedules joins the poll's harvest without asking."""
+        list itself, so the caller must not use it afterwards. Thread-safe, but for the
+        thread polling a reactor only (the hot path of every read; never the main
+        thread, see :meth:`_drain`). *polled*: the caller polls the pool's own reactor,
+        so a strand this schedules joins the poll's harvest without asking."""
         if not items:
             return
         lock = self._lock
@@ -146,9 +143,11 @@ class Strand:
                         run_batch(target, items)
                 except Exception:
                     self._pool._log.exception("unhandled error in %s", self._pool.name)
-            # acquire/release rather than ``with``, here and on the other per-request
-            # paths (post_many, Connection.send_frame): a ``with`` block costs about
-            # twice as much (115 against 61 ns on CPython 3.11), three times a request.
+            # acquire/release, not ``with``: a ``with`` block costs about twice as much
+            # (115 against 61 ns on CPython 3.11), and this runs once or twice a request.
+            # Only where no KeyboardInterrupt can strike -- pool and reactor threads, never
+            # the main thread -- since one raised between acquire() and ``try`` (CPython
+            # checks for signals as a call returns) would leave the lock held for good.
             lock.acquire()
             try:
                 items = self._items
