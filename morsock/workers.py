@@ -2,10 +2,10 @@
 
 A :class:`Strand` is a per-connection FIFO of work items that runs its items in order, a
 list at a time, on whichever pool thread picks it up: frames of one connection are
-handled sequentially while different connections run in parallel. Producers (the
-reactor, or any thread) call :meth:`Strand.post` / :meth:`Strand.post_many`; the strand
-schedules itself on the :class:`WorkerPool` when it goes from idle to busy. No lock is
-held while its items run.
+handled sequentially while different connections run in parallel. Producers call
+:meth:`Strand.post` (any thread) or :meth:`Strand.post_many` (the thread polling a
+reactor); the strand schedules itself on the :class:`WorkerPool` when it goes from idle
+to busy. No lock is held while its items run.
 
 Given a reactor, the pool runs it **leader/follower** style (as mORMot's reader threads
 do): the pool threads take turns holding the *poll role*. The leader runs one
