@@ -88,10 +88,11 @@ class Strand:
 
     def post_many(self, items: list[Any], polled: bool = False) -> None:
         """Queue the items of *items* in order with one hand-off; the strand may keep the
-        list itself, so the caller must not use it afterwards. Thread-safe, but for the
-        thread polling a reactor only (the hot path of every read; never the main
-        thread, see :meth:`_drain`). *polled*: the caller polls the pool's own reactor,
-        so a strand this schedules joins the poll's harvest without asking."""
+        list itself, so the caller must not use it afterwards. Called by the thread
+        polling a reactor (the hot path of every read), never by the main thread (see
+        :meth:`_drain`); safe beside posts from other threads. *polled*: the caller
+        polls the pool's own reactor, so a strand this schedules joins the poll's
+        harvest without asking."""
         if not items:
             return
         lock = self._lock
