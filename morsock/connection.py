@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from ._component import Component
     from .crypto import AuthSession
 
-_monotonic = time.monotonic
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 #: Replies at least this large skip the cork and leave at once with sendmsg (no copy).
@@ -123,13 +122,6 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
     if ioctl is not None and hasattr(socket, "SIO_KEEPALIVE_VALS"):  # pragma: no cover
         ioctl(socket.SIO_KEEPALIVE_VALS,
               (1, keepalive_idle * 1000, keepalive_interval * 1000))
-
-
-def plain_frame(payload: bytes) -> bytes:
-    """The plaintext frame of *payload* (``encode_frame(payload)``, with the header looked
-    up for short payloads)."""
-    n = len(payload)
-    return (PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0)) + payload
 
 
 def _frames_sent(out: bytes | bytearray, n: int, head_left: int) -> tuple[int, int]:
@@ -337,7 +329,7 @@ class Connection:
             else:
                 self._strand.post(EOF)  # close once the frames already queued are handled
             return
-        self.last_activity = now = _monotonic()
+        self.last_activity = now = self._reactor.now  # when the poll saw the data
         decoder = self._decoder
         try:
             frames = decoder.feed_buffer(owner._scratch_view, n)

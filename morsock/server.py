@@ -24,7 +24,6 @@ from .connection import (
     HOLD_MAX,
     PLAIN_HEADERS,
     Connection,
-    plain_frame,
 )
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
@@ -576,20 +575,21 @@ class Server(Component):
                 except Exception as exc:
                     self._handler_failed("on_handle_command", exc, (conn,))
                     return
-                if reply.__class__ is bytes and len(reply) < DIRECT_SEND_MIN:
-                    if reply:
+                if reply.__class__ is bytes:
+                    n = len(reply)
+                    if n >= DIRECT_SEND_MIN:  # large: uncork sends it with sendmsg, no copy
+                        conn.cork()
+                        conn._held += (HEADER.pack(MAGIC, n, 0), reply)
+                        conn._held_bytes += n + HEADER_SIZE
+                        conn.uncork()
+                    elif n:  # plain_frame(reply), inline
                         try:
-                            conn.send_frame(plain_frame(reply))
+                            conn.send_frame((PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
+                                             else HEADER.pack(MAGIC, n, 0)) + reply)
                         except NotConnectedError:
                             pass
                         except SendBufferFullError as exc:
                             conn.drop_for_full_queue(exc)
-                    return
-                if reply.__class__ is bytes:  # large: uncork sends it with sendmsg
-                    conn.cork()
-                    conn._held += (HEADER.pack(MAGIC, len(reply), 0), reply)
-                    conn._held_bytes += len(reply) + HEADER_SIZE
-                    conn.uncork()
                 elif reply:
                     self._reply(conn, reply, False)
                 return

@@ -11,7 +11,13 @@ import pytest
 
 from morsock import Client, ErrorCode
 
-from morsock.connection import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS, _frames_sent, plain_frame
+from morsock.connection import (
+    DIRECT_SEND_MIN,
+    HEADER_CACHE_MAX,
+    HOLD_MAX,
+    PLAIN_HEADERS,
+    _frames_sent,
+)
 from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
@@ -74,23 +80,39 @@ def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -
             sock.close()
 
 
-def test_framing_matches_encode_frame_on_both_sides_of_the_prebuilt_headers() -> None:
-    lengths = list(range(0, 40)) + list(range(HEADER_CACHE_MAX - 3, HEADER_CACHE_MAX + 4))
-    payloads = [bytes([n % 251]) * n for n in lengths]
-    assert [plain_frame(p) for p in payloads] == [encode_frame(p) for p in payloads]
+def test_prebuilt_headers_match_encode_frame() -> None:
+    assert len(PLAIN_HEADERS) == HEADER_CACHE_MAX
     assert all(PLAIN_HEADERS[n] == encode_frame(bytes(n))[:9] for n in range(HEADER_CACHE_MAX))
 
 
 def test_single_replies_on_both_sides_of_the_prebuilt_headers_arrive_exactly() -> None:
-    sizes = [1, HEADER_CACHE_MAX - 1, HEADER_CACHE_MAX, HEADER_CACHE_MAX + 1, 4000]
+    sizes = [1, HEADER_CACHE_MAX - 1, HEADER_CACHE_MAX, HEADER_CACHE_MAX + 1, 4000,
+             DIRECT_SEND_MIN - 1, DIRECT_SEND_MIN, DIRECT_SEND_MIN + 1]
     with running_server(echo_handler) as server:
         with RawPeer.to(server) as peer:
             for size in sizes:  # one at a time: each reply leaves on its own (an empty
-                # reply is none at all, so 0 is checked by the plain_frame test above)
+                # reply is none at all)
                 payload = bytes([size % 251]) * size
                 peer.send_raw(encode_frame(payload))
                 frame = peer.recv_frame(timeout=10)
                 assert (frame.payload, frame.flag) == (payload, 0)
+
+
+def test_an_empty_reply_sends_nothing_alone_or_in_a_batch() -> None:
+    def handler(sender: Any, client: Any, data: bytes) -> bytes:
+        return b"" if data.startswith(b"quiet") else b"r-" + data
+
+    with running_server(handler) as server:
+        with RawPeer.to(server) as peer:
+            peer.send_raw(encode_frame(b"quiet-1"))  # alone: the one-frame batch
+            wait_until(lambda: server.total_messages_received == 1, what="quiet-1 handled")
+            peer.send_raw(encode_frame(b"a"))
+            assert peer.recv_frame(timeout=10).payload == b"r-a"
+            peer.send_raw(encode_frame(b"quiet-2") + encode_frame(b"b") + encode_frame(b"quiet-3")
+                          + encode_frame(b"c"))  # one read, most likely: a batch
+            assert [peer.recv_frame(timeout=10).payload for _ in range(2)] == [b"r-b", b"r-c"]
+            wait_until(lambda: server.total_messages_received == 6, what="all handled")
+            assert server.total_messages_sent == 3
 
 
 def test_a_send_from_the_handler_keeps_its_place_among_held_replies() -> None:
