@@ -582,7 +582,7 @@ class Server(Component):
                         conn._held += (HEADER.pack(MAGIC, n, 0), reply)
                         conn._held_bytes += n + HEADER_SIZE
                         conn.uncork()
-                    elif n:  # plain_frame(reply), inline
+                    elif n:  # framed here: the header looked up (or packed) + the reply
                         try:
                             conn.send_frame((PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
                                              else HEADER.pack(MAGIC, n, 0)) + reply)
