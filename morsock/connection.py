@@ -124,6 +124,13 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
               (1, keepalive_idle * 1000, keepalive_interval * 1000))
 
 
+def plain_frame(payload: bytes) -> bytes:
+    """The plaintext frame of *payload* (``encode_frame(payload)``, with the header looked
+    up for short payloads)."""
+    n = len(payload)
+    return (PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0)) + payload
+
+
 def _frames_sent(out: bytes | bytearray, n: int, head_left: int) -> tuple[int, int]:
     """For a send queue *out* -- the last *head_left* bytes of one frame, then whole
     frames -- that just sent its first *n* bytes (fewer than all): how many frames that

@@ -24,6 +24,7 @@ from .connection import (
     HOLD_MAX,
     PLAIN_HEADERS,
     Connection,
+    plain_frame,
 )
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
@@ -582,10 +583,9 @@ class Server(Component):
                         conn._held += (HEADER.pack(MAGIC, n, 0), reply)
                         conn._held_bytes += n + HEADER_SIZE
                         conn.uncork()
-                    elif n:  # framed here: the header looked up (or packed) + the reply
+                    elif n:
                         try:
-                            conn.send_frame((PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
-                                             else HEADER.pack(MAGIC, n, 0)) + reply)
+                            conn.send_frame(plain_frame(reply))
                         except NotConnectedError:
                             pass
                         except SendBufferFullError as exc:
