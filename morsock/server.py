@@ -400,7 +400,6 @@ class Server(Component):
         listener = self._listener
         if listener is None or self._state is not ServerState.LISTENING:
             return
-        limit = self._connection_limit()
         tls = self.ssl_context is not None
         # socket.accept() without its wrapper, which asks the listener for its family and
         # type (two enum conversions) and its timeout for every connection.
@@ -422,6 +421,9 @@ class Server(Component):
                     self._reactor.unregister(listener)
                     self._reactor.call_later(0.1, self._resume_accepting)
                 return
+            # The limit is read for every connection: a refusal's on_error runs on this
+            # thread, in this loop, and may raise max_connections before the next accept.
+            limit = self._connection_limit()
             if len(self._clients) + len(self._tls_pending) >= limit:  # only this thread adds
                 sock.close()
                 with self._stats_lock:

@@ -283,6 +283,30 @@ def test_max_connections_closes_extra_connections_at_once() -> None:
         assert server.total_rejected_connections == 1 and server.total_connections == 3
 
 
+def test_max_connections_raised_during_an_accept_loop_applies_to_the_next_connection() -> None:
+    """The limit is read for every connection the reactor accepts, not once per wake-up.
+    The on_error of a refusal runs on the reactor thread, inside the accept loop: when it
+    raises max_connections and a connection is already waiting in the backlog (it connects
+    one there itself), that connection is admitted in the same loop."""
+    waiting: List[RawPeer] = []
+
+    def on_error(sender: Server, client: Any, message: str, code: int) -> None:
+        if code == ErrorCode.SERVER_FULL and not waiting:
+            sender.max_connections = 2
+            waiting.append(RawPeer.to(sender))  # the kernel completes it; not accepted yet
+
+    with running_server(max_connections=1, on_error=on_error) as server:
+        with RawPeer.to(server) as a:
+            assert a.request(b"a") == b"a"
+            with RawPeer.to(server) as refused:
+                assert refused.expect_close() == b""
+            wait_until(lambda: waiting, what="the on_error handler's connection")
+            with waiting[0] as late:
+                assert late.request(b"late") == b"late"
+                assert server.client_count == 2
+        assert server.total_rejected_connections == 1 and server.total_connections == 2
+
+
 # ------------------------------------------------------------------------ garbage flood
 
 def _garbage(rnd: random.Random) -> Tuple[bytes, ErrorCode]:
