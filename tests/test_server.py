@@ -215,7 +215,9 @@ def test_statistics_are_exact_on_both_sides() -> None:
                 return sum(frame_size(len(f)) for f in frames)
 
             for who, sc in conns.items():
-                wait_until(lambda: sc.bytes_sent == wire(to_peer[who]), what=f"{who} sent")
+                # bytes and messages sent are two counters, updated one after the other
+                wait_until(lambda: (sc.bytes_sent, sc.messages_sent)
+                           == (wire(to_peer[who]), len(to_peer[who])), what=f"{who} sent")
                 assert sc.bytes_received == wire(to_server[who]), who
                 assert sc.messages_received == len(to_server[who]), who
                 assert sc.messages_sent == len(to_peer[who]), who

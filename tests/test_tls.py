@@ -135,7 +135,8 @@ def test_round_trip_with_300k_message_and_statistics(pki: Path) -> None:
         srec.wait_count("disconnect", 1)
         # statistics count application bytes (frames), not TLS record overhead
         expected = (9 + len(b"hello over TLS")) + (9 + BIG)
-        wait_until(lambda: server.total_bytes_sent == expected, what="server bytes sent")
+        wait_until(lambda: (server.total_bytes_sent, server.total_messages_sent) == (expected, 2),
+                   what="server bytes and messages sent")
         assert server.total_bytes_received == expected
         assert server.total_messages_received == server.total_messages_sent == 2
         assert client.total_bytes_sent == client.total_bytes_received == expected
@@ -224,8 +225,9 @@ def test_peer_that_reads_late_gets_every_frame_in_order(pki: Path) -> None:
                 magic, length, flag = struct.unpack("<IIB", _recv_exact(peer, 9))
                 assert (magic, length, flag) == (0xCAFEBABE, size, 0)
                 assert _recv_exact(peer, size) == bytes([i % 251]) * size, f"frame {i}"
-            wait_until(lambda: server.total_bytes_sent == accepted * (9 + size),
-                       what="every accepted byte counted as sent")
+            wait_until(lambda: (server.total_bytes_sent, server.total_messages_sent)
+                       == (accepted * (9 + size), accepted),
+                       what="every accepted frame counted as sent")
             assert server.total_messages_sent == accepted
             assert sc.send_queue_size == 0
     assert ErrorCode.TLS_FAILED not in error_codes(srec)
