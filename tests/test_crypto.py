@@ -702,6 +702,64 @@ def test_direct_constructors_match_aes_new(bits: int, iv: bytes, blocks: int, sp
         assert make(direct).decrypt(expected) == plaintext, kind
 
 
+@SETTINGS
+@given(bits=st.sampled_from([128, 192, 256]), nonce_size=st.sampled_from([12, 16]),
+       size=st.integers(0, 200), blocks=st.integers(0, 12), data=st.data())
+def test_direct_gcm_matches_aes_new(bits: int, nonce_size: int, size: int, blocks: int,
+                                    data: st.DataObject) -> None:
+    """GCM objects from pycryptodome's GcmMode without AES.new: same ciphertext and tag
+    as AES.new (also when the data is fed in two calls, and for a nonce that is not 12
+    bytes, which goes through GHASH), they open what AES.new sealed and reject a wrong
+    tag or associated data."""
+    key = data.draw(st.binary(min_size=bits // 8, max_size=bits // 8))
+    nonce = data.draw(st.binary(min_size=nonce_size, max_size=nonce_size))
+    aad = data.draw(st.binary(max_size=40))
+    plaintext = data.draw(st.binary(min_size=size, max_size=size))
+    cut = min(16 * blocks, size)
+    direct, public = crypto._direct_constructors(), crypto._public_constructors()
+    make_direct, make_public = direct.gcm(key), public.gcm(key)
+    expected = make_public(nonce)
+    expected.update(aad)
+    ciphertext, tag = expected.encrypt(plaintext), expected.digest()
+    for _ in range(2):  # a maker makes any number of objects
+        sealer = make_direct(nonce)
+        sealer.update(aad)
+        assert sealer.encrypt(plaintext[:cut]) + sealer.encrypt(plaintext[cut:]) == ciphertext
+        assert sealer.digest() == tag
+    opener = make_direct(nonce)
+    opener.update(aad)
+    assert opener.decrypt(ciphertext) == plaintext
+    opener.verify(tag)
+    for wrong_aad, wrong_tag in ((aad, bytes([tag[0] ^ 1]) + tag[1:]), (aad + b"x", tag)):
+        opener = make_direct(nonce)
+        opener.update(wrong_aad)
+        opener.decrypt(ciphertext)
+        with pytest.raises(ValueError):
+            opener.verify(wrong_tag)
+
+
+def test_direct_gcm_computes_the_hash_subkey_once_per_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GCM object made through AES.new runs the AES key schedule three times (the hash
+    subkey, the data's CTR, the tag's CTR); a GCM maker computes the hash subkey once
+    for its key, so each object after that runs it twice. That saves 10 of 22 us per
+    object here, paid twice per AUTHENTICATED GCM request."""
+    schedules: List[int] = []
+    real = AES._create_base_cipher
+
+    def counting(params: Dict[str, Any]) -> Any:
+        schedules.append(len(params["key"]))
+        return real(params)
+    monkeypatch.setattr(AES, "_create_base_cipher", counting)
+    make = crypto._direct_constructors().gcm(bytes(32))
+    assert len(schedules) == 1
+    for seq in range(10):
+        cipher = make(bytes(4) + seq.to_bytes(8, "big"))
+        cipher.encrypt(b"x" * 20)
+        cipher.digest()
+    assert schedules == [32] * 21
+
+
 def test_constructors_fall_back_to_aes_new(monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
     """Where pycryptodome's mode classes are missing or differ, AES.new is used (and a
@@ -725,6 +783,23 @@ def test_constructors_fall_back_to_aes_new(monkeypatch: pytest.MonkeyPatch,
     assert "do not match AES.new" in caplog.text
     key, iv, data = bytes(32), bytes(range(16)), bytes(range(32))
     assert chosen.cbc(key, iv).encrypt(data) == AES.new(key, AES.MODE_CBC, iv=iv).encrypt(data)
+
+    class NoVerify:  # a GCM object that accepts any tag
+        def __init__(self, cipher: Any) -> None:
+            self.update, self.encrypt, self.decrypt = cipher.update, cipher.encrypt, cipher.decrypt
+            self.digest = cipher.digest
+
+        def verify(self, tag: bytes) -> None:
+            pass
+    public = crypto._public_constructors()
+    for gcm in (lambda key: lambda nonce: AES.new(key, AES.MODE_GCM, nonce=bytes(12)),
+                lambda key: lambda nonce: NoVerify(public.gcm(key)(nonce))):
+        monkeypatch.setattr(crypto, "_direct_constructors",
+                            lambda gcm=gcm: public._replace(direct=True, gcm=gcm))
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="morsock"):
+            assert not crypto._choose_constructors().direct
+        assert "do not match AES.new" in caplog.text
 
 
 @pytest.mark.parametrize("mode", MODES)
