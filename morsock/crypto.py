@@ -119,6 +119,7 @@ _pack_seq = _SEQ.pack
 _GCM_NONCE_PREFIX = b"\x00\x00\x00\x00"
 _GCM_COUNTER_2 = b"\x00\x00\x00\x02"             # MORMOT GCM: the first data block's counter
 _ZERO8 = bytes(8)
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
 _GCM_AAD_PAD = bytes(BLOCK_SIZE - HEADER_SIZE)      # AAD = header || 0^7: one block
 
 _DECRYPT_FAILED = ErrorCode.DECRYPT_FAILED
@@ -229,7 +230,7 @@ class _GcmParts:
         self._key = key
         self._ecb = ecb
         self._ctr = ctr
-        self._zero_block = _ZeroBlockECB(ecb(key))
+        self._zero_block = _ZeroBlockECB(key, ecb)
 
     def new(self, key: bytes, mode: int, nonce: bytes = b"",
             initial_value: int | bytes = 0, **extra: Any) -> _Cipher:
@@ -247,20 +248,21 @@ class _GcmParts:
 
 
 class _ZeroBlockECB:
-    """An ECB object that remembers its encryption of the zero block (GCM's hash
-    subkey); any other block goes to the real object. Used by one thread at a time (the
-    GcmMode being made)."""
+    """The ECB object ``GcmMode`` asks for to compute its hash subkey: the encryption of
+    the zero block under one key, computed once. Any other block gets a fresh ECB object
+    (``GcmMode`` asks for none). Holds no key schedule; stateless, so any thread."""
 
-    __slots__ = ("_ecb", "_zero")
+    __slots__ = ("_key", "_ecb", "_zero")
 
-    def __init__(self, ecb: _Cipher) -> None:
+    def __init__(self, key: bytes, ecb: Callable[[bytes], _Cipher]) -> None:
+        self._key = key
         self._ecb = ecb
-        self._zero: bytes = ecb.encrypt(bytes(BLOCK_SIZE))
+        self._zero: bytes = ecb(key).encrypt(_ZERO_BLOCK)
 
     def encrypt(self, block: bytes) -> bytes:
-        if block == bytes(BLOCK_SIZE):
+        if block == _ZERO_BLOCK:
             return self._zero
-        result: bytes = self._ecb.encrypt(block)
+        result: bytes = self._ecb(self._key).encrypt(block)
         return result
 
 

@@ -758,6 +758,11 @@ def test_direct_gcm_computes_the_hash_subkey_once_per_key(
         cipher.encrypt(b"x" * 20)
         cipher.digest()
     assert schedules == [32] * 21
+    # GcmMode asks only for the zero block's encryption; any other block is still right
+    zero_block_ecb = crypto._GcmParts(bytes(32), crypto._AES.ecb, crypto._AES.ctr).new(
+        bytes(32), AES.MODE_ECB)
+    for block in (bytes(16), bytes(range(16)), bytes(range(16, 48))):
+        assert zero_block_ecb.encrypt(block) == AES.new(bytes(32), AES.MODE_ECB).encrypt(block)
 
 
 def test_constructors_fall_back_to_aes_new(monkeypatch: pytest.MonkeyPatch,
