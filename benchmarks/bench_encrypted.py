@@ -38,7 +38,11 @@ Run from the repository: ``python benchmarks/bench_encrypted.py [--rounds 3] [--
 * Part 2, "parallel" (server NOT pinned; the machine's cores are shared by the server and
   the load): 64 KiB encrypted messages over several connections with thread_pool_size
   1, 2 and 4: MB/s (payload both ways), server CPU % (over 100 = more than one core
-  busy), and the gain over one thread.
+  busy), and the gain over one thread. Beside it, what bounds that gain on this machine:
+  ``ceiling`` (the bare crypto in 2 processes / 2 threads against 1), ``cpu room`` (the
+  CPUs over what the server and the load generator keep busy with 1 thread: an
+  AUTHENTICATED load generator seals every request itself, about half a core at 64 KiB)
+  and the thread wake-up round trip (see :func:`wakeup_round_trip`).
 
 Rounds are interleaved (every scenario once per round, the order reversed every other
 round) and the tables show medians. Linux only (``/proc``).
@@ -681,6 +685,39 @@ def machine_ceiling(profile: str, mode: str, size: int, secs: float = 1.0
     return p2 / max(p1, 1e-9), t2 / max(t1, 1e-9)
 
 
+def wakeup_round_trip(count: int = 500) -> float:
+    """Median microseconds for one Python thread to wake another and be woken back
+    (``threading.Event`` ping-pong, threads not pinned).
+
+    A pycryptodome call releases the GIL for as long as it runs; another thread gains
+    from that only if it wakes up and takes the GIL within that time. On a VM whose
+    cross-CPU wake-ups are slow, calls shorter than about half this round trip (CTR or
+    GHASH over 64 KiB: 16-18 us here) give other threads nothing to do in parallel.
+    """
+    ping, pong = threading.Event(), threading.Event()
+
+    def echo() -> None:
+        for _ in range(count):
+            if not ping.wait(5):
+                return
+            ping.clear()
+            pong.set()
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    times = []
+    try:
+        for _ in range(count):
+            start = time.perf_counter()
+            ping.set()
+            if not pong.wait(5):
+                break
+            pong.clear()
+            times.append(time.perf_counter() - start)
+    finally:
+        t.join(10)
+    return statistics.median(times) * 1e6 if times else float("nan")
+
+
 # ---------------------------------------------------------------------- reporting
 
 def size_label(size: int) -> str:
@@ -819,7 +856,11 @@ def run_parallel(args: argparse.Namespace) -> Dict[Tuple[str, str, int], List[Di
     keys = [(p, m, t) for p, m in args.parallel for t in args.thread_counts]
     results: Dict[Tuple[str, str, int], List[Dict[str, float]]] = {k: [] for k in keys}
     args.ceilings = {}
+    args.wakeups = []
     for rnd in range(args.rounds):
+        args.wakeups.append(wakeup_round_trip())
+        print(f"  round {rnd + 1} thread wake-up round trip (Event ping-pong, median): "
+              f"{args.wakeups[-1]:.1f} us", flush=True)
         for profile, mode in args.parallel:
             ceiling = machine_ceiling(profile, mode, size)
             args.ceilings.setdefault((profile, mode), []).append(ceiling)
@@ -839,7 +880,12 @@ def run_parallel(args: argparse.Namespace) -> Dict[Tuple[str, str, int], List[Di
 def print_parallel(args: argparse.Namespace, results: Dict) -> int:
     print(f"\nparallel gain, {size_label(args.parallel_size)} messages, medians of "
           f"{args.rounds} round(s); gain = MB/s / MB/s with 1 thread; ceiling = the raw "
-          "crypto of a request done by 2 processes (threads) / by 1, on this machine")
+          "crypto of a request done by 2 processes (threads) / by 1, on this machine; "
+          "cpu room = the machine's CPUs / (srv% + lg%) with 1 thread, the most any "
+          "server could gain while the load generator takes its share")
+    if getattr(args, "wakeups", None):
+        print(f"thread wake-up round trip (median of rounds): "
+              f"{statistics.median(args.wakeups):.1f} us")
     print(f"{'profile':13} {'mode':4} {'threads':>7} {'req/s':>8} {'MB/s':>8} {'gain':>5} "
           f"{'us/req':>7} {'srv%':>5} {'lg%':>5} {'err':>4}")
     status = 0
@@ -859,6 +905,12 @@ def print_parallel(args: argparse.Namespace, results: Dict) -> int:
             by_procs = statistics.median(c[0] for c in ceil)
             by_threads = statistics.median(c[1] for c in ceil)
             print(f"{'':13} {'':4} ceiling: processes x{by_procs:.2f}, threads x{by_threads:.2f}")
+        if 1 in args.thread_counts:
+            runs = results[(profile, mode, 1)]
+            busy = med(runs, "srv_pct") + med(runs, "lg_pct")
+            cpus = len(os.sched_getaffinity(0))
+            print(f"{'':13} {'':4} cpu room: x{cpus * 100 / max(busy, 1e-9):.2f} "
+                  f"({cpus} CPUs / {busy:.0f}% busy with 1 thread)")
     return status
 
 
@@ -935,6 +987,7 @@ def main() -> int:
             status |= print_parallel(args, par)
             dump["parallel"] = {"/".join(map(str, k)): v for k, v in par.items()}
             dump["ceilings"] = {"/".join(k): v for k, v in args.ceilings.items()}
+            dump["wakeup_round_trip_us"] = args.wakeups
     finally:
         os.sched_setaffinity(0, allowed)
     if args.json:

@@ -2,9 +2,11 @@
 decoder, strand, batch runner, handler and send, driven in this one thread with the
 socket replaced by a stub (no system calls, no other thread).
 
-    python benchmarks/bench_path.py [--requests 100000] [--rounds 5] [--size 64]
+    python benchmarks/bench_path.py [--requests 100000] [--rounds 5] [--size 64] [--frames 1]
 
-Prints the CPU time per request of the whole path and of its parts (best of the rounds):
+Prints the CPU time per request of the whole path and of its parts (best of the rounds);
+``--frames N`` puts N frames in each read, as pipe64's reads hold 16 (the figures are
+then per frame, a read's fixed costs shared among its N frames):
 
 * ``whole path``: ``Connection._read`` (one frame per read) -> the strand it schedules ->
   ``Strand._drain`` -> ``Server._run_items`` -> echo handler -> ``send_frame`` -> ``send``
@@ -63,13 +65,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100_000, help="calls per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size", type=int, default=64, help="payload bytes")
+    ap.add_argument("--frames", type=int, default=1,
+                    help="frames per read (pipe64's reads hold up to 16)")
     args = ap.parse_args()
 
     server = Server(0, "127.0.0.1", on_handle_command=lambda sender, client, data: data)
     # The runtime of a started server (reactor, pool, crypto context), not started: no
     # thread runs, and this thread plays the leader that holds the poll role.
     server._prepare_runtime("bench", 1, leader_follower=True)
-    frame = encode_frame(bytes(args.size))
+    frame = encode_frame(bytes(args.size)) * args.frames
     conn = ServerClient(server, StubSocket(frame), handle=1,  # type: ignore[arg-type]
                         peer=("127.0.0.1", 1))
     pool = server._pool
@@ -96,14 +100,15 @@ def main() -> None:
         def decode() -> None:
             decoder.feed_buffer(view, size)
 
-        payload = bytes(args.size)
+        payloads = [bytes(args.size)] * args.frames
 
         def run_items() -> None:
-            server._run_items(conn, [payload])
+            server._run_items(conn, payloads)
 
         for name, fn in (("whole path", whole), ("read callback", read_only),
                          ("decoder", decode), ("batch runner", run_items)):
-            print(f"{name:14} {per_call(fn, args.requests, args.rounds):6.3f} us per request")
+            cost = per_call(fn, args.requests, args.rounds) / args.frames
+            print(f"{name:14} {cost:6.3f} us per request")
         assert conn.messages_received and conn.messages_sent, "the path did not run"
     finally:
         reactor._leader = None
