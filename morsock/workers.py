@@ -22,6 +22,11 @@ that blocks) and takes it if so: a handler that blocks delays other connections'
 at most about twice that. While strands wait, a leader only harvests I/O that is already
 there (a zero-timeout poll), so a busy server alternates between reading and handling
 instead of blocking in ``select``.
+
+Whether waking followers for slow strands pays is measured, not assumed (see
+:class:`SpreadPolicy`): strands that wait on I/O or run long GIL-free C calls run faster
+side by side, but strands made of Python and short C calls only pass the GIL back and
+forth, and run slower than on one thread.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import threading
 import time
 from collections import deque
 from threading import get_ident
-from time import perf_counter
+from time import perf_counter, process_time
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -48,6 +53,106 @@ WATCHDOG = 0.05
 #: Decrypting and encrypting a 64 KiB message takes about 0.15-0.25 ms, mostly in
 #: pycryptodome calls that release the GIL: above this, so a second thread helps.
 SLOW_STRAND = 0.0001
+#: How :class:`SpreadPolicy` measures whether waking followers pays: windows of this
+#: many seconds with and without, the better holding for SPREAD_HOLD seconds; the window
+#: without only if the process kept SPREAD_BUSY_CPU of a CPU busy and ran at least
+#: SPREAD_MIN_ITEMS items in the window with.
+SPREAD_WINDOW = 0.1
+SPREAD_HOLD = 2.0
+SPREAD_HOLD_MAX = 32.0  # the hold doubles, up to this, while the answer stays the same
+SPREAD_BUSY_CPU = 0.8
+SPREAD_MIN_ITEMS = 16
+_HOLD_ON, _SPREADING, _ALONE, _HOLD_OFF = range(4)  # SpreadPolicy's phases
+
+
+class SpreadPolicy:
+    """Whether waking followers for slow strands makes the pool do more work per second:
+    measured by turns, since it depends on the handlers and on the machine.
+
+    Strands that wait on I/O, or run long GIL-free C calls (CBC over big buffers), run
+    faster side by side. Strands made of Python and short C calls (CTR or GCM over 64 KiB:
+    calls of 16-18 us, where waking a thread on another CPU of this VM takes 20-40 us)
+    only pass the GIL back and forth, and run slower and cost more CPU than on one thread.
+
+    So the pool runs in cycles: a window of :data:`SPREAD_WINDOW` seconds spreading, one
+    not spreading, then the better of the two for :data:`SPREAD_HOLD` seconds (twice as
+    long each time the answer repeats, up to :data:`SPREAD_HOLD_MAX`). Not
+    spreading is better when it does at least 97 % of the items per second for at most
+    90 % of the process CPU per item. Handlers that block need other threads whatever
+    the numbers, and barely use the CPU: the window without spreading is tried only when
+    the process kept at least :data:`SPREAD_BUSY_CPU` of a CPU busy in the window with
+    (and ran :data:`SPREAD_MIN_ITEMS` items), and a hold without spreading ends as soon
+    as a window finds the CPU less busy than that.
+
+    :meth:`note` is called by the pool's threads after each run of strands while strands
+    are slow (the only time :attr:`spread` is read), under the pool's lock; *now* comes
+    from the caller and the CPU time from *cpu_clock*, so the policy is tested without
+    threads.
+    """
+
+    __slots__ = ("spread", "_cpu_clock", "_phase", "_phase_end", "_start", "_start_cpu",
+                 "_items", "_with", "_hold", "_hold_end", "_alone")
+
+    def __init__(self, cpu_clock: Callable[[], float] = process_time) -> None:
+        #: Whether slow strands should wake followers.
+        self.spread = True
+        self._cpu_clock = cpu_clock
+        self._phase = _HOLD_ON        # _SPREADING, _ALONE (the two windows) or a hold
+        self._phase_end = 0.0         # 0: the first note starts a cycle
+        self._start = self._start_cpu = 0.0   # when the phase began: time, process CPU
+        self._items = 0               # items run since the phase began
+        self._with: tuple[float, float] = (0.0, 0.0)  # spreading: items/s, CPU s per item
+        self._hold = SPREAD_HOLD      # how long the current answer holds (s)
+        self._hold_end = 0.0
+        self._alone = False           # the last answer: not spreading does better
+
+    def note(self, now: float, items: int) -> None:
+        """*items* more items ran; *now*: when (seconds, any monotonic clock)."""
+        self._items += items
+        if now < self._phase_end:
+            return
+        cpu = self._cpu_clock()
+        span = now - self._start
+        items = self._items
+        busy = cpu - self._start_cpu >= SPREAD_BUSY_CPU * span  # the CPU kept busy
+        phase = self._phase
+        if phase == _SPREADING:
+            if busy and items >= SPREAD_MIN_ITEMS:
+                self._with = (items / span, (cpu - self._start_cpu) / items)
+                self._next(_ALONE, SPREAD_WINDOW, now, cpu)
+            else:
+                self._hold_end = now + self._hold
+                self._next(_HOLD_ON, self._hold, now, cpu)
+        elif phase == _ALONE:
+            rate, cost = self._with
+            alone = (items >= SPREAD_MIN_ITEMS and items / span >= rate * 0.97
+                     and (cpu - self._start_cpu) / items <= cost * 0.9)
+            # the same answer again: hold it twice as long (each window not spreading
+            # costs a workload that needs spreading a tenth of a second of it)
+            self._hold = (min(self._hold * 2, SPREAD_HOLD_MAX) if alone == self._alone
+                          else SPREAD_HOLD)
+            self._alone = alone
+            self._hold_end = now + self._hold
+            if alone:
+                self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)
+            else:
+                self._next(_HOLD_ON, self._hold, now, cpu)
+        elif phase == _HOLD_OFF and busy and now < self._hold_end:
+            self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)  # still busy: go on alone
+        else:
+            # a hold is over, or one thread alone no longer keeps the CPU busy (handlers
+            # that now wait on something): measure again
+            if phase == _HOLD_OFF and not busy:
+                self._hold = SPREAD_HOLD
+            self._next(_SPREADING, SPREAD_WINDOW, now, cpu)
+
+    def _next(self, phase: int, length: float, now: float, cpu: float) -> None:
+        self._phase = phase
+        self._phase_end = now + length
+        self.spread = phase != _ALONE and phase != _HOLD_OFF
+        self._start = now
+        self._start_cpu = cpu
+        self._items = 0
 
 
 class Strand:
@@ -125,13 +230,15 @@ class Strand:
         """True when nothing is queued or running on this strand. Thread-safe."""
         return not self._scheduled  # one attribute read: atomic
 
-    def _drain(self) -> None:
-        """Run queued items until none is left (pool thread)."""
+    def _drain(self) -> int:
+        """Run queued items until none is left (pool thread); return how many ran."""
         items = self._first
         self._first = None
         lock = self._lock
+        ran = 0
         while True:
             if items:
+                ran += len(items)
                 run_batch = self._run_batch
                 target = self._target
                 try:
@@ -154,7 +261,7 @@ class Strand:
                 items = self._items
                 if not items:
                     self._scheduled = False
-                    return
+                    return ran
                 self._items = []
             finally:
                 lock.release()
@@ -193,6 +300,7 @@ class WorkerPool:
         self._released_at = 0.0   # when the leader last left the poll role (monotonic)
         self._stopping = False
         self._strand_time = 0.0   # moving average of a strand batch's run time, seconds
+        self._policy = SpreadPolicy()  # whether slow strands should wake followers
         self._harvest: list[Strand] = []  # scheduled by the leader during its poll
         self._threads: list[threading.Thread] = []
 
@@ -242,9 +350,14 @@ class WorkerPool:
         cv = self._cv
         ready = self._ready
         reactor = self._reactor
+        policy = self._policy
+        ran: tuple[float, int] | None = None  # the last run: _note_run
         while True:
             strand: Strand | None = None
             with cv:
+                if ran is not None:
+                    self._note_run(ran)
+                    ran = None
                 watching = False
                 while True:
                     if (watching and not self._stopping
@@ -255,8 +368,8 @@ class WorkerPool:
                         break
                     elif ready:
                         strand = ready.popleft()
-                        if ready and self._idle and (reactor is None
-                                                     or self._strand_time > SLOW_STRAND):
+                        if ready and self._idle and (reactor is None or (
+                                self._strand_time > SLOW_STRAND and policy.spread)):
                             cv.notify()
                         break
                     elif self._stopping:
@@ -274,15 +387,25 @@ class WorkerPool:
                         watching = False
                     self._idle -= 1
             if strand is None:
-                self._lead()
+                ran = self._lead()
             else:
                 start = perf_counter()
-                strand._drain()
-                self._strand_time += (perf_counter() - start - self._strand_time) * 0.125
+                items = strand._drain()
+                end = perf_counter()
+                self._strand_time += (end - start - self._strand_time) * 0.125
+                ran = (end, items)
 
-    def _lead(self) -> None:
+    def _note_run(self, ran: tuple[float, int]) -> None:
+        """Under the pool lock, after a thread ran strands: *ran* is (when it ended,
+        items run). Told to the spread policy while strands are slow, the only time it
+        is asked."""
+        if self._strand_time > SLOW_STRAND and self._reactor is not None:
+            self._policy.note(*ran)
+
+    def _lead(self) -> tuple[float, int] | None:
         """Hold the poll role for one poll, then run what it harvested, in order, before
-        polling again -- as a single-threaded reactor would: one ``select`` per batch."""
+        polling again -- as a single-threaded reactor would: one ``select`` per batch.
+        Returns the run for :meth:`_note_run` (None: nothing to run)."""
         reactor = self._reactor
         assert reactor is not None
         ready = self._ready
@@ -301,20 +424,22 @@ class WorkerPool:
                 harvest.clear()
             count = len(ready)
             if not count:
-                return
-            if self._idle and self._strand_time > SLOW_STRAND:
+                return None
+            if self._idle and self._strand_time > SLOW_STRAND and self._policy.spread:
                 cv.notify()  # slow handlers: a follower takes the poll role at once
         # Run this batch without the pool lock (deque pops are atomic); a follower may
         # take some of it meanwhile.
         popleft = ready.popleft
         start = perf_counter()
-        done = 0
+        done = items = 0
         while done < count:
             try:
                 strand = popleft()
             except IndexError:
                 break
-            strand._drain()
+            items += strand._drain()
             done += 1
+        end = perf_counter()
         if done:
-            self._strand_time += ((perf_counter() - start) / done - self._strand_time) * 0.125
+            self._strand_time += ((end - start) / done - self._strand_time) * 0.125
+        return (end, items)

@@ -11,8 +11,9 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 
+from morsock import workers
 from morsock.reactor import Reactor
-from morsock.workers import WorkerPool
+from morsock.workers import SPREAD_HOLD, SpreadPolicy, WorkerPool
 
 from helpers import TIMEOUT, wait_until
 
@@ -224,3 +225,132 @@ def test_one_runner_serves_many_strands_through_their_targets(
         strands[0].post("late")
         wait_until(lambda: "retired strand" in caplog.text, what="the drop logged")
     assert len(sinks[0].items) == 50
+
+
+# ------------------------------------------------------------------------ spread policy
+
+class FakeCPU:
+    """The process CPU clock a SpreadPolicy reads, moved by hand."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def drive(policy: SpreadPolicy, cpu: FakeCPU, now: float, seconds: float,
+          with_spread: Tuple[float, float], alone: Tuple[float, float]) -> Tuple[float, List[bool]]:
+    """Feed *policy* a workload for *seconds* from *now*, in 10 ms steps: (items per
+    second, CPUs kept busy) while it spreads (*with_spread*) and while it does not
+    (*alone*). Returns the time reached and what ``spread`` was at each step."""
+    step = 0.01
+    seen = []
+    for _ in range(round(seconds / step)):
+        rate, cpus = with_spread if policy.spread else alone
+        now += step
+        cpu.seconds += cpus * step
+        policy.note(now, round(rate * step))
+        seen.append(policy.spread)
+    return now, seen
+
+
+#: workloads as measured with 64 KiB messages (bench_encrypted.py part 2): items per
+#: second and CPUs busy, spreading and not
+CTR_LIKE = ((1150.0, 1.3), (1200.0, 1.0))    # short C calls: spreading only costs CPU
+CBC_LIKE = ((1700.0, 1.75), (1000.0, 1.0))   # long GIL-free calls: spreading pays
+BLOCKING = ((4000.0, 0.3), (1000.0, 0.08))   # handlers that wait: the CPU stays idle
+
+
+def test_spread_policy_stops_spreading_when_one_thread_does_as_much_for_less_cpu() -> None:
+    cpu = FakeCPU()
+    policy = SpreadPolicy(cpu)
+    assert policy.spread
+    now, seen = drive(policy, cpu, 100.0, 0.3, *CTR_LIKE)
+    assert not policy.spread and seen.count(True) == 10  # one window with, then without
+    now, seen = drive(policy, cpu, now, SPREAD_HOLD - 0.2, *CTR_LIKE)
+    assert not any(seen)  # held for SPREAD_HOLD seconds
+    now, seen = drive(policy, cpu, now, 0.4, *CTR_LIKE)
+    assert any(seen) and not policy.spread  # measured again, the same answer
+    now, seen = drive(policy, cpu, now, 2 * SPREAD_HOLD - 0.4, *CTR_LIKE)
+    assert not any(seen)  # ... held twice as long
+
+
+@pytest.mark.parametrize("workload", [
+    CBC_LIKE,
+    ((1700.0, 2.0), (1000.0, 1.0)),  # one thread is cheaper per item, but slower
+], ids=["cbc-like", "cheaper-but-slower"])
+def test_spread_policy_keeps_spreading_when_threads_side_by_side_do_more(
+        workload: Tuple[Tuple[float, float], Tuple[float, float]]) -> None:
+    cpu = FakeCPU()
+    policy = SpreadPolicy(cpu)
+    now, seen = drive(policy, cpu, 0.0, 0.3, *workload)
+    assert seen.count(False) == 10 and policy.spread  # one window without, then with
+    now, seen = drive(policy, cpu, now, SPREAD_HOLD - 0.2, *workload)
+    assert all(seen)
+
+
+def test_spread_policy_never_tries_one_thread_for_handlers_that_wait() -> None:
+    cpu = FakeCPU()
+    policy = SpreadPolicy(cpu)
+    now, seen = drive(policy, cpu, 0.0, 10.0, *BLOCKING)
+    assert all(seen)
+
+
+def test_spread_policy_spreads_again_once_one_thread_leaves_the_cpu_idle() -> None:
+    """Handlers that start to wait (or the load that falls) while one thread does the
+    work: the next window finds the CPU idle and spreading comes back at once, not at the
+    end of the hold."""
+    cpu = FakeCPU()
+    policy = SpreadPolicy(cpu)
+    now, _ = drive(policy, cpu, 0.0, 0.3, *CTR_LIKE)
+    assert not policy.spread
+    now, seen = drive(policy, cpu, now, 0.2, *BLOCKING)
+    assert policy.spread and seen[-1]
+
+
+def test_spread_policy_keeps_spreading_on_too_few_items() -> None:
+    cpu = FakeCPU()
+    policy = SpreadPolicy(cpu)
+    now, seen = drive(policy, cpu, 0.0, 5.0, (50.0, 1.0), (60.0, 0.9))  # 5 per window
+    assert all(seen)
+
+
+class NotePolicy:
+    """A spread policy that records what the pool tells it, and always spreads."""
+
+    spread = True
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.notes = 0
+
+    def note(self, now: float, items: int) -> None:
+        self.items += items  # the pool calls it under its lock
+        self.notes += 1
+
+
+def test_the_pool_tells_its_spread_policy_every_item_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While strands are slow, every item a pool thread runs -- as a follower, or as the
+    leader after its poll -- reaches the spread policy exactly once."""
+    monkeypatch.setattr(workers, "SLOW_STRAND", 0.0)  # every run counts as slow
+    reactor = Reactor("test-reactor")
+    pool = WorkerPool(4, "test-worker", reactor=reactor)
+    policy = NotePolicy()
+    pool._policy = policy  # type: ignore[assignment]
+    pool.start()
+    sink = Sink(60)
+    try:
+        strand = pool.strand(sink.run_batch)
+        for n in range(30):
+            strand.post(n)  # from this thread: followers run them
+        for n in range(30, 60, 10):  # from inside a poll: the leader runs them
+            reactor.call_soon(strand.post_many, list(range(n, n + 10)), True)
+        sink.wait()
+        wait_until(strand.is_idle, what="strand idle")
+    finally:
+        pool.shutdown(TIMEOUT)
+        reactor.close()
+    assert sink.items == list(range(60)) and not sink.overlaps
+    assert policy.items == 60 and policy.notes >= 1
