@@ -77,7 +77,7 @@ class SpreadPolicy:
     So the pool runs in cycles: a window of :data:`SPREAD_WINDOW` seconds spreading, one
     not spreading, then the better of the two for :data:`SPREAD_HOLD` seconds (twice as
     long each time the answer repeats, up to :data:`SPREAD_HOLD_MAX`). Not
-    spreading is better when it does at least 97 % of the items per second for at most
+    spreading is better when it does as many items per second or more, for at most
     90 % of the process CPU per item. Handlers that block need other threads whatever
     the numbers, and barely use the CPU: the window without spreading is tried only when
     the process kept at least :data:`SPREAD_BUSY_CPU` of a CPU busy in the window with
@@ -125,7 +125,7 @@ class SpreadPolicy:
                 self._next(_HOLD_ON, self._hold, now, cpu)
         elif phase == _ALONE:
             rate, cost = self._with
-            alone = (items >= SPREAD_MIN_ITEMS and items / span >= rate * 0.97
+            alone = (items >= SPREAD_MIN_ITEMS and items / span >= rate
                      and (cpu - self._start_cpu) / items <= cost * 0.9)
             # the same answer again: hold it twice as long (each window not spreading
             # costs a workload that needs spreading a tenth of a second of it)
