@@ -82,7 +82,7 @@ class SpreadPolicy:
     the numbers, and barely use the CPU: the window without spreading is tried only when
     the process kept at least :data:`SPREAD_BUSY_CPU` of a CPU busy in the window with
     (and ran :data:`SPREAD_MIN_ITEMS` items), and a hold without spreading ends as soon
-    as a window finds the CPU less busy than that.
+    as a window finds the CPU less busy than that, or half the items per second.
 
     :meth:`note` is called by the pool's threads after each run of strands while strands
     are slow (the only time :attr:`spread` is read), under the pool's lock; *now* comes
@@ -91,7 +91,7 @@ class SpreadPolicy:
     """
 
     __slots__ = ("spread", "_cpu_clock", "_phase", "_phase_end", "_start", "_start_cpu",
-                 "_items", "_with", "_hold", "_hold_end", "_alone")
+                 "_items", "_with", "_hold", "_hold_end", "_alone", "_alone_rate")
 
     def __init__(self, cpu_clock: Callable[[], float] = process_time) -> None:
         #: Whether slow strands should wake followers.
@@ -104,6 +104,7 @@ class SpreadPolicy:
         self._with: tuple[float, float] = (0.0, 0.0)  # spreading: items/s, CPU s per item
         self._hold = SPREAD_HOLD      # how long the current answer holds (s)
         self._hold_end = 0.0
+        self._alone_rate = 0.0        # items/s of the last window not spreading
         self._alone = False           # the last answer: not spreading does better
 
     def note(self, now: float, items: int) -> None:
@@ -132,17 +133,20 @@ class SpreadPolicy:
             self._hold = (min(self._hold * 2, SPREAD_HOLD_MAX) if alone == self._alone
                           else SPREAD_HOLD)
             self._alone = alone
+            self._alone_rate = items / span
             self._hold_end = now + self._hold
             if alone:
                 self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)
             else:
                 self._next(_HOLD_ON, self._hold, now, cpu)
-        elif phase == _HOLD_OFF and busy and now < self._hold_end:
+        elif phase == _HOLD_OFF and now < self._hold_end and busy and (
+                items / span >= self._alone_rate * 0.5):
             self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)  # still busy: go on alone
         else:
-            # a hold is over, or one thread alone no longer keeps the CPU busy (handlers
-            # that now wait on something): measure again
-            if phase == _HOLD_OFF and not busy:
+            # A hold is over; or one thread alone no longer keeps the CPU busy, or does
+            # half the items it did (handlers that now wait on something, or less
+            # load): measure again.
+            if phase == _HOLD_OFF and now < self._hold_end:
                 self._hold = SPREAD_HOLD
             self._next(_SPREADING, SPREAD_WINDOW, now, cpu)
 

@@ -310,6 +310,17 @@ def test_spread_policy_spreads_again_once_one_thread_leaves_the_cpu_idle() -> No
     assert policy.spread and seen[-1]
 
 
+def test_spread_policy_spreads_again_once_one_thread_does_half_the_items() -> None:
+    """The CPU kept busy by something else (another thread of the application), while
+    handlers start to wait: the items per second fall, and spreading comes back."""
+    cpu = FakeCPU()
+    policy = SpreadPolicy(cpu)
+    now, _ = drive(policy, cpu, 0.0, 0.3, *CTR_LIKE)
+    assert not policy.spread
+    now, seen = drive(policy, cpu, now, 0.2, (4000.0, 1.2), (500.0, 1.0))
+    assert policy.spread and seen[-1]
+
+
 def test_spread_policy_keeps_spreading_on_too_few_items() -> None:
     cpu = FakeCPU()
     policy = SpreadPolicy(cpu)
