@@ -883,9 +883,8 @@ def print_parallel(args: argparse.Namespace, results: Dict) -> int:
           "crypto of a request done by 2 processes (threads) / by 1, on this machine; "
           "cpu room = the machine's CPUs / (srv% + lg%) with 1 thread, the most any "
           "server could gain while the load generator takes its share")
-    if getattr(args, "wakeups", None):
-        print(f"thread wake-up round trip (median of rounds): "
-              f"{statistics.median(args.wakeups):.1f} us")
+    print(f"thread wake-up round trip (median of rounds): "
+          f"{statistics.median(args.wakeups):.1f} us")
     print(f"{'profile':13} {'mode':4} {'threads':>7} {'req/s':>8} {'MB/s':>8} {'gain':>5} "
           f"{'us/req':>7} {'srv%':>5} {'lg%':>5} {'err':>4}")
     status = 0

@@ -103,7 +103,7 @@ class SpreadPolicy:
         self._items = 0               # items run since the phase began
         self._with: tuple[float, float] = (0.0, 0.0)  # spreading: items/s, CPU s per item
         self._hold = SPREAD_HOLD      # how long the current answer holds (s)
-        self._hold_end = 0.0
+        self._hold_end = 0.0          # when a hold without spreading ends
         self._alone_rate = 0.0        # items/s of the last window not spreading
         self._alone = False           # the last answer: not spreading does better
 
@@ -122,7 +122,6 @@ class SpreadPolicy:
                 self._with = (items / span, (cpu - self._start_cpu) / items)
                 self._next(_ALONE, SPREAD_WINDOW, now, cpu)
             else:
-                self._hold_end = now + self._hold
                 self._next(_HOLD_ON, self._hold, now, cpu)
         elif phase == _ALONE:
             rate, cost = self._with
@@ -134,8 +133,8 @@ class SpreadPolicy:
                           else SPREAD_HOLD)
             self._alone = alone
             self._alone_rate = items / span
-            self._hold_end = now + self._hold
             if alone:
+                self._hold_end = now + self._hold  # checked every window until then
                 self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)
             else:
                 self._next(_HOLD_ON, self._hold, now, cpu)
