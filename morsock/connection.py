@@ -81,6 +81,20 @@ CONNECTED = _Marker("CONNECTED")        # first item of every strand: fire on_co
 EOF = _Marker("EOF")                    # the peer closed its side: close after what is queued
 DISCONNECTED = _Marker("DISCONNECTED")  # last item: fire on_disconnect
 
+
+class _Refused(_Marker):
+    """The peer sent bad bytes after whole frames: close with *code* and *message* once
+    the frames queued before it are handled (as they would be had the bad bytes come in
+    a later read)."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: ErrorCode | None, message: str) -> None:
+        super().__init__("REFUSED")
+        self.code = code
+        self.message = message
+
+
 #: Keep-alive defaults: first probe after 10 s idle, then every 5 s, give up after 3.
 KEEPALIVE_IDLE = 10
 KEEPALIVE_INTERVAL = 5
@@ -344,7 +358,7 @@ class Connection:
             self.bytes_received += n
             if owner.on_data_received is not None:
                 owner._emit_data_event("on_data_received", self, n)
-            self.close(exc.code, f"{exc} from {self.describe()}")
+            self._refuse(exc)
             return
         if not decoder._buf:
             self.partial_since = None
@@ -359,6 +373,27 @@ class Connection:
             if hook is not None:
                 frames = hook(frames)
             self._strand.post_many(frames, True)  # from the poll
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        """The peer's bytes broke the framing (reactor thread): close with the error's
+        code. The whole frames that came before the bad bytes in the same read are
+        handled first, as they would be had they come in an earlier read: reading stops
+        at once, the close waits behind them in the strand."""
+        message = f"{exc} from {self.describe()}"
+        frames: list[Any] = exc.frames
+        self.messages_received += len(frames)
+        hook = self.frame_hook
+        if frames and hook is not None:
+            frames = hook(frames)
+        if not frames or self.closing:
+            self.close(exc.code, message)
+            return
+        self.partial_since = None
+        self._reading = False
+        self._read_wants_write = False
+        self._update_interest()
+        frames.append(_Refused(exc.code, message))
+        self._strand.post_many(frames, True)
 
     def _update_interest(self) -> None:
         events = ((EVENT_READ if self._reading else 0)
@@ -750,6 +785,9 @@ class Connection:
     def _run_item(self, item: Any) -> None:
         if item is EOF:
             self.close()
+            return
+        if item.__class__ is _Refused:
+            self.close(item.code, item.message)
             return
         if item is not CONNECTED and item is not DISCONNECTED and self.closing:
             return  # frames left behind by a close are dropped, never handled
