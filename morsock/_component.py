@@ -121,11 +121,14 @@ class Setting(property, Generic[T]):
         def __set__(self, obj: Any, value: Any) -> None: ...
 
     def _assign(self, obj: Any, value: Any) -> None:
-        if not self.live and obj._is_running():
-            raise MorsockError(f"{type(obj).__name__}.{self.name} cannot change while it is "
-                               f"active; stop it first")
         if self.convert is not None:
-            value = self.convert(value)
+            try:
+                value = self.convert(value)
+            except (TypeError, ValueError) as exc:  # say which setting refused the value
+                kind = TypeError if isinstance(exc, TypeError) else ValueError
+                raise kind(f"{type(obj).__name__}.{self.name}: {exc}") from exc
+        if not self.live and obj._is_running():
+            obj._before_change(self.name)
         obj.__dict__[self._key] = value
 
     @staticmethod
@@ -142,6 +145,13 @@ def _non_negative_int(value: Any) -> int:
     number = int(value)
     if number < 0:
         raise ValueError("must be >= 0")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"a TCP port is 0-65535, not {number}")
     return number
 
 
@@ -302,6 +312,12 @@ class Component:
     # -- helpers for subclasses --------------------------------------------------------
     def _is_running(self) -> bool:
         raise NotImplementedError
+
+    def _before_change(self, name: str) -> None:
+        """A setting that is not ``live`` is being assigned while :meth:`_is_running`:
+        raise MorsockError, or make the change safe (caller's thread)."""
+        raise MorsockError(f"{type(self).__name__}.{name} cannot change while it is "
+                           f"active; stop it first")
 
     @property
     def _log(self) -> logging.Logger:

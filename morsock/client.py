@@ -10,7 +10,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ._component import Component, Data, Setting, Tally, _non_negative_int, as_bytes
+from ._component import Component, Data, Setting, Tally, _non_negative_int, _port, as_bytes
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
 from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout
@@ -87,12 +87,18 @@ class Client(Component):
     Settings -- constructor arguments, and attributes settable while disconnected (the
     ``auto_reconnect`` and ``reconnect_*`` ones, ``connection_timeout``,
     ``require_encryption`` and ``max_send_buffer`` at any time; ``help()`` on each tells
-    its meaning): ``host``, ``port``, ``connection_timeout``, ``auto_reconnect``,
-    ``reconnect_strategy``, ``reconnect_interval``, ``reconnect_max_attempts``,
-    ``reconnect_max_interval``, ``keep_alive``, ``keepalive_idle``, ``keepalive_interval``,
-    ``keepalive_count``, ``no_delay``, ``max_message_size``, ``max_send_buffer``,
-    ``encryption_key``, ``encryption_mode``, ``encryption_key_size``,
-    ``encryption_profile``, ``require_encryption``, ``ssl_context``, ``server_hostname``,
+    its meaning). "Disconnected" is the state, also after a failed :meth:`connect` or a
+    drop, while the threads still run: the address, socket and TLS settings are read by
+    the next attempt (they may change while retries are scheduled, e.g. to fail over to
+    another ``host``); changing the others (encryption, events, logger) first releases
+    the idle threads as :meth:`disconnect` does -- refused (MorsockError) while retries
+    are scheduled or from the client's own threads. The settings: ``host``, ``port``,
+    ``connection_timeout``, ``auto_reconnect``, ``reconnect_strategy``,
+    ``reconnect_interval``, ``reconnect_max_attempts``, ``reconnect_max_interval``,
+    ``keep_alive``, ``keepalive_idle``, ``keepalive_interval``, ``keepalive_count``,
+    ``no_delay``, ``max_message_size``, ``max_send_buffer``, ``encryption_key``,
+    ``encryption_mode``, ``encryption_key_size``, ``encryption_profile``,
+    ``require_encryption``, ``ssl_context``, ``server_hostname``,
     ``events_use_main_thread``, ``event_queue``, ``logger``.
 
     Read-only: ``state``, ``active``, ``connected``, ``connected_time``,
@@ -126,7 +132,7 @@ class Client(Component):
     """
 
     host: Setting[str] = Setting("localhost", str, doc="Server address (name or IP).")
-    port: Setting[int] = Setting(3434, int, doc="Server port.")
+    port: Setting[int] = Setting(3434, _port, doc="Server port.")
     auto_reconnect: Setting[bool] = Setting(
         False, bool, live=True,
         doc="Retry after a failed connect() and after a drop (for any reason but "
@@ -207,6 +213,32 @@ class Client(Component):
     # -- life cycle ------------------------------------------------------------------------
     def _is_running(self) -> bool:
         return self._reactor is not None
+
+    #: Settings each connection attempt reads afresh (address, socket options, TLS, the
+    #: decoder's limit): assignable whenever the state is DISCONNECTED.
+    _PER_ATTEMPT = frozenset({"host", "port", "ssl_context", "server_hostname", "keep_alive",
+                              "no_delay", "keepalive_idle", "keepalive_interval",
+                              "keepalive_count", "max_message_size"})
+
+    def _before_change(self, name: str) -> None:
+        """A setting is assigned while the threads run (see the class docstring: settable
+        in the DISCONNECTED state). Caller's thread; raises MorsockError when refused."""
+        if self._state is not ClientState.DISCONNECTED:
+            raise MorsockError(f"Client.{name} cannot change while "
+                               f"{self._state.name.lower()}; disconnect() first")
+        if name in self._PER_ATTEMPT:
+            return
+        # The others are built into the threads' state (cipher context, event dispatcher):
+        # release the idle threads first, as disconnect() would.
+        reactor, pool = self._reactor, self._pool
+        if self._retry_timer is not None:
+            raise MorsockError(f"Client.{name} cannot change while retries are scheduled "
+                               f"(auto_reconnect); disconnect() first")
+        if (reactor is not None and reactor.in_thread()) or (
+                pool is not None and pool.owns_current_thread()):
+            raise MorsockError(f"Client.{name} cannot change from a handler while the "
+                               f"client's threads run; disconnect() first")
+        self.disconnect()
 
     @property
     def state(self) -> ClientState:

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ._component import Component, Data, Setting, Tally, _optional_seconds, _positive_int
+from ._component import Component, Data, Setting, Tally, _optional_seconds, _port, _positive_int
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
@@ -173,7 +173,7 @@ class Server(Component):
     """
 
     port: Setting[int] = Setting(
-        3434, int, doc="TCP port to listen on (0: a free one, which port then holds).")
+        3434, _port, doc="TCP port to listen on (0: a free one, which port then holds).")
     host: Setting[str] = Setting(
         "0.0.0.0", str, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
     max_connections: Setting[int] = Setting(

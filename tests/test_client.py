@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 from morsock import (AESMode, Client, ClientState, ConnectError, CryptoError, ErrorCode,
-                     MorsockError, NotConnectedError, RequestTimeout, Server, ServerClient)
+                     MorsockError, NotConnectedError, ReconnectStrategy, RequestTimeout, Server,
+                     ServerClient)
 from morsock.crypto import authenticated_payload_size
 from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
@@ -87,6 +88,98 @@ def test_settings_locked_while_connected_and_settable_after() -> None:
         assert client.encryption_mode is AESMode.CTR
         with client:
             assert client.request(b"x") == b"two:x"
+
+
+def _client_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("morsock-client")]
+
+
+def test_settings_settable_after_a_failed_connect_and_after_a_drop() -> None:
+    # "Settable while disconnected" holds in the DISCONNECTED state, not only once
+    # disconnect() released the threads: fix the port after a failed connect(), go on.
+    with running_server(lambda s, c, d: b"one:" + d, encryption_key=AUTH_KEY) as one, \
+            running_server(lambda s, c, d: b"two:" + d) as two:
+        client = Client(LOCAL, free_port())
+        try:
+            with pytest.raises(ConnectError):
+                client.connect()
+            assert client.state is C.DISCONNECTED and _client_threads()
+            client.port = one.port       # read by the next attempt: the threads stay
+            assert _client_threads()
+            client.encryption_key = AUTH_KEY  # built into them: they are released first
+            assert client.encryption_key == AUTH_KEY and not _client_threads()
+            client.connect()
+            assert client.request(b"x", encrypted=True) == b"one:x"
+            one.disconnect_all_clients()  # a drop, no auto_reconnect
+            wait_until(lambda: client.state is C.DISCONNECTED, what="the drop")
+            client.port = two.port
+            client.encryption_key = ""
+            client.connect()
+            assert client.request(b"y") == b"two:y"
+        finally:
+            client.disconnect()
+
+
+def test_a_retry_uses_a_port_changed_while_retries_are_scheduled() -> None:
+    # Fail over: the address may change between retries; settings built into the threads
+    # may not (the retries would stop).
+    rec = Recorder()
+    with running_server(lambda s, c, d: b"ok:" + d) as server:
+        client = Client(LOCAL, free_port(), auto_reconnect=True,
+                        reconnect_strategy=ReconnectStrategy.FIXED_INTERVAL,
+                        reconnect_interval=50, reconnect_max_attempts=0,
+                        on_error=rec.handler("error"), on_connect=rec.handler("connect"))
+        try:
+            with pytest.raises(ConnectError):
+                client.connect()
+            rec.wait_count("error", 2)  # CONNECTION_FAILED, then at least one retry failed
+            with pytest.raises(MorsockError, match="retries are scheduled"):
+                client.encryption_key = AUTH_KEY
+            assert client.encryption_key == ""
+            client.port = server.port
+            rec.wait_count("connect", 1)
+            assert client.request(b"z") == b"ok:z"
+            with pytest.raises(MorsockError, match="connected"):
+                client.port = free_port()
+        finally:
+            client.disconnect()
+
+
+def test_settings_refused_from_a_handler_while_the_threads_run() -> None:
+    outcome: List[BaseException] = []
+    done = threading.Event()
+
+    def on_disconnect(sender: Client) -> None:
+        try:
+            sender.encryption_key = AUTH_KEY  # would have to join the thread it runs on
+        except MorsockError as exc:
+            outcome.append(exc)
+        done.set()
+
+    with running_server() as server:
+        client = Client(LOCAL, server.port, on_disconnect=on_disconnect)
+        try:
+            client.connect()
+            wait_until(lambda: server.client_count == 1, what="the server's side")
+            server.disconnect_all_clients()
+            assert done.wait(TIMEOUT)
+            assert len(outcome) == 1 and client.encryption_key == ""
+        finally:
+            client.disconnect()
+
+
+def test_bad_setting_values_name_the_setting() -> None:
+    for make in (lambda: Server(port=70000), lambda: Client(LOCAL, -1)):
+        with pytest.raises(ValueError, match=r"\.port: a TCP port is 0-65535"):
+            make()
+    with pytest.raises(ValueError, match=r"Server\.thread_pool_size: must be >= 1"):
+        Server(0, thread_pool_size=0)
+    client = Client(LOCAL, 1)
+    with pytest.raises(ValueError, match=r"Client\.encryption_mode"):
+        client.encryption_mode = "no such mode"
+    with pytest.raises(ValueError, match=r"Client\.reconnect_interval"):
+        client.reconnect_interval = -5
+    assert client.reconnect_interval == 5000 and client.port == 1
 
 
 def test_connect_refused_raises_and_reports_connection_failed() -> None:
