@@ -422,7 +422,8 @@ class Component:
             return
         ctx = self._crypto
         if ctx is None or not ctx.enabled:
-            raise CryptoError("encrypted=True but no encryption_key is set")
+            raise CryptoError("encrypted=True but no encryption_key is set",
+                              ErrorCode.ENCRYPTION_REQUIRED)
         if ctx.mormot is not None:
             conn.send_frame(ctx.mormot.seal_frame(payload))
             return

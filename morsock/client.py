@@ -15,7 +15,7 @@ from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
 from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, Frame
 from .reactor import EVENT_WRITE, Timer
 from .reconnect import ReconnectPolicy
 from .tls import TLSHandshake
@@ -24,6 +24,10 @@ from .workers import Strand, each
 __all__ = ["Client"]
 
 _CONNECT_IN_PROGRESS = {0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 10035}
+
+#: Plaintext frames a server may send before its AUTHENTICATED handshake answer that the
+#: client holds for after the handshake; one more fails the handshake.
+EARLY_FRAMES_MAX = 64
 
 
 class _Waiter:
@@ -197,6 +201,7 @@ class Client(Component):
         self._connecting: socket.socket | None = None
         self._addresses: list[tuple[Any, ...]] = []
         self._handshake: Any = None
+        self._early_frames: list[Frame] = []  # plaintext frames before the handshake answer
         self._handshake_error: BaseException | None = None
         self._close_done: threading.Event | None = None  # see _shutdown
         self._tls: TLSHandshake | None = None
@@ -559,6 +564,7 @@ class Client(Component):
         if ctx.authenticated:
             from .crypto import ClientHandshake
             self._handshake = ClientHandshake(ctx.key, ctx.mode, ctx.key_size)
+            self._early_frames = []
             conn.frame_hook = self._handshake_frames
             conn.start(announce=False)
             try:
@@ -570,25 +576,37 @@ class Client(Component):
             self._established(conn)
 
     def _handshake_frames(self, frames: list[Frame]) -> list[Frame]:
-        """Reactor-thread hook: the first frame of an AUTHENTICATED connection is the
-        server's handshake reply."""
+        """Reactor-thread hook of an AUTHENTICATED connection until the server's handshake
+        answer (its first flag-2 frame) arrives. Plaintext frames before it are what the
+        server's application sent before our hello reached it (a welcome from its
+        ``on_connect``, a broadcast): held, then handled after ``on_connect``, as if they
+        came after the handshake. Any other frame before it fails the handshake."""
         conn = self._conn
         assert conn is not None
-        conn.frame_hook = None
-        first, rest = frames[0], frames[1:]
+        early = self._early_frames
+        answer = next((i for i, f in enumerate(frames) if f.flag == FLAG_AUTHENTICATED),
+                      len(frames))
+        before = frames[:answer]
         try:
-            if first.flag != FLAG_AUTHENTICATED:
+            if (any(f.flag != FLAG_PLAIN for f in before)
+                    or len(early) + len(before) > EARLY_FRAMES_MAX):
                 raise CryptoError("the server did not answer the AUTHENTICATED handshake "
                                   "(is it a morsock server with the same key and profile?)",
                                   ErrorCode.AUTHENTICATION_FAILED)
-            conn.session = self._handshake.finish(first.payload)
+            early += before
+            if answer == len(frames):
+                return []  # still waiting for the answer
+            conn.frame_hook = None
+            conn.session = self._handshake.finish(frames[answer].payload)
         except CryptoError as exc:
+            conn.frame_hook = None
             self._handshake_error = exc
             conn.close()
             return []
         self._handshake = None
+        self._early_frames = []
         self._established(conn)
-        return rest
+        return early + frames[answer + 1:]
 
     def _established(self, conn: Connection) -> None:
         attempt = self._attempt

@@ -358,7 +358,7 @@ def _require_key(key_text: str) -> None:
         raise TypeError(f"key text must be str, not {type(key_text).__name__}")
     if not key_text:
         raise CryptoError("encryption requested but no encryption key is set",
-                          _DECRYPT_FAILED)
+                          ErrorCode.ENCRYPTION_REQUIRED)
 
 
 def _check_size(payload_size: int) -> None:

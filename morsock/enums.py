@@ -136,7 +136,8 @@ class ErrorCode(enum.IntEnum):
       side has no MORMOT key for.
     * ``AUTHENTICATION_FAILED`` -- an AUTHENTICATED frame that fails its tag/MAC, is
       replayed, reordered or from another connection; a failed handshake.
-    * ``ENCRYPTION_REQUIRED`` -- a plaintext frame while ``require_encryption`` is set.
+    * ``ENCRYPTION_REQUIRED`` -- a plaintext frame while ``require_encryption`` is set;
+      also the code of the CryptoError raised for ``encrypted=True`` without a key.
     * ``HANDLER_EXCEPTION`` -- an event handler raised.
     * ``SERVER_FULL`` -- a connection past ``max_connections`` (closed at once).
     * ``SEND_BUFFER_FULL`` -- a peer that does not read: its queue is at

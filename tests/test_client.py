@@ -221,8 +221,9 @@ def test_not_connected_error() -> None:
 
 def test_encrypted_send_without_key_raises_crypto_error() -> None:
     with running_server() as server, Client(LOCAL, server.port) as client:
-        with pytest.raises(CryptoError):
+        with pytest.raises(CryptoError) as info:
             client.send_data(b"secret", encrypted=True)
+        assert info.value.code == ErrorCode.ENCRYPTION_REQUIRED
         with pytest.raises(CryptoError):
             client.request(b"secret", timeout=1, encrypted=True)
         assert client.request(b"plain") == b"plain"  # nothing else went out
@@ -548,6 +549,70 @@ def test_authenticated_wrong_key_refused_at_connect() -> None:
         wait_until(lambda: server.client_count == 0)
         with Client(LOCAL, server.port, encryption_key=AUTH_KEY, encryption_mode="GCM") as good:
             assert good.request(b"ok", encrypted=True) == b"ok"
+
+
+def test_greetings_from_on_connect_reach_an_authenticated_client() -> None:
+    # The server's on_connect runs before the client's hello is handled, so its sends go out
+    # ahead of the handshake answer: the client holds them and handles them after on_connect.
+    rec = Recorder()
+
+    def greet(server: Server, client: ServerClient) -> None:
+        client.send_data(b"welcome")
+        server.broadcast_data(b"someone joined")
+
+    with running_server(lambda s, c, d: b"re:" + d, encryption_key=AUTH_KEY,
+                        on_connect=greet) as server, \
+            Client(LOCAL, server.port, encryption_key=AUTH_KEY,
+                   on_connect=rec.handler("connect"),
+                   on_handle_command=rec.handler("pushed")) as client:
+        rec.wait_count("pushed", 2)
+        assert rec.snapshot() == [("connect",), ("pushed", b"welcome"),
+                                  ("pushed", b"someone joined")]
+        assert client.request(b"q", encrypted=True) == b"re:q"
+
+
+def _answer_hello_with(frames: bytes) -> Tuple[threading.Thread, int, List[bytes]]:
+    """A one-connection raw server that reads the client's hello, then sends *frames*
+    (and keeps the connection open until the client closes it)."""
+    listener = socket.create_server((LOCAL, 0))
+    port = listener.getsockname()[1]
+    got: List[bytes] = []
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(TIMEOUT)
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                got.append(conn.recv(4096))
+                conn.sendall(frames)
+                while conn.recv(4096):
+                    pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread, port, got
+
+
+@pytest.mark.parametrize("before", [
+    encode_frame(b"mormot?", 1),                              # an encrypted frame
+    b"".join(encode_frame(b"%d" % i) for i in range(65)),     # more plaintext than it holds
+], ids=["mormot-frame", "65-plaintext-frames"])
+def test_what_is_not_a_greeting_before_the_handshake_answer_fails_the_connect(
+        before: bytes) -> None:
+    thread, port, got = _answer_hello_with(before)
+    client = Client(LOCAL, port, encryption_key=AUTH_KEY, connection_timeout=3 * TIMEOUT)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectError) as info:
+            client.connect()
+        assert info.value.code == ErrorCode.AUTHENTICATION_FAILED
+        assert "did not answer the AUTHENTICATED handshake" in str(info.value)
+        assert time.monotonic() - started < TIMEOUT  # at once, not at connection_timeout
+    finally:
+        client.disconnect()
+        thread.join(TIMEOUT)
+    assert got and got[0][8] == 2  # it was the client's hello
 
 
 def test_mormot_client_against_authenticated_server_is_refused() -> None:

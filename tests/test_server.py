@@ -643,8 +643,9 @@ def test_encrypted_send_without_key_raises_crypto_error() -> None:
     with running_server(on_connect=rec.handler("connect")) as server:
         with RawPeer(LOCAL, server.port) as peer:
             (_, client), = rec.wait_count("connect", 1)
-            with pytest.raises(CryptoError):
+            with pytest.raises(CryptoError) as info:
                 client.send_data(b"secret", encrypted=True)
+            assert info.value.code == ErrorCode.ENCRYPTION_REQUIRED
             with pytest.raises(CryptoError):
                 server.broadcast_data(b"secret", encrypted=True)
             # nothing was sent: the next frame is the echo
