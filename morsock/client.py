@@ -784,6 +784,8 @@ class Client(Component):
     def _live_connection(self) -> Connection:
         conn = self._conn
         if conn is None or self._state is not ClientState.CONNECTED or conn.closing:
+            if conn is not None and conn.closing:  # the state changes once it is closed
+                raise NotConnectedError(f"the connection to {conn.describe()} is closing")
             raise NotConnectedError(f"client is not connected ({self._state.name})")
         return conn
 

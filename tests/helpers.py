@@ -151,18 +151,24 @@ def read_frame(sock: socket.socket, timeout: float = TIMEOUT) -> Tuple[int, byte
 
 # ----------------------------------------------------------------------- interop vectors
 
+#: The frames the original Pascal code produced (the project's shared
+#: ``interop/mormot_v103_vectors.json``), kept in the repository so that every checkout runs
+#: the interop tests; test_crypto checks it against its SHA-256 and the shared original.
+VENDORED_VECTORS = Path(__file__).resolve().parent / "data" / "mormot_v103_vectors.json"
+VENDORED_VECTORS_SHA256 = "1fe81383ec963983689e2a5586793b47006c9d916dd23c6dd4888628cac156ac"
+SHARED_VECTORS = (Path(__file__).resolve().parents[2] / "shared" / "interop"
+                  / "mormot_v103_vectors.json")
+
+
 def vectors_path() -> Path:
+    """``$MORSOCK_INTEROP_VECTORS`` if set, else the repository's copy."""
     env = os.environ.get("MORSOCK_INTEROP_VECTORS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "interop" / "mormot_v103_vectors.json"
+    return Path(env) if env else VENDORED_VECTORS
 
 
 def load_vectors() -> Dict[str, Any]:
-    path = vectors_path()
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as fh:
+    """The interop vectors; a missing file is an error, never a reason to skip."""
+    with vectors_path().open(encoding="utf-8") as fh:
         data: Dict[str, Any] = json.load(fh)
     return data
 

@@ -19,7 +19,7 @@ from morsock.crypto import authenticated_payload_size
 from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
 
-from helpers import (TIMEOUT, VECTOR_KEY, VECTOR_MODES, VECTORS, Recorder, frame_size,
+from helpers import (TIMEOUT, VECTOR_KEY, VECTOR_MODES, Recorder, frame_size,
                      free_port, log_lines, read_frame, vector_cases, vector_decrypt,
                      wait_until)
 
@@ -429,10 +429,8 @@ def test_waiting_requests_fail_at_once_when_the_server_drops() -> None:
 
 # ------------------------------------------------------------------------ MORMOT profile
 
-needs_vectors = pytest.mark.skipif(not VECTORS, reason="interop vectors not found")
 
 
-@needs_vectors
 @pytest.mark.parametrize("mode", VECTOR_MODES)
 def test_mormot_client_frames_decode_with_the_vector_rules(mode: str) -> None:
     rec = Recorder()

@@ -16,7 +16,7 @@ from Crypto.Protocol.KDF import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import VECTORS, vectors_path
+from helpers import SHARED_VECTORS, VECTORS, VENDORED_VECTORS, VENDORED_VECTORS_SHA256
 from morsock import crypto
 from morsock.crypto import (AuthSession, ClientHandshake, MormotCipher,
                             authenticated_master_key, authenticated_payload_size,
@@ -37,7 +37,6 @@ SETTINGS = settings(max_examples=25, deadline=None,
 
 # ----------------------------------------------------------------------------- vectors
 
-needs_vectors = pytest.mark.skipif(not VECTORS, reason=f"no interop vectors at {vectors_path()}")
 
 
 def _edge_id(edge: Dict[str, Any]) -> str:
@@ -88,7 +87,14 @@ def _reference_mormot(key: bytes, mode: AESMode, iv: bytes, plaintext: bytes) ->
 
 # --------------------------------------------------------------------- MORMOT: vectors
 
-@needs_vectors
+def test_the_repository_copy_of_the_interop_vectors_is_the_shared_original() -> None:
+    data = VENDORED_VECTORS.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == VENDORED_VECTORS_SHA256
+    if SHARED_VECTORS.is_file():  # the project's shared copy, beside the repository
+        assert SHARED_VECTORS.read_bytes() == data
+    assert VECTORS["cases"] and VECTORS["edge_cases"] and VECTORS["unencrypted_cases"]
+
+
 def test_vector_constants() -> None:
     const = VECTORS["constants"]
     assert const["salt"].encode() == crypto.MORMOT_SALT

@@ -740,10 +740,8 @@ def test_stop_while_an_on_error_handler_is_running() -> None:
 
 # ------------------------------------------------------------------------ MORMOT interop
 
-needs_vectors = pytest.mark.skipif(not VECTORS, reason="interop vectors not found")
 
 
-@needs_vectors
 @pytest.mark.parametrize("mode", VECTOR_MODES)
 def test_mormot_profile_server_decodes_delphi_frames(mode: str) -> None:
     rec = Recorder()
