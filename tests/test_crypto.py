@@ -674,6 +674,18 @@ def test_auth_master_key_derived_once() -> None:
     assert after.hits == before.hits + 5
 
 
+def test_keys_stay_derived_once_however_many_a_process_uses() -> None:
+    # "Once per key and process" (API.md §2, §7): no key is ever evicted and derived again.
+    keys = [f"key number {i}" for i in range(300)]
+    for key in keys:
+        mormot_key(key)
+    before = mormot_key.cache_info()
+    for key in keys:
+        mormot_key(key)
+    assert mormot_key.cache_info().misses == before.misses
+    assert authenticated_master_key.cache_info().maxsize is None  # 0.1 s+ each: not tried
+
+
 def test_auth_session_repr_has_no_keys() -> None:
     client, _ = _fixed_pair(AESMode.GCM)
     text = repr(client)
