@@ -389,7 +389,7 @@ def _unpad(data: bytes) -> bytes | None:
 
 # --------------------------------------------------------------------------- MORMOT
 
-@functools.lru_cache(maxsize=None)  # once per key and process: never evicted
+@functools.cache  # once per key and process: never evicted
 def mormot_key(key_text: str, key_size: KeySizeLike = KeySize.AES256) -> bytes:
     """Return the MORMOT-profile AES key of *key_text* (cached; PBKDF2 runs once).
 
@@ -507,7 +507,7 @@ class MormotCipher:
 
 # --------------------------------------------------------------------- AUTHENTICATED
 
-@functools.lru_cache(maxsize=None)  # once per key and process: never evicted
+@functools.cache  # once per key and process: never evicted
 def authenticated_master_key(key_text: str) -> bytes:
     """Return the AUTHENTICATED-profile master key of *key_text* (cached per process).
 
