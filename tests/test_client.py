@@ -8,14 +8,14 @@ import socket
 import struct
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import pytest
 
 from morsock import (AESMode, Client, ClientState, ConnectError, CryptoError, ErrorCode,
                      MorsockError, NotConnectedError, ReconnectStrategy, RequestTimeout, Server,
                      ServerClient)
-from morsock.crypto import authenticated_payload_size
+from morsock.crypto import authenticated_payload_size, server_handshake
 from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
 
@@ -569,9 +569,11 @@ def test_greetings_from_on_connect_reach_an_authenticated_client() -> None:
         assert client.request(b"q", encrypted=True) == b"re:q"
 
 
-def _answer_hello_with(frames: bytes) -> Tuple[threading.Thread, int, List[bytes]]:
+def _answer_hello_with(frames: Union[bytes, Callable[[bytes], bytes]]
+                       ) -> Tuple[threading.Thread, int, List[bytes]]:
     """A one-connection raw server that reads the client's hello, then sends *frames*
-    (and keeps the connection open until the client closes it)."""
+    (or what *frames* returns for the hello's bytes) and keeps the connection open until
+    the client closes it."""
     listener = socket.create_server((LOCAL, 0))
     port = listener.getsockname()[1]
     got: List[bytes] = []
@@ -583,7 +585,7 @@ def _answer_hello_with(frames: bytes) -> Tuple[threading.Thread, int, List[bytes
             with conn:
                 conn.settimeout(TIMEOUT)
                 got.append(conn.recv(4096))
-                conn.sendall(frames)
+                conn.sendall(frames(got[0]) if callable(frames) else frames)
                 while conn.recv(4096):
                     pass
 
@@ -611,6 +613,29 @@ def test_what_is_not_a_greeting_before_the_handshake_answer_fails_the_connect(
         client.disconnect()
         thread.join(TIMEOUT)
     assert got and got[0][8] == 2  # it was the client's hello
+
+
+def test_bad_bytes_behind_the_handshake_answer_close_the_new_connection() -> None:
+    # The answer and a greeting are handled (connect() succeeds, on_connect, the greeting),
+    # then the bytes that follow them in the same read close the connection.
+    def answer(hello: bytes) -> bytes:
+        reply, _ = server_handshake(AUTH_KEY, AESMode.CBC, 256, hello[9:])
+        return encode_frame(b"hi") + reply + b"GET / HTTP/1.0\r\n\r\n"
+
+    rec = Recorder()
+    thread, port, _ = _answer_hello_with(answer)
+    client = Client(LOCAL, port, encryption_key=AUTH_KEY, on_connect=rec.handler("connect"),
+                    on_handle_command=rec.handler("data"), on_error=rec.handler("error"),
+                    on_disconnect=rec.handler("disconnect"))
+    try:
+        client.connect()
+        rec.wait_count("disconnect", 1)
+        assert [e[0] for e in rec.snapshot()] == ["connect", "data", "error", "disconnect"]
+        assert rec.named("data") == [("data", b"hi")]
+        assert rec.named("error")[0][2] == ErrorCode.INVALID_PROTOCOL
+    finally:
+        client.disconnect()
+        thread.join(TIMEOUT)
 
 
 def test_mormot_client_against_authenticated_server_is_refused() -> None:
