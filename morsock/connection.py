@@ -77,22 +77,21 @@ class _Marker:
         return f"<{self.name}>"
 
 
-CONNECTED = _Marker("CONNECTED")        # first item of every strand: fire on_connect
-EOF = _Marker("EOF")                    # the peer closed its side: close after what is queued
-DISCONNECTED = _Marker("DISCONNECTED")  # last item: fire on_disconnect
-
-
-class _Refused(_Marker):
-    """The peer sent bad bytes after whole frames: close with *code* and *message* once
-    the frames queued before it are handled (as they would be had the bad bytes come in
-    a later read)."""
+class _CloseAfter(_Marker):
+    """Close the connection once the items queued before it are handled -- with *code*
+    (``on_error`` reports *message*), or gracefully without one."""
 
     __slots__ = ("code", "message")
 
-    def __init__(self, code: ErrorCode | None, message: str) -> None:
-        super().__init__("REFUSED")
+    def __init__(self, name: str, code: ErrorCode | None = None, message: str = "") -> None:
+        super().__init__(name)
         self.code = code
         self.message = message
+
+
+CONNECTED = _Marker("CONNECTED")        # first item of every strand: fire on_connect
+EOF = _CloseAfter("EOF")                # the peer closed its side: close after what is queued
+DISCONNECTED = _Marker("DISCONNECTED")  # last item: fire on_disconnect
 
 
 #: Keep-alive defaults: first probe after 10 s idle, then every 5 s, give up after 3.
@@ -342,9 +341,7 @@ class Connection:
             self.close()
             return
         if n == 0:
-            self._reading = False
-            self._read_wants_write = False
-            self._update_interest()
+            self._stop_reading()
             if self._strand.is_idle():
                 self.close()  # nothing left to handle: close now, no hand-off
             else:
@@ -389,11 +386,15 @@ class Connection:
             self.close(exc.code, message)
             return
         self.partial_since = None
+        self._stop_reading()
+        frames.append(_CloseAfter("REFUSED", exc.code, message))
+        self._strand.post_many(frames, True)
+
+    def _stop_reading(self) -> None:
+        """Read nothing more from the peer (reactor thread)."""
         self._reading = False
         self._read_wants_write = False
         self._update_interest()
-        frames.append(_Refused(exc.code, message))
-        self._strand.post_many(frames, True)
 
     def _update_interest(self) -> None:
         events = ((EVENT_READ if self._reading else 0)
@@ -783,10 +784,7 @@ class Connection:
 
     # -- strand ----------------------------------------------------------------------
     def _run_item(self, item: Any) -> None:
-        if item is EOF:
-            self.close()
-            return
-        if item.__class__ is _Refused:
+        if item.__class__ is _CloseAfter:  # EOF, or bad bytes after whole frames
             self.close(item.code, item.message)
             return
         if item is not CONNECTED and item is not DISCONNECTED and self.closing:
