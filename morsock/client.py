@@ -19,7 +19,7 @@ from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, Frame
 from .reactor import EVENT_WRITE, Timer
 from .reconnect import ReconnectPolicy
 from .tls import TLSHandshake
-from .workers import Strand, each
+from .workers import Strand, WorkerPool, each
 
 __all__ = ["Client"]
 
@@ -195,6 +195,10 @@ class Client(Component):
         self._conn: Connection | None = None
         self._strand: Strand | None = None
         self._user_stopped = True
+        #: True while disconnect() shuts the threads down (it holds _life_lock meanwhile)
+        self._stopping = False
+        #: the attempt of the connect() in progress, which a concurrent connect() joins
+        self._user_attempt: _Attempt | None = None
         self._policy: ReconnectPolicy | None = None
         self._retry_timer: Timer | None = None
         self._connect_timer: Timer | None = None
@@ -279,9 +283,11 @@ class Client(Component):
         against ``server_hostname``, default ``host``). With ``auto_reconnect`` the
         numbered retries then go on in the background. No effect if already connected.
         While retries run, connect() takes over: the scheduled retry is cancelled, the
-        attempt count restarts at 0, and a failure schedules retry 1 again.
+        attempt count restarts at 0, and a failure schedules retry 1 again. A connect()
+        while another one's attempt is in progress waits for that attempt's outcome.
         """
-        with self._life_lock:
+        self._acquire_life()
+        try:
             if self._state is ClientState.CONNECTED:
                 return
             self._user_stopped = False
@@ -290,8 +296,12 @@ class Client(Component):
                 self._strand = self._pool.strand(each(self._run_pair, self._log))
                 self._pool.start()
                 self._reactor.start()
-            attempt = _Attempt(user=True)
-            self._reactor.call_soon(self._begin_connect, attempt)
+            attempt = self._user_attempt
+            if attempt is None or attempt.done.is_set():
+                self._user_attempt = attempt = _Attempt(user=True)
+                self._reactor.call_soon(self._begin_connect, attempt)
+        finally:
+            self._life_lock.release()
         if not attempt.done.wait(self.connection_timeout + 5):
             raise ConnectError(f"connect to {self.host}:{self.port} did not finish")
         if attempt.error is not None:
@@ -310,31 +320,61 @@ class Client(Component):
         Releases every thread and socket of the client; a name lookup still running on a
         resolver thread is waited for (at most ``connection_timeout`` seconds).
         """
-        with self._life_lock:
+        reactor, pool = self._reactor, self._pool
+        if reactor is not None and (reactor.in_thread() or pool.owns_current_thread()):
+            # Checked before the lock: a disconnect() under way holds it while it joins
+            # this thread. The helper finishes the run it was asked from, not one the
+            # application began after this one ended.
             self._user_stopped = True
+            reactor.call_soon(self._shutdown, None)
+            if not self._stopping:
+                threading.Thread(target=self._disconnect, args=(pool,),
+                                 name="morsock-client-stop").start()
+            return
+        self._disconnect(None)
+
+    def _disconnect(self, run: WorkerPool | None) -> None:
+        """disconnect() outside the client's threads; *run*: only if the pool of the run
+        is this (the helper of a disconnect() asked from a handler)."""
+        with self._life_lock:
             reactor, pool = self._reactor, self._pool
+            if run is not None and run is not pool:
+                return  # that run is over since the handler asked
+            self._user_stopped = True
             if reactor is None:
                 return
-            if reactor.in_thread() or pool.owns_current_thread():
-                reactor.call_soon(self._shutdown, None)
-                threading.Thread(target=self.disconnect, name="morsock-client-stop").start()
-                return
-            done = threading.Event()
-            reactor.call_soon(self._shutdown, done)
-            if not done.wait(30):
-                self._log.error("client: connection not closed within 30 s")
-            pool.shutdown()
-            reactor.stop()
-            self._reactor = None
-            self._pool = None
-            self._strand = None
-            with self._resolvers_lock:
-                resolvers = list(self._resolvers)
-            for resolver in resolvers:
-                resolver.join(self.connection_timeout)
-            if self._state is not ClientState.DISCONNECTED:
-                old, self._state = self._state, ClientState.DISCONNECTED
-                self._dispatcher.emit("on_state_change", old, self._state)
+            self._stopping = True
+            try:
+                done = threading.Event()
+                reactor.call_soon(self._shutdown, done)
+                if not done.wait(30):
+                    self._log.error("client: connection not closed within 30 s")
+                pool.shutdown()
+                reactor.stop()
+                self._reactor = None
+                self._pool = None
+                self._strand = None
+                with self._resolvers_lock:
+                    resolvers = list(self._resolvers)
+                for resolver in resolvers:
+                    resolver.join(self.connection_timeout)
+                if self._state is not ClientState.DISCONNECTED:
+                    old, self._state = self._state, ClientState.DISCONNECTED
+                    self._dispatcher.emit("on_state_change", old, self._state)
+            finally:
+                self._stopping = False
+
+    def _acquire_life(self) -> None:
+        """Take _life_lock. On one of the client's own threads, raise ConnectError instead
+        of waiting while a disconnect() is under way: it holds the lock while it joins
+        this very thread, and wins (it "stops retrying at once")."""
+        pool = self._pool
+        if pool is None or not pool.owns_current_thread():
+            self._life_lock.acquire()
+            return
+        while not self._life_lock.acquire(timeout=0.05):
+            if self._stopping:
+                raise ConnectError("disconnect() was called")
 
     def reconnect(self) -> None:
         """Disconnect (if connected) and connect again; raises like :meth:`connect`.
@@ -343,13 +383,16 @@ class Client(Component):
         ``MAX_RECONNECT_ATTEMPTS``): the threads are then kept, the connection closed, and a
         new one made; the events of both follow once the handler returns.
         """
-        with self._life_lock:
+        self._acquire_life()
+        try:
             reactor, pool = self._reactor, self._pool
             own_thread = pool is not None and pool.owns_current_thread()
             if own_thread:
                 self._user_stopped = True      # the close below schedules no retry
                 closed = threading.Event()
                 reactor.call_soon(self._shutdown, closed)
+        finally:
+            self._life_lock.release()
         if not own_thread:
             self.disconnect()
         elif not closed.wait(30):
@@ -357,7 +400,14 @@ class Client(Component):
         self.connect()
 
     def __enter__(self) -> Client:
-        self.connect()
+        """connect(); if it raises, disconnect() first: the ``with`` statement binds no
+        name then, and background retries of an object nobody can reach would never
+        stop."""
+        try:
+            self.connect()
+        except BaseException:
+            self.disconnect()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -805,7 +855,16 @@ class Client(Component):
         NotConnectedError if the connection is (or gets) closed, and whatever
         :meth:`send_data` raises. While a request waits, its reply does not reach
         ``on_handle_command``.
+
+        Not from the client's own threads (its handlers in direct event mode): the reply
+        is matched on the thread that would be waiting, so MorsockError is raised at once.
         """
+        reactor, pool = self._reactor, self._pool
+        if reactor is not None and (reactor.in_thread() or pool.owns_current_thread()):
+            raise MorsockError(
+                "request() cannot wait on one of the client's own threads (a handler): "
+                "its reply is handled on this thread; use send_data() and take the reply "
+                "in on_handle_command, or call request() from another thread")
         conn = self._live_connection()
         payload = as_bytes(data)
         waiter = _Waiter()

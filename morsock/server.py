@@ -32,6 +32,7 @@ from .events import EventQueue
 from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAGIC, Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
+from .workers import WorkerPool
 
 __all__ = ["Server", "ServerClient"]
 
@@ -341,14 +342,29 @@ class Server(Component):
         threads and release every socket. No effect if already stopped.
 
         Called from one of this server's own threads (a handler), the stop runs on a
-        helper thread and this call returns at once.
+        helper thread and this call returns at once; it stops the run it was asked from
+        (not one the application started after stopping this one), and does nothing if
+        a stop is under way.
         """
+        reactor, pool = self._reactor, self._pool
+        if reactor is not None and (reactor.in_thread() or pool.owns_current_thread()):
+            # Checked before the lock: a stop under way holds it while it joins this
+            # thread, so waiting for it here would hold that stop up (until its join
+            # timed out).
+            if self._state is not ServerState.STOPPING:
+                threading.Thread(target=self._stop, args=(pool,),
+                                 name="morsock-server-stop").start()
+            return
+        self._stop(None)
+
+    def _stop(self, run: WorkerPool | None) -> None:
+        """stop() outside the server's threads; *run*: only if the pool of the run is this
+        (the helper of a stop asked from a handler), else whatever runs."""
         with self._life_lock:
             if self._state is ServerState.DISCONNECTED:
                 return
-            if self._reactor.in_thread() or self._pool.owns_current_thread():
-                threading.Thread(target=self.stop, name="morsock-server-stop").start()
-                return
+            if run is not None and run is not self._pool:
+                return  # stopped (and started again) since the handler asked
             if self._state is ServerState.STOPPING:
                 return
             self._set_state(ServerState.STOPPING)
