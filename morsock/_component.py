@@ -313,6 +313,15 @@ class Component:
     def _is_running(self) -> bool:
         raise NotImplementedError
 
+    def _own_run(self) -> WorkerPool | None:
+        """The pool of the current run when the caller is one of that run's threads (its
+        reactor thread or a worker: a handler in direct event mode), else None. Such a
+        caller must not wait for the run to stop, nor for work the run would do next."""
+        reactor, pool = self._reactor, self._pool
+        if reactor is not None and (reactor.in_thread() or pool.owns_current_thread()):
+            return pool  # type: ignore[no-any-return]
+        return None
+
     def _before_change(self, name: str) -> None:
         """A setting that is not ``live`` is being assigned while :meth:`_is_running`:
         raise MorsockError, or make the change safe (caller's thread)."""

@@ -239,12 +239,10 @@ class Client(Component):
             return
         # The others are built into the threads' state (cipher context, event dispatcher):
         # release the idle threads first, as disconnect() would.
-        reactor, pool = self._reactor, self._pool
         if self._retry_timer is not None:
             raise MorsockError(f"Client.{name} cannot change while retries are scheduled "
                                f"(auto_reconnect); disconnect() first")
-        if (reactor is not None and reactor.in_thread()) or (
-                pool is not None and pool.owns_current_thread()):
+        if self._own_run() is not None:
             raise MorsockError(f"Client.{name} cannot change from a handler while the "
                                f"client's threads run; disconnect() first")
         self.disconnect()
@@ -320,15 +318,15 @@ class Client(Component):
         Releases every thread and socket of the client; a name lookup still running on a
         resolver thread is waited for (at most ``connection_timeout`` seconds).
         """
-        reactor, pool = self._reactor, self._pool
-        if reactor is not None and (reactor.in_thread() or pool.owns_current_thread()):
+        run = self._own_run()
+        if run is not None:
             # Checked before the lock: a disconnect() under way holds it while it joins
             # this thread. The helper finishes the run it was asked from, not one the
             # application began after this one ended.
             self._user_stopped = True
-            reactor.call_soon(self._shutdown, None)
+            self._reactor.call_soon(self._shutdown, None)
             if not self._stopping:
-                threading.Thread(target=self._disconnect, args=(pool,),
+                threading.Thread(target=self._disconnect, args=(run,),
                                  name="morsock-client-stop").start()
             return
         self._disconnect(None)
@@ -859,8 +857,7 @@ class Client(Component):
         Not from the client's own threads (its handlers in direct event mode): the reply
         is matched on the thread that would be waiting, so MorsockError is raised at once.
         """
-        reactor, pool = self._reactor, self._pool
-        if reactor is not None and (reactor.in_thread() or pool.owns_current_thread()):
+        if self._own_run() is not None:
             raise MorsockError(
                 "request() cannot wait on one of the client's own threads (a handler): "
                 "its reply is handled on this thread; use send_data() and take the reply "

@@ -346,13 +346,13 @@ class Server(Component):
         (not one the application started after stopping this one), and does nothing if
         a stop is under way.
         """
-        reactor, pool = self._reactor, self._pool
-        if reactor is not None and (reactor.in_thread() or pool.owns_current_thread()):
+        run = self._own_run()
+        if run is not None:
             # Checked before the lock: a stop under way holds it while it joins this
             # thread, so waiting for it here would hold that stop up (until its join
             # timed out).
             if self._state is not ServerState.STOPPING:
-                threading.Thread(target=self._stop, args=(pool,),
+                threading.Thread(target=self._stop, args=(run,),
                                  name="morsock-server-stop").start()
             return
         self._stop(None)
