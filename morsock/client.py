@@ -10,7 +10,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ._component import Component, Data, Setting, Tally, _non_negative_int, _port, as_bytes
+from ._component import Component, Data, Tally, as_bytes
+from ._settings import Setting, _non_negative_int, _port
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
 from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout

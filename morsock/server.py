@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from ._component import Component, Data, Setting, Tally, _optional_seconds, _port, _positive_int
+from ._component import Component, Data, Tally
+from ._settings import Setting, _optional_seconds, _port, _positive_int
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
