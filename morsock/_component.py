@@ -19,7 +19,7 @@ from .connection import Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventDispatcher, EventQueue
-from .protocol import FLAG_MORMOT, FLAG_PLAIN, Frame, encode_frame
+from .protocol import FLAG_MORMOT, FLAG_PLAIN, HEADER_SIZE, Frame, encode_frame
 from .reactor import Reactor
 from .workers import WorkerPool
 
@@ -167,6 +167,11 @@ class Component:
         8 * 1024 * 1024, _positive_int, live=True,
         doc="Most bytes queued for one connection: past it send_data raises "
             "SendBufferFullError (an empty queue always takes one frame).")
+    max_receive_backlog: Setting[int] = Setting(
+        1024 * 1024, _positive_int,
+        doc="Most bytes of frames read from one connection and not yet handled: past it "
+            "that socket is not read until its handler has caught up to half of it, so "
+            "TCP slows the sender down (one frame is always accepted).")
     ssl_context: Setting[Any] = Setting(
         None, _ssl_context, doc="An ssl.SSLContext: every connection is TLS (None: plain TCP).")
     logger: Setting[logging.Logger | None] = Setting(
@@ -253,6 +258,20 @@ class Component:
     def _emit(self, name: str, *args: Any) -> None:
         self._dispatcher.emit(name, *args)
 
+    def _live_connections(self) -> list[Connection]:
+        """A snapshot of the connections counted in the statistics (any thread)."""
+        raise NotImplementedError
+
+    def _receive_backlog_bytes(self) -> int:
+        """Bytes of frames read and not yet handled, over every live connection (any
+        thread; see :attr:`Connection.receive_backlog`)."""
+        return sum(conn.receive_backlog for conn in self._live_connections())
+
+    def _send_queue_bytes(self) -> int:
+        """Bytes accepted for sending and not yet taken by the kernel, over every live
+        connection (any thread)."""
+        return sum(conn.send_queue_size for conn in self._live_connections())
+
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
         """A handler raised: report ``HANDLER_EXCEPTION`` (*args*: the event's arguments)."""
         raise NotImplementedError
@@ -336,7 +355,7 @@ class Component:
             raise CryptoError(f"no AUTHENTICATED session with {conn.describe()}: the peer has "
                               f"not completed the morsock handshake (is it a morsock client "
                               f"with the same key?)", ErrorCode.AUTHENTICATION_FAILED)
-        conn.send_sealed(session.seal, payload)
+        conn.send_sealed(session.seal, payload, HEADER_SIZE + session.payload_size(len(payload)))
 
     def _reply(self, conn: Connection, reply: Any, encrypted: bool) -> None:
         """Send a handler's return value; a full queue disconnects that peer."""

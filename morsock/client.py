@@ -183,7 +183,8 @@ class Client(Component):
                  no_delay: bool = True, keepalive_idle: int = 10,
                  keepalive_interval: int = 5, keepalive_count: int = 3,
                  max_message_size: int = 16 * 1024 * 1024,
-                 max_send_buffer: int = 8 * 1024 * 1024, ssl_context: Any = None,
+                 max_send_buffer: int = 8 * 1024 * 1024,
+                 max_receive_backlog: int = 1024 * 1024, ssl_context: Any = None,
                  server_hostname: str | None = None,
                  logger: logging.Logger | None = None, **events: Any) -> None:
         settings = dict(locals())
@@ -748,6 +749,10 @@ class Client(Component):
         if done is not None:
             done.set()
 
+    def _live_connections(self) -> list[Connection]:
+        with self._stats_lock:
+            return list(self._live_conns)
+
     def _connection_closed(self, conn: Connection) -> None:
         """Reactor thread: the socket of *conn* is closed."""
         with self._stats_lock:
@@ -787,7 +792,10 @@ class Client(Component):
             name, args = item
             self._dispatcher.emit(name, *args)
         else:
-            conn._run_item(item)
+            try:
+                conn._run_item(item)
+            finally:
+                conn.handled(1)  # read back-pressure: the strand caught up this far
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:

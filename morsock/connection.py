@@ -30,6 +30,7 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -178,7 +179,10 @@ class Connection:
                  "peer_ip", "peer_port", "_reactor", "_queued_frames", "_head_left", "_held",
                  "_held_bytes", "_write_armed", "_broken", "_linger_timer", "_sendmsg",
                  "_read_wants_write", "peer_certificate", "max_send_buffer", "closed",
-                 "close_code", "session", "established", "__weakref__")
+                 "close_code", "session", "established", "max_receive_backlog",
+                 "_rx_log", "_rx_frames", "_rx_bytes", "_rx_done_bytes", "_rx_items",
+                 "_rx_markers", "_paused", "_resume_at", "_resume_asked", "_send_paused",
+                 "__weakref__")
 
     def __init__(self, owner: Component, sock: socket.socket, *, max_message_size: int,
                  max_send_buffer: int, peer: Any = None) -> None:
@@ -227,6 +231,25 @@ class Connection:
             except (OSError, ValueError):
                 pass
         self.max_send_buffer = max_send_buffer
+        # Read back-pressure (see _note_posted / handled): frames read and not yet handled
+        # are at most about max_receive_backlog bytes; past it the socket is not read
+        # until the handlers caught up to half of it. The reactor thread writes the _rx_
+        # counters of what it posted and _paused/_resume_at; the strand writes _rx_items
+        # and _rx_markers (every item it ran, and the markers among them).
+        self.max_receive_backlog: int = owner.max_receive_backlog
+        self._rx_log: deque[tuple[int, int]] = deque()  # (frames posted, bytes) per read
+        self._rx_frames = 0         # frames posted to the strand, in all
+        self._rx_bytes = 0          # their wire bytes
+        self._rx_done_bytes = 0     # wire bytes of the frames known to be handled
+        self._rx_items = 0          # items the strand ran (frames and markers)
+        self._rx_markers = 0        # life-cycle markers among them
+        self._paused = False        # reading paused: too much read and not yet handled
+        self._resume_at = 0         # ... until this many frames have been handled
+        self._resume_asked = False
+        # Reading paused while the replies queued for the peer pass half of
+        # max_send_buffer (a peer that sends faster than it reads): resumed by the reactor
+        # once the queue drained to a quarter of it.
+        self._send_paused = False
         #: Set once a close has been asked for; nothing is sent or handled after it.
         self.closing = False
         self.closed = False
@@ -320,7 +343,7 @@ class Connection:
     def _read(self, mask: int = EVENT_READ) -> None:
         """Read once and hand the frames that completed to the strand (reactor thread;
         also the selector callback while only reading, *mask* then unused)."""
-        if not self._reading:
+        if not self._reading or self._paused or self._send_paused:
             return
         owner = self._owner
         scratch = owner._scratch
@@ -349,6 +372,7 @@ class Connection:
             return
         self.last_activity = now = self._reactor.now  # when the poll saw the data
         decoder = self._decoder
+        partial = decoder.buffered
         try:
             frames = decoder.feed_buffer(owner._scratch_view, n)
         except ProtocolError as exc:
@@ -369,7 +393,72 @@ class Connection:
             hook = self.frame_hook
             if hook is not None:
                 frames = hook(frames)
-            self._strand.post_many(frames, True)  # from the poll
+            if frames:
+                self._note_posted(len(frames), n + partial - decoder.buffered)
+                self._strand.post_many(frames, True)  # from the poll
+                self._check_backlog()
+
+    # -- read back-pressure ------------------------------------------------------------
+    def _note_posted(self, frames: int, nbytes: int) -> None:
+        """Reactor thread: *frames* frames of *nbytes* wire bytes go to the strand."""
+        self._rx_frames += frames
+        self._rx_bytes += nbytes
+        self._rx_log.append((self._rx_frames, self._rx_bytes))
+
+    @property
+    def receive_backlog(self) -> int:
+        """Wire bytes of the frames read from the peer and not yet handled (exact on the
+        reactor thread; from another thread it may count up to one more read)."""
+        handled = self._rx_items - self._rx_markers
+        log = self._rx_log
+        while log and log[0][0] <= handled:
+            self._rx_done_bytes = log.popleft()[1]
+        return self._rx_bytes - self._rx_done_bytes
+
+    def _check_backlog(self) -> None:
+        """Reactor thread, after posting frames: pause reading while more than
+        ``max_receive_backlog`` bytes wait for the strand (never for one frame alone)."""
+        if len(self._out) > self.max_send_buffer // 2 and not self._send_paused:
+            self._send_paused = True  # its replies wait: read no more requests for now
+            self._update_interest()
+        limit = self.max_receive_backlog
+        if self._rx_bytes - self._rx_done_bytes <= limit or self.receive_backlog <= limit:
+            return
+        half = limit // 2
+        total = self._rx_bytes
+        resume_at = self._rx_frames
+        for frames, nbytes in self._rx_log:  # the first point at or below half of it
+            if total - nbytes <= half:
+                resume_at = frames
+                break
+        self._resume_at = resume_at
+        self._paused = True
+        self._update_interest()
+        if self._rx_items - self._rx_markers >= resume_at:  # the strand caught up meanwhile
+            self._resume_reading()
+
+    def handled(self, items: int) -> None:
+        """Strand thread: *items* more items ran (frames and markers). Asks the reactor
+        to read again once the handlers caught up to half of ``max_receive_backlog``."""
+        self._rx_items += items
+        if (self._paused and not self._resume_asked
+                and self._rx_items - self._rx_markers >= self._resume_at):
+            self._resume_asked = True
+            self._reactor.call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        """Reactor thread: the strand caught up; read again."""
+        self._resume_asked = False
+        if not self._paused:
+            return
+        self._paused = False
+        self._read_on()
+
+    def _read_on(self) -> None:
+        """Reactor thread: a pause ended; read again unless another still holds."""
+        if self._reading and not self.closed and not (self._paused or self._send_paused):
+            self._update_interest()
+            self._reactor.call_soon(self._read_again)  # TLS: bytes may wait in the SSL object
 
     def _refuse(self, exc: ProtocolError) -> None:
         """The peer's bytes broke the framing (reactor thread): close with the error's
@@ -397,7 +486,10 @@ class Connection:
         self._update_interest()
 
     def _update_interest(self) -> None:
-        events = ((EVENT_READ if self._reading else 0)
+        if self.closed:
+            return
+        reading = self._reading and not (self._paused or self._send_paused)
+        events = ((EVENT_READ if reading else 0)
                   | (EVENT_WRITE if self._write_armed or self._read_wants_write else 0))
         if events == EVENT_READ:
             self._reactor.modify(self._sock, events, self._read_callback())
@@ -410,15 +502,18 @@ class Connection:
         if self.closed or self._write_armed or not self._out:
             return
         self._write_armed = True
-        if self._reading:
+        if self._reading and not (self._paused or self._send_paused):
             self._reactor.modify(self._sock, EVENT_READ | EVENT_WRITE, self.on_ready)
         else:
-            self._reactor.register(self._sock, EVENT_WRITE, self.on_ready)
+            self._reactor.modify(self._sock, EVENT_WRITE, self.on_ready)
 
     def _flush(self) -> None:
         with self._send_lock:
             sent = self._flush_locked()
             drained = not self._out
+            if self._send_paused and len(self._out) <= self.max_send_buffer // 4:
+                self._send_paused = False
+                self._reactor.call_soon(self._read_on)
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
         if drained and self._linger_timer is not None:
@@ -438,10 +533,7 @@ class Connection:
         the queue drain, then close; give up after ``connection_timeout``."""
         self._reading = False
         self._write_armed = True
-        try:
-            self._reactor.modify(self._sock, EVENT_WRITE, self.on_ready)
-        except KeyError:
-            self._reactor.register(self._sock, EVENT_WRITE, self.on_ready)
+        self._reactor.modify(self._sock, EVENT_WRITE, self.on_ready)
         self._linger_timer = self._reactor.call_later(self._owner.connection_timeout,
                                                       self._linger_expired)
 
@@ -506,7 +598,7 @@ class Connection:
                 if self._out:
                     self._owner._log.info("%s: closed with %d unsent bytes", self, len(self._out))
                     self._out.clear()
-        if self._reading or self._write_armed:  # else already unregistered
+        if (self._reading and not (self._paused or self._send_paused)) or self._write_armed:
             self._reactor.unregister(self._sock)
         if self._tls:  # best effort close_notify; never waits for the peer's
             with self._send_lock:
@@ -564,12 +656,18 @@ class Connection:
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
 
-    def send_sealed(self, seal: Callable[[bytes], bytes], data: bytes) -> None:
+    def send_sealed(self, seal: Callable[[bytes], bytes], data: bytes, size: int) -> None:
         """Like :meth:`send_frame` with ``seal(data)`` built under the send lock, so frames
-        that carry sequence numbers leave in the order they were sealed."""
+        that carry sequence numbers leave in the order they were sealed. *size* is the
+        sealed frame's length: a frame refused for a full queue is refused before it is
+        sealed, so a refusal uses up no sequence number and leaves the connection as it
+        was."""
         with self._send_lock:
             if self.closing:
                 raise NotConnectedError(f"{self.describe()} is not connected")
+            out = self._out
+            if out and len(out) + size > self.max_send_buffer:
+                raise self._full_locked()
             sent = self._send_locked(seal(data))
         if sent and self._owner.on_data_sent is not None:
             self._owner._emit_data_event("on_data_sent", self, sent)
@@ -581,11 +679,7 @@ class Connection:
         out = self._out
         if out or self._cork_owner == get_ident():
             if out and len(out) + len(frame) > self.max_send_buffer:
-                if self.send_stalled_since is None:
-                    self.send_stalled_since = time.monotonic()
-                raise SendBufferFullError(
-                    f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
-                    f"max_send_buffer={self.max_send_buffer})")
+                raise self._full_locked()
             sent = 0
             if self._held and self._cork_owner == get_ident():
                 sent = self._release_held_locked()  # this thread's replies go first
@@ -593,6 +687,14 @@ class Connection:
             self._queued_frames += 1
             return sent
         return self._send_now_locked(frame, 1)
+
+    def _full_locked(self) -> SendBufferFullError:
+        """Under the send lock: a frame does not fit; note the stall, return the error."""
+        if self.send_stalled_since is None:
+            self.send_stalled_since = time.monotonic()
+        return SendBufferFullError(
+            f"send buffer of {self.describe()} is full ({len(self._out)} bytes queued, "
+            f"max_send_buffer={self.max_send_buffer})")
 
     def _send_now_locked(self, data: bytes, frames: int) -> int:
         """Under the send lock, nothing queued: send *data* (*frames* whole frames) now,
@@ -785,9 +887,12 @@ class Connection:
     # -- strand ----------------------------------------------------------------------
     def _run_item(self, item: Any) -> None:
         if item.__class__ is _CloseAfter:  # EOF, or bad bytes after whole frames
+            self._rx_markers += 1
             self.close(item.code, item.message)
             return
-        if item is not CONNECTED and item is not DISCONNECTED and self.closing:
+        if item is CONNECTED or item is DISCONNECTED:
+            self._rx_markers += 1
+        elif self.closing:
             return  # frames left behind by a close are dropped, never handled
         self._owner._run_item(self, item)
 

@@ -155,8 +155,11 @@ class Reactor:
         self._selector.register(sock, events, callback)
 
     def modify(self, sock: socket.socket, events: int, callback: Callback) -> None:
-        """Change what *sock* is watched for."""
-        self._selector.modify(sock, events, callback)
+        """Change what *sock* is watched for (watch it if it was not)."""
+        try:
+            self._selector.modify(sock, events, callback)
+        except KeyError:
+            self._selector.register(sock, events, callback)
 
     def unregister(self, sock: socket.socket) -> None:
         """Stop watching *sock* (no error if it was not watched or is closed)."""

@@ -223,6 +223,7 @@ class Server(Component):
                  reuse_port: bool = False,
                  max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024,
+                 max_receive_backlog: int = 1024 * 1024,
                  idle_timeout: float | None = None, backlog: int = 4096,
                  ssl_context: Any = None, logger: logging.Logger | None = None,
                  **events: Any) -> None:
@@ -563,6 +564,10 @@ class Server(Component):
                              f"connection_timeout={frame_limit:g} s; disconnected")
         self._schedule_sweep()
 
+    def _live_connections(self) -> list[Connection]:
+        with self.property_lock:
+            return list(self._clients.values())
+
     def _connection_closed(self, conn: Connection) -> None:
         assert isinstance(conn, ServerClient)
         with self.property_lock:
@@ -576,6 +581,12 @@ class Server(Component):
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
+        try:
+            self._handle_batch(conn, items)
+        finally:
+            conn.handled(len(items))  # read back-pressure: the strand caught up this far
+
+    def _handle_batch(self, conn: Connection, items: list[Any]) -> None:
         # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
