@@ -279,6 +279,10 @@ class Component:
     def _report(self, conn: Connection | None, message: str, code: int) -> None:
         raise NotImplementedError
 
+    def _emit_error(self, conn: Connection, message: str, code: int) -> None:
+        """A connection's ordered ``on_error`` (see :class:`~morsock.connection.ErrorReport`)."""
+        raise NotImplementedError
+
     def _configure(self, sock: socket.socket) -> None:
         """Socket options from the settings (non-blocking, TCP_NODELAY, keep-alive)."""
         from .connection import configure_socket

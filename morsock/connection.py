@@ -58,7 +58,7 @@ _SENDMSG_MAX_FRAMES = 256
 HEADER_CACHE_MAX = 512
 PLAIN_HEADERS = tuple(_pack_header(MAGIC, n, 0) for n in range(HEADER_CACHE_MAX))
 
-__all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED"]
+__all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED", "ErrorReport"]
 
 #: Most bytes handed to one ``SSLSocket.send``: OpenSSL writes all or nothing and a retry
 #: must repeat the same bytes, so the queue's head is sent in slices of at most this.
@@ -88,6 +88,18 @@ class _CloseAfter(_Marker):
         super().__init__(name)
         self.code = code
         self.message = message
+
+
+class ErrorReport(_Marker):
+    """``on_error`` for this connection, run in the connection's order: after its
+    on_connect, never beside its handlers, before its on_disconnect."""
+
+    __slots__ = ("message", "code")
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__("ERROR")
+        self.message = message
+        self.code = code
 
 
 CONNECTED = _Marker("CONNECTED")        # first item of every strand: fire on_connect
@@ -181,7 +193,7 @@ class Connection:
                  "_read_wants_write", "peer_certificate", "max_send_buffer", "closed",
                  "close_code", "session", "established", "max_receive_backlog",
                  "_rx_log", "_rx_frames", "_rx_bytes", "_rx_done_bytes", "_rx_items",
-                 "_rx_markers", "_paused", "_resume_at", "_resume_asked", "_send_paused",
+                 "_rx_markers", "_paused", "_resume_at", "_resume_asked", "_send_paused", "_runner",
                  "__weakref__")
 
     def __init__(self, owner: Component, sock: socket.socket, *, max_message_size: int,
@@ -250,6 +262,9 @@ class Connection:
         # max_send_buffer (a peer that sends faster than it reads): resumed by the reactor
         # once the queue drained to a quarter of it.
         self._send_paused = False
+        #: The thread running this connection's items right now (set by the owner's
+        #: batch runner), else None.
+        self._runner: int | None = None
         #: Set once a close has been asked for; nothing is sent or handled after it.
         self.closing = False
         self.closed = False
@@ -589,8 +604,8 @@ class Connection:
                 return
         else:
             self._linger_timer.cancel()
-        self.closed = True
         with self._send_lock:
+            self.closed = True  # under the lock: see post_in_order
             if self._out:
                 sent = self._flush_locked()
                 if sent and self._owner.on_data_sent is not None:
@@ -890,6 +905,10 @@ class Connection:
             self._rx_markers += 1
             self.close(item.code, item.message)
             return
+        if item.__class__ is ErrorReport:
+            self._rx_markers += 1
+            self._owner._emit_error(self, item.message, item.code)
+            return
         if item is CONNECTED or item is DISCONNECTED:
             self._rx_markers += 1
         elif self.closing:
@@ -899,6 +918,19 @@ class Connection:
     def post(self, item: Any) -> None:
         """Queue *item* on this connection's strand (any thread)."""
         self._strand.post(item)
+
+    def post_in_order(self, item: Any) -> bool:
+        """Queue *item* to run in this connection's order, before its DISCONNECTED; return
+        False when that already ran or is queued (the caller handles *item* itself).
+        On the thread now running this connection's items, False too: it is in order
+        there already. Any thread."""
+        if self._runner == get_ident():
+            return False
+        with self._send_lock:
+            if self.closed:
+                return False
+            self._strand.post(item)
+            return True
 
     def describe(self) -> str:
         """``ip:port`` of the peer, for messages."""

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from threading import get_ident
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally
@@ -25,6 +26,7 @@ from .connection import (
     HOLD_MAX,
     PLAIN_HEADERS,
     Connection,
+    ErrorReport,
     plain_frame,
 )
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
@@ -581,9 +583,11 @@ class Server(Component):
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
+        conn._runner = get_ident()
         try:
             self._handle_batch(conn, items)
         finally:
+            conn._runner = None
             conn.handled(len(items))  # read back-pressure: the strand caught up this far
 
     def _handle_batch(self, conn: Connection, items: list[Any]) -> None:
@@ -749,7 +753,17 @@ class Server(Component):
                    ErrorCode.HANDLER_EXCEPTION)
 
     def _report(self, conn: Connection | None, message: str, code: int) -> None:
+        """Log an error and fire ``on_error``: for a client, in that client's order (after
+        its on_connect, never beside its handlers, before its on_disconnect; once its
+        on_disconnect is under way, with None for the client). Any thread."""
         self._log.error("%s (code %d)", message, code)
+        if conn is None or not conn.post_in_order(ErrorReport(message, code)):
+            if conn is not None and conn.closed and conn._runner != get_ident():
+                conn = None  # its on_disconnect is queued or done: not tied to it any more
+            self._emit("on_error", conn, message, code)
+
+    def _emit_error(self, conn: Connection, message: str, code: int) -> None:
+        """Strand: an :class:`ErrorReport` of *conn* comes up in its order."""
         self._emit("on_error", conn, message, code)
 
     def _zero_stats(self) -> None:

@@ -202,3 +202,33 @@ def test_a_refused_send_leaves_an_encrypted_connection_as_it_was(profile: str) -
                 assert not errors.named("client_error"), errors.snapshot()
         finally:
             relay.close()
+
+
+@pytest.mark.parametrize("pool", [2, 4])
+def test_on_error_waits_for_on_connect(pool: int) -> None:
+    """A peer that sends garbage at once while its on_connect still runs gets its
+    on_error after on_connect returned, then on_disconnect: one order per client."""
+    gate = threading.Event()
+    rec = Recorder()
+
+    def on_connect(server, client):
+        rec.add("connect-start", client.handle)
+        gate.wait(TIMEOUT)
+        rec.add("connect-end", client.handle)
+
+    with morsock.Server(port=0, host="127.0.0.1", thread_pool_size=pool,
+                        on_connect=on_connect,
+                        on_error=lambda s, c, m, code: rec.add("error", c and c.handle, code),
+                        on_disconnect=lambda s, c: rec.add("disconnect", c.handle)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+            rec.wait_count("connect-start", 1)
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            # the garbage was read and refused (the server closes its side) ...
+            sock.settimeout(TIMEOUT)
+            assert sock.recv(16) == b""
+            assert server.total_bytes_received > 0
+            gate.set()
+            rec.wait_count("disconnect", 1)
+    order = [e[0] for e in rec.snapshot()]
+    assert order == ["connect-start", "connect-end", "error", "disconnect"], rec.snapshot()
+    assert rec.named("error")[0][2] == morsock.ErrorCode.INVALID_PROTOCOL
