@@ -174,6 +174,7 @@ class _StubOwner:
 
     _PLAIN_FRAMES_AS_BYTES = True
     on_data_sent = on_data_received = None
+    max_receive_backlog = 1 << 20
 
     def __init__(self) -> None:
         self._reactor = _StubReactor()
