@@ -347,8 +347,9 @@ class Client(Component):
             try:
                 done = threading.Event()
                 reactor.call_soon(self._shutdown, done)
-                if not done.wait(30):
-                    self._log.error("client: connection not closed within 30 s")
+                bound = 30.0 + self.connection_timeout  # the drain, and a margin
+                if not done.wait(bound):
+                    self._log.error("client: connection not closed within %g s", bound)
                 pool.shutdown()
                 reactor.stop()
                 self._reactor = None
@@ -739,10 +740,13 @@ class Client(Component):
         if conn is not None:
             if self._state is ClientState.CONNECTED:
                 self._set_state(ClientState.DISCONNECTING)
-            if not conn.close() and done is not None:
-                # A close begun on the worker (e.g. still reporting its error) queues its
-                # _finish_close later: disconnect() waits for it (see _connection_closed),
-                # so the pool still runs the on_disconnect it posts, after that on_error.
+            conn.close()
+            if not conn.closed and done is not None:
+                # The socket closes later: a graceful close drains what is queued first
+                # (for at most connection_timeout), and a close begun on the worker (e.g.
+                # still reporting its error) queues its _finish_close. disconnect() waits
+                # for it (see _connection_closed), so the pool still runs the events it
+                # posts (on_error for what could not be sent, then on_disconnect).
                 self._close_done, done = done, None
         if self._state is not ClientState.DISCONNECTED:
             self._set_state(ClientState.DISCONNECTED)

@@ -553,10 +553,16 @@ class Connection:
                                                       self._linger_expired)
 
     def _linger_expired(self) -> None:
+        """Reactor thread: the peer did not take the queue within connection_timeout;
+        report what is dropped (``on_error(TIMEOUT)``) and close."""
         if self.closed:
             return
-        self._owner._log.warning("%s: %d queued bytes not taken by the peer within "
-                                 "connection_timeout; closing", self, len(self._out))
+        with self._send_lock:
+            frames, nbytes = self._queued_frames, len(self._out)
+        self._owner._report(
+            self, f"{self.describe()}: {frames} frame(s), {nbytes} bytes queued were not "
+                  f"taken by the peer within connection_timeout="
+                  f"{self._owner.connection_timeout:g} s; dropped on close", ErrorCode.TIMEOUT)
         self._broken = True
         self._finish_close()
 

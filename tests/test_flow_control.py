@@ -232,3 +232,64 @@ def test_on_error_waits_for_on_connect(pool: int) -> None:
     order = [e[0] for e in rec.snapshot()]
     assert order == ["connect-start", "connect-end", "error", "disconnect"], rec.snapshot()
     assert rec.named("error")[0][2] == morsock.ErrorCode.INVALID_PROTOCOL
+
+
+def test_disconnect_lets_the_queue_drain_and_closes_the_socket() -> None:
+    """200 x 32 KiB accepted by send_data, then disconnect(): every frame reaches the
+    server, which then sees the close; nothing stays open."""
+    gate = threading.Event()
+    rec = Recorder()
+
+    def handle(server, client, data):
+        gate.wait(TIMEOUT)
+        rec.add("frame", len(data))
+
+    with morsock.Server(port=0, host="127.0.0.1", on_handle_command=handle,
+                        on_disconnect=rec.handler("disconnect")) as server:
+        client = morsock.Client(
+            "127.0.0.1", server.port, on_error=rec.handler("client_error"),
+            # the server's handler waits until the disconnect has begun, so the queue is
+            # still full then
+            on_state_change=lambda c, old, new: new is morsock.ClientState.DISCONNECTING
+            and gate.set())
+        client.connect()
+        chunk = b"d" * 32 * 1024
+        for _ in range(200):
+            client.send_data(chunk)
+        client.disconnect()
+        assert gate.is_set()
+        rec.wait_count("frame", 200)
+        rec.wait_count("disconnect", 1)
+        assert server.client_count == 0
+    assert not rec.named("client_error")
+
+
+def test_disconnect_reports_what_the_peer_did_not_take() -> None:
+    """A peer that does not read within connection_timeout: disconnect() returns after
+    it, reports the dropped frames and bytes (on_error TIMEOUT) and closes the socket
+    (the no_leaks fixture checks that no fd or thread is left)."""
+    rec = Recorder()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        port = listener.getsockname()[1]
+        client = morsock.Client("127.0.0.1", port, connection_timeout=0.5,
+                                encryption_key="", on_error=rec.handler("error"))
+        client.connect()
+        peer, _ = listener.accept()
+        with peer:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            chunk = b"e" * 64 * 1024
+            sent = 0
+            try:
+                while sent < 120:  # 7.5 MiB: within max_send_buffer
+                    client.send_data(chunk)
+                    sent += 1
+            except morsock.SendBufferFullError:
+                pass
+            client.disconnect()
+            [(_, message, code)] = rec.named("error")
+            assert code == morsock.ErrorCode.TIMEOUT
+            assert "frame(s)" in message and "bytes queued" in message
+            frames = int(message.split(" frame(s)")[0].rsplit(" ", 1)[-1])
+            assert 0 < frames <= sent
+            assert client.state is morsock.ClientState.DISCONNECTED
