@@ -279,6 +279,10 @@ class Component:
     def _report(self, conn: Connection | None, message: str, code: int) -> None:
         raise NotImplementedError
 
+    def _watch(self) -> None:
+        """Reactor thread: a connection has a frame in progress or a refused send, so its
+        time limits need watching (the server's sweep; the client has none)."""
+
     def _emit_error(self, conn: Connection, message: str, code: int) -> None:
         """A connection's ordered ``on_error`` (see :class:`~morsock.connection.ErrorReport`)."""
         raise NotImplementedError

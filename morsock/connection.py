@@ -399,6 +399,8 @@ class Connection:
         if not decoder._buf:
             self.partial_since = None
         elif frames or self.partial_since is None:
+            if self.partial_since is None:
+                owner._watch()  # its connection_timeout needs watching
             self.partial_since = now  # the frame in progress started in this chunk
         self.bytes_received += n
         self.messages_received += len(frames)
@@ -713,6 +715,7 @@ class Connection:
         """Under the send lock: a frame does not fit; note the stall, return the error."""
         if self.send_stalled_since is None:
             self.send_stalled_since = time.monotonic()
+            self._reactor.call_soon(self._owner._watch)
         return SendBufferFullError(
             f"send buffer of {self.describe()} is full ({len(self._out)} bytes queued, "
             f"max_send_buffer={self.max_send_buffer})")
@@ -789,6 +792,7 @@ class Connection:
                     self._queued_frames += index // 2
                     if self.send_stalled_since is None:
                         self.send_stalled_since = time.monotonic()
+                        self._reactor.call_soon(self._owner._watch)
                     raise SendBufferFullError(
                         f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
                         f"max_send_buffer={limit})")

@@ -32,6 +32,10 @@ _NOT_EPOLLOUT = ~getattr(select, "EPOLLOUT", 0)
 Callback = Callable[..., Any]
 
 
+def _nothing_pending() -> int:
+    return 0
+
+
 class Timer:
     """A call scheduled on the reactor; :meth:`cancel` may be called from any thread."""
 
@@ -89,6 +93,9 @@ class Reactor:
         self._timer_seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._leader: int | None = None   # ident of the thread inside poll_once()
+        #: Whether the poll's own thread has work waiting (set by the pool that runs
+        #: this reactor): a poll after a timer that made some does not block.
+        self.pending: Callable[[], int] = _nothing_pending
         #: ``time.monotonic()`` as the last ``select`` returned: the time of its I/O, for
         #: its callbacks (one clock read per poll instead of one per ready socket).
         self.now = time.monotonic()
@@ -222,7 +229,7 @@ class Reactor:
         self._leader = threading.get_ident()
         try:
             timeout = self._run_timers()
-            if self._calls:
+            if self._calls or self.pending():  # a timer made work: do not block on it
                 timeout = 0.0
             elif max_timeout is not None and (timeout is None or timeout > max_timeout):
                 timeout = max_timeout

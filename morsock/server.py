@@ -310,7 +310,6 @@ class Server(Component):
             self.__dict__["_setting_port"] = listener.getsockname()[1]
             self._pool.start()
             self._reactor.call_soon(self._reactor.register, listener, EVENT_READ, self._on_accept)
-            self._reactor.call_soon(self._schedule_sweep)
             self._started_mono = time.monotonic()
             self._log.info("server listening on %s:%d (%s)", self.host, self.port,
                            self.encryption_info)
@@ -397,6 +396,7 @@ class Server(Component):
         try:
             if self._sweep_timer is not None:
                 self._sweep_timer.cancel()
+                self._sweep_timer = None
             if self._listener is not None:
                 self._reactor.unregister(self._listener)
                 self._listener.close()
@@ -476,6 +476,8 @@ class Server(Component):
         if self._log_levels.get(logging.INFO) is not False:
             self._log.info("client #%d connected from %s:%d", client.handle, client.peer_ip,
                            client.peer_port)
+        if self.idle_timeout is not None:
+            self._watch()
         client.start()
 
     def _marker_wanted(self, marker: Any) -> bool:
@@ -534,7 +536,11 @@ class Server(Component):
         if self._listener is not None and self._state is ServerState.LISTENING:
             self._reactor.register(self._listener, EVENT_READ, self._on_accept)
 
-    def _schedule_sweep(self) -> None:
+    def _watch(self) -> None:
+        """Reactor thread: make sure the sweep runs while something needs watching (see
+        :meth:`_sweep`); a server with nothing to watch has no timer."""
+        if self._sweep_timer is not None or self._state is not ServerState.LISTENING:
+            return
         interval = min(1.0, max(0.05, self.connection_timeout / 4))
         if self.idle_timeout:
             interval = min(interval, max(0.05, self.idle_timeout / 4))
@@ -542,12 +548,16 @@ class Server(Component):
 
     def _sweep(self) -> None:
         """Close connections stuck mid-frame (connection_timeout), idle (idle_timeout) or
-        not reading while sends to them are refused (connection_timeout)."""
+        not reading while sends to them are refused (connection_timeout). Runs again
+        only while one of those can happen: a frame in progress, a refused send, or
+        clients and an idle_timeout; otherwise the next of them arms it (:meth:`_watch`)."""
+        self._sweep_timer = None
         if self._state is not ServerState.LISTENING:
             return
         now = time.monotonic()
         frame_limit = self.connection_timeout
         idle_limit = self.idle_timeout
+        watching = False
         for client in list(self._clients.values()):
             if client.closing:
                 continue
@@ -564,7 +574,12 @@ class Server(Component):
                              f"{client.describe()}: does not read; its send queue stayed full "
                              f"(max_send_buffer={client.max_send_buffer}) for more than "
                              f"connection_timeout={frame_limit:g} s; disconnected")
-        self._schedule_sweep()
+            else:
+                watching = watching or (idle_limit is not None
+                                        or client.partial_since is not None
+                                        or client.send_stalled_since is not None)
+        if watching:
+            self._watch()
 
     def _live_connections(self) -> list[Connection]:
         with self.property_lock:

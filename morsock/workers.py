@@ -300,11 +300,14 @@ class WorkerPool:
         self._poll_free = reactor is not None
         self._idle = 0
         self._standby = False     # an idle thread is in the timed (watchdog) wait
+        self._quiet = False       # the watch found no traffic: idle threads wait untimed
         self._released_at = 0.0   # when the leader last left the poll role (monotonic)
         self._stopping = False
         self._strand_time = 0.0   # moving average of a strand batch's run time, seconds
         self._policy = SpreadPolicy()  # whether slow strands should wake followers
         self._harvest: list[Strand] = []  # scheduled by the leader during its poll
+        if reactor is not None:
+            reactor.pending = self._harvest.__len__
         self._threads: list[threading.Thread] = []
 
     def strand(self, run_batch: Callable[..., None], target: Any = None) -> Strand:
@@ -378,13 +381,18 @@ class WorkerPool:
                     elif self._stopping:
                         return
                     self._idle += 1
-                    if reactor is not None and not self._standby:
+                    if reactor is not None and not self._standby and not self._quiet:
                         # One idle thread at a time keeps watch (see WATCHDOG): it steps in
                         # only if the poll role has been left free that long (a handler
-                        # blocks); the others sleep until notified.
+                        # blocks); the others sleep until notified. A watch that finds the
+                        # leader still in the same poll (no traffic) ends the watching:
+                        # an idle pool sleeps until the leader leaves its poll.
                         self._standby = True
+                        seen = self._released_at
                         watching = not cv.wait(WATCHDOG)
                         self._standby = False
+                        if watching and self._released_at == seen and not self._poll_free:
+                            self._quiet = True
                     else:
                         cv.wait()
                         watching = False
@@ -422,6 +430,9 @@ class WorkerPool:
         with cv:
             self._poll_free = True
             self._released_at = time.monotonic()
+            if self._quiet:  # the first poll with traffic after a quiet spell
+                self._quiet = False
+                cv.notify_all()  # the watch resumes (and a follower may take the poll)
             if harvest:
                 ready.extend(harvest)
                 harvest.clear()

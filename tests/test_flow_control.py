@@ -293,3 +293,37 @@ def test_disconnect_reports_what_the_peer_did_not_take() -> None:
             frames = int(message.split(" frame(s)")[0].rsplit(" ", 1)[-1])
             assert 0 < frames <= sent
             assert client.state is morsock.ClientState.DISCONNECTED
+
+
+def _switches(threads: list) -> int:
+    """Context switches of *threads* so far (Linux /proc), each wake-up counts one."""
+    total = 0
+    for t in threads:
+        with open(f"/proc/self/task/{t.native_id}/status") as fh:
+            for line in fh:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"),
+                    reason="counts wake-ups through Linux /proc")
+def test_an_idle_component_sleeps() -> None:
+    """With no traffic and no timer asked for, the server's and the client's threads make
+    no periodic wake-ups (also after traffic, and with a client connected). The quiet
+    window is an observation over wall time, not a synchronisation."""
+    before = set(threading.enumerate())
+    with morsock.Server(port=0, host="127.0.0.1", thread_pool_size=4,
+                        on_handle_command=lambda s, c, d: d) as server:
+        with morsock.Client("127.0.0.1", server.port) as client:
+            for _ in range(50):
+                assert client.request(b"ping") == b"ping"
+            threads = [t for t in threading.enumerate() if t not in before]
+            assert len(threads) >= 6  # server: 4 workers; client: reactor and worker
+            quiet = threading.Event()
+            quiet.wait(0.3)  # let the last batch settle and the watch notice the quiet
+            start = _switches(threads)
+            quiet.wait(1.0)
+            woke = _switches(threads) - start
+            assert woke <= 2, f"{woke} wake-ups in an idle second"
+            assert client.request(b"after") == b"after"  # and it wakes for traffic

@@ -521,7 +521,7 @@ def test_requests_one_at_a_time_from_a_peer_that_never_reads_replies(reply_size:
             assert server.client_count == 1
             with RawPeer.to(server) as other:
                 assert other.request(b"x") == reply
-            assert server.client_count == 2
+                assert server.client_count == 2
         rec.wait_count("on_disconnect", 2)
     assert not rec.named("on_error")
     assert queue_sizes and max(queue_sizes) <= limit

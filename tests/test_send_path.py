@@ -176,6 +176,9 @@ class _StubOwner:
     on_data_sent = on_data_received = None
     max_receive_backlog = 1 << 20
 
+    def _watch(self) -> None:
+        pass  # no time limits to watch here
+
     def __init__(self) -> None:
         self._reactor = _StubReactor()
 
