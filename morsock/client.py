@@ -217,6 +217,8 @@ class Client(Component):
         self._connected_for = 0.0
         self._remote_ip = ""
         self._live_conns: set[Connection] = set()  # counted in the totals, under _stats_lock
+        #: automatic reconnection attempts started (never cleared; reactor thread writes)
+        self._reconnects = 0
         super().__init__(settings, events)
         self._tally = Tally(self._stats_lock, lambda: self._live_conns)
 
@@ -470,6 +472,8 @@ class Client(Component):
                 return
             self._abandon_attempt(previous)
         self._set_state(ClientState.CONNECTING)
+        if not attempt.user:
+            self._reconnects += 1
         self._attempt = attempt
         self._connect_timer = self._reactor.call_later(self.connection_timeout,
                                                        self._attempt_timed_out, attempt)
@@ -812,6 +816,8 @@ class Client(Component):
             waiter.event.set()
             return
         handler = self.on_handle_command
+        if self._observer is not None:
+            handler = self._observed(handler)
         if handler is None:
             return
         try:
@@ -890,6 +896,8 @@ class Client(Component):
 
     # -- events and statistics -----------------------------------------------------------
     def _report_ordered(self, message: str, code: int) -> None:
+        if self._observer is not None:
+            self._observer.error(code)
         self._log.error("%s (code %d)", message, code)
         self._post_event("on_error", message, code)
 
@@ -897,12 +905,18 @@ class Client(Component):
         self._report_ordered(message, code)
 
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
+        if self._observer is not None:
+            self._observer.error(ErrorCode.HANDLER_EXCEPTION)
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._dispatcher.emit("on_error", f"{name} handler raised {type(exc).__name__}: {exc}",
                               ErrorCode.HANDLER_EXCEPTION)
 
     def _emit_data_event(self, name: str, conn: Connection, nbytes: int) -> None:
         self._dispatcher.emit(name, nbytes)
+
+    def _send_queue_bytes(self) -> int:
+        conn = self._conn
+        return conn.send_queue_size if conn is not None else 0
 
     @property
     def connected_time(self) -> float:

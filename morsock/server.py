@@ -580,6 +580,8 @@ class Server(Component):
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
         handler = self.on_handle_command
+        if self._observer is not None:
+            handler = self._observed(handler)
         debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
         fast = handler is not None and not self.require_encryption and not (
             self._debug() if debug is None else debug)
@@ -711,6 +713,8 @@ class Server(Component):
                 return
             data = opened
         handler = self.on_handle_command
+        if self._observer is not None:
+            handler = self._observed(handler)
         if handler is None:
             return
         if self._debug():
@@ -733,13 +737,21 @@ class Server(Component):
         """Report ``on_error(client, ..., HANDLER_EXCEPTION)``; *client* is the event's
         first argument when that is a client (on_connect, on_handle_command ...), else None."""
         conn = args[0] if args and isinstance(args[0], Connection) else None
+        if self._observer is not None:
+            self._observer.error(ErrorCode.HANDLER_EXCEPTION)
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._emit("on_error", conn, f"{name} handler raised {type(exc).__name__}: {exc}",
                    ErrorCode.HANDLER_EXCEPTION)
 
     def _report(self, conn: Connection | None, message: str, code: int) -> None:
+        if self._observer is not None:
+            self._observer.error(code)
         self._log.error("%s (code %d)", message, code)
         self._emit("on_error", conn, message, code)
+
+    def _send_queue_bytes(self) -> int:
+        with self.property_lock:
+            return sum(client.send_queue_size for client in self._clients.values())
 
     def _zero_stats(self) -> None:
         self._total_connections = 0
