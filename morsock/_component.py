@@ -11,8 +11,8 @@ import logging
 import socket
 import threading
 from collections.abc import Iterable
-from time import perf_counter
 from operator import attrgetter
+from time import perf_counter
 from typing import Any, Callable, Union
 
 from ._settings import Setting, _non_negative_int, _positive_int, _seconds, _ssl_context
