@@ -896,8 +896,9 @@ class Client(Component):
 
     # -- events and statistics -----------------------------------------------------------
     def _report_ordered(self, message: str, code: int) -> None:
-        if self._observer is not None:
-            self._observer.error(code)
+        observer = self._observer
+        if observer is not None:
+            observer.error(code)
         self._log.error("%s (code %d)", message, code)
         self._post_event("on_error", message, code)
 
@@ -905,8 +906,9 @@ class Client(Component):
         self._report_ordered(message, code)
 
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
-        if self._observer is not None:
-            self._observer.error(ErrorCode.HANDLER_EXCEPTION)
+        observer = self._observer
+        if observer is not None:
+            observer.error(ErrorCode.HANDLER_EXCEPTION)
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._dispatcher.emit("on_error", f"{name} handler raised {type(exc).__name__}: {exc}",
                               ErrorCode.HANDLER_EXCEPTION)

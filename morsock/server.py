@@ -737,15 +737,17 @@ class Server(Component):
         """Report ``on_error(client, ..., HANDLER_EXCEPTION)``; *client* is the event's
         first argument when that is a client (on_connect, on_handle_command ...), else None."""
         conn = args[0] if args and isinstance(args[0], Connection) else None
-        if self._observer is not None:
-            self._observer.error(ErrorCode.HANDLER_EXCEPTION)
+        observer = self._observer
+        if observer is not None:
+            observer.error(ErrorCode.HANDLER_EXCEPTION)
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._emit("on_error", conn, f"{name} handler raised {type(exc).__name__}: {exc}",
                    ErrorCode.HANDLER_EXCEPTION)
 
     def _report(self, conn: Connection | None, message: str, code: int) -> None:
-        if self._observer is not None:
-            self._observer.error(code)
+        observer = self._observer
+        if observer is not None:
+            observer.error(code)
         self._log.error("%s (code %d)", message, code)
         self._emit("on_error", conn, message, code)
 
