@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 try:
@@ -64,22 +64,43 @@ class Observer:
     ``error(code)`` for each reported error (any library thread). Both are safe from
     several threads at once; reading (:meth:`histogram`, :meth:`errors`,
     :meth:`quantile`) is safe from any thread.
+
+    ``handler_done`` is looked up per thread: each thread counts into a shard of its own
+    (no lock per call), and a reader adds the shards up. A caller on the hot path may
+    keep the function it got for the rest of its batch (same thread).
     """
 
     def __init__(self, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _shards (the list) and _errors
         self.buckets = tuple(buckets)
-        self._counts = [0] * (len(self.buckets) + 1)  # last: above every bound (+Inf)
-        self._sum = 0.0
+        #: per thread: (counts per bucket, the last one above every bound; [sum])
+        self._shards: list[tuple[list[int], list[float]]] = []
+        self._local = threading.local()
         self._errors: dict[str, int] = {}
         self._users = 0  # registrations that share this observer
 
-    def handler_done(self, seconds: float) -> None:
-        """One ``on_handle_command`` call took *seconds*."""
-        index = bisect.bisect_left(self.buckets, seconds)  # the first bound >= seconds
+    @property
+    def handler_done(self) -> Callable[[float], None]:
+        """``handler_done(seconds)``: one ``on_handle_command`` call took *seconds*
+        (the calling thread's recorder)."""
+        try:
+            return self._local.handler_done  # type: ignore[no-any-return]
+        except AttributeError:
+            return self._new_recorder()
+
+    def _new_recorder(self) -> Callable[[float], None]:
+        counts = [0] * (len(self.buckets) + 1)
+        total = [0.0]
+        bounds, find = self.buckets, bisect.bisect_left
+
+        def handler_done(seconds: float) -> None:
+            counts[find(bounds, seconds)] += 1  # the first bound >= seconds
+            total[0] += seconds
+
         with self._lock:
-            self._counts[index] += 1
-            self._sum += seconds
+            self._shards.append((counts, total))
+        self._local.handler_done = handler_done
+        return handler_done
 
     def error(self, code: int) -> None:
         """An error with this on_error *code* was reported."""
@@ -89,9 +110,16 @@ class Observer:
 
     def histogram(self) -> tuple[list[int], float]:
         """``(counts, sum)``: the count of each bucket (not cumulative; the last one is
-        above every bound) and the sum of all durations, taken together."""
+        above every bound) and the sum of all durations."""
         with self._lock:
-            return list(self._counts), self._sum
+            shards = list(self._shards)
+        counts = [0] * (len(self.buckets) + 1)
+        total = 0.0
+        for shard_counts, shard_total in shards:
+            for index, count in enumerate(list(shard_counts)):
+                counts[index] += count
+            total += shard_total[0]
+        return counts, total
 
     def errors(self) -> dict[str, int]:
         """``{code label: count}`` of every error observed so far."""

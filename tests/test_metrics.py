@@ -428,3 +428,36 @@ def test_cli_metrics_endpoint_stops_with_the_server(capsys: pytest.CaptureFixtur
     assert prometheus_client.REGISTRY.get_sample_value("morsock_connections",
                                                        {"name": "server"}) is None
     # no_leaks (conftest) checks that the HTTP thread and its socket are gone
+
+
+def test_histogram_count_is_exact_with_handlers_on_every_worker(
+        registry: CollectorRegistry) -> None:
+    import threading
+
+    per_client, clients = 150, 4
+    with running_server(thread_pool_size=4) as server, http_endpoint(registry) as url:
+        reg = register(server, registry)
+        errors: list = []
+
+        def talk(index: int) -> None:
+            try:
+                with Client(LOCAL, server.port) as client:
+                    for n in range(per_client):
+                        assert client.request(b"%d-%d" % (index, n)) == b"%d-%d" % (index, n)
+            except BaseException as exc:  # reported below, on the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=talk, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT * 3)
+        assert not errors
+        samples = scrape(url)
+        reg.unregister()
+    total = per_client * clients
+    assert value(samples, "morsock_messages_received_total", name="server") == total
+    assert value(samples, "morsock_handler_duration_seconds_count", name="server") == total
+    assert value(samples, "morsock_handler_duration_seconds_bucket",
+                 name="server", le="+Inf") == total
+    assert len(reg.observer._shards) >= 1
