@@ -17,7 +17,7 @@ import ssl
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .client import Client
@@ -86,6 +86,42 @@ def _tls_context(args: argparse.Namespace, server: bool) -> ssl.SSLContext | Non
     return ctx
 
 
+def _add_metrics_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("metrics (needs: pip install 'morsock[metrics]')")
+    group.add_argument("--metrics-port", type=int, metavar="P",
+                       help="serve Prometheus metrics at http://127.0.0.1:P/metrics "
+                            "(0: a free port; the address is printed on stderr)")
+    group.add_argument("--metrics-host", default="127.0.0.1", metavar="H",
+                       help="address of the metrics endpoint (default 127.0.0.1)")
+
+
+def _serve_metrics(server: Server, args: argparse.Namespace) -> Callable[[], None] | None:
+    """With ``--metrics-port``: register *server* in prometheus_client's default registry
+    and serve it over HTTP on a thread of its own; returns the function that stops that
+    thread and unregisters (None without the flag). Raises ImportError without the
+    extra, OSError when the address cannot be bound."""
+    if args.metrics_port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    from .metrics import register
+    registration = register(server)
+    try:
+        httpd, thread = start_http_server(args.metrics_port, args.metrics_host)
+    except BaseException:
+        registration.unregister()
+        raise
+    host = args.metrics_host if ":" not in args.metrics_host else f"[{args.metrics_host}]"
+    print(f"metrics at http://{host}:{httpd.server_port}/metrics", file=sys.stderr, flush=True)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+        registration.unregister()
+    return stop
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m morsock",
                                      description="morsock: threaded framed TCP components")
@@ -111,6 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="once listening, write the port to PATH (handy with --port 0)")
     _add_crypto_args(srv)
     _add_tls_args(srv, server=True)
+    _add_metrics_args(srv)
 
     cli = sub.add_parser("client", help="send messages and print the replies",
                          description="Connect, send each MESSAGE (or each line of stdin "
@@ -204,6 +241,12 @@ def _run_server(args: argparse.Namespace) -> int:
     except MorsockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    try:
+        stop_metrics = _serve_metrics(server, args)
+    except (ImportError, OSError) as exc:
+        print(f"error: metrics: {exc}", file=sys.stderr)
+        server.stop()
+        return 1
     if args.port_file:
         with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
             f.write(f"{server.port}\n")
@@ -229,6 +272,8 @@ def _run_server(args: argparse.Namespace) -> int:
     if show:
         sys.stderr.write("\n")
     server.stop()
+    if stop_metrics is not None:
+        stop_metrics()
     return 0
 
 

@@ -218,6 +218,8 @@ class Client(Component):
         self._connected_for = 0.0
         self._remote_ip = ""
         self._live_conns: set[Connection] = set()  # counted in the totals, under _stats_lock
+        #: automatic reconnection attempts started (never cleared; reactor thread writes)
+        self._reconnects = 0
         super().__init__(settings, events)
         self._tally = Tally(self._stats_lock, lambda: self._live_conns)
 
@@ -472,6 +474,8 @@ class Client(Component):
                 return
             self._abandon_attempt(previous)
         self._set_state(ClientState.CONNECTING)
+        if not attempt.user:
+            self._reconnects += 1
         self._attempt = attempt
         self._connect_timer = self._reactor.call_later(self.connection_timeout,
                                                        self._attempt_timed_out, attempt)
@@ -824,6 +828,8 @@ class Client(Component):
             waiter.event.set()
             return
         handler = self.on_handle_command
+        if self._observer is not None:
+            handler = self._observed(handler)
         if handler is None:
             return
         try:
@@ -902,6 +908,9 @@ class Client(Component):
 
     # -- events and statistics -----------------------------------------------------------
     def _report_ordered(self, message: str, code: int) -> None:
+        observer = self._observer
+        if observer is not None:
+            observer.error(code)
         self._log.error("%s (code %d)", message, code)
         self._post_event("on_error", message, code)
 
@@ -909,6 +918,9 @@ class Client(Component):
         self._report_ordered(message, code)
 
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
+        observer = self._observer
+        if observer is not None:
+            observer.error(ErrorCode.HANDLER_EXCEPTION)
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._dispatcher.emit("on_error", f"{name} handler raised {type(exc).__name__}: {exc}",
                               ErrorCode.HANDLER_EXCEPTION)

@@ -610,6 +610,8 @@ class Server(Component):
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
         handler = self.on_handle_command
+        if self._observer is not None:
+            handler = self._observed(handler)
         debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
         fast = handler is not None and not self.require_encryption and not (
             self._debug() if debug is None else debug)
@@ -741,6 +743,8 @@ class Server(Component):
                 return
             data = opened
         handler = self.on_handle_command
+        if self._observer is not None:
+            handler = self._observed(handler)
         if handler is None:
             return
         if self._debug():
@@ -763,6 +767,9 @@ class Server(Component):
         """Report ``on_error(client, ..., HANDLER_EXCEPTION)``; *client* is the event's
         first argument when that is a client (on_connect, on_handle_command ...), else None."""
         conn = args[0] if args and isinstance(args[0], Connection) else None
+        observer = self._observer
+        if observer is not None:
+            observer.error(ErrorCode.HANDLER_EXCEPTION)
         self._log.error("%s handler raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
         self._emit("on_error", conn, f"{name} handler raised {type(exc).__name__}: {exc}",
                    ErrorCode.HANDLER_EXCEPTION)
@@ -771,6 +778,9 @@ class Server(Component):
         """Log an error and fire ``on_error``: for a client, in that client's order (after
         its on_connect, never beside its handlers, before its on_disconnect; once its
         on_disconnect is under way, with None for the client). Any thread."""
+        observer = self._observer
+        if observer is not None:
+            observer.error(code)
         self._log.error("%s (code %d)", message, code)
         if conn is None or not conn.post_in_order(ErrorReport(message, code)):
             if conn is not None and conn.closed and conn._runner != get_ident():
