@@ -517,3 +517,31 @@ def test_going_away_ends_both_sides_and_returns_the_undelivered():
     assert len(link.table) == 0
     with pytest.raises(ValueError):
         link.server.send(b"no more", False, link.now)
+
+
+# ------------------------------------------------------------------ bad peer input
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.sampled_from([0, 2, FLAG_SESSION]),
+       st.sampled_from(["plain", "authenticated"]))
+def test_garbage_from_the_peer_is_a_clear_error_never_a_crash(payload, flag, profile):
+    link = opened(Link(profile))
+    link.client.send(b"pending", False, link.now)
+    link.pump_out()
+    for session, frame in ((link.client, Frame(payload, flag)),
+                           (link.server, Frame(payload, flag))):
+        try:
+            events = session.receive(frame, link.now)
+        except (ProtocolError, CryptoError) as exc:
+            assert exc.code in (ErrorCode.INVALID_PROTOCOL, ErrorCode.AUTHENTICATION_FAILED)
+        else:
+            assert all(isinstance(e, (Message, LateReply, SessionEnded)) for e in events)
+    try:
+        link.table.accept(Frame(payload, flag), channels(profile)[1], link.now)
+    except (ProtocolError, CryptoError) as exc:
+        assert exc.code in (ErrorCode.INVALID_PROTOCOL, ErrorCode.AUTHENTICATION_FAILED)
+
+
+def test_session_lost_is_a_new_negative_code():
+    codes = [c.value for c in ErrorCode]
+    assert ErrorCode.SESSION_LOST < 0 and codes.count(ErrorCode.SESSION_LOST) == 1
