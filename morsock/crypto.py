@@ -27,7 +27,11 @@ AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handsh
     Session keys = HKDF-SHA256(master, salt = client_random || server_random,
     info = b"morsock v1 <MODE> <BITS>", e.g. ``b"morsock v1 CBC 256"``) split, in this
     order, into enc_c2s (key_size/8), mac_c2s (32), enc_s2c (key_size/8), mac_s2c (32),
-    k_confirm (32). Fresh randoms on both sides bind the keys to one connection.
+    k_confirm (32), k_export (32). Fresh randoms on both sides bind the keys to one
+    connection. k_export is never used on the wire by this profile: it is the
+    connection's :attr:`AuthSession.binding`, a secret both ends share and nobody without
+    the key can compute, to which the session layer (:mod:`morsock._session`) binds its
+    hello. (HKDF output is prefix-stable, so the other keys are those of a 5-key split.)
 
     Each direction numbers its frames ``seq`` = 0, 1, 2 ... (uint64, never sent: the
     receiver uses the number it expects). ``H`` = the 9 header bytes of the frame
@@ -552,19 +556,21 @@ def _kdf_info(mode: AESMode, key_size: KeySize) -> bytes:
 
 
 class _SessionKeys:
-    __slots__ = ("enc_c2s", "mac_c2s", "enc_s2c", "mac_s2c", "confirm")
+    __slots__ = ("enc_c2s", "mac_c2s", "enc_s2c", "mac_s2c", "confirm", "export")
 
     def __init__(self, master: bytes, client_random: bytes, server_random: bytes,
                  mode: AESMode, key_size: KeySize) -> None:
         klen = key_size // 8
         okm = _hkdf_sha256(master, client_random + server_random, _kdf_info(mode, key_size),
-                           2 * klen + 3 * MAC_SIZE)
+                           2 * klen + 4 * MAC_SIZE)
         self.enc_c2s = okm[:klen]
         self.mac_c2s = okm[klen:klen + MAC_SIZE]
         pos = klen + MAC_SIZE
         self.enc_s2c = okm[pos:pos + klen]
         self.mac_s2c = okm[pos + klen:pos + klen + MAC_SIZE]
-        self.confirm = okm[pos + klen + MAC_SIZE:]
+        pos += klen + MAC_SIZE
+        self.confirm = okm[pos:pos + MAC_SIZE]
+        self.export = okm[pos + MAC_SIZE:]
 
 
 def _auth_error(message: str) -> CryptoError:
@@ -583,13 +589,17 @@ class AuthSession:
 
     __slots__ = ("mode", "key_size", "_send_key", "_recv_key", "_send_mac", "_recv_mac",
                  "_send_seq", "_recv_seq", "_broken", "_seal_impl", "_open_impl",
-                 "_iv_len", "_padded", "_factory", "_send_gcm", "_recv_gcm")
+                 "_iv_len", "_padded", "_factory", "_send_gcm", "_recv_gcm", "binding")
 
     def __init__(self, mode: ModeLike, key_size: KeySizeLike, send_key: bytes,
-                 send_mac_key: bytes, recv_key: bytes, recv_mac_key: bytes) -> None:
+                 send_mac_key: bytes, recv_key: bytes, recv_mac_key: bytes, *,
+                 binding: bytes = b"") -> None:
         """Internal: use the handshake. Keys are per direction and per connection."""
         self.mode: AESMode = AESMode.parse(mode)
         self.key_size: KeySize = KeySize.parse(key_size)
+        #: k_export of the handshake (32 bytes, the same on both ends of the connection,
+        #: unique to it): what the session layer binds its hello to. Never sent.
+        self.binding: bytes = bytes(binding)
         self._send_key = bytes(send_key)
         self._recv_key = bytes(recv_key)
         self._send_mac = hmac.new(send_mac_key, digestmod="sha256")
@@ -839,7 +849,7 @@ class ClientHandshake:
             raise _auth_error("AUTHENTICATED handshake failed: the server's key "
                               "confirmation does not match (wrong key?)")
         return AuthSession(self.mode, self.key_size, keys.enc_c2s, keys.mac_c2s,
-                           keys.enc_s2c, keys.mac_s2c)
+                           keys.enc_s2c, keys.mac_s2c, binding=keys.export)
 
 
 def server_handshake(key_text: str, mode: ModeLike, key_size: KeySizeLike,
@@ -869,5 +879,5 @@ def server_handshake(key_text: str, mode: ModeLike, key_size: KeySizeLike,
     confirm = hmac.digest(keys.confirm, hello + srv_random, "sha256")
     frame = encode_frame(HELLO_MAGIC + srv_random + confirm, FLAG_AUTHENTICATED)
     return frame, AuthSession(mode, key_size, keys.enc_s2c, keys.mac_s2c,
-                              keys.enc_c2s, keys.mac_c2s)
+                              keys.enc_c2s, keys.mac_c2s, binding=keys.export)
 

@@ -147,6 +147,8 @@ class ErrorCode(enum.IntEnum):
     * ``BIND_FAILED`` -- ``Server.start()`` could not listen.
     * ``TLS_FAILED`` -- a TLS handshake failed.
     * ``CONNECTION_LOST`` -- the connection dropped under a pending operation.
+    * ``SESSION_LOST`` -- a session (API.md §10) could not be resumed (its window passed,
+      the server restarted): the messages it had not acknowledged are handed back.
     * ``MAX_RECONNECT_ATTEMPTS`` (-99) -- reconnection gave up.
     """
 
@@ -163,4 +165,5 @@ class ErrorCode(enum.IntEnum):
     BIND_FAILED = -11
     TLS_FAILED = -12
     CONNECTION_LOST = -13
+    SESSION_LOST = -14
     MAX_RECONNECT_ATTEMPTS = -99

@@ -4,7 +4,9 @@ A frame is a 9-byte header followed by ``size`` payload bytes::
 
     magic  uint32 LE  0xCAFEBABE   (on the wire: BE BA FE CA)
     size   uint32 LE  number of payload bytes that follow
-    flag   uint8      FLAG_PLAIN (0), FLAG_MORMOT (1) or FLAG_AUTHENTICATED (2)
+    flag   uint8      FLAG_PLAIN (0), FLAG_MORMOT (1) or FLAG_AUTHENTICATED (2);
+                      FLAG_SESSION (3) only between morsock peers that agreed on a
+                      session (:mod:`morsock._session`)
 
 :func:`encode_frame` builds one frame; :class:`FrameDecoder` turns a byte stream, split
 anywhere, into :class:`Frame` objects in time linear in the bytes fed. Neither keeps any
@@ -22,8 +24,8 @@ from .errors import ProtocolError
 
 __all__ = [
     "MAGIC", "HEADER", "HEADER_SIZE", "MAX_FRAME_SIZE", "FLAG_PLAIN", "FLAG_MORMOT",
-    "FLAG_AUTHENTICATED", "VALID_FLAGS", "Frame", "encode_frame", "encode_header",
-    "FrameDecoder", "ProtocolError", "DEFAULT_MAX_MESSAGE_SIZE",
+    "FLAG_AUTHENTICATED", "FLAG_SESSION", "VALID_FLAGS", "SESSION_FLAGS", "Frame",
+    "encode_frame", "encode_header", "FrameDecoder", "ProtocolError", "DEFAULT_MAX_MESSAGE_SIZE",
 ]
 
 MAGIC = 0xCAFEBABE
@@ -35,8 +37,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 FLAG_PLAIN = 0
 FLAG_MORMOT = 1
 FLAG_AUTHENTICATED = 2
+FLAG_SESSION = 3
 VALID_FLAGS = frozenset((FLAG_PLAIN, FLAG_MORMOT, FLAG_AUTHENTICATED))
-_MAX_FLAG = max(VALID_FLAGS)  # the valid flags are 0.._MAX_FLAG
+#: The flags of a decoder made with ``session_frames=True``.
+SESSION_FLAGS = VALID_FLAGS | {FLAG_SESSION}
 
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _pack = HEADER.pack
@@ -95,16 +99,21 @@ class FrameDecoder:
     the exception's ``frames`` attribute, in order.
 
     With *plain_as_bytes*, a plaintext frame comes out as its payload alone (``bytes``),
-    saving an object per frame; other frames are still :class:`Frame`.
+    saving an object per frame; other frames are still :class:`Frame`. With
+    *session_frames*, flag :data:`FLAG_SESSION` is valid too (:data:`SESSION_FLAGS`):
+    only on a connection whose component has sessions on.
     """
 
-    __slots__ = ("max_message_size", "_buf", "_need", "_error", "_wrap_plain")
+    __slots__ = ("max_message_size", "_buf", "_need", "_error", "_wrap_plain", "_flags",
+                 "_max_flag")
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *,
-                 plain_as_bytes: bool = False) -> None:
+                 plain_as_bytes: bool = False, session_frames: bool = False) -> None:
         if max_message_size < 0:
             raise ValueError("max_message_size must be >= 0")
         self.max_message_size = max_message_size
+        self._flags = SESSION_FLAGS if session_frames else VALID_FLAGS
+        self._max_flag = max(self._flags)  # the valid flags are 0.._max_flag
         self._wrap_plain = not plain_as_bytes
         self._buf = bytearray()
         self._need = HEADER_SIZE   # bytes _buf must hold before the next parse can progress
@@ -152,7 +161,7 @@ class FrameDecoder:
         if n >= HEADER_SIZE:
             # One whole frame, the commonest chunk: _parse's work, inline.
             magic, length, flag = _unpack_from(buffer, 0)
-            if (n == HEADER_SIZE + length and magic == MAGIC and flag <= _MAX_FLAG
+            if (n == HEADER_SIZE + length and magic == MAGIC and flag <= self._max_flag
                     and length <= self.max_message_size):
                 if flag or self._wrap_plain:
                     return [_new_frame(Frame, (buffer[HEADER_SIZE:n].tobytes(), flag))]
@@ -169,6 +178,7 @@ class FrameDecoder:
     def _parse(self, view: memoryview, n: int, frames: list[Any]) -> int:
         """Append the complete frames of view[:n] to *frames*; return bytes consumed."""
         limit = self.max_message_size
+        max_flag = self._max_flag
         append = frames.append
         wrap_plain = self._wrap_plain
         copied = n <= _COPY_MAX
@@ -181,7 +191,7 @@ class FrameDecoder:
             if plain_bytes and magic == MAGIC and not flag and end <= n and size <= limit:
                 append(src[start:end])  # the commonest frame, checked in one go
             else:
-                if magic != MAGIC or flag > _MAX_FLAG or size > limit:
+                if magic != MAGIC or flag > max_flag or size > limit:
                     self._check_header(magic, size, flag, frames)
                 if end > n:
                     self._need = end - start + HEADER_SIZE
@@ -200,7 +210,7 @@ class FrameDecoder:
         if magic != MAGIC:
             self._fail(ErrorCode.INVALID_PROTOCOL,
                        f"bad frame magic 0x{magic:08X} (expected 0x{MAGIC:08X})", frames)
-        if flag not in VALID_FLAGS:
+        if flag not in self._flags:
             self._fail(ErrorCode.INVALID_PROTOCOL, f"unknown frame flag {flag}", frames)
         if size > self.max_message_size:
             self._fail(ErrorCode.MESSAGE_TOO_LARGE,

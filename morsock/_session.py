@@ -1,0 +1,933 @@
+"""Sessions: acknowledged, resumable delivery between morsock peers (API.md §10).
+
+Sans-I/O like :mod:`morsock.protocol` and :mod:`morsock.crypto`: frames in, events and
+bytes out; no sockets, no threads, no clock (every call that needs the time is given
+``now``, in seconds of one monotonic clock). The shell (Server/Client) pumps it.
+
+Opt-in, morsock peers only
+    A client made with ``resumable=True`` sends a session HELLO as its first frame (after
+    the TLS handshake and the AUTHENTICATED handshake, when there are any); only a server
+    with ``resume_window > 0`` answers it with a WELCOME. Nothing else changes on the
+    wire until both have done so: a Delphi peer or a morsock peer without sessions never
+    sends a HELLO, so a server with sessions on treats its connection exactly as today
+    and it never sees a byte of this layer. A server without sessions refuses the HELLO's
+    flag (INVALID_PROTOCOL, the connection closes); a Delphi server hands it to its
+    handler as data and answers, if at all, with something that is not a WELCOME: in both
+    cases the resumable client's connect fails (ConnectError).
+
+Frames (the 9-byte header of API.md §2 is unchanged)
+    Inside a session every frame of the connection is one of:
+
+    * flag 0, raw payload: one application message, exactly as today (no request id, no
+      acknowledgement). Its bytes are those of a connection without sessions.
+    * flag 3 (``FLAG_SESSION``), payload = one *record* in plaintext.
+    * flag 1 or 2 (the connection's encryption profile): the plaintext sealed in the
+      frame is one *record* (the record's bytes are what gets encrypted).
+
+    ::
+
+        record  = type (1) || [ack (varint) if type & 0x80] || fields || body
+        type    = kind | 0x80 when an ack follows; bits 0x70 are zero
+        varint  = unsigned LEB128, at most 10 bytes (values < 2**64)
+
+        kind  name        fields                 body          counts as a message
+        1     HELLO       see below (flag 3 only, the client's first frame)
+        2     WELCOME     see below (flag 3 only, the server's answer)
+        3     ACK         (the ack is always present: type 0x83)            no
+        4     GOING_AWAY  (ack always present: type 0x84)                   no
+        8     DATA        --                     the message   yes
+        9     REQUEST     request id (varint)    the message   yes (client -> server)
+        10    REPLY       request id (varint)    the message   yes (server -> client)
+
+Sequence numbers and acknowledgements
+    Each direction numbers its application messages 1, 2, 3 ... across every connection
+    of the session (never sent: the n-th message is number n). A raw flag-0 frame and a
+    DATA, REQUEST or REPLY record are messages; control records are not. An *ack* is the
+    count of the peer's messages this side has delivered to its application (cumulative;
+    never decreases; never more than the peer has sent). It rides on any record this side
+    sends (``type | 0x80``), or alone in an ACK record: at once when 64 messages or a
+    quarter of the peer's announced window (bytes of message payload) are unacknowledged,
+    otherwise ``ack_delay`` seconds after the first unacknowledged delivery.
+
+    The sender keeps every message until it is acknowledged (its plaintext and whether it
+    was encrypted: AUTHENTICATED keys are per TCP connection, so a resent message is
+    sealed again on the new connection). That *resend buffer* holds at most
+    ``max_send_buffer`` bytes of payload: past it a send raises SendBufferFullError
+    (back-pressure, nothing is dropped); a message is always accepted into an empty one.
+    While there is no connection, sends go into the same buffer.
+
+Hello and resume
+    ::
+
+        HELLO   = 01 || version (1) = 01 || caps (varint) || window (varint)
+                  || sid_len (1: 0 = new session, 16 = resume) || session id (sid_len)
+                  || delivered (varint) || proof (0 or 32)
+        WELCOME = 02 || version (1) = 01 || caps (varint) || window (varint)
+                  || resume_window_ms (varint) || status (1: 0 = new, 1 = resumed)
+                  || session id (16) || delivered (varint) || proof (0 or 32)
+
+    ``caps``: bit 0 request ids, bit 1 GOING_AWAY (version 1 peers set both; unknown bits
+    are ignored). ``window``: the sender's ``max_send_buffer``. ``delivered``: the count of
+    the peer's messages this side delivered (the resume point; 0 for a new session).
+
+    On resume each side drops from its resend buffer what the other says it delivered and
+    sends the rest, in order, first on the new connection: the server right after its
+    WELCOME, the client once it has the WELCOME (it sends nothing else before it). Each
+    side resends from exactly the peer's resume point, so no message arrives twice; a
+    resume point outside [acknowledged, sent] is a protocol error. An unknown or expired
+    session id gets a WELCOME of a *new* session: the client then reports the old one lost
+    (SESSION_LOST) and hands back every message it had not seen acknowledged.
+
+What protects resumption (``binding``: a 32-byte secret both ends of one TCP connection
+share and nobody else knows)
+    AUTHENTICATED profile: ``binding`` = ``AuthSession.binding`` (k_export of that
+    connection's handshake, see :mod:`morsock.crypto`). The session secret is never sent::
+
+        secret = HMAC-SHA256(binding of the connection that created it,
+                             b"morsock session v1 secret" || session id)
+        HELLO proof   = HMAC-SHA256(K, b"morsock session v1 hello" || binding || HELLO
+                        before the proof), K = binding (new) or secret (resume)
+        WELCOME proof = HMAC-SHA256(secret, b"morsock session v1 welcome" || binding ||
+                        WELCOME before the proof)
+
+    So a resume needs the secret, which needs the key and the creating connection's
+    handshake: someone who saw the session id (or even the whole first connection without
+    the key) cannot take the session over, and a recorded HELLO fails on any other
+    connection (another binding). A wrong proof closes that connection with
+    AUTHENTICATION_FAILED and leaves the session as it was. On such a connection ACK,
+    GOING_AWAY and piggybacked acks are accepted only inside flag-2 frames (a flag-3 frame
+    carrying one is AUTHENTICATION_FAILED), so acknowledgements cannot be forged;
+    plaintext messages stay as unauthenticated as plaintext is without sessions. A
+    session created on an AUTHENTICATED connection resumes only on one.
+
+    Plain, MORMOT and TLS connections have no binding: the WELCOME of a new session
+    carries a random 32-byte secret as its proof and a resume HELLO presents it (compared
+    in constant time); WELCOME of a resume and HELLO of a new session have no proof. Over
+    TLS the secret is as confidential as everything else in the TLS channel; in plaintext
+    and MORMOT (whose frames are unauthenticated and replayable) it only stops an off-path
+    guess of 128 + 256 random bits: whoever can read the stream can resume the session,
+    as they can already read and inject its messages.
+
+Ordering with the handshakes
+    TCP connect -> TLS handshake (if any) -> AUTHENTICATED ClientHello/ServerHello (if
+    that profile has a key) -> HELLO -> WELCOME -> resent messages -> new messages.
+
+Request ids
+    The client numbers its requests 1, 2, 3 ... for its life (never reused); a REPLY names
+    the request it answers, in any order. A pending request's reply is a reply; a reply to
+    an id that was issued but is no longer pending (it timed out: :meth:`Session.abandon`)
+    is a :class:`LateReply`; a reply to an id never issued is a protocol error. DATA is
+    never taken for a reply.
+
+Going away
+    Either side may end the session: it sends GOING_AWAY whose ack is final (it delivers
+    nothing of the peer's after it). The peer answers with its own GOING_AWAY (its final
+    ack) and both end the session; each side's messages past the other's final ack were
+    certainly not delivered and come back in :class:`SessionEnded` (``graceful=True``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Callable, NamedTuple, Union
+
+from .enums import ErrorCode
+from .errors import CryptoError, ProtocolError, SendBufferFullError
+from .protocol import FLAG_PLAIN, FLAG_SESSION, Frame, encode_frame
+
+if TYPE_CHECKING:
+    from .crypto import AuthSession, MormotCipher
+
+__all__ = [
+    "Channel", "Message", "LateReply", "SessionStarted", "SessionEnded", "Event",
+    "Session", "SessionTable", "SESSION_ID_SIZE", "PROOF_SIZE", "VERSION", "CAPS",
+    "ACK_EVERY",
+]
+
+VERSION = 1
+CAP_REQUEST_IDS = 1
+CAP_GOING_AWAY = 2
+CAPS = CAP_REQUEST_IDS | CAP_GOING_AWAY
+SESSION_ID_SIZE = 16
+PROOF_SIZE = 32
+#: An ack goes out at once when this many delivered messages are unacknowledged.
+ACK_EVERY = 64
+
+_HELLO, _WELCOME, _ACK, _GOING_AWAY = 1, 2, 3, 4
+_DATA, _REQUEST, _REPLY = 8, 9, 10
+_WITH_ACK = 0x80
+_KINDS = frozenset((_HELLO, _WELCOME, _ACK, _GOING_AWAY, _DATA, _REQUEST, _REPLY))
+_CONTROL = frozenset((_ACK, _GOING_AWAY))
+_LABEL_SECRET = b"morsock session v1 secret"
+_LABEL_HELLO = b"morsock session v1 hello"
+_LABEL_WELCOME = b"morsock session v1 welcome"
+_VARINT_MAX = (1 << 64) - 1
+
+# Session states
+_DETACHED = "DETACHED"   # no connection (yet, or since a drop)
+_HELLO_SENT = "HELLO"    # client: HELLO sent, waiting for the WELCOME
+_OPEN = "OPEN"
+_CLOSING = "CLOSING"     # GOING_AWAY sent, waiting for the peer's
+_ENDED = "ENDED"
+
+
+# --------------------------------------------------------------------------- the wire
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _malformed(what: str) -> ProtocolError:
+    return ProtocolError(f"malformed session record: {what}", ErrorCode.INVALID_PROTOCOL)
+
+
+def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Return (value, position after it); ProtocolError if truncated or over 64 bits."""
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise _malformed("truncated number")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if result > _VARINT_MAX:
+                raise _malformed("number over 64 bits")
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _malformed("number over 64 bits")
+
+
+def _proof(key: bytes, label: bytes, binding: bytes, record: bytes | bytearray) -> bytes:
+    return hmac.digest(key, label + binding + bytes(record), "sha256")
+
+
+def _bound_secret(binding: bytes, session_id: bytes) -> bytes:
+    return hmac.digest(binding, _LABEL_SECRET + session_id, "sha256")
+
+
+class Channel:
+    """One TCP connection as the session layer sees it: how it seals and opens encrypted
+    records, and its binding (API of the module docstring). Made by the shell for each
+    connection and never reused (AUTHENTICATED keys are per connection). Not
+    thread-safe: used under the session's lock."""
+
+    __slots__ = ("flag", "binding", "_seal", "_open")
+
+    def __init__(self, flag: int = FLAG_PLAIN, seal: Callable[[bytes], bytes] | None = None,
+                 open_: Callable[[bytes], bytes] | None = None,
+                 binding: bytes | None = None) -> None:
+        """*seal*: plaintext -> complete frame; *open_*: payload -> plaintext, for frames of
+        *flag*; *binding*: see the module docstring. Prefer the class methods."""
+        self.flag = flag
+        self.binding = binding
+        self._seal = seal
+        self._open = open_
+
+    @classmethod
+    def plain(cls) -> Channel:
+        """A connection without per-message encryption (plaintext or TLS)."""
+        return cls()
+
+    @classmethod
+    def authenticated(cls, auth: AuthSession) -> Channel:
+        """A connection after its AUTHENTICATED handshake (flag 2, bound to it)."""
+        return cls(2, auth.seal, auth.open, auth.binding)
+
+    @classmethod
+    def mormot(cls, cipher: MormotCipher) -> Channel:
+        """A connection with a MORMOT-profile key (flag 1, no binding)."""
+        def seal(plaintext: bytes) -> bytes:
+            return encode_frame(cipher.encrypt(plaintext), 1)
+
+        def open_(payload: bytes) -> bytes:
+            return bytes(cipher.decrypt(payload))
+        return cls(1, seal, open_)
+
+    def seal(self, record: bytes) -> bytes:
+        """The complete encrypted frame of *record*; CryptoError without a key."""
+        if self._seal is None:
+            raise CryptoError("encrypted=True but this connection has no encryption key",
+                              ErrorCode.ENCRYPTION_REQUIRED)
+        return self._seal(record)
+
+    def open(self, frame: Frame) -> bytes:
+        """The record sealed in *frame*; CryptoError if it is not this channel's profile
+        or fails to decrypt/authenticate."""
+        if self._open is None or frame.flag != self.flag:
+            code = (ErrorCode.AUTHENTICATION_FAILED if frame.flag == 2
+                    else ErrorCode.DECRYPT_FAILED)
+            raise CryptoError(f"encrypted frame (flag {frame.flag}) that this connection "
+                              "has no key for", code)
+        return self._open(frame.payload)
+
+
+# ---------------------------------------------------------------------------- events
+
+class Message(NamedTuple):
+    """One application message: as delivered (an event of :meth:`Session.receive`), as
+    kept for resending, and as handed back in :class:`SessionEnded`.
+
+    ``request_id`` > 0: a request (client to server) with that id; ``reply_to`` > 0: the
+    reply to the client's request with that id; both 0: a plain message (``send``).
+    """
+
+    data: bytes
+    encrypted: bool = False
+    request_id: int = 0
+    reply_to: int = 0
+
+
+class LateReply(NamedTuple):
+    """Client: the reply to a request that was abandoned (timed out) before it came."""
+
+    request_id: int
+    data: bytes
+    encrypted: bool
+
+
+class SessionStarted(NamedTuple):
+    """The session is open on this connection: new, or resumed (same session id)."""
+
+    session_id: bytes
+    resumed: bool
+
+
+class SessionEnded(NamedTuple):
+    """The session is over; nothing of it will be delivered any more.
+
+    ``unacknowledged``: this side's messages the peer never acknowledged, in send order.
+    With ``graceful`` (a GOING_AWAY exchange) they were certainly NOT delivered; otherwise
+    (SESSION_LOST: window passed, server restarted, connection lost while closing) each
+    may or may not have been. ``unanswered``: ids of the client's requests that were
+    acknowledged but never replied to (their replies will not come).
+    """
+
+    session_id: bytes
+    unacknowledged: tuple[Message, ...]
+    unanswered: tuple[int, ...]
+    graceful: bool
+    reason: str
+
+
+Event = Union[Message, LateReply, SessionStarted, SessionEnded]
+
+
+# --------------------------------------------------------------------------- session
+
+class Session:
+    """One side of a session. The client makes one for its life (``Session(client=True,
+    ...)``: it carries session after session); the server gets one per session from
+    :class:`SessionTable`.
+
+    Not thread-safe: the shell holds one lock per session around every call AND the
+    :meth:`data_to_send` that follows it, and hands those bytes to the connection in that
+    order (AUTHENTICATED frames must leave in the order they were sealed). Any call may
+    queue bytes: after each, call :meth:`data_to_send` and write the result.
+
+    Raises ProtocolError / CryptoError (from :meth:`receive`) for a peer that breaks the
+    rules: close that connection, then call :meth:`connection_lost`; the session stays
+    resumable. ValueError for a caller's mistake.
+    """
+
+    __slots__ = ("_client", "max_send_buffer", "ack_delay", "session_id", "_secret",
+                 "_bound", "_state", "_channel", "_unacked", "_next_seq", "_acked",
+                 "_sent_upto", "_buffered", "_delivered", "_ack_sent", "_ack_bytes",
+                 "_ack_deadline", "_peer_window", "_next_rid", "_pending", "_max_rid_seen",
+                 "_resume_window", "_detached_at", "_out")
+
+    def __init__(self, *, client: bool, max_send_buffer: int, ack_delay: float = 0.1
+                 ) -> None:
+        if max_send_buffer < 1:
+            raise ValueError(f"max_send_buffer must be >= 1, got {max_send_buffer}")
+        if not ack_delay > 0:
+            raise ValueError(f"ack_delay must be > 0, got {ack_delay}")
+        self._client = client
+        self.max_send_buffer = max_send_buffer
+        self.ack_delay = ack_delay
+        self._next_rid = 1
+        self._resume_window = 0.0
+        self._out: list[bytes] = []
+        self._state = _DETACHED
+        self._channel: Channel | None = None
+        self._detached_at: float | None = None
+        self._reset(None, None, False)
+
+    def _reset(self, session_id: bytes | None, secret: bytes | None, bound: bool) -> None:
+        """Start the counters of a new session (or of none yet: client)."""
+        self.session_id: bytes | None = session_id
+        self._secret = secret
+        self._bound = bound
+        # sending: (seq, message, size) of every unacknowledged message, oldest first
+        self._unacked: deque[tuple[int, Message, int]] = deque()
+        self._next_seq = 1
+        self._acked = 0        # the peer's ack: our messages it delivered
+        self._sent_upto = 0    # highest seq written to the current channel
+        self._buffered = 0
+        # receiving
+        self._delivered = 0
+        self._ack_sent = 0
+        self._ack_bytes = 0
+        self._ack_deadline: float | None = None
+        self._peer_window = self.max_send_buffer
+        self._pending: set[int] = set()   # client: requests waiting for their reply
+        self._max_rid_seen = 0            # server: highest request id received
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        """True while the session is open on a connection (messages flow)."""
+        return self._state == _OPEN
+
+    @property
+    def ended(self) -> bool:
+        """Server: True once the session is over (table entry to remove)."""
+        return self._state == _ENDED
+
+    @property
+    def channel(self) -> Channel | None:
+        """The connection the session is on, if any."""
+        return self._channel
+
+    @property
+    def unacknowledged(self) -> int:
+        """Messages sent (or queued) and not yet acknowledged by the peer."""
+        return len(self._unacked)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Payload bytes in the resend buffer (bounded by ``max_send_buffer``)."""
+        return self._buffered
+
+    def data_to_send(self) -> bytes:
+        """Every frame queued by the calls so far, in order; empties the queue."""
+        out, self._out = self._out, []
+        return b"".join(out)
+
+    # -- connections -------------------------------------------------------------------
+    def connection_made(self, channel: Channel, now: float) -> list[Event]:
+        """Client: a new connection (after its TLS and AUTHENTICATED handshakes) carries
+        the session: queues the HELLO. Returns a SessionEnded if the session cannot be
+        resumed on this kind of connection (bound to AUTHENTICATED, or not)."""
+        if not self._client:
+            raise ValueError("connection_made() is the client's; servers use SessionTable")
+        events: list[Event] = []
+        if self.session_id is not None and self._bound != (channel.binding is not None):
+            events.append(self._lose("the session cannot resume on a connection with "
+                                     "another encryption profile"))
+        self._channel = channel
+        self._state = _HELLO_SENT
+        record = bytearray((_HELLO, VERSION))
+        _put_varint(record, CAPS)
+        _put_varint(record, self.max_send_buffer)
+        sid = self.session_id
+        record.append(len(sid) if sid is not None else 0)
+        if sid is not None:
+            record += sid
+        _put_varint(record, self._delivered if sid is not None else 0)
+        binding = channel.binding
+        if binding is not None:
+            key = self._secret if sid is not None else binding
+            assert key is not None
+            record += _proof(key, _LABEL_HELLO, binding, record)
+        elif sid is not None:
+            assert self._secret is not None
+            record += self._secret
+        self._out.append(encode_frame(record, FLAG_SESSION))
+        return events
+
+    def connection_lost(self, channel: Channel, now: float) -> list[Event]:
+        """The connection of *channel* is gone (ignored if the session moved on to
+        another). Open sessions wait to be resumed; one that was closing is over."""
+        if channel is not self._channel:
+            return []
+        self._channel = None
+        self._out = []
+        if self._state == _CLOSING:
+            return [self._end("the connection was lost while the session was closing",
+                              graceful=False)]
+        if self._state in (_OPEN, _HELLO_SENT):
+            self._state = _DETACHED
+            self._detached_at = now
+        return []
+
+    # -- sending -----------------------------------------------------------------------
+    def send(self, data: bytes, encrypted: bool, now: float) -> None:
+        """Accept one plain message (``send_data``, a handler's reply to a non-request).
+
+        Raises SendBufferFullError past ``max_send_buffer`` (nothing changes), CryptoError
+        for ``encrypted`` on an open connection without a key."""
+        self._accept(Message(data, encrypted), now)
+
+    def request(self, data: bytes, encrypted: bool, now: float) -> int:
+        """Client: accept a request; return its id (its reply comes as a Message with
+        that ``reply_to``). Raises as :meth:`send`."""
+        if not self._client:
+            raise ValueError("only the client sends requests")
+        rid = self._next_rid
+        self._accept(Message(data, encrypted, request_id=rid), now)
+        self._next_rid = rid + 1
+        self._pending.add(rid)
+        return rid
+
+    def reply(self, request_id: int, data: bytes, encrypted: bool, now: float) -> None:
+        """Server: accept the reply to the request *request_id*. Raises as :meth:`send`,
+        ValueError for an id that never came."""
+        if self._client or not 0 < request_id <= self._max_rid_seen:
+            raise ValueError(f"no request {request_id} to reply to")
+        self._accept(Message(data, encrypted, reply_to=request_id), now)
+
+    def abandon(self, request_id: int) -> None:
+        """Client: the request timed out; its reply, if it comes, is a LateReply."""
+        self._pending.discard(request_id)
+
+    def _accept(self, message: Message, now: float) -> None:
+        if self._state == _ENDED or self._state == _CLOSING:
+            raise ValueError("the session is ending: it accepts no more messages")
+        size = len(message.data)
+        if self._buffered and self._buffered + size > self.max_send_buffer:
+            raise SendBufferFullError(
+                f"{self._buffered} bytes wait for an acknowledgement; {size} more would "
+                f"exceed max_send_buffer={self.max_send_buffer}")
+        if (message.encrypted and self._channel is not None
+                and self._channel.flag == FLAG_PLAIN):
+            raise CryptoError("encrypted=True but this connection has no encryption key",
+                              ErrorCode.ENCRYPTION_REQUIRED)
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._unacked.append((seq, message, size))
+        self._buffered += size
+        if self._state == _OPEN:
+            self._transmit(seq, message, now)
+
+    def _transmit(self, seq: int, message: Message, now: float) -> None:
+        """Queue the frame of message *seq* on the open channel (ack piggybacked)."""
+        channel = self._channel
+        assert channel is not None
+        self._sent_upto = seq
+        kind = _REQUEST if message.request_id else _REPLY if message.reply_to else _DATA
+        ack = self._delivered > self._ack_sent
+        if kind == _DATA and not message.encrypted and not (ack and channel.binding is None):
+            self._out.append(encode_frame(message.data, FLAG_PLAIN))
+            return
+        piggyback = ack and (message.encrypted or channel.binding is None)
+        record = bytearray((kind | _WITH_ACK if piggyback else kind,))
+        if piggyback:
+            self._put_ack(record)
+        if kind != _DATA:
+            _put_varint(record, message.request_id or message.reply_to)
+        record += message.data
+        if message.encrypted:
+            self._out.append(channel.seal(bytes(record)))
+        else:
+            self._out.append(encode_frame(record, FLAG_SESSION))
+
+    def _put_ack(self, record: bytearray) -> None:
+        _put_varint(record, self._delivered)
+        self._ack_sent = self._delivered
+        self._ack_bytes = 0
+        self._ack_deadline = None
+
+    def _send_control(self, kind: int) -> None:
+        """Queue an ACK or GOING_AWAY (sealed on a bound channel)."""
+        channel = self._channel
+        assert channel is not None
+        record = bytearray((kind | _WITH_ACK,))
+        self._put_ack(record)
+        if channel.binding is not None:
+            self._out.append(channel.seal(bytes(record)))
+        else:
+            self._out.append(encode_frame(record, FLAG_SESSION))
+
+    # -- timers ------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """When :meth:`poll` has work (a delayed ack, the client's resume window), if
+        ever. Re-read after every call."""
+        if self._state == _OPEN:
+            return self._ack_deadline
+        if (self._client and self._state == _DETACHED and self.session_id is not None
+                and self._detached_at is not None):
+            return self._detached_at + self._resume_window
+        return None
+
+    def poll(self, now: float) -> list[Event]:
+        """Run what is due at *now*: a delayed ack; on a client that has been without a
+        connection past the server's resume window, the session's end (SESSION_LOST)."""
+        if self._state == _OPEN:
+            if self._ack_deadline is not None and now >= self._ack_deadline:
+                self._send_control(_ACK)
+            return []
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline:
+            return [self._lose(f"no connection for more than the server's resume window "
+                               f"({self._resume_window:g} s)")]
+        return []
+
+    def going_away(self, now: float) -> list[Event]:
+        """End the session (Server.stop(), Client.disconnect()): queue GOING_AWAY, deliver
+        nothing more, wait for the peer's. Without an open connection the session ends at
+        once (not gracefully: what the peer delivered is unknown)."""
+        if self._state == _OPEN:
+            self._send_control(_GOING_AWAY)
+            self._state = _CLOSING
+            return []
+        if self._state in (_DETACHED, _HELLO_SENT) and self.session_id is not None:
+            return [self._end("the session was closed without a connection",
+                              graceful=False)]
+        return []
+
+    # -- receiving ---------------------------------------------------------------------
+    def receive(self, frame: Frame, now: float) -> list[Event]:
+        """Handle one frame of the session's connection (flag 0-3, still encrypted);
+        return what it means, in order. Raises ProtocolError/CryptoError (see the class
+        docstring): on a client still waiting for the WELCOME, anything else is a
+        ProtocolError (the server does not speak sessions: fail the connect)."""
+        state = self._state
+        flag = frame.flag
+        if state == _HELLO_SENT:
+            if flag != FLAG_SESSION or not frame.payload or frame.payload[0] != _WELCOME:
+                raise ProtocolError("the server did not answer the session hello (is it "
+                                    "a morsock server with resume_window > 0?)",
+                                    ErrorCode.INVALID_PROTOCOL)
+            return self._on_welcome(frame.payload, now)
+        if state not in (_OPEN, _CLOSING):
+            return []   # ended or detached: nothing more belongs to this session
+        channel = self._channel
+        assert channel is not None
+        if flag == FLAG_PLAIN:
+            return self._deliver(Message(frame.payload), now)
+        if flag == FLAG_SESSION:
+            return self._record(frame.payload, False, channel.binding is not None, now)
+        return self._record(channel.open(frame), True, False, now)
+
+    def _record(self, record: bytes, encrypted: bool, unauthenticated: bool, now: float
+                ) -> list[Event]:
+        if not record:
+            raise _malformed("empty")
+        kind_byte = record[0]
+        kind = kind_byte & ~_WITH_ACK
+        if kind not in _KINDS:
+            raise _malformed(f"unknown record type 0x{kind_byte:02X}")
+        if kind in (_HELLO, _WELCOME):
+            raise _malformed("a second hello")
+        pos = 1
+        ack = None
+        if kind_byte & _WITH_ACK:
+            ack, pos = _get_varint(record, pos)
+        elif kind in _CONTROL:
+            raise _malformed("control record without its ack")
+        if unauthenticated and (ack is not None or kind in _CONTROL):
+            raise CryptoError("an acknowledgement in a plaintext frame on an AUTHENTICATED "
+                              "session (only sealed frames may carry one)",
+                              ErrorCode.AUTHENTICATION_FAILED)
+        rid = 0
+        if kind in (_REQUEST, _REPLY):
+            rid, pos = _get_varint(record, pos)
+            if rid == 0:
+                raise _malformed("request id 0")
+            if (kind == _REQUEST) == self._client:
+                raise _malformed("a request from the server or a reply from the client")
+        elif kind == _DATA:
+            pass
+        elif pos != len(record):
+            raise _malformed("bytes after a control record")
+        if ack is not None:
+            self._on_ack(ack)
+        if kind == _ACK:
+            return []
+        if kind == _GOING_AWAY:
+            return self._on_going_away()
+        if self._state == _CLOSING:
+            return []   # past our final ack: the peer gets it back
+        body = record[pos:]
+        if kind == _REPLY:
+            if rid >= self._next_rid:
+                raise _malformed(f"reply to request {rid}, which was never sent")
+            if rid not in self._pending:
+                self._count_delivery(len(body), now)
+                return [LateReply(rid, body, encrypted)]
+            self._pending.discard(rid)
+            return self._deliver(Message(body, encrypted, reply_to=rid), now)
+        if kind == _REQUEST:
+            self._max_rid_seen = max(self._max_rid_seen, rid)
+            return self._deliver(Message(body, encrypted, request_id=rid), now)
+        return self._deliver(Message(body, encrypted), now)
+
+    def _deliver(self, message: Message, now: float) -> list[Event]:
+        if self._state == _CLOSING:
+            return []   # past our final ack: the peer gets it back
+        self._count_delivery(len(message.data), now)
+        return [message]
+
+    def _count_delivery(self, size: int, now: float) -> None:
+        self._delivered += 1
+        self._ack_bytes += size
+        if (self._delivered - self._ack_sent >= ACK_EVERY
+                or self._ack_bytes >= self._peer_window // 4):
+            self._send_control(_ACK)
+        elif self._ack_deadline is None:
+            self._ack_deadline = now + self.ack_delay
+
+    def _on_ack(self, ack: int) -> None:
+        if not self._acked <= ack <= self._sent_upto:
+            raise _malformed(f"acknowledgement {ack} outside {self._acked}.."
+                             f"{self._sent_upto}")
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= ack:
+            _, message, size = unacked.popleft()
+            self._buffered -= size
+        self._acked = ack
+
+    def _on_going_away(self) -> list[Event]:
+        if self._state == _OPEN:
+            self._send_control(_GOING_AWAY)
+        return [self._end("the peer ended the session (going away)", graceful=True)]
+
+    # -- hello ---------------------------------------------------------------------------
+    def _on_welcome(self, record: bytes, now: float) -> list[Event]:
+        channel = self._channel
+        assert channel is not None
+        version = record[1] if len(record) > 1 else None
+        if version != VERSION:
+            raise _malformed(f"WELCOME of version {version}")
+        _caps, pos = _get_varint(record, 2)
+        window, pos = _get_varint(record, pos)
+        resume_ms, pos = _get_varint(record, pos)
+        if pos + 1 + SESSION_ID_SIZE > len(record):
+            raise _malformed("truncated WELCOME")
+        resumed = record[pos]
+        sid = record[pos + 1:pos + 1 + SESSION_ID_SIZE]
+        delivered, pos = _get_varint(record, pos + 1 + SESSION_ID_SIZE)
+        if resumed > 1:
+            raise _malformed(f"WELCOME status {resumed}")
+        binding = channel.binding
+        asked = self.session_id
+        if resumed and (asked is None or sid != asked):
+            raise _malformed("WELCOME resumes a session that was not asked for")
+        proof = record[pos:]
+        if binding is not None:
+            secret = self._secret if resumed else _bound_secret(binding, sid)
+            assert secret is not None
+            expected = _proof(secret, _LABEL_WELCOME, binding, record[:pos])
+            if len(proof) != PROOF_SIZE or not hmac.compare_digest(proof, expected):
+                raise CryptoError("the server's session WELCOME failed its proof",
+                                  ErrorCode.AUTHENTICATION_FAILED)
+        elif len(proof) != (0 if resumed else PROOF_SIZE):
+            raise _malformed("WELCOME proof of the wrong length")
+        else:
+            secret = self._secret if resumed else proof
+        events: list[Event] = []
+        if resumed:
+            if not self._acked <= delivered <= self._next_seq - 1:
+                raise _malformed(f"resume point {delivered} outside {self._acked}.."
+                                 f"{self._next_seq - 1}")
+            self._sent_upto = self._next_seq - 1   # the ack check's upper bound
+            self._on_ack(delivered)
+        else:
+            if delivered:
+                raise _malformed("a new session that already delivered messages")
+            if asked is not None:
+                events.append(self._lose("the server does not know the session (its "
+                                         "resume window passed or it restarted)"))
+            # what was queued before the first session stays queued for this one
+            self.session_id = bytes(sid)
+            self._secret = secret
+            self._bound = binding is not None
+        self._peer_window = max(1, window)
+        self._resume_window = resume_ms / 1000
+        self._open(self._acked, now)
+        events.append(SessionStarted(bytes(sid), bool(resumed)))
+        return events
+
+    def _open(self, resume_from: int, now: float) -> None:
+        """Open on the current channel; resend every message after *resume_from*."""
+        self._state = _OPEN
+        self._detached_at = None
+        # the hello exchange told the peer our resume point: an ack
+        self._ack_sent = self._delivered
+        self._ack_bytes = 0
+        self._ack_deadline = None
+        for seq, message, _ in self._unacked:
+            if seq > resume_from:
+                self._transmit(seq, message, now)
+        self._sent_upto = self._next_seq - 1
+
+    # -- the end -----------------------------------------------------------------------
+    def _end(self, reason: str, graceful: bool) -> SessionEnded:
+        sid = self.session_id
+        assert sid is not None
+        lost = tuple(message for _, message, _ in self._unacked)
+        lost_ids = {m.request_id for m in lost}
+        unanswered = tuple(sorted(r for r in self._pending if r not in lost_ids))
+        self._pending.clear()
+        self._reset(None, None, False)
+        self._state = _ENDED
+        return SessionEnded(sid, lost, unanswered, graceful, reason)
+
+    def _lose(self, reason: str) -> SessionEnded:
+        """Client: the session cannot resume; hand back what was not acknowledged."""
+        return self._end(reason, graceful=False)
+
+
+# --------------------------------------------------------------------------- the table
+
+class SessionTable:
+    """The server's sessions, by id, with their expiry ``resume_window`` seconds after
+    their connection dropped.
+
+    Reactor-thread only (or under one lock). The shell routes the first frame of a new
+    connection here when it has flag 3 (:meth:`accept`); a connection whose first frame
+    has another flag is a session-less peer and never reaches this table.
+    """
+
+    __slots__ = ("resume_window", "max_send_buffer", "ack_delay", "_sessions", "_expiry")
+
+    def __init__(self, resume_window: float, max_send_buffer: int, ack_delay: float = 0.1
+                 ) -> None:
+        if not resume_window > 0:
+            raise ValueError(f"resume_window must be > 0, got {resume_window}")
+        self.resume_window = resume_window
+        self.max_send_buffer = max_send_buffer
+        self.ack_delay = ack_delay
+        self._sessions: dict[bytes, Session] = {}
+        self._expiry: dict[bytes, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def accept(self, frame: Frame, channel: Channel, now: float) -> tuple[Session, bool]:
+        """Answer the HELLO *frame* of a new connection: return (session, resumed), its
+        WELCOME (and resent messages) queued in the session's :meth:`Session.data_to_send`.
+
+        A resumed session that was still on another connection moved to this one: close
+        that connection (its ``connection_lost`` is then ignored). An unknown or expired
+        id gets a new session. Raises ProtocolError for a malformed HELLO, CryptoError
+        (AUTHENTICATION_FAILED) for a resume whose proof is wrong: close the connection;
+        the session is left as it was.
+        """
+        record = frame.payload
+        if frame.flag != FLAG_SESSION or len(record) < 2 or record[0] != _HELLO:
+            raise _malformed("the first session frame is not a HELLO")
+        if record[1] != VERSION:
+            raise _malformed(f"HELLO of version {record[1]}")
+        _caps, pos = _get_varint(record, 2)
+        window, pos = _get_varint(record, pos)
+        sid_len = record[pos] if pos < len(record) else -1
+        if sid_len not in (0, SESSION_ID_SIZE):
+            raise _malformed(f"session id of {sid_len} bytes")
+        sid = bytes(record[pos + 1:pos + 1 + sid_len])
+        if len(sid) != sid_len:
+            raise _malformed("truncated HELLO")
+        delivered, pos = _get_varint(record, pos + 1 + sid_len)
+        proof = bytes(record[pos:])
+        binding = channel.binding
+        session = self._sessions.get(sid) if sid else None
+        if session is not None and (session.ended or now >= self._expiry.get(sid, now + 1)):
+            session = None   # expire() reports it
+        if session is not None:
+            secret = session._secret
+            assert secret is not None
+            if binding is not None:
+                expected = _proof(secret, _LABEL_HELLO, binding, record[:pos])
+            else:
+                expected = secret
+            if session._bound != (binding is not None) or not hmac.compare_digest(
+                    proof, expected):
+                raise CryptoError("session resume refused: its proof does not match "
+                                  "(not the session's owner)",
+                                  ErrorCode.AUTHENTICATION_FAILED)
+        elif not sid:
+            expected = (_proof(binding, _LABEL_HELLO, binding, record[:pos])
+                        if binding is not None else b"")
+            if not hmac.compare_digest(proof, expected):
+                raise CryptoError("session HELLO failed its proof",
+                                  ErrorCode.AUTHENTICATION_FAILED)
+        # an unknown id: its proof cannot be checked (the secret is gone); a new session
+        if session is None:
+            return self._new_session(channel, window, now), False
+        if not session._acked <= delivered <= session._next_seq - 1:
+            raise _malformed(f"resume point {delivered} outside {session._acked}.."
+                             f"{session._next_seq - 1}")
+        self._expiry.pop(sid, None)
+        session._channel = channel
+        session._out = []
+        session._peer_window = max(1, window)
+        session._sent_upto = session._next_seq - 1
+        session._on_ack(delivered)
+        session._out.append(self._welcome(session, channel, True))
+        session._open(delivered, now)
+        return session, True
+
+    def _new_session(self, channel: Channel, window: int, now: float) -> Session:
+        sid = os.urandom(SESSION_ID_SIZE)
+        while sid in self._sessions:   # pragma: no cover - 2**-128
+            sid = os.urandom(SESSION_ID_SIZE)
+        binding = channel.binding
+        secret = (_bound_secret(binding, sid) if binding is not None
+                  else os.urandom(PROOF_SIZE))
+        session = Session(client=False, max_send_buffer=self.max_send_buffer,
+                          ack_delay=self.ack_delay)
+        session._reset(sid, secret, binding is not None)
+        session._channel = channel
+        session._peer_window = max(1, window)
+        self._sessions[sid] = session
+        session._out.append(self._welcome(session, channel, False))
+        session._open(0, now)
+        return session
+
+    def _welcome(self, session: Session, channel: Channel, resumed: bool) -> bytes:
+        sid = session.session_id
+        secret = session._secret
+        assert sid is not None and secret is not None
+        record = bytearray((_WELCOME, VERSION))
+        _put_varint(record, CAPS)
+        _put_varint(record, self.max_send_buffer)
+        _put_varint(record, round(self.resume_window * 1000))
+        record.append(1 if resumed else 0)
+        record += sid
+        _put_varint(record, session._delivered)
+        binding = channel.binding
+        if binding is not None:
+            record += _proof(secret, _LABEL_WELCOME, binding, record)
+        elif not resumed:
+            record += secret
+        return encode_frame(record, FLAG_SESSION)
+
+    def connection_lost(self, session: Session, channel: Channel, now: float
+                        ) -> list[Event]:
+        """The connection of *channel* dropped: *session* waits ``resume_window``."""
+        events = session.connection_lost(channel, now)
+        sid = session.session_id
+        if sid is not None and not session.ended and session.channel is None:
+            self._expiry[sid] = now + self.resume_window
+        return events
+
+    def remove(self, session: Session) -> None:
+        """Forget *session* (it ended: SessionEnded was handled)."""
+        for sid, known in list(self._sessions.items()):
+            if known is session:
+                del self._sessions[sid]
+                self._expiry.pop(sid, None)
+
+    def next_expiry(self) -> float | None:
+        """The earliest moment :meth:`expire` has work, if any."""
+        return min(self._expiry.values(), default=None)
+
+    def expire(self, now: float) -> list[tuple[Session, SessionEnded]]:
+        """Remove every session whose window passed; return each with its end (its
+        unacknowledged messages: the shell reports SESSION_LOST for them)."""
+        ended = []
+        for sid, deadline in list(self._expiry.items()):
+            if now >= deadline:
+                session = self._sessions.pop(sid)
+                del self._expiry[sid]
+                end = session._end(f"no connection within resume_window "
+                                   f"({self.resume_window:g} s)", graceful=False)
+                ended.append((session, end))
+        return ended
