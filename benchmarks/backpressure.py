@@ -12,7 +12,8 @@ latency p50/p99/max, then exits non-zero if either bound (RSS, p99 < 50 ms) is m
                                                           # from DIR (e.g. an older tree)
 
 The server runs in a child process (its RSS is measured from /proc, Linux only); the load
-runs in this process, the 100 clients on one selector loop.
+runs in two more: the fast peer in a process of its own (flat out), the 100 clients on one
+selector loop in this one.
 """
 
 from __future__ import annotations
@@ -55,15 +56,21 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def flood(port: int, stop: threading.Event, sent: list[int]) -> None:
-    frame = HEADER.pack(MAGIC, FLOOD_PAYLOAD, 0) + b"F" * FLOOD_PAYLOAD
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.settimeout(0.5)
-        while not stop.is_set():
-            try:
-                sent[0] += sock.send(frame)
-            except socket.timeout:
-                continue  # the server is not reading: TCP pushes back
+_FLOOD = r"""
+import socket, struct, sys, time
+port, secs, size = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+frame = struct.pack("<IIB", 0xCAFEBABE, size, 0) + b"F" * size
+sent = 0
+deadline = time.monotonic() + secs
+with socket.create_connection(("127.0.0.1", port)) as sock:
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(frame)
+        except socket.timeout:
+            pass  # the server is not reading: TCP pushes back
+print(sent, flush=True)
+"""
 
 
 def requests(port: int, clients: int, stop: threading.Event, latencies: list[float]) -> None:
@@ -120,19 +127,19 @@ def main() -> int:
         rss_start = rss_bytes(server.pid)
         stop = threading.Event()
         latencies: list[float] = []
-        flooded = [0]
-        threads = [threading.Thread(target=flood, args=(port, stop, flooded)),
-                   threading.Thread(target=requests, args=(port, args.clients, stop, latencies))]
-        for t in threads:
-            t.start()
+        flooder = subprocess.Popen([sys.executable, "-c", _FLOOD, str(port), str(args.secs),
+                                    str(FLOOD_PAYLOAD)], stdout=subprocess.PIPE, text=True)
+        loader = threading.Thread(target=requests, args=(port, args.clients, stop, latencies))
+        loader.start()
         peak = rss_start
         deadline = time.monotonic() + args.secs
         while time.monotonic() < deadline:
             peak = max(peak, rss_bytes(server.pid))
             stop.wait(0.1)
         stop.set()
-        for t in threads:
-            t.join(30)
+        loader.join(30)
+        out, _ = flooder.communicate(timeout=30)
+        flooded = [int(out.split()[0])]
     finally:
         if server.stdin is not None:
             server.stdin.close()
