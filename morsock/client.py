@@ -803,7 +803,7 @@ class Client(Component):
             try:
                 conn._run_item(item)
             finally:
-                conn.handled(1)  # read back-pressure: the strand caught up this far
+                conn._handled(1)  # read back-pressure: the strand caught up this far
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:

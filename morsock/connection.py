@@ -454,7 +454,7 @@ class Connection:
         if self._rx_items - self._rx_markers >= resume_at:  # the strand caught up meanwhile
             self._resume_reading()
 
-    def handled(self, items: int) -> None:
+    def _handled(self, items: int) -> None:
         """Strand thread: *items* more items ran (frames and markers). Asks the reactor
         to read again once the handlers caught up to half of ``max_receive_backlog``."""
         self._rx_items += items
@@ -613,7 +613,7 @@ class Connection:
         else:
             self._linger_timer.cancel()
         with self._send_lock:
-            self.closed = True  # under the lock: see post_in_order
+            self.closed = True  # under the lock: see _post_in_order
             if self._out:
                 sent = self._flush_locked()
                 if sent and self._owner.on_data_sent is not None:
@@ -929,7 +929,7 @@ class Connection:
         """Queue *item* on this connection's strand (any thread)."""
         self._strand.post(item)
 
-    def post_in_order(self, item: Any) -> bool:
+    def _post_in_order(self, item: Any) -> bool:
         """Queue *item* to run in this connection's order, before its DISCONNECTED; return
         False when that already ran or is queued (the caller handles *item* itself).
         On the thread now running this connection's items, False too: it is in order

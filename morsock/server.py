@@ -603,7 +603,7 @@ class Server(Component):
             self._handle_batch(conn, items)
         finally:
             conn._runner = None
-            conn.handled(len(items))  # read back-pressure: the strand caught up this far
+            conn._handled(len(items))  # read back-pressure: the strand caught up this far
 
     def _handle_batch(self, conn: Connection, items: list[Any]) -> None:
         # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
@@ -782,7 +782,7 @@ class Server(Component):
         if observer is not None:
             observer.error(code)
         self._log.error("%s (code %d)", message, code)
-        if conn is None or not conn.post_in_order(ErrorReport(message, code)):
+        if conn is None or not conn._post_in_order(ErrorReport(message, code)):
             if conn is not None and conn.closed and conn._runner != get_ident():
                 conn = None  # its on_disconnect is queued or done: not tied to it any more
             self._emit("on_error", conn, message, code)
