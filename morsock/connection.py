@@ -420,7 +420,12 @@ class Connection:
         """Reactor thread: *frames* frames of *nbytes* wire bytes go to the strand."""
         self._rx_frames += frames
         self._rx_bytes += nbytes
-        self._rx_log.append((self._rx_frames, self._rx_bytes))
+        log = self._rx_log
+        if log:  # entries stay only while their frames are unhandled
+            handled = self._rx_items - self._rx_markers
+            while log and log[0][0] <= handled:
+                self._rx_done_bytes = log.popleft()[1]
+        log.append((self._rx_frames, self._rx_bytes))
 
     @property
     def receive_backlog(self) -> int:

@@ -90,6 +90,20 @@ def test_a_frame_larger_than_the_backlog_is_still_accepted() -> None:
             rec.wait_count("push", 20)
 
 
+def test_the_backlog_bookkeeping_stays_small_while_handlers_keep_up() -> None:
+    """What the reactor notes per read is forgotten once its frames are handled, whether or
+    not the backlog ever came near its limit (a long-lived connection must not grow)."""
+    with morsock.Server(port=0, host="127.0.0.1",
+                        on_handle_command=lambda s, c, d: d) as server:
+        with morsock.Client("127.0.0.1", server.port) as client:
+            for i in range(2000):
+                assert client.request(b"%d" % i) == b"%d" % i
+            with server.property_lock:
+                [sc] = server.clients.values()
+            assert len(sc._rx_log) <= 2, "one entry per read was kept"
+            assert len(client._conn._rx_log) <= 2
+
+
 def test_a_pipelining_client_is_slowed_down_not_dropped() -> None:
     """A client that sends requests faster than it reads the replies is slowed down by
     TCP (the server stops reading it while its replies wait), never disconnected with
