@@ -13,8 +13,7 @@ MORMOT profile (flag 1) -- :class:`MormotCipher`
     a 128-bit big-endian counter; GCM is its keystream only (counter blocks
     ``IV[0:12] || 00000002``, ...; no tag); CFC/OFC/CTC are CFB/OFB/CTR on the wire.
 
-AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handshake`,
-:class:`AuthSession`
+AUTHENTICATED (flag 2) -- :class:`ClientHandshake`, :func:`server_handshake`, :class:`AuthSession`
     morsock's own format. Master key = PBKDF2-HMAC-SHA256(UTF-8 key text,
     ``b"morsock/authenticated/v1"``, 600,000 rounds, 32 bytes), once per key text and
     process (cached). Right after connect the *client* sends a hello and the server
@@ -100,20 +99,20 @@ Buffer = Union[bytes, bytearray, memoryview]
 KeySizeLike = Union[KeySize, int, str]
 ModeLike = Union[AESMode, str]
 
-MORMOT_SALT = b"mormot_protocol_salt_2024"
-MORMOT_ITERATIONS = 1000
-AUTH_SALT = b"morsock/authenticated/v1"
-AUTH_ITERATIONS = 600_000
+MORMOT_SALT = b"mormot_protocol_salt_2024"  #: PBKDF2 salt of the MORMOT key.
+MORMOT_ITERATIONS = 1000  #: PBKDF2 rounds of the MORMOT key.
+AUTH_SALT = b"morsock/authenticated/v1"  #: PBKDF2 salt of the AUTHENTICATED master key.
+AUTH_ITERATIONS = 600_000  #: PBKDF2 rounds of the AUTHENTICATED master key.
 
-BLOCK_SIZE = 16
-IV_SIZE = 16
-MAC_SIZE = 32          # HMAC-SHA256
-TAG_SIZE = 16          # GCM
-RANDOM_SIZE = 32
-HELLO_MAGIC = b"MSA1"
-CLIENT_HELLO_SIZE = len(HELLO_MAGIC) + 2 + RANDOM_SIZE            # 38
-SERVER_HELLO_SIZE = len(HELLO_MAGIC) + RANDOM_SIZE + MAC_SIZE     # 68
-SEQ_LIMIT = 1 << 64    # sequence numbers are 0 .. SEQ_LIMIT - 1
+BLOCK_SIZE = 16  #: AES block size.
+IV_SIZE = 16  #: Bytes of a random IV.
+MAC_SIZE = 32  #: Bytes of an HMAC-SHA256 MAC.
+TAG_SIZE = 16  #: Bytes of a GCM tag.
+RANDOM_SIZE = 32  #: Bytes of each side's handshake random.
+HELLO_MAGIC = b"MSA1"  #: First bytes of both handshake hellos.
+CLIENT_HELLO_SIZE = len(HELLO_MAGIC) + 2 + RANDOM_SIZE  #: 38 bytes.
+SERVER_HELLO_SIZE = len(HELLO_MAGIC) + RANDOM_SIZE + MAC_SIZE  #: 68 bytes.
+SEQ_LIMIT = 1 << 64  #: Sequence numbers are 0 .. SEQ_LIMIT - 1.
 
 _MODES: tuple[AESMode, ...] = tuple(AESMode)
 _PADS: tuple[bytes, ...] = tuple(bytes((n,)) * n for n in range(BLOCK_SIZE + 1))
