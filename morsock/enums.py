@@ -74,7 +74,7 @@ class KeySize(enum.IntEnum):
 
 
 class EncryptionProfile(enum.Enum):
-    """How encrypted frames are built (see README, "Encryption profiles").
+    """How encrypted frames are built (see the guide, "Frames and encryption profiles").
 
     ``AUTHENTICATED`` (default, flag 2): morsock's own authenticated format.
     ``MORMOT`` (flag 1): byte-compatible with the Delphi components, unauthenticated.

@@ -141,7 +141,7 @@ class Server(Component):
     :meth:`find_client_by_ip`, :meth:`disconnect_client`, :meth:`disconnect_all_clients`,
     :meth:`clear_statistics`, :meth:`get_server_info`.
 
-    Events you may assign (``sender`` is the server; see README "Threads and events"):
+    Events you may assign (``sender`` is the server; see the guide, "Events and threads"):
     ``on_handle_command(sender, client, data) -> bytes | None`` (runs on a worker; a
     non-empty return is sent back to that client, encrypted when the request was),
     ``on_connect(sender, client)``, ``on_disconnect(sender, client)``,
