@@ -10,11 +10,24 @@ package counts as documented where its defining module's name is (``morsock.Serv
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "morsock"
+
+
+def _package_dir() -> Path:
+    """The package's sources: the checkout's, else the installed ones (CI tests the
+    wheel from a tree without morsock/). find_spec of a top-level name imports nothing."""
+    if (ROOT / "morsock" / "__init__.py").is_file():
+        return ROOT / "morsock"
+    spec = importlib.util.find_spec("morsock")
+    assert spec is not None and spec.origin, "morsock is neither in the tree nor installed"
+    return Path(spec.origin).parent
+
+
+PACKAGE = _package_dir()
 API_DIR = ROOT / "docs" / "api"
 README_MAX_LINES = 250
 
@@ -25,7 +38,7 @@ _MODULE_DIRECTIVE = re.compile(r"^\.\. (?:automodule|py:module):: ([\w.]+)\s*$")
 
 
 def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = ["morsock"] + list(path.relative_to(PACKAGE).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -72,7 +85,7 @@ def _imports(module: str, tree: ast.Module) -> dict[str, tuple[str, str]]:
             continue
         if node.level:
             base = module.split(".")
-            is_package = (PACKAGE.parent / Path(*base) / "__init__.py").exists()
+            is_package = (PACKAGE.joinpath(*base[1:]) / "__init__.py").exists()
             base = base if is_package else base[:-1]
             base = base[:len(base) - (node.level - 1)]
             source = ".".join(base + ([node.module] if node.module else []))
