@@ -188,6 +188,7 @@ def main() -> None:
             harvest.clear()
             strand._first = None
             strand._scheduled = False
+            conn._handled(args.frames)  # as if run: read back-pressure never pauses it
 
         view = server._scratch_view
         view[:len(frame)] = frame

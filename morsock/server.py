@@ -631,11 +631,11 @@ class Server(Component):
                     reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                 except Exception as exc:
                     if observer is not None:
-                        observer.handler_done(perf_counter() - start)
+                        observer.shard.handler_done(perf_counter() - start)
                     self._handler_failed("on_handle_command", exc, (conn,))
                     return
                 if observer is not None:
-                    observer.handler_done(perf_counter() - start)
+                    observer.shard.handler_done(perf_counter() - start)
                 if reply.__class__ is bytes:
                     n = len(reply)
                     if n >= DIRECT_SEND_MIN:  # large: uncork sends it with sendmsg, no copy
@@ -669,7 +669,7 @@ class Server(Component):
                         reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                     except Exception as exc:
                         if observer is not None:
-                            observer.handler_done(perf_counter() - start, calls)
+                            observer.shard.handler_done(perf_counter() - start, calls)
                             calls = 0
                         self._handler_failed("on_handle_command", exc, (conn,))
                         if observer is not None:
@@ -699,7 +699,7 @@ class Server(Component):
                         self._reply(conn, reply, False)
                     continue
                 if observer is not None and calls:  # the run of plaintext frames ends
-                    observer.handler_done(perf_counter() - start, calls)
+                    observer.shard.handler_done(perf_counter() - start, calls)
                     calls = 0
                 if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
                         and not conn.closing and (conn.session is not None
@@ -714,7 +714,7 @@ class Server(Component):
                     start = perf_counter()
         finally:
             if observer is not None and calls:
-                observer.handler_done(perf_counter() - start, calls)
+                observer.shard.handler_done(perf_counter() - start, calls)
             conn.uncork()
 
     def _run_sealed(self, conn: Connection, payload: bytes,
@@ -746,11 +746,11 @@ class Server(Component):
             reply = handler(self, conn, data)  # type: ignore[arg-type]
         except Exception as exc:
             if observer is not None:
-                observer.handler_done(perf_counter() - start)
+                observer.shard.handler_done(perf_counter() - start)
             self._handler_failed("on_handle_command", exc, (conn,))
             return None
         if observer is not None:
-            observer.handler_done(perf_counter() - start)
+            observer.shard.handler_done(perf_counter() - start)
         return reply
 
     def _run_item(self, conn: Connection, item: Any) -> None:
