@@ -179,9 +179,10 @@ class Component:
         None, doc="The logger of this component (None: logging.getLogger('morsock')).")
 
     #: Set by :func:`morsock.metrics.register` (None: no metrics). The components call
-    #: ``_observer.handler_done(seconds)`` after every ``on_handle_command`` call (its
-    #: duration, also when it raised) and ``_observer.error(code)`` wherever ``on_error``
-    #: is reported; while it is None the hot path pays one ``is not None`` check.
+    #: ``_observer.handler_done(seconds, calls)`` after ``on_handle_command`` calls (their
+    #: duration, also when one raised; a server's batch of plaintext frames at once) and
+    #: ``_observer.error(code)`` wherever ``on_error`` is reported; while it is None the
+    #: hot path pays an ``is not None`` check.
     _observer: Any = None
     _EVENTS: tuple[str, ...] = ()
     #: Strand items for plaintext frames are their payloads (``bytes``), not Frames.

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from threading import get_ident
+from time import perf_counter
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally
@@ -609,9 +610,12 @@ class Server(Component):
         # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
+        # With metrics (_observer), a run of plaintext frames handled back to back is
+        # timed as a whole (its handler calls and the queuing of their replies) and
+        # recorded once as that many calls; every other handler call is timed alone by
+        # _call_handler. Errors reports and other items are outside both.
         handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
+        observer = self._observer
         debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
         fast = handler is not None and not self.require_encryption and not (
             self._debug() if debug is None else debug)
@@ -622,11 +626,16 @@ class Server(Component):
             if item.__class__ is bytes:  # plaintext
                 if conn.closing:
                     return
+                start = perf_counter() if observer is not None else 0.0
                 try:
                     reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                 except Exception as exc:
+                    if observer is not None:
+                        observer.shard.handler_done(perf_counter() - start)
                     self._handler_failed("on_handle_command", exc, (conn,))
                     return
+                if observer is not None:
+                    observer.shard.handler_done(perf_counter() - start)
                 if reply.__class__ is bytes:
                     n = len(reply)
                     if n >= DIRECT_SEND_MIN:  # large: uncork sends it with sendmsg, no copy
@@ -650,13 +659,21 @@ class Server(Component):
                 self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
                 return
         conn.cork()
+        calls = 0  # plaintext frames handled since start (timed together)
+        start = perf_counter() if observer is not None else 0.0
         try:
             for item in items:
                 if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
+                    calls += 1
                     try:
                         reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                     except Exception as exc:
+                        if observer is not None:
+                            observer.shard.handler_done(perf_counter() - start, calls)
+                            calls = 0
                         self._handler_failed("on_handle_command", exc, (conn,))
+                        if observer is not None:
+                            start = perf_counter()
                         continue
                     if reply.__class__ is bytes:
                         # held: sent by uncork, with the rest of the batch
@@ -681,16 +698,23 @@ class Server(Component):
                     if reply:
                         self._reply(conn, reply, False)
                     continue
+                if observer is not None and calls:  # the run of plaintext frames ends
+                    observer.shard.handler_done(perf_counter() - start, calls)
+                    calls = 0
                 if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
                         and not conn.closing and (conn.session is not None
                                                   or item[1] == FLAG_MORMOT)):
                     self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
-                    continue
-                try:
-                    conn._run_item(item)
-                except Exception:
-                    self._log.exception("unhandled error handling %r on %s", item, conn)
+                else:
+                    try:
+                        conn._run_item(item)
+                    except Exception:
+                        self._log.exception("unhandled error handling %r on %s", item, conn)
+                if observer is not None:
+                    start = perf_counter()
         finally:
+            if observer is not None and calls:
+                observer.shard.handler_done(perf_counter() - start, calls)
             conn.uncork()
 
     def _run_sealed(self, conn: Connection, payload: bytes,
@@ -715,12 +739,19 @@ class Server(Component):
     def _call_handler(self, handler: Callable[[Server, ServerClient, bytes], Any],
                       conn: Connection, data: bytes) -> Any:
         """``handler(self, conn, data)``; None when it raised (reported as
-        HANDLER_EXCEPTION). Strand thread."""
+        HANDLER_EXCEPTION). Timed for the metrics when they are on. Strand thread."""
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
         try:
-            return handler(self, conn, data)  # type: ignore[arg-type]
+            reply = handler(self, conn, data)  # type: ignore[arg-type]
         except Exception as exc:
+            if observer is not None:
+                observer.shard.handler_done(perf_counter() - start)
             self._handler_failed("on_handle_command", exc, (conn,))
             return None
+        if observer is not None:
+            observer.shard.handler_done(perf_counter() - start)
+        return reply
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:
@@ -743,8 +774,6 @@ class Server(Component):
                 return
             data = opened
         handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
         if handler is None:
             return
         if self._debug():
