@@ -7,14 +7,24 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
-from ._settings import Setting, _non_negative_int, _port
+from ._replies import LATE, ReplyOrder
+from ._settings import (
+    Setting,
+    _boolean,
+    _client_host,
+    _enum,
+    _non_negative_int,
+    _optional_name,
+    _port,
+    _positive_int,
+    check_timeout,
+)
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
-from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout
+from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError
 from .events import EventQueue
 from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, Frame
 from .reactor import EVENT_WRITE, Timer
@@ -29,17 +39,6 @@ _CONNECT_IN_PROGRESS = {0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 1
 #: Plaintext frames a server may send before its AUTHENTICATED handshake answer that the
 #: client holds for after the handshake; one more fails the handshake.
 EARLY_FRAMES_MAX = 64
-
-
-class _Waiter:
-    """One pending :meth:`Client.request`."""
-
-    __slots__ = ("event", "reply", "error")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: bytes | None = None
-        self.error: BaseException | None = None
 
 
 class _Attempt:
@@ -136,28 +135,28 @@ class Client(Component):
     block) to release every thread and socket.
     """
 
-    host: Setting[str] = Setting("localhost", str, doc="Server address (name or IP).")
+    host: Setting[str] = Setting("localhost", _client_host, doc="Server address (name or IP).")
     port: Setting[int] = Setting(3434, _port, doc="Server port.")
     auto_reconnect: Setting[bool] = Setting(
-        False, bool, live=True,
+        False, _boolean, live=True,
         doc="Retry after a failed connect() and after a drop (for any reason but "
             "disconnect()), as reconnect_strategy says.")
     reconnect_strategy: Setting[ReconnectStrategy] = Setting(
-        ReconnectStrategy.BACKOFF, ReconnectStrategy.parse, live=True,
+        ReconnectStrategy.BACKOFF, _enum(ReconnectStrategy.parse), live=True,
         doc="Delay before attempt n: NONE (no retry), IMMEDIATE (100 ms), FIXED_INTERVAL "
             "(reconnect_interval), BACKOFF (reconnect_interval * 2 ** (n - 1), +-20% "
             "jitter, at most reconnect_max_interval).")
     reconnect_interval: Setting[int] = Setting(
-        5000, _non_negative_int, live=True,
+        5000, _positive_int, live=True,
         doc="Milliseconds: the FIXED_INTERVAL delay and the first BACKOFF delay.")
     reconnect_max_attempts: Setting[int] = Setting(
         10, _non_negative_int, live=True,
         doc="Failed attempts before giving up (on_error(..., MAX_RECONNECT_ATTEMPTS)); "
             "0: unlimited.")
     reconnect_max_interval: Setting[int] = Setting(
-        30000, _non_negative_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
+        30000, _positive_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
     server_hostname: Setting[str | None] = Setting(
-        None, doc="Name the server's TLS certificate must match (None: host).")
+        None, _optional_name, doc="Name the server's TLS certificate must match (None: host).")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
@@ -192,8 +191,7 @@ class Client(Component):
             settings.pop(name, None)
         self._state = ClientState.DISCONNECTED
         self._life_lock = threading.RLock()
-        self._request_lock = threading.Lock()
-        self._waiters: deque[_Waiter] = deque()
+        self._replies = ReplyOrder()  # request() matching (see morsock._replies)
         self._conn: Connection | None = None
         self._strand: Strand | None = None
         self._user_stopped = True
@@ -770,7 +768,7 @@ class Client(Component):
         waiter, self._close_done = self._close_done, None
         if waiter is not None:  # disconnect() waits: release it once DISCONNECTED is posted
             self._reactor.call_soon(waiter.set)
-        self._fail_waiters()
+        self._fail_waiters(conn)
         if conn is not self._conn:
             return
         self._conn = None
@@ -821,12 +819,12 @@ class Client(Component):
         if self._debug():
             self._log.debug("%d-byte message from %s (flag %d)", len(data), conn.describe(),
                             frame.flag)
-        with self._request_lock:
-            waiter = self._waiters.popleft() if self._waiters else None
-        if waiter is not None:
-            waiter.reply = data
-            waiter.event.set()
+        owner = self._replies.deliver(conn, data)
+        if owner is True:
             return
+        if owner is LATE and self._debug():
+            self._log.debug("%d-byte late reply to a request that timed out: passed to "
+                            "on_handle_command", len(data))
         handler = self.on_handle_command
         if self._observer is not None:
             handler = self._observed(handler)
@@ -840,12 +838,8 @@ class Client(Component):
         if reply:
             self._reply(conn, reply, frame.flag != 0)
 
-    def _fail_waiters(self) -> None:
-        with self._request_lock:
-            waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            waiter.error = NotConnectedError("the connection was closed before the reply came")
-            waiter.event.set()
+    def _fail_waiters(self, conn: Connection) -> None:
+        self._replies.reset(conn)
 
     # -- sending ---------------------------------------------------------------------------
     def _live_connection(self) -> Connection:
@@ -865,17 +859,25 @@ class Client(Component):
         self._send_on(self._live_connection(), data, encrypted)
 
     def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
-        """Send *data* and return the next frame the server sends back (decrypted).
+        """Send *data* and return the frame the server sends back in its place (decrypted).
 
-        Concurrent requests are answered in the order they were sent. Raises
-        RequestTimeout after *timeout* seconds (the request then gives up its place),
-        NotConnectedError if the connection is (or gets) closed, and whatever
-        :meth:`send_data` raises. While a request waits, its reply does not reach
-        ``on_handle_command``.
+        Replies are matched by order (docs/guide/requests.rst): concurrent requests are
+        answered in the order they were sent, and a request never returns another
+        request's reply. A request that times out keeps its place: its late reply goes
+        to ``on_handle_command``, and a request made meanwhile is sent once the late
+        replies are in; if they do not come within its *timeout* (the server skipped a
+        reply), the connection is closed (``on_error(..., TIMEOUT)``), as its order is
+        lost. While a request waits, its reply does not reach ``on_handle_command``.
+
+        Raises RequestTimeout after *timeout* seconds, NotConnectedError if the
+        connection is (or gets) closed, TypeError/ValueError for a *timeout* that is not a
+        finite number > 0, and whatever :meth:`send_data` raises (ProtocolError over
+        ``max_message_size``), all before anything is sent.
 
         Not from the client's own threads (its handlers in direct event mode): the reply
         is matched on the thread that would be waiting, so MorsockError is raised at once.
         """
+        timeout = check_timeout(timeout)
         if self._own_run() is not None:
             raise MorsockError(
                 "request() cannot wait on one of the client's own threads (a handler): "
@@ -883,28 +885,10 @@ class Client(Component):
                 "in on_handle_command, or call request() from another thread")
         conn = self._live_connection()
         payload = as_bytes(data)
-        waiter = _Waiter()
-        with self._request_lock:
-            self._waiters.append(waiter)
-            try:
-                self._send_on(conn, payload, encrypted)
-            except BaseException:
-                self._waiters.remove(waiter)
-                raise
-        if not waiter.event.wait(timeout):
-            with self._request_lock:
-                try:
-                    self._waiters.remove(waiter)
-                    gave_up = True
-                except ValueError:
-                    gave_up = False
-            if gave_up:
-                raise RequestTimeout(f"no reply within {timeout:g} s")
-            waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.reply is not None
-        return waiter.reply
+        self._check_size(payload, encrypted)
+        return self._replies.request(
+            conn, lambda: self._send_on(conn, payload, encrypted), timeout,
+            lambda message: conn.close(ErrorCode.TIMEOUT, message))
 
     # -- events and statistics -----------------------------------------------------------
     def _report_ordered(self, message: str, code: int) -> None:

@@ -16,8 +16,8 @@ import time
 from threading import get_ident
 from typing import Any, Callable
 
-from ._component import Component, Data, Tally
-from ._settings import Setting, _optional_seconds, _port, _positive_int
+from ._component import Component, Data, Tally, as_bytes
+from ._settings import Setting, _boolean, _optional_seconds, _port, _positive_int, _server_host
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
@@ -179,7 +179,7 @@ class Server(Component):
     port: Setting[int] = Setting(
         3434, _port, doc="TCP port to listen on (0: a free one, which port then holds).")
     host: Setting[str] = Setting(
-        "0.0.0.0", str, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
+        "0.0.0.0", _server_host, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
     max_connections: Setting[int] = Setting(
         1000, _positive_int, live=True,
         doc="Most clients at once: a connection past it is closed at once "
@@ -190,7 +190,7 @@ class Server(Component):
         doc="Worker threads running on_handle_command (one connection's frames run one "
             "at a time, in order).")
     reuse_port: Setting[bool] = Setting(
-        False, bool,
+        False, _boolean,
         doc="Also set SO_REUSEPORT (where the platform has none, start() raises "
             "MorsockError).")
     idle_timeout: Setting[float | None] = Setting(
@@ -908,10 +908,12 @@ class Server(Component):
         (``on_error(client, ..., SEND_BUFFER_FULL)``), as is one that cannot take an
         encrypted frame; the others still get the message.
         """
+        payload = as_bytes(data)
+        self._check_size(payload, encrypted)
         count = 0
         for client in self.clients.values():
             try:
-                self._send_on(client, data, encrypted)
+                self._send_on(client, payload, encrypted)
             except NotConnectedError:
                 continue
             except (SendBufferFullError, CryptoError) as exc:
