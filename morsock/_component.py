@@ -360,6 +360,8 @@ class Component:
                                       ErrorCode.DECRYPT_FAILED)
                 return bytes(ctx.mormot.decrypt(frame.payload))
             if not ctx.authenticated:
+                if conn.session is None:
+                    self._refuse_hello(conn, frame.payload, self._hello_mismatch(ctx))
                 raise CryptoError(self._profile_mismatch("AUTHENTICATED", ctx),
                                   ErrorCode.AUTHENTICATION_FAILED)
             session = conn.session
@@ -377,6 +379,23 @@ class Component:
         if not ctx.key:
             return f"{kind}-profile encrypted frame, but no encryption_key is set"
         return f"{kind}-profile encrypted frame, but this side uses the {ctx.profile.name} profile"
+
+    @staticmethod
+    def _hello_mismatch(ctx: CryptoContext) -> str:
+        """What a client asking for the AUTHENTICATED profile has to change to talk to
+        this side (which does not use it)."""
+        if not ctx.key:
+            return ("the server has no encryption_key (it takes plaintext only): connect "
+                    "without encryption_key, or give the server the same key, mode and "
+                    "key size")
+        return ("the server uses encryption_profile=MORMOT (the Delphi-compatible "
+                "profile): set encryption_profile='MORMOT' on the client too, with the "
+                "same key, mode and key size")
+
+    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
+        """A flag-2 frame came first on *conn* and cannot start a session: a server tells
+        a morsock client why (see :func:`morsock.crypto.refusal_frame`) before the
+        connection is closed; a client never answers. Strand."""
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         """A flag-2 frame before any session: only the server accepts it (a ClientHello)."""

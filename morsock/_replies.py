@@ -174,13 +174,15 @@ class ReplyOrder:
             entry.event.set()
             return True
 
-    def reset(self, conn: Any) -> None:
-        """*conn* closed: every request waiting on it raises NotConnectedError at once,
-        and what it owed is forgotten (a new connection starts in step)."""
+    def reset(self, conn: Any, why: str = "") -> None:
+        """*conn* closed: every request waiting on it raises NotConnectedError at once
+        (its message followed by *why* when given), and what it owed is forgotten (a new
+        connection starts in step)."""
         with self._lock:
             if conn is not self._conn:
                 return
-            self._fail_all(NotConnectedError("the connection was closed before the reply came"))
+            message = "the connection was closed before the reply came"
+            self._fail_all(NotConnectedError(f"{message}: {why}" if why else message))
             self._conn = None
             self._in_step.notify_all()
 

@@ -26,7 +26,7 @@ from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
 from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, HEADER_SIZE, Frame
 from .reactor import EVENT_WRITE, Timer
 from .reconnect import ReconnectPolicy
 from .tls import TLSHandshake
@@ -39,6 +39,35 @@ _CONNECT_IN_PROGRESS = {0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 1
 #: Plaintext frames a server may send before its AUTHENTICATED handshake answer that the
 #: client holds for after the handshake; one more fails the handshake.
 EARLY_FRAMES_MAX = 64
+
+
+#: The codes a failed connect() reports as they are (on_error and the exception alike):
+#: a handshake the server refused. Anything else is CONNECTION_FAILED.
+_HANDSHAKE_CODES = (ErrorCode.TLS_FAILED, ErrorCode.AUTHENTICATION_FAILED)
+
+
+def connect_error(error: BaseException) -> ConnectError:
+    """The ConnectError that connect() raises for *error*, with the one code that its
+    ``on_error`` reports too (see _HANDSHAKE_CODES); the cause chained."""
+    code = getattr(error, "code", None)
+    code = code if code in _HANDSHAKE_CODES else ErrorCode.CONNECTION_FAILED
+    if isinstance(error, ConnectError) and error.code == code:
+        return error
+    wrapped = ConnectError(str(error), code)
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def unanswered_hello(host: str, port: int, timeout: float, plaintext_frames: int) -> str:
+    """The message of a connect whose TCP connection was made but whose AUTHENTICATED
+    handshake got no answer."""
+    got = (f"; it sent {plaintext_frames} plaintext frame(s) instead" if plaintext_frames
+           else "")
+    return (f"connected to {host}:{port}, but the server did not answer the AUTHENTICATED "
+            f"handshake within {timeout:g} s{got}. It is probably not a morsock server with "
+            f"an encryption_key: a Delphi mORMot server has no AUTHENTICATED profile (use "
+            f"encryption_profile='MORMOT' with the same key, mode and key size), and a "
+            f"server without a key treats the handshake as data")
 
 
 class _Attempt:
@@ -204,6 +233,7 @@ class Client(Component):
         self._connect_timer: Timer | None = None
         self._connecting: socket.socket | None = None
         self._addresses: list[tuple[Any, ...]] = []
+        self._peer_address: Any = None  # the address of the attempt's socket
         self._handshake: Any = None
         self._early_frames: list[Frame] = []  # plaintext frames before the handshake answer
         self._handshake_error: BaseException | None = None
@@ -306,10 +336,10 @@ class Client(Component):
             raise ConnectError(f"connect to {self.host}:{self.port} did not finish")
         if attempt.error is not None:
             error = attempt.error
-            if isinstance(error, MorsockError) and not isinstance(error, ConnectError):
-                raise ConnectError(str(error), error.code) from error
             if isinstance(error, ConnectError):
                 raise error
+            if isinstance(error, MorsockError):
+                raise connect_error(error) from error
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {error}") from error
 
     def disconnect(self) -> None:
@@ -534,6 +564,7 @@ class Client(Component):
             self._try_next_address(attempt, OSError(err, errno.errorcode.get(err, str(err))))
             return
         self._connecting = sock
+        self._peer_address = address  # for messages: a reset socket has no getpeername()
         self._reactor.register(sock, EVENT_WRITE,
                                lambda mask: self._on_connect_ready(attempt, sock))
 
@@ -603,7 +634,7 @@ class Client(Component):
         AUTHENTICATED handshake or declare the connection established."""
         try:
             conn = Connection(self, sock, max_message_size=self.max_message_size,
-                              max_send_buffer=self.max_send_buffer)
+                              max_send_buffer=self.max_send_buffer, peer=self._peer_address)
         except OSError as exc:
             sock.close()
             self._try_next_address(attempt, exc)
@@ -641,11 +672,24 @@ class Client(Component):
                       len(frames))
         before = frames[:answer]
         try:
-            if (any(f.flag != FLAG_PLAIN for f in before)
-                    or len(early) + len(before) > EARLY_FRAMES_MAX):
-                raise CryptoError("the server did not answer the AUTHENTICATED handshake "
-                                  "(is it a morsock server with the same key and profile?)",
-                                  ErrorCode.AUTHENTICATION_FAILED)
+            hello_head = self._handshake.hello_frame[HEADER_SIZE:HEADER_SIZE + 6]
+            if any(f.flag == FLAG_PLAIN and hello_head in f.payload for f in before):
+                # our hello came back inside a plaintext frame: the server took it for data
+                raise CryptoError(
+                    f"{self.host}:{self.port} answered the AUTHENTICATED handshake with "
+                    f"plaintext data that contains it: the server does not know the "
+                    f"AUTHENTICATED profile (a Delphi mORMot server has none): use "
+                    f"encryption_profile='MORMOT' with the same key, mode and key size",
+                    ErrorCode.AUTHENTICATION_FAILED)
+            sealed = any(f.flag != FLAG_PLAIN for f in before)
+            if sealed or len(early) + len(before) > EARLY_FRAMES_MAX:
+                sent = "MORMOT-profile frames" if sealed else "plaintext frames"
+                raise CryptoError(
+                    f"{self.host}:{self.port} did not answer the AUTHENTICATED handshake "
+                    f"(it sent {sent} instead): it is not a morsock server in the "
+                    f"AUTHENTICATED profile; a Delphi mORMot server needs "
+                    f"encryption_profile='MORMOT'",
+                    ErrorCode.AUTHENTICATION_FAILED)
             early += before
             if answer == len(frames):
                 return []  # still waiting for the answer
@@ -684,7 +728,10 @@ class Client(Component):
         self._drop_connecting()
         conn = self._conn
         error = ConnectError(f"connect to {self.host}:{self.port} timed out after "
-                             f"{self.connection_timeout:g} s", ErrorCode.TIMEOUT)
+                             f"{self.connection_timeout:g} s")
+        if conn is not None and not conn.established and self._handshake is not None:
+            error = ConnectError(unanswered_hello(self.host, self.port, self.connection_timeout,
+                                                  len(self._early_frames)))
         if conn is not None and not conn.established:
             self._handshake_error = error
             conn.close()
@@ -701,9 +748,9 @@ class Client(Component):
         self._set_state(ClientState.DISCONNECTED)
         attempt.error = error
         if attempt.user:
-            tls = getattr(error, "code", None) is ErrorCode.TLS_FAILED
-            self._report_ordered(f"{error}",
-                                 ErrorCode.TLS_FAILED if tls else ErrorCode.CONNECTION_FAILED)
+            attempt.error = error = connect_error(error)
+            assert error.code is not None
+            self._report_ordered(f"{error}", error.code)
         else:
             policy = self._live_policy()
             n = policy.record_failure()
@@ -768,13 +815,15 @@ class Client(Component):
         waiter, self._close_done = self._close_done, None
         if waiter is not None:  # disconnect() waits: release it once DISCONNECTED is posted
             self._reactor.call_soon(waiter.set)
-        self._fail_waiters(conn)
+        hint = self._reset_hint(conn) if conn is self._conn else ""
+        self._fail_waiters(conn, hint)
         if conn is not self._conn:
             return
         self._conn = None
+        if hint:
+            self._report_ordered(hint, ErrorCode.CONNECTION_LOST)
         if not conn.established:
-            error = self._handshake_error or ConnectError(
-                f"{self.host}:{self.port} closed the connection during the handshake")
+            error = self._handshake_error or ConnectError(self._closed_in_handshake(conn))
             self._handshake_error = None
             if self._attempt is not None:
                 self._attempt_failed(self._attempt, error)
@@ -838,8 +887,31 @@ class Client(Component):
         if reply:
             self._reply(conn, reply, frame.flag != 0)
 
-    def _fail_waiters(self, conn: Connection) -> None:
-        self._replies.reset(conn)
+    def _fail_waiters(self, conn: Connection, why: str = "") -> None:
+        self._replies.reset(conn, why)
+
+    def _closed_in_handshake(self, conn: Connection) -> str:
+        """Why an AUTHENTICATED handshake ended in a close without an answer."""
+        how = "reset" if conn._broken else "closed"
+        text = (f"{self.host}:{self.port} {how} the connection during the AUTHENTICATED "
+                f"handshake without answering it")
+        if self.ssl_context is None:
+            text += (": a server that uses TLS does this to a client without ssl_context "
+                     "(give the client one if the server uses TLS); otherwise the server "
+                     "refused the handshake, and its log says why (key, mode, key size or "
+                     "profile)")
+        return text
+
+    def _reset_hint(self, conn: Connection) -> str:
+        """Reactor thread: a message for an established plain connection that the server
+        reset after our first frames, before sending anything (what a TLS server does to a
+        client that does not speak TLS); '' for any other close."""
+        if (not conn.established or not conn._broken or self.ssl_context is not None
+                or conn.messages_received or not conn.messages_sent or self._user_stopped):
+            return ""
+        return (f"{self.host}:{self.port} reset the connection after our first message "
+                f"without sending anything: a server that uses TLS does this to a client "
+                f"without ssl_context (give the client one if the server uses TLS)")
 
     # -- sending ---------------------------------------------------------------------------
     def _live_connection(self) -> Connection:

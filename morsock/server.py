@@ -758,9 +758,21 @@ class Server(Component):
         from .crypto import server_handshake
         ctx = self._crypto
         assert ctx is not None
-        reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        try:
+            reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        except CryptoError as exc:
+            self._refuse_hello(conn, payload, str(exc))
+            raise
         conn.send_frame(reply)
         conn.session = session
+
+    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
+        from .crypto import is_client_hello, refusal_frame
+        if is_client_hello(payload):  # only a morsock client sends one: no Delphi peer
+            try:
+                conn.send_frame(refusal_frame(reason))
+            except MorsockError:
+                pass  # gone already: the close that follows is reported anyway
 
     # -- events and statistics -----------------------------------------------------------
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
