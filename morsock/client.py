@@ -234,6 +234,10 @@ class Client(Component):
         self._connecting: socket.socket | None = None
         self._addresses: list[tuple[Any, ...]] = []
         self._peer_address: Any = None  # the address of the attempt's socket
+        #: the connections on which the last MORMOT frame was sent / received (see
+        #: _reset_hint)
+        self._sealed_out: Connection | None = None
+        self._sealed_in: Connection | None = None
         self._handshake: Any = None
         self._early_frames: list[Frame] = []  # plaintext frames before the handshake answer
         self._handshake_error: BaseException | None = None
@@ -868,6 +872,8 @@ class Client(Component):
         if self._debug():
             self._log.debug("%d-byte message from %s (flag %d)", len(data), conn.describe(),
                             frame.flag)
+        if frame.flag != FLAG_PLAIN:
+            self._sealed_in = conn
         owner = self._replies.deliver(conn, data)
         if owner is True:
             return
@@ -903,15 +909,27 @@ class Client(Component):
         return text
 
     def _reset_hint(self, conn: Connection) -> str:
-        """Reactor thread: a message for an established plain connection that the server
-        reset after our first frames, before sending anything (what a TLS server does to a
-        client that does not speak TLS); '' for any other close."""
-        if (not conn.established or not conn._broken or self.ssl_context is not None
-                or conn.messages_received or not conn.messages_sent or self._user_stopped):
+        """Reactor thread: why the server probably closed an established connection, when
+        the way it closed tells: reset after our first frames before sending anything
+        (what a TLS server does to a client that does not speak TLS), or closed after our
+        MORMOT-encrypted frames without ever sending one (what a morsock server does with
+        a frame it cannot decrypt). '' for any other close."""
+        if not conn.established or self._user_stopped or conn.close_code is not None:
             return ""
-        return (f"{self.host}:{self.port} reset the connection after our first message "
-                f"without sending anything: a server that uses TLS does this to a client "
-                f"without ssl_context (give the client one if the server uses TLS)")
+        where = f"{self.host}:{self.port}"
+        if (conn._broken and self.ssl_context is None and not conn.messages_received
+                and conn.messages_sent):
+            return (f"{where} reset the connection after our first message without sending "
+                    f"anything: a server that uses TLS does this to a client without "
+                    f"ssl_context (give the client one if the server uses TLS)")
+        if self._sealed_out is conn and self._sealed_in is not conn:
+            return (f"{where} closed the connection after our encrypted message without "
+                    f"sending one back: a morsock server does this with a frame it cannot "
+                    f"decrypt. Give both sides the same encryption_key, encryption_mode, "
+                    f"encryption_key_size and encryption_profile (this client uses "
+                    f"{self.encryption_info}; a morsock server in its default "
+                    f"AUTHENTICATED profile refuses MORMOT frames)")
+        return ""
 
     # -- sending ---------------------------------------------------------------------------
     def _live_connection(self) -> Connection:
@@ -928,7 +946,10 @@ class Client(Component):
         Raises NotConnectedError when not connected, SendBufferFullError past
         ``max_send_buffer``, CryptoError if ``encrypted`` without a key.
         """
-        self._send_on(self._live_connection(), data, encrypted)
+        conn = self._live_connection()
+        self._send_on(conn, data, encrypted)
+        if encrypted:
+            self._sealed_out = conn
 
     def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
         """Send *data* and return the frame the server sends back in its place (decrypted).
@@ -958,6 +979,8 @@ class Client(Component):
         conn = self._live_connection()
         payload = as_bytes(data)
         self._check_size(payload, encrypted)
+        if encrypted:
+            self._sealed_out = conn
         return self._replies.request(
             conn, lambda: self._send_on(conn, payload, encrypted), timeout,
             lambda message: conn.close(ErrorCode.TIMEOUT, message))

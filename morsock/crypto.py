@@ -856,8 +856,8 @@ class ClientHandshake:
         expected = hmac.digest(keys.confirm, self._hello + server_random, "sha256")
         if not hmac.compare_digest(expected, data[4 + RANDOM_SIZE:]):
             raise _auth_error("AUTHENTICATED handshake failed: the server's key "
-                              "confirmation does not match: the client and the server "
-                              "have different encryption_key values")
+                              "confirmation does not match (wrong key?): the client and "
+                              "the server have different encryption_key values")
         return AuthSession(self.mode, self.key_size, keys.enc_c2s, keys.mac_c2s,
                            keys.enc_s2c, keys.mac_s2c, binding=keys.export)
 

@@ -138,3 +138,27 @@ def test_keyless_plain_client_against_a_tls_server(tls_server_ctx: ssl.SSLContex
         (_, message, code), = crec.named("error")
         assert code == ErrorCode.CONNECTION_LOST
         assert "ssl_context" in message and message in str(info.value)
+
+
+@pytest.mark.parametrize("server_settings", [{"encryption_key": KEY}, {},
+                                             {"encryption_key": KEY,
+                                              "encryption_profile": "MORMOT",
+                                              "encryption_mode": "GCM"}],
+                         ids=["authenticated-server", "keyless-server", "other-mode"])
+def test_mormot_client_refused_by_a_morsock_server_is_told_what_to_check(
+        server_settings: Dict[str, Any]) -> None:
+    """A MORMOT client has no handshake (a Delphi peer could be one, so the server sends
+    it nothing new): the server closes on its first encrypted frame, and the client's
+    error says what to make equal."""
+    crec = Recorder()
+    with running_server(**server_settings) as server:
+        with Client(LOCAL, server.port, encryption_key=KEY, encryption_profile="MORMOT",
+                    on_error=crec.handler("error"),
+                    on_disconnect=crec.handler("disconnect")) as client:
+            assert client.request(b"plain first", timeout=5) == b"plain first"
+            with pytest.raises(NotConnectedError, match="cannot decrypt") as info:
+                client.request(b"secret", encrypted=True, timeout=5)
+            crec.wait_count("disconnect", 1)
+        (_, message, code), = crec.named("error")
+        assert code == ErrorCode.CONNECTION_LOST and message in str(info.value)
+        assert "AES-256-CBC (MORMOT)" in message and "encryption_profile" in message
