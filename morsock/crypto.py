@@ -55,6 +55,11 @@ AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handsh
     16-byte blocks are equal, within a message and across messages (identical messages
     give identical ciphertext): prefer GCM or CTR.
 
+    A server that cannot accept a ClientHello (another mode or key size, no key, the
+    MORMOT profile) answers ``Refusal = b"MSA!" || reason`` (UTF-8, at most 400 bytes,
+    flag 2) and closes; the client raises the reason. Only a payload shaped like a
+    ClientHello (38 bytes, ``MSA1``) is ever answered so, which no Delphi peer sends.
+
     A peer without the AUTHENTICATED profile never gets a ClientHello from a server
     (servers never speak first). A server that is not AUTHENTICATED gets it as a flag-2
     frame (the Delphi components pass it to their handler as 38 bytes of data) and
