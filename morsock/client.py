@@ -234,9 +234,9 @@ class Client(Component):
         self._connecting: socket.socket | None = None
         self._addresses: list[tuple[Any, ...]] = []
         self._peer_address: Any = None  # the address of the attempt's socket
-        #: the connections on which the last MORMOT frame was sent / received (see
-        #: _reset_hint)
-        self._sealed_out: Connection | None = None
+        #: the connection an encrypted frame was last sent on, with the frames it had
+        #: received by then; the one an encrypted frame was last received on (_reset_hint)
+        self._sealed_out: tuple[Connection, int] | None = None
         self._sealed_in: Connection | None = None
         self._handshake: Any = None
         self._early_frames: list[Frame] = []  # plaintext frames before the handshake answer
@@ -912,8 +912,8 @@ class Client(Component):
         """Reactor thread: why the server probably closed an established connection, when
         the way it closed tells: reset after our first frames before sending anything
         (what a TLS server does to a client that does not speak TLS), or closed after our
-        MORMOT-encrypted frames without ever sending one (what a morsock server does with
-        a frame it cannot decrypt). '' for any other close."""
+        encrypted frame without sending anything after it, nor any encrypted frame before
+        (what a morsock server does with a frame it cannot decrypt). '' for any other close."""
         if not conn.established or self._user_stopped or conn.close_code is not None:
             return ""
         where = f"{self.host}:{self.port}"
@@ -922,9 +922,11 @@ class Client(Component):
             return (f"{where} reset the connection after our first message without sending "
                     f"anything: a server that uses TLS does this to a client without "
                     f"ssl_context (give the client one if the server uses TLS)")
-        if self._sealed_out is conn and self._sealed_in is not conn:
+        sealed = self._sealed_out
+        if (sealed is not None and sealed[0] is conn and self._sealed_in is not conn
+                and conn.messages_received == sealed[1]):
             return (f"{where} closed the connection after our encrypted message without "
-                    f"sending one back: a morsock server does this with a frame it cannot "
+                    f"sending anything back: a morsock server does this with a frame it cannot "
                     f"decrypt. Give both sides the same encryption_key, encryption_mode, "
                     f"encryption_key_size and encryption_profile (this client uses "
                     f"{self.encryption_info}; a morsock server in its default "
@@ -949,7 +951,7 @@ class Client(Component):
         conn = self._live_connection()
         self._send_on(conn, data, encrypted)
         if encrypted:
-            self._sealed_out = conn
+            self._sealed_out = (conn, conn.messages_received)
 
     def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
         """Send *data* and return the frame the server sends back in its place (decrypted).
@@ -980,7 +982,7 @@ class Client(Component):
         payload = as_bytes(data)
         self._check_size(payload, encrypted)
         if encrypted:
-            self._sealed_out = conn
+            self._sealed_out = (conn, conn.messages_received)
         return self._replies.request(
             conn, lambda: self._send_on(conn, payload, encrypted), timeout,
             lambda message: conn.close(ErrorCode.TIMEOUT, message))
