@@ -17,8 +17,8 @@ from threading import get_ident
 from time import perf_counter
 from typing import Any, Callable
 
-from ._component import Component, Data, Tally
-from ._settings import Setting, _optional_seconds, _port, _positive_int
+from ._component import Component, Data, Tally, as_bytes
+from ._settings import Setting, _boolean, _optional_seconds, _port, _positive_int, _server_host
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
@@ -180,7 +180,7 @@ class Server(Component):
     port: Setting[int] = Setting(
         3434, _port, doc="TCP port to listen on (0: a free one, which port then holds).")
     host: Setting[str] = Setting(
-        "0.0.0.0", str, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
+        "0.0.0.0", _server_host, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
     max_connections: Setting[int] = Setting(
         1000, _positive_int, live=True,
         doc="Most clients at once: a connection past it is closed at once "
@@ -191,7 +191,7 @@ class Server(Component):
         doc="Worker threads running on_handle_command (one connection's frames run one "
             "at a time, in order).")
     reuse_port: Setting[bool] = Setting(
-        False, bool,
+        False, _boolean,
         doc="Also set SO_REUSEPORT (where the platform has none, start() raises "
             "MorsockError).")
     idle_timeout: Setting[float | None] = Setting(
@@ -787,9 +787,21 @@ class Server(Component):
         from .crypto import server_handshake
         ctx = self._crypto
         assert ctx is not None
-        reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        try:
+            reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        except CryptoError as exc:
+            self._refuse_hello(conn, payload, str(exc))
+            raise
         conn.send_frame(reply)
         conn.session = session
+
+    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
+        from .crypto import is_client_hello, refusal_frame
+        if is_client_hello(payload):  # only a morsock client sends one: no Delphi peer
+            try:
+                conn.send_frame(refusal_frame(reason))
+            except MorsockError:
+                pass  # gone already: the close that follows is reported anyway
 
     # -- events and statistics -----------------------------------------------------------
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
@@ -937,10 +949,12 @@ class Server(Component):
         (``on_error(client, ..., SEND_BUFFER_FULL)``), as is one that cannot take an
         encrypted frame; the others still get the message.
         """
+        payload = as_bytes(data)
+        self._check_size(payload, encrypted)
         count = 0
         for client in self.clients.values():
             try:
-                self._send_on(client, data, encrypted)
+                self._send_on(client, payload, encrypted)
             except NotConnectedError:
                 continue
             except (SendBufferFullError, CryptoError) as exc:
