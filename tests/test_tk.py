@@ -290,7 +290,10 @@ def test_tk_server_form_shows_clients_and_statistics(root: Any) -> None:
             assert (bytes_in, bytes_out, messages) == ("14 B", "20 B", "1/1")
         pump_until(root, lambda: "Clients: 2 | Total connections: 2" in app.status_text(),
                    "the status bar to count two clients")
-        assert "Received: 28 B" in app.status_text() and "Sent: 40 B" in app.status_text()
+        pump_until(root, lambda: app.metrics_text()["received"] == "2 msg · 28 B"
+                   and app.metrics_text()["sent"] == "2 msg · 40 B"
+                   and app.metrics_text()["clients"] == "2 now · 2 total",
+                   "the metrics panel to count the two requests")
         pump_until(root, lambda: app.log_text().count("connected from 127.0.0.1") == 2
                    and "says: hello" in app.log_text(), "connect and message log lines")
 
@@ -319,7 +322,7 @@ def test_tk_server_form_shows_clients_and_statistics(root: Any) -> None:
 
         app.stop_button.invoke()
         pump_until(root, lambda: app.status_text().startswith("DISCONNECTED"), "DISCONNECTED")
-        assert "Server stopped" in app.log_text()
+        pump_until(root, lambda: "Server stopped" in app.log_text(), "the stop log line")
     finally:
         for client in clients:
             client.disconnect()
@@ -364,9 +367,9 @@ def test_tk_client_form_connects_sends_and_reconnects(root: Any) -> None:
         app = tk_client.ClientApp(root, port=server.port, strategy="IMMEDIATE",
                                   event_queue=morsock.EventQueue())
         try:
-            assert app.status_text().startswith("DISCONNECTED")
+            assert app.status_text().startswith("Disconnected")
             app.connect_button.invoke()
-            pump_until(root, lambda: app.status_text().startswith("CONNECTED"), "CONNECTED")
+            pump_until(root, lambda: app.status_text().startswith("Connected to"), "Connected")
             pump_until(root, lambda: "Connected to 127.0.0.1" in app.log_text(),
                        "the connect log line")
             assert "Sent: 0 B (0 msg)" in app.status_text()
@@ -384,13 +387,13 @@ def test_tk_client_form_connects_sends_and_reconnects(root: Any) -> None:
             pump_until(root, lambda: app.log_text().count("Connected to 127.0.0.1") == 2,
                        "an automatic reconnection")
             assert "Disconnected" in app.log_text()
-            pump_until(root, lambda: app.status_text().startswith("CONNECTED"), "CONNECTED")
+            pump_until(root, lambda: app.status_text().startswith("Connected to"), "Connected")
             assert app.send("again")
             pump_until(root, lambda: "Received: Echo: again" in app.log_text(), "the echo")
 
             app.disconnect_button.invoke()
-            pump_until(root, lambda: app.status_text().startswith("DISCONNECTED"),
-                       "DISCONNECTED")
+            pump_until(root, lambda: app.status_text().startswith("Disconnected"),
+                       "Disconnected")
             assert app.send("nobody listens") is False
             assert "Send failed" in app.log_text()
         finally:
@@ -409,9 +412,8 @@ def test_tk_client_form_reports_reconnect_attempts_and_gives_up(root: Any) -> No
             pump_until(root, lambda: "Gave up reconnecting" in app.log_text(),
                        "the client to give up")
             log = app.log_text()
-            assert "Reconnect attempt 1 failed" in log and "Reconnect attempt 2 failed" in log
-            pump_until(root, lambda: "Reconnect attempts: 2" in app.status_text(),
-                       "the attempt count in the status bar")
-            assert app.status_text().startswith("DISCONNECTED")
+            assert "attempt 1 failed" in log and "attempt 2 failed" in log
+            pump_until(root, lambda: app.status_text().startswith(
+                "Disconnected (gave up after 2 attempts)"), "the attempt count in the status bar")
         finally:
             app.close()
