@@ -196,10 +196,17 @@ class LogView:
         self.text = tkinter.Text(self.frame, height=height, width=width, wrap="word",
                                  state="disabled", font="TkFixedFont", borderwidth=0,
                                  highlightthickness=0, padx=4, pady=2)
-        scroll = ttk.Scrollbar(self.frame, orient="vertical", command=self.text.yview)
+        scroll = ttk.Scrollbar(self.frame, orient="vertical", command=self._scroll)
         self.text.configure(yscrollcommand=scroll.set)
         scroll.pack(side="right", fill="y")
         self.text.pack(side="left", fill="both", expand=True)
+        # The view follows the newest line until the user scrolls back to read, and
+        # again once they scroll to the end; a resize keeps following.
+        self._follow = True
+        for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>", "<KeyRelease>"):
+            self.text.bind(sequence, lambda event: self.text.after_idle(self._check_follow),
+                           add="+")
+        self.text.bind("<Configure>", self._on_resize, add="+")
         # Continuation lines start under the text, not under the stamp.
         indent = tkfont.nametofont("TkFixedFont").measure("00:00:00.000  ")
         self.text.tag_configure("line", lmargin2=indent)
@@ -207,6 +214,8 @@ class LogView:
         self.text.tag_configure("summary", foreground="#8a5a00")
         #: Lines drawn so far (a summary line counts once, however often it is updated).
         self.lines_drawn = 0
+        #: Message lines drawn one by one so far (see also :attr:`messages_counted`).
+        self.messages_shown = 0
         self._lock = threading.Lock()  # guards the window, the summaries' counts, _counted
         self._window_end = 0.0
         self._shown = 0
@@ -243,7 +252,7 @@ class LogView:
                 summary = self._summary = _Summary(now, self._summaries)
                 summary.count = 1
         if summary is None:
-            self.queue.post(self._draw, now, text)
+            self.queue.post(self._draw_message, now, text)
         else:  # its place in the log: after what is queued now
             self.queue.post(self._draw_summary, summary)
 
@@ -273,6 +282,20 @@ class LogView:
             except tkinter.TclError:
                 pass
 
+    def _on_resize(self, event: Any) -> None:
+        if self._follow:
+            self.text.see("end")
+
+    def _scroll(self, *args: Any) -> None:
+        self.text.yview(*args)
+        self._check_follow()
+
+    def _check_follow(self) -> None:
+        try:
+            self._follow = self.text.yview()[1] >= 0.999
+        except tkinter.TclError:
+            pass
+
     def _tick(self) -> None:
         self._timer = None
         if self._closed:
@@ -282,6 +305,10 @@ class LogView:
             self._timer = self.text.after(self._tick_ms, self._tick)
         except tkinter.TclError:  # the widget is gone
             self._closed = True
+
+    def _draw_message(self, when: float, text: str) -> None:
+        self.messages_shown += 1
+        self._draw(when, text)
 
     @staticmethod
     def _summary_text(count: int) -> str:
@@ -341,7 +368,6 @@ class LogView:
             return
         widget = self.text
         try:
-            at_end = widget.yview()[1] >= 0.999
             widget.configure(state="normal")
             widget.insert("end", self._stamp(when) + "  ", ("line", "stamp"), text,
                           ("line", *tags), "\n", ("line",))
@@ -349,7 +375,7 @@ class LogView:
             if lines > self.max_lines:
                 widget.delete("1.0", f"{lines - self.max_lines + 1}.0")
             widget.configure(state="disabled")
-            if at_end:  # follow the end unless the user scrolled back to read
+            if self._follow:
                 widget.see("end")
         except tkinter.TclError:  # the widget is gone
             self._closed = True
