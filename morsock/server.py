@@ -72,7 +72,8 @@ class ServerClient(Connection):
     ``connected``, ``peer_certificate`` (over TLS, the peer's verified certificate as
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
     None without TLS or when the peer sent none). Free for the application:
-    ``custom_data``.
+    ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs for this
+    client, True when the message it was given arrived encrypted (False otherwise).
     Methods (any thread): :meth:`send_data`, :meth:`disconnect`. The other methods it
     inherits from :class:`morsock.connection.Connection` (``send_frame``, ``cork`` ...)
     are the library's own I/O machinery, not for the application.
@@ -88,6 +89,10 @@ class ServerClient(Connection):
         self._connected_mono = self.last_activity  # time.monotonic(), as Connection took it
         #: Free slot for the application (Delphi ``CustomData``).
         self.custom_data: Any = None
+
+    #: While ``on_handle_command`` runs for this client: True when the message being
+    #: handled arrived encrypted. Written by the handler's own thread around the call.
+    message_encrypted: bool = False
 
     @property
     def connected_at(self) -> datetime.datetime:
@@ -732,7 +737,11 @@ class Server(Component):
             conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
                        f"frame from {conn.describe()} rejected: {exc}")
             return
-        reply = self._call_handler(handler, conn, data)
+        conn.message_encrypted = True  # type: ignore[attr-defined]
+        try:
+            reply = self._call_handler(handler, conn, data)
+        finally:
+            conn.message_encrypted = False  # type: ignore[attr-defined]
         if reply:
             self._reply(conn, reply, True)
 
@@ -779,7 +788,14 @@ class Server(Component):
         if self._debug():
             self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
                             len(data), flag)
-        reply = self._call_handler(handler, conn, data)
+        if flag == 0:
+            reply = self._call_handler(handler, conn, data)
+        else:
+            conn.message_encrypted = True  # type: ignore[attr-defined]
+            try:
+                reply = self._call_handler(handler, conn, data)
+            finally:
+                conn.message_encrypted = False  # type: ignore[attr-defined]
         if reply:
             self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
 
