@@ -410,6 +410,17 @@ class Session:
         out, self._out = self._out, []
         return b"".join(out)
 
+    def frames_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` as one complete frame per item (the shell writes them one
+        by one, so each counts as a frame sent); empties the queue."""
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def has_output(self) -> bool:
+        """True when frames wait for :meth:`frames_to_send`."""
+        return bool(self._out)
+
     # -- connections -------------------------------------------------------------------
     def connection_made(self, channel: Channel, now: float) -> list[Event]:
         """Client: a new connection (after its TLS and AUTHENTICATED handshakes) carries
@@ -767,7 +778,9 @@ class Session:
         unanswered = tuple(sorted(r for r in self._pending if r not in lost_ids))
         self._pending.clear()
         self._reset(None, None, False)
-        self._state = _ENDED
+        # a client's Session carries the next session: it queues for it meanwhile
+        self._state = _DETACHED if self._client else _ENDED
+        self._detached_at = None
         return SessionEnded(sid, lost, unanswered, graceful, reason)
 
     def _lose(self, reason: str) -> SessionEnded:
