@@ -613,10 +613,9 @@ class ServerSessions:
             if pending is not None:
                 if pending.timer is not None:
                     pending.timer.cancel()
-                if pending.hello:
-                    self._unannounced.add(conn)
-                elif self._server._marker_wanted(CONNECTED):
-                    conn.post(CONNECTED)   # a peer that left before a word: as without sessions
+                # gone before a word or within the grace: never announced (no
+                # on_connect, so no on_disconnect either)
+                self._unannounced.add(conn)
                 return
             entry = self._entries.get(conn)
             if entry is None:

@@ -116,6 +116,13 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+def _non_negative_seconds(value: Any) -> float:
+    seconds = float(value)
+    if not seconds >= 0:
+        raise ValueError("must be >= 0")
+    return seconds
+
+
 def _ssl_context(value: Any) -> Any:
     from .tls import check_ssl_context
     return check_ssl_context(value)

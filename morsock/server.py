@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ._component import Component, Data, Tally
 from ._session_link import ServerSessions, is_session_item
-from ._settings import Setting, _optional_seconds, _port, _positive_int, _seconds
+from ._settings import Setting, _non_negative_seconds, _optional_seconds, _port, _positive_int
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
@@ -211,7 +211,7 @@ class Server(Component):
         4096, _positive_int, doc="listen() backlog: connections the kernel holds until "
                                  "they are accepted.")
     resume_window: Setting[float] = Setting(
-        0.0, _seconds,
+        0.0, _non_negative_seconds,
         doc="Seconds a dropped session stays resumable (0: no sessions): a resumable "
             "client that reconnects within it gets every message exactly once, in order "
             "(docs/guide/sessions.rst).")
