@@ -35,8 +35,15 @@ import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._component import as_bytes
-from ._session import Channel, LateReply, Message, Session, SessionEnded, SessionStarted, \
-    SessionTable
+from ._session import (
+    Channel,
+    LateReply,
+    Message,
+    Session,
+    SessionEnded,
+    SessionStarted,
+    SessionTable,
+)
 from .connection import CONNECTED, DISCONNECTED
 from .enums import ErrorCode
 from .errors import (
@@ -627,7 +634,8 @@ class ServerSessions:
                 events = self._table.connection_lost(entry.session, entry.token.channel,
                                                      time.monotonic())
                 for event in events:
-                    self._end(entry, event)
+                    if isinstance(event, SessionEnded):
+                        self._end(entry, event)
                 self._arm_expiry()
             self._changed.notify_all()
 
@@ -710,8 +718,9 @@ class ServerSessions:
     def _dispatch(self, entry: _Entry, conn: Connection, event: Any) -> None:
         server = self._server
         if event.__class__ is not Message:
-            with self._lock:
-                self._end(entry, event)
+            if isinstance(event, SessionEnded):
+                with self._lock:
+                    self._end(entry, event)
             return
         handler = server.on_handle_command
         if server._observer is not None:
@@ -762,7 +771,7 @@ class ServerSessions:
     # -- any thread --------------------------------------------------------------------
     def send(self, conn: Connection, data: Any, encrypted: bool) -> bool:
         """Server._send_on: False when *conn* is not a session's (nor undecided)."""
-        if conn not in self._pending and conn not in self._entries:   # type: ignore[operator]
+        if conn not in self._pending and conn not in self._entries:
             return False
         payload = as_bytes(data)
         if encrypted:
@@ -771,9 +780,9 @@ class ServerSessions:
                 raise CryptoError("encrypted=True but no encryption_key is set",
                                   ErrorCode.ENCRYPTION_REQUIRED)
         with self._lock:
-            entry = self._entries.get(conn)   # type: ignore[call-overload]
+            entry = self._entries.get(conn)
             if entry is None:
-                pending = self._pending.get(conn)   # type: ignore[call-overload]
+                pending = self._pending.get(conn)
                 if pending is None:
                     return False
                 limit = self._server.max_send_buffer
@@ -820,7 +829,8 @@ class ServerSessions:
             events = entry.session.going_away(time.monotonic())
             self._flush(entry)
             for event in events:
-                self._end(entry, event)
+                if isinstance(event, SessionEnded):
+                    self._end(entry, event)
             if not entry.ended:
                 self._end(entry, entry.session._end("disconnected by the server",
                                                     graceful=False))
@@ -838,7 +848,8 @@ class ServerSessions:
                 events = entry.session.going_away(time.monotonic())
                 self._flush(entry)
                 for event in events:
-                    self._end(entry, event)
+                    if isinstance(event, SessionEnded):
+                        self._end(entry, event)
             while any(not e.ended and e.writer is not None for e in self._entries.values()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -922,7 +933,7 @@ class ServerSessions:
     def _expire(self) -> None:
         with self._lock:
             self._expiry = self._expiry_at = None
-            for session, end in self._table.expire(time.monotonic()):
+            for _session, end in self._table.expire(time.monotonic()):
                 entry = self._by_sid.get(end.session_id)
                 if entry is not None:
                     self._end(entry, end)
@@ -941,7 +952,8 @@ class ServerSessions:
                 assert token.channel is not None
                 for event in self._table.connection_lost(entry.session, token.channel,
                                                          time.monotonic()):
-                    self._end(entry, event)
+                    if isinstance(event, SessionEnded):
+                        self._end(entry, event)
                 self._arm_expiry()
                 return
         if not target.closed:   # the old connection (a silent drop): close it now

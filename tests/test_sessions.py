@@ -3,6 +3,7 @@ Server(resume_window > 0), through a proxy that cuts the connections on demand."
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -421,3 +422,72 @@ def test_plain_peer_may_not_start_a_session_later() -> None:
                                          for e in ev if e[0] == "on_error"))
         finally:
             peer.sock.close()
+
+
+# ------------------------------------------------------------------- a Delphi peer
+
+DELPHI_BIN = Path(__file__).resolve().parents[2] / "shared" / "delphi_peer" / "bin"
+
+
+@pytest.fixture(scope="module")
+def delphi_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Delphi peer's programs, copied out of ../shared (they write beside themselves)."""
+    import shutil
+    d = tmp_path_factory.mktemp("delphi")
+    for name in ("mm_client", "mm_echo_server"):
+        shutil.copy2(DELPHI_BIN / name, d / name)
+    return d
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_delphi_client_on_a_session_server(delphi_bin: Path, encrypted: bool) -> None:
+    """The original TmMClient on a server with resume_window > 0: its on_connect greeting
+    and the echo reach it byte for byte, as from a server without sessions."""
+    import subprocess
+
+    def handle(server: Server, client: Any, data: bytes) -> bytes:
+        return b"Echo: " + data
+
+    def greet(server: Server, client: Any) -> None:
+        client.send_data(b"welcome", encrypted=encrypted)
+
+    key = {"encryption_key": KEY, "encryption_profile": "MORMOT",
+           "encryption_mode": "CBC"} if encrypted else {}
+    args = ["--keyhex", KEY.encode().hex(), "--mode", "CBC", "--bits", "256"] if encrypted else []
+    with running_server(handle, resume_window=5, on_connect=greet, **key) as server:
+        proc = subprocess.run(
+            [str(delphi_bin / "mm_client"), "--host", LOCAL, "--port", str(server.port), *args],
+            input=f"connect 5000\nsend {int(encrypted)} {b'hello'.hex()}\nwait 2 8000\n"
+                  "disconnect\nquit\n", capture_output=True, text=True, timeout=60)
+        got = [line.split("hex=")[1] for line in proc.stdout.splitlines()
+               if line.startswith("RECV")]
+        assert sorted(got) == sorted([b"welcome".hex(), b"Echo: hello".hex()]), proc.stdout
+        assert len(server._sessions) == 0  # type: ignore[arg-type]
+
+
+def test_resumable_client_refused_by_a_delphi_server(delphi_bin: Path) -> None:
+    """The original TmMServer does not answer the session hello: connect() fails."""
+    import subprocess
+    port_sock = socket.create_server((LOCAL, 0))
+    port = port_sock.getsockname()[1]
+    port_sock.close()
+    proc = subprocess.Popen([str(delphi_bin / "mm_echo_server"), "--port", str(port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=delphi_bin)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("READY"):
+                break
+        client = Client(LOCAL, port, resumable=True, connection_timeout=3)
+        try:
+            with pytest.raises(ConnectError):
+                client.connect()
+        finally:
+            client.disconnect()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.write("quit\n")
+        proc.stdin.close()
+        proc.wait(20)
+        proc.stdout.close()  # type: ignore[union-attr]
