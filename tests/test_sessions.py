@@ -491,3 +491,89 @@ def test_resumable_client_refused_by_a_delphi_server(delphi_bin: Path) -> None:
         proc.stdin.close()
         proc.wait(20)
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------- the server process dies
+
+_SERVER_CHILD = r"""
+import sys, threading
+from morsock import Server
+lock = threading.Lock()
+def handle(server, client, data):
+    with lock:
+        sys.stdout.write(data.decode() + "\n")
+        sys.stdout.flush()
+server = Server(int(sys.argv[1]), "127.0.0.1", resume_window=30, on_handle_command=handle)
+server.start()
+sys.stdout.write("PORT %d\n" % server.port)
+sys.stdout.flush()
+sys.stdin.read()
+server.stop()
+"""
+
+
+def test_killed_server_every_unacknowledged_message_reported() -> None:
+    """SIGKILL the server mid-stream, start another on the same port: the client's
+    session is lost; every message it sent either reached the dead server or comes
+    back through take_unacknowledged() (counted in on_error(SESSION_LOST)); none is
+    silently gone."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def spawn(port: int) -> Tuple[subprocess.Popen, List[str], threading.Event, int]:
+        proc = subprocess.Popen([sys.executable, "-c", _SERVER_CHILD, str(port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("PORT "), first
+        lines: List[str] = []
+        enough = threading.Event()
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line.strip())
+                if len(lines) >= 200:
+                    enough.set()
+        threading.Thread(target=read, daemon=True).start()
+        return proc, lines, enough, int(first.split()[1])
+
+    crec = Recorder()
+    proc, received, enough, port = spawn(0)
+    client = Client(LOCAL, port, resumable=True, auto_reconnect=True,
+                    reconnect_strategy="FIXED_INTERVAL", reconnect_interval=100,
+                    reconnect_max_attempts=0, on_error=crec.handler("on_error"))
+    second = None
+    try:
+        client.connect()
+        sent = [f"k{i:05d}" for i in range(400)]
+        for i, data in enumerate(sent):
+            client.send_data(data.encode())
+            if i == 300:
+                assert enough.wait(TIMEOUT)
+                proc.kill()
+                proc.wait(TIMEOUT)
+        second = spawn(port)
+        crec.wait_for(lambda ev: any(e[0] == "on_error" and e[2] == ErrorCode.SESSION_LOST
+                                     for e in ev), 2 * TIMEOUT)
+        message = [e[1] for e in crec.named("on_error") if e[2] == ErrorCode.SESSION_LOST][0]
+        back = [m.data.decode() for m in client.take_unacknowledged()]
+        assert f"{len(back)} message(s)" in message
+        assert back == sorted(back) and len(set(back)) == len(back)
+        assert set(received) | set(back) == set(sent), "a message was silently lost"
+        assert set(sent) - set(received) <= set(back)
+        assert len(received) < len(sent)  # the kill did lose some
+    finally:
+        client.disconnect()
+        for p in ([proc] + ([second[0]] if second else [])):
+            if p.poll() is None:
+                assert p.stdin is not None
+                p.stdin.close()
+                p.wait(TIMEOUT)
+            for stream in (p.stdin, p.stdout):
+                if stream is not None:
+                    stream.close()
