@@ -654,6 +654,9 @@ class ServerSessions:
                 self._unannounced.add(conn)
                 return
             try:
+                if server.require_encryption and channel.flag == FLAG_PLAIN:
+                    raise CryptoError("a session without an encryption key, but encryption "
+                                      "is required", ErrorCode.ENCRYPTION_REQUIRED)
                 session, resumed = self._table.accept(frame, channel, time.monotonic())
             except (ProtocolError, CryptoError) as exc:
                 failure = exc

@@ -898,7 +898,8 @@ class Client(Component):
     def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
         """Send *data* and return the next frame the server sends back (decrypted).
 
-        Concurrent requests are answered in the order they were sent. Raises
+        Concurrent requests are answered in the order they were sent (resumable: matched
+        by request id, in any order; pushes are never taken for replies). Raises
         RequestTimeout after *timeout* seconds (the request then gives up its place),
         NotConnectedError if the connection is (or gets) closed, and whatever
         :meth:`send_data` raises. While a request waits, its reply does not reach
