@@ -694,24 +694,28 @@ class ServerSessions:
             return
         events: list[Any] = []
         bad: MorsockError | None = None
+        session = entry.session
         with self._lock:
             if entry.token is not token or entry.ended:
                 return
-            session = entry.session
             receive = session.receive
             now = time.monotonic()
-            for frame in frames:
-                try:
-                    events += receive(Frame(frame, 0) if frame.__class__ is bytes else frame,
-                                      now)
-                except (ProtocolError, CryptoError) as exc:
-                    bad = exc
-                    break
-            if session.has_output:
+            try:
+                if len(frames) == 1:   # the common case
+                    frame = frames[0]
+                    events = receive(Frame(frame, 0) if frame.__class__ is bytes else frame,
+                                     now)
+                else:
+                    for frame in frames:
+                        events += receive(Frame(frame, 0) if frame.__class__ is bytes
+                                          else frame, now)
+            except (ProtocolError, CryptoError) as exc:
+                bad = exc
+            if session._out:
                 self._flush(entry)
         for event in events:
             self._dispatch(entry, conn, event)
-        if session.next_deadline() is not None:
+        if session._ack_deadline is not None:
             with self._lock:
                 self._arm(entry)
         if bad is not None:
@@ -733,12 +737,15 @@ class ServerSessions:
         reply = server._call_handler(handler, entry.client, event.data)
         if not reply:
             return
-        try:
-            data = _as_message(reply)
-        except TypeError as exc:
-            server._report(entry.client, f"reply to {conn.describe()} not sent: {exc}",
-                           ErrorCode.HANDLER_EXCEPTION)
-            return
+        if reply.__class__ is bytes:
+            data = reply
+        else:
+            try:
+                data = _as_message(reply)
+            except TypeError as exc:
+                server._report(entry.client, f"reply to {conn.describe()} not sent: {exc}",
+                               ErrorCode.HANDLER_EXCEPTION)
+                return
         with self._lock:
             if entry.ended:
                 return
@@ -819,8 +826,11 @@ class ServerSessions:
         """Under the lock: write what the session queued to its connection (kept in the
         session while it has none: a resume is moving it)."""
         writer = entry.writer
-        if writer is not None and entry.session.has_output:
-            _write(entry.token, writer, entry.session.frames_to_send())
+        session = entry.session
+        if writer is not None and session._out:
+            out = session._out
+            session._out = []
+            _write(entry.token, writer, out)
 
     def close_session(self, conn: ServerClient) -> bool:
         """ServerClient.disconnect of a session: GOING_AWAY, then the session ends (the

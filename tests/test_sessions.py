@@ -3,6 +3,7 @@ Server(resume_window > 0), through a proxy that cuts the connections on demand."
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from pathlib import Path
@@ -426,7 +427,8 @@ def test_plain_peer_may_not_start_a_session_later() -> None:
 
 # ------------------------------------------------------------------- a Delphi peer
 
-DELPHI_BIN = Path(__file__).resolve().parents[2] / "shared" / "delphi_peer" / "bin"
+DELPHI_BIN = Path(os.environ.get("MORSOCK_DELPHI_PEER", Path(__file__).resolve().parents[2]
+                                  / "shared" / "delphi_peer")) / "bin"
 
 
 @pytest.fixture(scope="module")
