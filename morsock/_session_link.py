@@ -499,7 +499,7 @@ class _Entry:
     """Server: one session and the ServerClient that is its face for its whole life."""
 
     __slots__ = ("session", "client", "writer", "token", "timer", "timer_at", "ended",
-                 "disconnects")
+                 "disconnects", "lost_report")
 
     def __init__(self, session: Session, client: ServerClient, token: _Token) -> None:
         self.session = session
@@ -510,6 +510,7 @@ class _Entry:
         self.timer_at: float | None = None
         self.ended = False
         self.disconnects = 0   # DISCONNECTED markers posted to its strand, not yet run
+        self.lost_report: str | None = None   # SESSION_LOST, fired before on_disconnect
 
 
 class ServerSessions:
@@ -773,10 +774,13 @@ class ServerSessions:
             if entry is None:
                 return True
             entry.disconnects -= 1
-            if entry.ended and entry.disconnects <= 0:
-                del self._entries[conn]
-                return True
-            return False
+            if not (entry.ended and entry.disconnects <= 0):
+                return False
+            del self._entries[conn]
+            report, entry.lost_report = entry.lost_report, None
+        if report is not None:
+            self._server._emit("on_error", conn, report, ErrorCode.SESSION_LOST)
+        return True
 
     # -- any thread --------------------------------------------------------------------
     def send(self, conn: Connection, data: Any, encrypted: bool) -> bool:
@@ -899,9 +903,16 @@ class ServerSessions:
         _log.info("client #%d: session %s ended (%s)", client.handle, end.session_id.hex(),
                   end.reason)
         if count:
-            self._server._report(client, f"session of client #{client.handle} ended "
-                                 f"({end.reason}): {count} message(s) to it were not "
-                                 "acknowledged", ErrorCode.SESSION_LOST)
+            message = (f"session of client #{client.handle} ended ({end.reason}): {count} "
+                       "message(s) to it were not acknowledged")
+            if client.closed:   # reported in its order still: before its on_disconnect
+                server = self._server
+                if server._observer is not None:
+                    server._observer.error(ErrorCode.SESSION_LOST)
+                server._log.error("%s (code %d)", message, ErrorCode.SESSION_LOST)
+                entry.lost_report = message
+            else:
+                self._server._report(client, message, ErrorCode.SESSION_LOST)
         if client.closed:
             if entry.disconnects <= 0:
                 entry.disconnects += 1

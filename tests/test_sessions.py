@@ -579,3 +579,53 @@ def test_killed_server_every_unacknowledged_message_reported() -> None:
             for stream in (p.stdin, p.stdout):
                 if stream is not None:
                     stream.close()
+
+
+def test_resume_in_every_profile(profile: Any) -> None:
+    """A resume after a reset works with no encryption, both profiles and TLS (encrypted
+    messages resealed on the new connection), both directions."""
+    name, server_kw, client_kw = profile
+    encrypted = name in ("authenticated", "mormot")
+    at_server, at_client = Stream(), Stream()
+    srec = Recorder()
+    with running_server(lambda s, c, d: at_server.add(d), resume_window=10,
+                        on_connect=srec.handler("on_connect"), **server_kw) as server:
+        with CutProxy(server.port) as proxy:
+            client = Client(LOCAL, proxy.port, resumable=True, auto_reconnect=True,
+                            reconnect_strategy="IMMEDIATE", **client_kw,
+                            on_handle_command=lambda c, d: at_client.add(d))
+            with client:
+                (_, face), = srec.wait_count("on_connect", 1)
+                up, down = tagged(b"u", 60, 100), tagged(b"d", 60, 100)
+                for i in range(60):
+                    client.send_data(up[i], encrypted=encrypted and i % 2 == 1)
+                    face.send_data(down[i], encrypted=encrypted and i % 3 == 1)
+                    if i == 30:
+                        proxy.cut("reset")
+                assert at_server.wait(60) == up
+                assert at_client.wait(60) == down
+                assert proxy.wait_accepted(2, TIMEOUT)
+                assert srec.count("on_connect") == 1
+
+
+def test_server_reports_messages_of_a_session_that_expired() -> None:
+    """Server side: the client never comes back; after resume_window the session ends,
+    on_error(client, SESSION_LOST) counts what it did not acknowledge, then
+    on_disconnect fires once."""
+    srec = Recorder()
+    with running_server(resume_window=0.3, on_connect=srec.handler("on_connect"),
+                        on_disconnect=srec.handler("on_disconnect"),
+                        on_error=srec.handler("on_error")) as server:
+        with CutProxy(server.port) as proxy:
+            client = Client(LOCAL, proxy.port, resumable=True)
+            with client:
+                (_, face), = srec.wait_count("on_connect", 1)
+                proxy.refusing = True
+                proxy.cut("reset")
+                wait_until(lambda: not face.connected, what="the server saw the drop")
+                for data in tagged(b"late", 4):
+                    face.send_data(data)
+                srec.wait_count("on_disconnect", 1)
+                lost = [e for e in srec.named("on_error") if e[3] == ErrorCode.SESSION_LOST]
+                assert len(lost) == 1 and lost[0][1] is face and "4 message(s)" in lost[0][2]
+                assert srec.count("on_disconnect") == 1
