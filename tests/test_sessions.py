@@ -199,7 +199,7 @@ def test_resume_delivers_everything_once_in_order(mode: str) -> None:
                         on_disconnect=srec.handler("on_disconnect")) as server:
         with CutProxy(server.port) as proxy:
             client = Client(LOCAL, proxy.port, resumable=True, auto_reconnect=True,
-                            reconnect_strategy="IMMEDIATE",
+                            reconnect_strategy="IMMEDIATE", reconnect_max_attempts=0,
                             on_handle_command=lambda c, d: at_client.add(d),
                             on_connect=crec.handler("on_connect"),
                             on_disconnect=crec.handler("on_disconnect"),
@@ -237,6 +237,7 @@ def test_send_data_while_disconnected_is_queued_and_bounded() -> None:
         with CutProxy(server.port) as proxy:
             client = Client(LOCAL, proxy.port, resumable=True, auto_reconnect=True,
                             reconnect_strategy="FIXED_INTERVAL", reconnect_interval=100,
+                            reconnect_max_attempts=0,
                             max_send_buffer=10_000)
             with client:
                 client.send_data(b"first")
@@ -262,7 +263,8 @@ def test_session_id_alone_cannot_take_a_session_over() -> None:
                         encryption_key=KEY, on_error=srec.handler("on_error")) as server:
         with CutProxy(server.port) as proxy:
             owner = Client(LOCAL, proxy.port, resumable=True, encryption_key=KEY,
-                           auto_reconnect=True, reconnect_strategy="IMMEDIATE")
+                           auto_reconnect=True, reconnect_strategy="IMMEDIATE",
+                           reconnect_max_attempts=0)
             with owner:
                 owner.send_data(b"one")
                 at_server.wait(1)
@@ -339,6 +341,7 @@ def test_session_lost_when_the_window_passed_hands_messages_back() -> None:
         with CutProxy(server.port) as proxy:
             client = Client(LOCAL, proxy.port, resumable=True, auto_reconnect=True,
                             reconnect_strategy="FIXED_INTERVAL", reconnect_interval=100,
+                            reconnect_max_attempts=0,
                             on_error=crec.handler("on_error"),
                             on_connect=crec.handler("on_connect"),
                             on_disconnect=crec.handler("on_disconnect"))
@@ -592,7 +595,8 @@ def test_resume_in_every_profile(profile: Any) -> None:
                         on_connect=srec.handler("on_connect"), **server_kw) as server:
         with CutProxy(server.port) as proxy:
             client = Client(LOCAL, proxy.port, resumable=True, auto_reconnect=True,
-                            reconnect_strategy="IMMEDIATE", **client_kw,
+                            reconnect_strategy="IMMEDIATE", reconnect_max_attempts=0,
+                            **client_kw,
                             on_handle_command=lambda c, d: at_client.add(d))
             with client:
                 (_, face), = srec.wait_count("on_connect", 1)
