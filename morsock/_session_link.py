@@ -735,7 +735,15 @@ class ServerSessions:
             handler = server._observed(handler)
         if handler is None:
             return
-        reply = server._call_handler(handler, entry.client, event.data)
+        client = entry.client
+        if event.encrypted:
+            client.message_encrypted = True
+            try:
+                reply = server._call_handler(handler, client, event.data)
+            finally:
+                client.message_encrypted = False
+        else:
+            reply = server._call_handler(handler, client, event.data)
         if not reply:
             return
         if reply.__class__ is bytes:

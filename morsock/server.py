@@ -14,11 +14,20 @@ import sys
 import threading
 import time
 from threading import get_ident
+from time import perf_counter
 from typing import Any, Callable
 
-from ._component import Component, Data, Tally
+from ._component import Component, Data, Tally, as_bytes
 from ._session_link import ServerSessions, is_session_item
-from ._settings import Setting, _non_negative_seconds, _optional_seconds, _port, _positive_int
+from ._settings import (
+    Setting,
+    _boolean,
+    _non_negative_seconds,
+    _optional_seconds,
+    _port,
+    _positive_int,
+    _server_host,
+)
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
@@ -72,7 +81,8 @@ class ServerClient(Connection):
     ``connected``, ``peer_certificate`` (over TLS, the peer's verified certificate as
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
     None without TLS or when the peer sent none). Free for the application:
-    ``custom_data``.
+    ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs for this
+    client, True when the message it was given arrived encrypted (False otherwise).
     Methods (any thread): :meth:`send_data`, :meth:`disconnect`. The other methods it
     inherits from :class:`morsock.connection.Connection` (``send_frame``, ``cork`` ...)
     are the library's own I/O machinery, not for the application.
@@ -88,6 +98,10 @@ class ServerClient(Connection):
         self._connected_mono = self.last_activity  # time.monotonic(), as Connection took it
         #: Free slot for the application (Delphi ``CustomData``).
         self.custom_data: Any = None
+
+    #: While ``on_handle_command`` runs for this client: True when the message being
+    #: handled arrived encrypted. Written by the handler's own thread around the call.
+    message_encrypted: bool = False
 
     @property
     def connected_at(self) -> datetime.datetime:
@@ -152,7 +166,7 @@ class Server(Component):
     :meth:`find_client_by_ip`, :meth:`disconnect_client`, :meth:`disconnect_all_clients`,
     :meth:`clear_statistics`, :meth:`get_server_info`.
 
-    Events you may assign (``sender`` is the server; see README "Threads and events"):
+    Events you may assign (``sender`` is the server; see the guide, "Events and threads"):
     ``on_handle_command(sender, client, data) -> bytes | None`` (runs on a worker; a
     non-empty return is sent back to that client, encrypted when the request was),
     ``on_connect(sender, client)``, ``on_disconnect(sender, client)``,
@@ -190,7 +204,7 @@ class Server(Component):
     port: Setting[int] = Setting(
         3434, _port, doc="TCP port to listen on (0: a free one, which port then holds).")
     host: Setting[str] = Setting(
-        "0.0.0.0", str, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
+        "0.0.0.0", _server_host, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
     max_connections: Setting[int] = Setting(
         1000, _positive_int, live=True,
         doc="Most clients at once: a connection past it is closed at once "
@@ -201,7 +215,7 @@ class Server(Component):
         doc="Worker threads running on_handle_command (one connection's frames run one "
             "at a time, in order).")
     reuse_port: Setting[bool] = Setting(
-        False, bool,
+        False, _boolean,
         doc="Also set SO_REUSEPORT (where the platform has none, start() raises "
             "MorsockError).")
     idle_timeout: Setting[float | None] = Setting(
@@ -638,9 +652,12 @@ class Server(Component):
         # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
+        # With metrics (_observer), a run of plaintext frames handled back to back is
+        # timed as a whole (its handler calls and the queuing of their replies) and
+        # recorded once as that many calls; every other handler call is timed alone by
+        # _call_handler. Errors reports and other items are outside both.
         handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
+        observer = self._observer
         debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
         fast = handler is not None and not self.require_encryption and not (
             self._debug() if debug is None else debug)
@@ -651,11 +668,16 @@ class Server(Component):
             if item.__class__ is bytes:  # plaintext
                 if conn.closing:
                     return
+                start = perf_counter() if observer is not None else 0.0
                 try:
                     reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                 except Exception as exc:
+                    if observer is not None:
+                        observer.shard.handler_done(perf_counter() - start)
                     self._handler_failed("on_handle_command", exc, (conn,))
                     return
+                if observer is not None:
+                    observer.shard.handler_done(perf_counter() - start)
                 if reply.__class__ is bytes:
                     n = len(reply)
                     if n >= DIRECT_SEND_MIN:  # large: uncork sends it with sendmsg, no copy
@@ -679,13 +701,21 @@ class Server(Component):
                 self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
                 return
         conn.cork()
+        calls = 0  # plaintext frames handled since start (timed together)
+        start = perf_counter() if observer is not None else 0.0
         try:
             for item in items:
                 if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
+                    calls += 1
                     try:
                         reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                     except Exception as exc:
+                        if observer is not None:
+                            observer.shard.handler_done(perf_counter() - start, calls)
+                            calls = 0
                         self._handler_failed("on_handle_command", exc, (conn,))
+                        if observer is not None:
+                            start = perf_counter()
                         continue
                     if reply.__class__ is bytes:
                         # held: sent by uncork, with the rest of the batch
@@ -710,16 +740,23 @@ class Server(Component):
                     if reply:
                         self._reply(conn, reply, False)
                     continue
+                if observer is not None and calls:  # the run of plaintext frames ends
+                    observer.shard.handler_done(perf_counter() - start, calls)
+                    calls = 0
                 if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
                         and not conn.closing and (conn.session is not None
                                                   or item[1] == FLAG_MORMOT)):
                     self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
-                    continue
-                try:
-                    conn._run_item(item)
-                except Exception:
-                    self._log.exception("unhandled error handling %r on %s", item, conn)
+                else:
+                    try:
+                        conn._run_item(item)
+                    except Exception:
+                        self._log.exception("unhandled error handling %r on %s", item, conn)
+                if observer is not None:
+                    start = perf_counter()
         finally:
+            if observer is not None and calls:
+                observer.shard.handler_done(perf_counter() - start, calls)
             conn.uncork()
 
     def _run_sealed(self, conn: Connection, payload: bytes,
@@ -737,19 +774,30 @@ class Server(Component):
             conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
                        f"frame from {conn.describe()} rejected: {exc}")
             return
-        reply = self._call_handler(handler, conn, data)
+        conn.message_encrypted = True  # type: ignore[attr-defined]
+        try:
+            reply = self._call_handler(handler, conn, data)
+        finally:
+            conn.message_encrypted = False  # type: ignore[attr-defined]
         if reply:
             self._reply(conn, reply, True)
 
     def _call_handler(self, handler: Callable[[Server, ServerClient, bytes], Any],
                       conn: Connection, data: bytes) -> Any:
         """``handler(self, conn, data)``; None when it raised (reported as
-        HANDLER_EXCEPTION). Strand thread."""
+        HANDLER_EXCEPTION). Timed for the metrics when they are on. Strand thread."""
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
         try:
-            return handler(self, conn, data)  # type: ignore[arg-type]
+            reply = handler(self, conn, data)  # type: ignore[arg-type]
         except Exception as exc:
+            if observer is not None:
+                observer.shard.handler_done(perf_counter() - start)
             self._handler_failed("on_handle_command", exc, (conn,))
             return None
+        if observer is not None:
+            observer.shard.handler_done(perf_counter() - start)
+        return reply
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:
@@ -777,14 +825,19 @@ class Server(Component):
                 return
             data = opened
         handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
         if handler is None:
             return
         if self._debug():
             self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
                             len(data), flag)
-        reply = self._call_handler(handler, conn, data)
+        if flag == 0:
+            reply = self._call_handler(handler, conn, data)
+        else:
+            conn.message_encrypted = True  # type: ignore[attr-defined]
+            try:
+                reply = self._call_handler(handler, conn, data)
+            finally:
+                conn.message_encrypted = False  # type: ignore[attr-defined]
         if reply:
             self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
 
@@ -792,9 +845,21 @@ class Server(Component):
         from .crypto import server_handshake
         ctx = self._crypto
         assert ctx is not None
-        reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        try:
+            reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        except CryptoError as exc:
+            self._refuse_hello(conn, payload, str(exc))
+            raise
         conn.send_frame(reply)
         conn.session = session
+
+    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
+        from .crypto import is_client_hello, refusal_frame
+        if is_client_hello(payload):  # only a morsock client sends one: no Delphi peer
+            try:
+                conn.send_frame(refusal_frame(reason))
+            except MorsockError:
+                pass  # gone already: the close that follows is reported anyway
 
     # -- events and statistics -----------------------------------------------------------
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
@@ -952,10 +1017,12 @@ class Server(Component):
         (``on_error(client, ..., SEND_BUFFER_FULL)``), as is one that cannot take an
         encrypted frame; the others still get the message.
         """
+        payload = as_bytes(data)
+        self._check_size(payload, encrypted)
         count = 0
         for client in self.clients.values():
             try:
-                self._send_on(client, data, encrypted)
+                self._send_on(client, payload, encrypted)
             except NotConnectedError:
                 continue
             except (SendBufferFullError, CryptoError) as exc:
