@@ -149,6 +149,13 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+def _non_negative_seconds(value: Any) -> float:
+    seconds = _number(value)
+    if seconds < 0:
+        raise ValueError(f"must be >= 0 seconds, not {value!r}")
+    return seconds
+
+
 def check_timeout(value: Any, where: str = "request(timeout=...)") -> float:
     """A call's timeout argument: finite seconds > 0, else TypeError/ValueError naming
     *where*."""

@@ -7,10 +7,11 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
 from ._replies import LATE, ReplyOrder
+from ._session_link import ClientLink, is_session_item
 from ._settings import (
     Setting,
     _boolean,
@@ -31,6 +32,9 @@ from .reactor import EVENT_WRITE, Timer
 from .reconnect import ReconnectPolicy
 from .tls import TLSHandshake
 from .workers import Strand, WorkerPool, each
+
+if TYPE_CHECKING:
+    from ._session_link import Unacknowledged
 
 __all__ = ["Client"]
 
@@ -186,6 +190,11 @@ class Client(Component):
         30000, _positive_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
     server_hostname: Setting[str | None] = Setting(
         None, _optional_name, doc="Name the server's TLS certificate must match (None: host).")
+    resumable: Setting[bool] = Setting(
+        False, _boolean,
+        doc="Ask for a session on connect (a morsock server with resume_window > 0): "
+            "acknowledged delivery, exactly once and in order across dropped "
+            "connections; send_data queues while disconnected (docs/guide/sessions.rst).")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
@@ -213,7 +222,7 @@ class Client(Component):
                  max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024, ssl_context: Any = None,
-                 server_hostname: str | None = None,
+                 server_hostname: str | None = None, resumable: bool = False,
                  logger: logging.Logger | None = None, **events: Any) -> None:
         settings = dict(locals())
         for name in ("self", "events", "__class__"):
@@ -252,6 +261,8 @@ class Client(Component):
         self._live_conns: set[Connection] = set()  # counted in the totals, under _stats_lock
         #: automatic reconnection attempts started (never cleared; reactor thread writes)
         self._reconnects = 0
+        self._session_link: ClientLink | None = None  # resumable: made by the first use
+        self._link_lock = threading.Lock()
         super().__init__(settings, events)
         self._tally = Tally(self._stats_lock, lambda: self._live_conns)
 
@@ -325,6 +336,7 @@ class Client(Component):
             if self._state is ClientState.CONNECTED:
                 return
             self._user_stopped = False
+            self._link()
             if not self._is_running():
                 self._prepare_runtime(f"morsock-client-{self.host}:{self.port}", 1)
                 self._strand = self._pool.strand(each(self._run_pair, self._log))
@@ -377,6 +389,8 @@ class Client(Component):
             self._user_stopped = True
             if reactor is None:
                 return
+            if self._session_link is not None and run is None:
+                self._session_link.leave(min(self.connection_timeout, 2.0))
             self._stopping = True
             try:
                 done = threading.Event()
@@ -385,6 +399,8 @@ class Client(Component):
                 if not done.wait(bound):
                     self._log.error("client: connection not closed within %g s", bound)
                 pool.shutdown()
+                if self._session_link is not None:
+                    self._session_link.cancel_timer()
                 reactor.stop()
                 self._reactor = None
                 self._pool = None
@@ -644,6 +660,8 @@ class Client(Component):
             self._try_next_address(attempt, exc)
             return
         conn.established = False
+        if self._session_link is not None:
+            self._session_link.prepare(conn)
         self._conn = conn
         with self._stats_lock:
             self._live_conns.add(conn)
@@ -710,6 +728,9 @@ class Client(Component):
         return early + frames[answer + 1:]
 
     def _established(self, conn: Connection) -> None:
+        link = self._session_link
+        if link is not None and link.begin(conn):
+            return  # established once the server answered the session hello
         attempt = self._attempt
         assert attempt is not None
         if self._connect_timer is not None:
@@ -722,7 +743,8 @@ class Client(Component):
             self._policy.reset()
         self._set_state(ClientState.CONNECTED)
         self._log.info("connected to %s:%d (%s)", self.host, self.port, self.encryption_info)
-        conn.post(CONNECTED)
+        if link is None or link.announce():  # a session: on_connect once, not per resume
+            conn.post(CONNECTED)
         attempt.done.set()
 
     def _attempt_timed_out(self, attempt: _Attempt) -> None:
@@ -812,6 +834,8 @@ class Client(Component):
 
     def _connection_closed(self, conn: Connection) -> None:
         """Reactor thread: the socket of *conn* is closed."""
+        if self._session_link is not None:
+            self._session_link.connection_lost(conn)
         with self._stats_lock:
             if conn in self._live_conns:
                 self._live_conns.remove(conn)
@@ -860,8 +884,10 @@ class Client(Component):
         if item is CONNECTED:
             self._dispatcher.emit("on_connect")
         elif item is DISCONNECTED:
-            if conn.established:
+            if conn.established and self._session_link is None:  # a session's: its end
                 self._dispatcher.emit("on_disconnect")
+        elif is_session_item(item):
+            item.run(conn)
         else:
             self._handle_frame(conn, item)
 
@@ -946,8 +972,16 @@ class Client(Component):
         """Send one message. Thread-safe; never blocks on a slow peer.
 
         Raises NotConnectedError when not connected, SendBufferFullError past
-        ``max_send_buffer``, CryptoError if ``encrypted`` without a key.
+        ``max_send_buffer``, CryptoError if ``encrypted`` without a key. Resumable: the
+        message is kept until the server acknowledges it and queued while disconnected
+        (SendBufferFullError past ``max_send_buffer`` of unacknowledged messages).
         """
+        link = self._session_link or self._link()
+        if link is not None:
+            payload = as_bytes(data)
+            self._check_size(payload, encrypted)
+            link.send(payload, encrypted)
+            return
         conn = self._live_connection()
         self._send_on(conn, data, encrypted)
         if encrypted:
@@ -956,7 +990,8 @@ class Client(Component):
     def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
         """Send *data* and return the frame the server sends back in its place (decrypted).
 
-        Replies are matched by order (docs/guide/requests.rst): concurrent requests are
+        Replies are matched by order (docs/guide/requests.rst; resumable: by request id,
+        in any order, and pushes are never taken for replies): concurrent requests are
         answered in the order they were sent, and a request never returns another
         request's reply. A request that times out keeps its place: its late reply goes
         to ``on_handle_command``, and a request made meanwhile is sent once the late
@@ -978,6 +1013,11 @@ class Client(Component):
                 "request() cannot wait on one of the client's own threads (a handler): "
                 "its reply is handled on this thread; use send_data() and take the reply "
                 "in on_handle_command, or call request() from another thread")
+        link = self._session_link or self._link()
+        if link is not None:  # a session matches replies by request id
+            payload = as_bytes(data)
+            self._check_size(payload, encrypted)
+            return link.request(payload, timeout, encrypted)
         conn = self._live_connection()
         payload = as_bytes(data)
         self._check_size(payload, encrypted)
@@ -1071,6 +1111,31 @@ class Client(Component):
             self._policy.reset()
         if done is not None:
             done.set()
+
+    # -- sessions (API.md §10) ---------------------------------------------------------------
+    def _link(self) -> ClientLink | None:
+        """The session link of a resumable client (made on first use), else None."""
+        link = self._session_link
+        if link is None and self.resumable:
+            with self._link_lock:
+                link = self._session_link
+                if link is None:
+                    link = self._session_link = ClientLink(self)
+        return link
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The id of the current session (resumable clients), None without one."""
+        link = self._session_link
+        return link.session.session_id if link is not None else None
+
+    def take_unacknowledged(self) -> list[Unacknowledged]:
+        """The messages of sessions that ended (``on_error(..., SESSION_LOST)``) before
+        the server acknowledged them, oldest first, as ``(data, encrypted, request)``;
+        each is returned once. Send them again, or drop them, as the application
+        decides: the library never does either on its own. Any thread."""
+        link = self._session_link
+        return link.take_unacknowledged() if link is not None else []
 
     def clear_statistics(self) -> None:
         """Zero the byte and message counters."""

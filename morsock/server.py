@@ -18,7 +18,16 @@ from time import perf_counter
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
-from ._settings import Setting, _boolean, _optional_seconds, _port, _positive_int, _server_host
+from ._session_link import ServerSessions, is_session_item
+from ._settings import (
+    Setting,
+    _boolean,
+    _non_negative_seconds,
+    _optional_seconds,
+    _port,
+    _positive_int,
+    _server_host,
+)
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
@@ -132,8 +141,18 @@ class ServerClient(Connection):
         self.server._send_on(self, data, encrypted)
 
     def disconnect(self) -> bool:
-        """Close this connection (``on_disconnect`` follows). False if already closing."""
+        """Close this connection (``on_disconnect`` follows). False if already closing.
+        A session's client is told the session is over (it does not resume)."""
+        sessions = self.server._sessions
+        if sessions is not None and sessions.close_session(self):
+            return True
         return self.close()
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The id of this client's session (API.md §10), None without one."""
+        sessions = self.server._sessions
+        return sessions.session_id(self) if sessions is not None else None
 
     def __repr__(self) -> str:
         return f"<ServerClient #{self.handle} {self.describe()}{' closed' if self.closing else ''}>"
@@ -205,6 +224,11 @@ class Server(Component):
     backlog: Setting[int] = Setting(
         4096, _positive_int, doc="listen() backlog: connections the kernel holds until "
                                  "they are accepted.")
+    resume_window: Setting[float] = Setting(
+        0.0, _non_negative_seconds,
+        doc="Seconds a dropped session stays resumable (0: no sessions): a resumable "
+            "client that reconnects within it gets every message exactly once, in order "
+            "(docs/guide/sessions.rst).")
 
     _PLAIN_FRAMES_AS_BYTES = True
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
@@ -233,6 +257,7 @@ class Server(Component):
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024,
                  idle_timeout: float | None = None, backlog: int = 4096,
+                 resume_window: float = 0.0,
                  ssl_context: Any = None, logger: logging.Logger | None = None,
                  **events: Any) -> None:
         self._state = ServerState.DISCONNECTED
@@ -252,6 +277,7 @@ class Server(Component):
         self._zero_stats()
         self._tally = Tally(self.property_lock, self._clients.values)
         self._sealed_flag = -1
+        self._sessions: ServerSessions | None = None  # while running with resume_window
         super().__init__(settings, events)
 
     # -- life cycle --------------------------------------------------------------------
@@ -300,6 +326,7 @@ class Server(Component):
                 # the flag of the frames _run_sealed opens (-1: none, no key)
                 self._sealed_flag = (FLAG_MORMOT if ctx.mormot is not None else
                                      FLAG_AUTHENTICATED if ctx.authenticated else -1)
+                self._sessions = ServerSessions(self) if self.resume_window > 0 else None
                 # after _prepare_runtime: its dispatcher honours events_use_main_thread
                 self._set_state(ServerState.STARTING)
                 listener = self._bind()
@@ -377,10 +404,15 @@ class Server(Component):
             if self._state is ServerState.STOPPING:
                 return
             self._set_state(ServerState.STOPPING)
+            sessions = self._sessions
+            if sessions is not None:  # "going away": clients move on, nothing acknowledged is lost
+                sessions.going_away(min(self.connection_timeout, 2.0))
             closed = threading.Event()
             self._reactor.call_soon(self._close_everything, closed)
             if not closed.wait(30):
                 self._log.error("server: sockets not closed within 30 s")
+            if sessions is not None:
+                sessions.shutdown()
             self._await_closes()
             self._pool.shutdown()
             self._reactor.close()
@@ -484,14 +516,17 @@ class Server(Component):
                            client.peer_port)
         if self.idle_timeout is not None:
             self._watch()
-        client.start()
+        sessions = self._sessions
+        if sessions is not None:
+            sessions.admit(client)  # on_connect once its first frame tells what it is
+        client.start(announce=sessions is None)
 
     def _marker_wanted(self, marker: Any) -> bool:
         # A marker only fires its event: without a handler, it need not go through the
         # strand at all (a connection that comes and goes costs two strand runs less).
         if marker is CONNECTED:
             return self.on_connect is not None
-        return self.on_disconnect is not None
+        return self.on_disconnect is not None or self._sessions is not None
 
     def _start_tls(self, sock: socket.socket, address: Any) -> None:
         """Reactor thread: TLS handshake with an accepted socket. It counts against
@@ -593,6 +628,8 @@ class Server(Component):
 
     def _connection_closed(self, conn: Connection) -> None:
         assert isinstance(conn, ServerClient)
+        if self._sessions is not None:
+            self._sessions.connection_closed(conn)
         with self.property_lock:
             if self._clients.pop(conn.handle, None) is not None:
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
@@ -766,10 +803,15 @@ class Server(Component):
         if item is CONNECTED:
             self._emit("on_connect", conn)
         elif item is DISCONNECTED:
+            sessions = self._sessions
+            if sessions is not None and not sessions.disconnect_marker(conn):  # type: ignore[arg-type]
+                return  # its session lives on: on_disconnect once it ends
             self._emit("on_disconnect", conn)
             conn._strand.retire()  # the last item: freed without the collector
         elif item.__class__ is bytes:  # the payload of a plaintext frame
             self._handle_frame(conn, Frame(item, 0))
+        elif is_session_item(item):
+            item.run(conn)
         else:
             self._handle_frame(conn, item)
 
@@ -847,6 +889,16 @@ class Server(Component):
     def _emit_error(self, conn: Connection, message: str, code: int) -> None:
         """Strand: an :class:`ErrorReport` of *conn* comes up in its order."""
         self._emit("on_error", conn, message, code)
+
+    def _send_on(self, conn: Connection, data: Data, encrypted: bool) -> None:
+        sessions = self._sessions
+        if sessions is not None and sessions.send(conn, data, encrypted):
+            return  # a session's: kept until acknowledged
+        super()._send_on(conn, data, encrypted)
+
+    def _send_raw(self, conn: Connection, data: Data, encrypted: bool) -> None:
+        """Send as a server without sessions does (a session-less connection)."""
+        super()._send_on(conn, data, encrypted)
 
     def _zero_stats(self) -> None:
         self._total_connections = 0
@@ -952,7 +1004,7 @@ class Server(Component):
             if found is None:
                 return False
             client = found
-        return client.close()
+        return client.disconnect()
 
     def disconnect_all_clients(self) -> int:
         """Disconnect every client; return how many were disconnected."""
