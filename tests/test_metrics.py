@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from morsock import Client, ErrorCode, ReconnectStrategy, Server
-from morsock.cli import _build_parser, _serve_metrics
+from morsock.cli import _serve_metrics, build_parser
 from morsock.metrics import DURATION_BUCKETS, Observer, register
 from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
@@ -466,8 +466,8 @@ def test_cli_metrics_port_in_use_is_a_clear_error() -> None:
 
 
 def test_cli_metrics_endpoint_stops_with_the_server(capsys: pytest.CaptureFixture[str]) -> None:
-    args = _build_parser().parse_args(["server", "--metrics-port", "0"])
-    assert _serve_metrics(Server(0, LOCAL), _build_parser().parse_args(["server"])) is None
+    args = build_parser().parse_args(["server", "--metrics-port", "0"])
+    assert _serve_metrics(Server(0, LOCAL), build_parser().parse_args(["server"])) is None
     with running_server() as server:
         stop = _serve_metrics(server, args)
         assert stop is not None
