@@ -63,6 +63,7 @@ CLIENT: List[Tuple[str, Any, type]] = COMMON + [
     ("reconnect_max_interval", 0, V), ("reconnect_max_interval", math.nan, T),
     ("server_hostname", 5, T), ("server_hostname", "", T),
     ("resumable", 1, T), ("resumable", "yes", T),
+    ("send_data_replies", 1, T),
 ]
 
 
