@@ -105,6 +105,9 @@ class ReplyOrder:
                 self._adopt(conn)
             ahead = self._pushed  # the places taken before this request
             while self._out_of_step and self._popped < ahead:
+                if self._conn is not conn:  # closed while this request was held
+                    raise NotConnectedError("the connection was closed before the request "
+                                            "could be sent")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     owed = ahead - self._popped
@@ -120,10 +123,10 @@ class ReplyOrder:
                     self._in_step.wait(left)
                 finally:
                     self.held -= 1
-                if self._conn is not conn:  # closed meanwhile
+            else:
+                if self._conn is not conn:  # closed while this request was held
                     raise NotConnectedError("the connection was closed before the request "
                                             "could be sent")
-            else:
                 message = ""
                 self._ledger.append(waiter)
                 try:
@@ -167,6 +170,7 @@ class ReplyOrder:
         closed): start an empty ledger for *conn*."""
         self._fail_all(NotConnectedError("the connection was closed before the reply came"))
         self._conn = conn
+        self._in_step.notify_all()  # requests held for the old connection fail
 
     def _give_up(self, waiter: _Waiter) -> None:
         """Under the lock: *waiter* timed out; it keeps its place as LATE (rule 2 for the
