@@ -61,7 +61,7 @@ CLIENT: List[Tuple[str, Any, type]] = COMMON + [
     ("reconnect_interval", 5.5, T), ("reconnect_interval", True, T),
     ("reconnect_max_attempts", -1, V), ("reconnect_max_attempts", "10", T),
     ("reconnect_max_interval", 0, V), ("reconnect_max_interval", math.nan, T),
-    ("server_hostname", 5, T), ("server_hostname", "", T),
+    ("server_hostname", 5, T), ("server_hostname", "", V),
     ("resumable", 1, T), ("resumable", "yes", T),
     ("send_data_replies", 1, T),
 ]
