@@ -135,8 +135,8 @@ class Client(Component):
     ``keep_alive``, ``keepalive_idle``, ``keepalive_interval``, ``keepalive_count``,
     ``no_delay``, ``max_message_size``, ``max_send_buffer``, ``encryption_key``,
     ``encryption_mode``, ``encryption_key_size``, ``encryption_profile``,
-    ``require_encryption``, ``ssl_context``, ``server_hostname``,
-    ``events_use_main_thread``, ``event_queue``, ``logger``.
+    ``require_encryption``, ``ssl_context``, ``server_hostname``, ``resumable``,
+    ``send_data_replies`` (live), ``events_use_main_thread``, ``event_queue``, ``logger``.
 
     Read-only: ``state``, ``active``, ``connected``, ``connected_time``,
     ``reconnect_attempts``, ``remote_ip``, ``total_bytes_received``, ``total_bytes_sent``,
@@ -195,6 +195,12 @@ class Client(Component):
         doc="Ask for a session on connect (a morsock server with resume_window > 0): "
             "acknowledged delivery, exactly once and in order across dropped "
             "connections; send_data queues while disconnected (docs/guide/sessions.rst).")
+    send_data_replies: Setting[bool] = Setting(
+        False, _boolean, live=True,
+        doc="The server answers messages sent with send_data (an echo server; the Delphi "
+            "components' handler returns a reply per command): each answer then goes to "
+            "on_handle_command and is never taken for a request's reply; a request waits "
+            "for the answers owed before it (docs/guide/requests.rst). Without sessions.")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
@@ -223,6 +229,7 @@ class Client(Component):
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024, ssl_context: Any = None,
                  server_hostname: str | None = None, resumable: bool = False,
+                 send_data_replies: bool = False,
                  logger: logging.Logger | None = None, **events: Any) -> None:
         settings = dict(locals())
         for name in ("self", "events", "__class__"):
@@ -983,7 +990,10 @@ class Client(Component):
             link.send(payload, encrypted)
             return
         conn = self._live_connection()
-        self._send_on(conn, data, encrypted)
+        if self.send_data_replies:
+            self._replies.owe(conn, lambda: self._send_on(conn, data, encrypted))
+        else:
+            self._send_on(conn, data, encrypted)
         if encrypted:
             self._sealed_out = (conn, conn.messages_received)
 
