@@ -198,10 +198,11 @@ class Figures:
 
 
 class RateChart:
-    """A canvas with the last CHART_SECONDS of messages/s and bytes/s (in + out), each
-    line scaled to its own peak. Tk thread."""
+    """A canvas with the last CHART_SECONDS of messages/s (line) and bytes/s (shaded),
+    in and out together, each scaled to its own peak. Tk thread."""
 
-    COLORS = ("#1f6fb2", "#d9730d")
+    COLORS = ("#1f6fb2", "#b85c00")
+    AREA = "#f6d8b8"
 
     def __init__(self, parent: tk.Misc, width: int = 240, height: int = 70) -> None:
         self.canvas = tk.Canvas(parent, width=width, height=height, background="white",
@@ -222,14 +223,19 @@ class RateChart:
             c.create_line(0, y, w, y, fill="#eeeeee")
         points = list(self.history)
         if len(points) >= 2:
-            step = (w - 4) / (CHART_SECONDS - 1)
+            # The time axis grows with the history, up to CHART_SECONDS.
+            step = (w - 4) / (max(len(points), 10) - 1)
             x0 = w - 2 - step * (len(points) - 1)
-            for index, color in enumerate(self.COLORS):
+            for index in (1, 0):  # bytes/s as a shaded area, messages/s as a line on top
                 peak = max(p[index] for p in points) or 1.0
                 coords: List[float] = []
                 for i, p in enumerate(points):
                     coords += [x0 + i * step, h - 3 - (h - 16) * p[index] / peak]
-                c.create_line(*coords, fill=color, width=2)
+                if index == 1:
+                    c.create_polygon(x0, h - 2, *coords, coords[-2], h - 2,
+                                     fill=self.AREA, outline="")
+                else:
+                    c.create_line(*coords, fill=self.COLORS[0], width=2)
         last = points[-1] if points else (0.0, 0.0)
         c.create_text(4, 2, anchor="nw", fill=self.COLORS[0],
                       text=f"{last[0]:,.0f} msg/s", font="TkSmallCaptionFont")
