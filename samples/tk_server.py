@@ -113,7 +113,7 @@ def apply_theme(root: tk.Misc) -> ttk.Style:
     style.configure("Treeview", rowheight=22)
     style.configure("Treeview.Heading", font="TkHeadingFont")
     style.configure("Status.TLabel", background="#e8e8e8", padding=(6, 3))
-    style.configure("Figure.TLabel", font="TkFixedFont")
+    style.configure("Figure.TLabel", font="TkDefaultFont")
     style.configure("Invalid.TEntry", fieldbackground="#ffe0e0")
     style.configure("Accent.TButton", font="TkHeadingFont")
     return style
@@ -345,15 +345,16 @@ class ServerApp:
         panes = ttk.PanedWindow(outer, orient="vertical")
         panes.pack(fill="both", expand=True, pady=(6, 0))
         top = ttk.Frame(panes)
-        panes.add(top, weight=3)
+        panes.add(top, weight=1)
 
         metrics = ttk.LabelFrame(top, text="Metrics", padding=(8, 4))
         metrics.pack(side="right", fill="y", padx=(6, 0))
         self.metric_labels: Dict[str, ttk.Label] = {}
         for row, (name, title) in enumerate(self.METRICS):
-            ttk.Label(metrics, text=title).grid(row=row, column=0, sticky="nw", padx=(0, 6))
+            ttk.Label(metrics, text=title, padding=0).grid(row=row, column=0, sticky="nw",
+                                                          padx=(0, 6))
             label = ttk.Label(metrics, text="", style="Figure.TLabel", justify="left",
-                              wraplength=220)
+                              wraplength=220, padding=0)
             label.grid(row=row, column=1, sticky="nw")
             self.metric_labels[name] = label
         self.chart = RateChart(metrics)
@@ -387,7 +388,7 @@ class ServerApp:
         self.disconnect_all_button.pack(side="left", padx=6)
 
         logs = ttk.LabelFrame(panes, text="Log", padding=(8, 4))
-        panes.add(logs, weight=2)
+        panes.add(logs, weight=1)
         bar = ttk.Frame(logs)
         bar.pack(side="bottom", fill="x", pady=(4, 0))
         ttk.Label(bar, text="Broadcast").pack(side="left", padx=(0, 4))
