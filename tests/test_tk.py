@@ -530,6 +530,14 @@ def test_tk_forms_show_every_control_at_their_minimum_size(root: Any, sample: st
             assert widget.winfo_rooty() + widget.winfo_height() <= bottom, widget
             assert widget.winfo_height() >= widget.winfo_reqheight(), widget
         assert app.status_label.winfo_rooty() + app.status_label.winfo_height() == bottom
+        if sample == "tk_server":  # every figure of the metrics panel, inside the panel
+            app.refresh()
+            root.update()
+            for label in app.metric_labels.values():
+                panel = label.master
+                assert label.winfo_ismapped(), label
+                assert (label.winfo_rooty() + label.winfo_height()
+                        <= panel.winfo_rooty() + panel.winfo_height()), label
     finally:
         app.close()
 
