@@ -579,8 +579,14 @@ def test_tk_client_form_explains_a_bad_port_and_applies_the_key_size(root: Any) 
             pump_until(root, lambda: app.status_text().startswith("Connected to"), "Connected")
             assert app.client.encryption_key_size == 128
             assert "Encryption: AES-128-CBC" in app.status_text()
+            assert app.port_entry.instate(["disabled"])  # settings apply at the next Connect
+            assert app.key_size_box.instate(["disabled"])
             assert app.send("sealed", encrypted=True)
             pump_until(root, lambda: "Received: Echo: sealed" in app.log_text(), "the echo")
+            # Application messages: the AUTHENTICATED handshake is not one of them.
+            pump_until(root, lambda: re.search(r"Sent: \d+ B \(1 msg\) \| Received: \d+ B "
+                                               r"\(1 msg\)", app.status_text()) is not None,
+                       "one message each way in the status bar")
         finally:
             app.close()
 
