@@ -350,6 +350,17 @@ def hms(seconds: float) -> str:
     return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
+def say(line: str) -> None:
+    """Print *line* on stdout at once; a reader that went away (``| head -1``) is no
+    error: the rest of the output is dropped."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's exit flush is quiet
+        os.close(devnull)
+
+
 def describe_listening(server: Server, args: argparse.Namespace) -> str:
     """The banner: where *server* listens, its TLS and its per-message encryption."""
     if server.ssl_context is None:
@@ -506,8 +517,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
                     f.write(f"{server.port}\n")
                 os.replace(args.port_file + ".tmp", args.port_file)  # never half a file
-            print(describe_listening(server, args) + ("; Ctrl+C to stop" if show else ""),
-                  flush=True)
+            say(describe_listening(server, args) + ("; Ctrl+C to stop" if show else ""))
             _watch(server, stop, status)
         finally:
             if stop_metrics is not None:
@@ -516,7 +526,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if status is not None:
             status.end()
         server.stop()
-    print(server_summary(server, time.monotonic() - started), flush=True)
+    say(server_summary(server, time.monotonic() - started))
     return 0
 
 
