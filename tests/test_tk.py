@@ -495,6 +495,39 @@ def test_tk_server_log_stamps_a_line_when_the_message_arrives(root: Any) -> None
         app.close()
 
 
+def test_log_view_counts_past_the_burst_in_order_with_the_events(root: Any) -> None:
+    queue = morsock.EventQueue()
+    view = morsock.tk.LogView(root, queue, burst=3, window=60.0)
+    view.frame.pack()
+    pump = morsock.tk.attach(root, queue)
+    try:
+        for n in range(3):
+            view.message(f"m{n}")
+        queue.post(view.log, "an event between")  # e.g. an on_disconnect
+        for n in range(3, 8):
+            view.message(f"m{n}")  # past the burst of this window: counted
+        pump_until(root, lambda: view.messages_shown + view.messages_counted == 8
+                   and not len(queue), "every message shown or counted")
+        texts = [line.split("  ", 1)[1] for line in view.get().splitlines()]
+        assert texts == ["m0", "m1", "m2", "an event between", "\u2026 5 more messages"]
+        view.message("m8")  # same window: the count line grows in place
+        pump_until(root, lambda: view.get().endswith("\u2026 6 more messages\n"),
+                   "the count line to grow")
+        assert view.lines_drawn == 5 and view.messages_shown == 3
+    finally:
+        pump.detach()
+        view.close()
+
+
+def test_log_view_keeps_the_newest_lines(root: Any) -> None:
+    view = morsock.tk.LogView(root, morsock.EventQueue(), max_lines=5)
+    for n in range(20):
+        view.log(f"line {n}")
+    assert [line.split("  ", 1)[1] for line in view.get().splitlines()] == \
+        [f"line {n}" for n in range(15, 20)]
+    view.close()
+
+
 def test_log_view_wraps_long_lines(root: Any) -> None:
     view = morsock.tk.LogView(root, morsock.EventQueue(), width=40)
     view.frame.pack(fill="both", expand=True)
