@@ -744,6 +744,29 @@ def test_tk_server_metrics_panel_shows_the_prometheus_figures(root: Any) -> None
         app.close()
 
 
+def test_tk_server_metrics_panel_without_prometheus_client(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    tk_server.morsock_metrics = None  # as if the metrics extra were not installed
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    try:
+        assert not app.figures.available
+        assert app.start()
+        with morsock.Client("127.0.0.1", app.server.port) as client:
+            assert client.request("m", timeout=WAIT) == b"Echo: m"
+        with socket.create_connection(("127.0.0.1", app.server.port), timeout=WAIT) as bad:
+            bad.sendall(b"not a morsock frame")
+            assert bad.recv(10) == b""
+        pump_until(root, lambda: app.metrics_text()["errors"] == "INVALID_PROTOCOL 1",
+                   "the form's own error count")
+        shown = app.metrics_text()
+        # the server's statistics (the refused bytes count as received bytes)
+        assert shown["received"] == f"1 msg · {app.server.total_bytes_received} B"
+        assert shown["sent"] == "1 msg · 16 B"
+        assert shown["handler_quantiles"] == "pip install 'morsock[metrics]'"
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize("sample, args, ready", [
     ("tk_server", ["--autostart", "--host", "127.0.0.1", "--port", "0"],
      r"listening on 127\.0\.0\.1:\d+"),
