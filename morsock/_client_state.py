@@ -351,6 +351,7 @@ class ClientLifecycle:
         self._live = False          # the attempt numbered self.attempt is in progress
         self._user = False          # ... and was started by connect() (not a retry)
         self._connection: int | None = None   # attempt whose Connection is open
+        self._socket = False        # the live attempt has a socket not yet in a Connection
         self._ever_established = False
         self._host = ""
         self._port = 0
@@ -443,7 +444,8 @@ class ClientLifecycle:
         if self._connection is not None:
             self._connection = None
             self._do(AbandonConnection())
-        elif self.phase in (Phase.OPENING, Phase.TLS, Phase.HANDSHAKE):
+        elif self._socket:
+            self._socket = False
             self._do(CloseSocket())
 
     def _next_address(self) -> None:
@@ -452,6 +454,7 @@ class ClientLifecycle:
             self._fail(ConnectError(f"cannot connect to {self._host}:{self._port}: {reason}"))
             return
         self._enter(Phase.OPENING)
+        self._socket = True
         self._do(OpenSocket(self.attempt, self._addresses.pop(0)))
 
     def _fail(self, error: BaseException) -> None:
@@ -569,6 +572,7 @@ class ClientLifecycle:
             return
         if self._connection is not None:
             raise self._illegal(event)  # the Connection exists: its close reports
+        self._socket = False  # closed by whoever reports its failure
         self._last_error = event.error
         self._next_address()
 
@@ -579,6 +583,7 @@ class ClientLifecycle:
 
     def _on_tls_failed(self, event: TlsFailed) -> None:
         if self._of_live_attempt(event, Phase.TLS):
+            self._socket = False  # a failed TLS handshake closes its socket
             self._fail(ConnectError(event.message, ErrorCode.TLS_FAILED))
 
     def _on_opened(self, event: Opened) -> None:
@@ -586,7 +591,7 @@ class ClientLifecycle:
             return
         if self._connection is not None:
             raise self._illegal(event)
-        self._connection = self.attempt
+        self._connection, self._socket = self.attempt, False  # the Connection owns it
         if not event.handshake:
             self._established()
 
