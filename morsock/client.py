@@ -130,8 +130,11 @@ class Client(Component):
     attempt number; ``CONNECTION_FAILED`` for :meth:`connect` itself), followed once by
     ``on_error(..., MAX_RECONNECT_ATTEMPTS)`` when ``n`` reaches
     ``reconnect_max_attempts``. A drop fires ``on_state_change(CONNECTED, DISCONNECTED)``
-    then ``on_disconnect``. The ``reconnect_*`` settings may change at any time and apply
-    to the next delay.
+    then ``on_disconnect``; :meth:`disconnect` fires ``on_state_change(CONNECTED,
+    DISCONNECTING)``, then -- once the queue drained (or ``on_error(..., TIMEOUT)`` said
+    what it dropped) and the socket is closed -- ``on_state_change(DISCONNECTING,
+    DISCONNECTED)`` and ``on_disconnect``. The ``reconnect_*`` settings may change at any
+    time and apply to the next delay.
 
     Threads: :meth:`connect` starts a reactor thread and a worker thread (plus a short-lived
     resolver thread per attempt when ``host`` is a name, not an IP address). They live until
@@ -317,6 +320,7 @@ class Client(Component):
         """Under _life_lock: build and start the reactor, the worker and the dialer."""
         name = f"morsock-client-{self.host}:{self.port}"
         self._prepare_runtime(name, 1)
+        self._timers.clear()  # of the last run's reactor, if any
         self._strand = self._pool.strand(each(self._run_pair, self._log))
         self._dialer = Dialer(self._reactor, self._feed, self._configure, name)
         self._pool.start()
