@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import _client_state as life
 from ._component import Component, Data, Tally, as_bytes
@@ -22,18 +22,16 @@ from ._dialer import Dialer
 from ._settings import Setting, _non_negative_int, _port
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
-from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout
+from .errors import ConnectError, MorsockError, NotConnectedError, RequestTimeout
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, Frame
+from .protocol import Frame
 from .reactor import Timer
 from .workers import Strand, WorkerPool, each
 
+if TYPE_CHECKING:
+    from ._client_handshake import HandshakeGate
+
 __all__ = ["Client"]
-
-#: Plaintext frames a server may send before its AUTHENTICATED handshake answer that the
-#: client holds for after the handshake; one more fails the handshake.
-EARLY_FRAMES_MAX = 64
-
 
 class _Waiter:
     """One pending :meth:`Client.request`."""
@@ -215,9 +213,7 @@ class Client(Component):
         self._timers: dict[life.TimerName, Timer] = {}
         self._conn: Connection | None = None
         self._conn_attempt = 0                          # the attempt that opened _conn
-        self._handshake: Any = None
-        self._early_frames: list[Frame] = []  # plaintext frames before the handshake answer
-        self._handshake_error: BaseException | None = None
+        self._handshake: HandshakeGate | None = None    # of _conn, until it ended
         self._connect_waiters: list[_Outcome] = []     # connect() calls waiting
         self._stop_waiters: list[threading.Event] = []  # disconnect() calls waiting ...
         self._stop_ready: list[threading.Event] = []    # ... the machine stopped for them
@@ -499,18 +495,12 @@ class Client(Component):
         ctx = self._crypto
         assert ctx is not None
         self._feed(life.Opened(action.attempt, ctx.authenticated))  # before any close
-        if not ctx.authenticated:
-            conn.start(announce=False)
-            return
-        from .crypto import ClientHandshake
-        self._handshake = ClientHandshake(ctx.key, ctx.mode, ctx.key_size)
-        self._early_frames = []
-        conn.frame_hook = functools.partial(self._handshake_frames, conn)
         conn.start(announce=False)
-        try:
-            conn.send_frame(self._handshake.hello_frame)
-        except MorsockError:
-            pass  # the close that follows reports the failure
+        if ctx.authenticated:
+            from ._client_handshake import HandshakeGate  # imports the crypto module
+            self._handshake = HandshakeGate(conn, ctx, functools.partial(
+                self._feed, life.HandshakeDone(action.attempt)))
+            self._handshake.start()
 
     def _do_close_connection(self, action: life.CloseConnection) -> None:
         conn = self._conn
@@ -521,8 +511,7 @@ class Client(Component):
         self._reactor.call_soon(conn.close)
 
     def _do_abandon_connection(self, action: life.AbandonConnection) -> None:
-        conn, self._conn = self._conn, None
-        self._handshake, self._early_frames = None, []
+        conn, self._conn, self._handshake = self._conn, None, None
         if conn is not None:
             conn.close()
 
@@ -581,37 +570,6 @@ class Client(Component):
     }
 
     # -- the connection ------------------------------------------------------------------
-    def _handshake_frames(self, conn: Connection, frames: list[Frame]) -> list[Frame]:
-        """Reactor-thread hook of an AUTHENTICATED connection until the server's handshake
-        answer (its first flag-2 frame) arrives. Plaintext frames before it are what the
-        server's application sent before our hello reached it (a welcome from its
-        ``on_connect``, a broadcast): held, then handled after ``on_connect``, as if they
-        came after the handshake. Any other frame before it fails the handshake."""
-        if conn is not self._conn:
-            return []  # given up (AbandonConnection): it closes
-        answer = next((i for i, f in enumerate(frames) if f.flag == FLAG_AUTHENTICATED),
-                      len(frames))
-        before = frames[:answer]
-        try:
-            if (any(f.flag != FLAG_PLAIN for f in before)
-                    or len(self._early_frames) + len(before) > EARLY_FRAMES_MAX):
-                raise CryptoError("the server did not answer the AUTHENTICATED handshake "
-                                  "(is it a morsock server with the same key and profile?)",
-                                  ErrorCode.AUTHENTICATION_FAILED)
-            self._early_frames += before
-            if answer == len(frames):
-                return []  # still waiting for the answer
-            conn.frame_hook = None
-            conn.session = self._handshake.finish(frames[answer].payload)
-        except CryptoError as exc:
-            conn.frame_hook = None
-            self._handshake_error = exc
-            conn.close()
-            return []
-        early, self._early_frames, self._handshake = self._early_frames, [], None
-        self._feed(life.HandshakeDone(self._conn_attempt))
-        return early + frames[answer + 1:]
-
     def _live_connections(self) -> list[Connection]:
         with self._stats_lock:
             return list(self._live_conns)
@@ -624,9 +582,8 @@ class Client(Component):
                 self._tally.closed(conn)
         self._fail_waiters()
         if conn is self._conn:
-            self._conn = None
-            error, self._handshake_error = self._handshake_error, None
-            self._handshake, self._early_frames = None, []
+            gate, self._conn, self._handshake = self._handshake, None, None
+            error = gate.error if gate is not None else None
             if conn.established:
                 if self._connected_mono is not None:
                     self._connected_for = time.monotonic() - self._connected_mono
