@@ -522,26 +522,23 @@ class ClientLifecycle:
         self._ever_established = False
         if phase is Phase.CLOSING:
             return  # Stopped follows the close under way
-        if phase is Phase.CONNECTED or (phase is Phase.HANDSHAKE
-                                        and self._connection is not None):
-            if self._live:
-                self._live = False
-                self._do(CancelTimer(TimerName.CONNECT_TIMEOUT))
-                if self._user:
-                    self._do(ConnectFinished(ConnectError(_DISCONNECT_CALLED)))
-            self._enter(Phase.CLOSING)
-            self._do(CloseConnection())
-            return
+        finished: list[Action] = []
         if phase in ATTEMPT_PHASES:
-            user = self._user
-            self._drop_attempt()
-            self._enter(Phase.IDLE)
-            if user:
-                self._do(ConnectFinished(ConnectError(_DISCONNECT_CALLED)))
+            if self._user:
+                finished.append(ConnectFinished(ConnectError(_DISCONNECT_CALLED)))
+            self._live = False
+            self._do(CancelTimer(TimerName.CONNECT_TIMEOUT))
+            if self._socket:
+                self._socket = False
+                self._do(CloseSocket())
         elif phase is Phase.RETRY_WAIT:
             self._do(CancelTimer(TimerName.RETRY))
+        if self._connection is not None:  # CONNECTED, or a handshake on its Connection
+            self._enter(Phase.CLOSING)
+            self._do(*finished, CloseConnection())
+        else:
             self._enter(Phase.IDLE)
-        self._do(Stopped())
+            self._do(*finished, Stopped())
 
     def _on_reset(self, event: ResetAttempts) -> None:
         if self._policy is not None:

@@ -490,8 +490,8 @@ def test_disconnect_during_an_attempt(phase: str, closes: list[Action]) -> None:
 def test_disconnect_during_the_handshake_closes_and_waits_for_the_close() -> None:
     h = Harness()
     n = h.to_handshake()
-    assert norm(h.feed(Disconnect())) == [CancelTimer(CT), DISCONNECT_CALLED,
-                                          ChangeState(C, DING), CloseConnection()]
+    assert norm(h.feed(Disconnect())) == [CancelTimer(CT), ChangeState(C, DING),
+                                          DISCONNECT_CALLED, CloseConnection()]
     assert h.machine.phase is Phase.CLOSING
     assert h.feed(HandshakeDone(n)) == []                  # the attempt is over
     assert h.feed(ConnectionClosed(n)) == [ChangeState(DING, D), Stopped()]
