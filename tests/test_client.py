@@ -295,7 +295,9 @@ def test_disconnect_while_a_close_from_the_worker_is_under_way() -> None:
                     raw.sendall(encode_frame(b"plaintext"))  # refused: closes from the worker
                     assert in_log.wait(TIMEOUT)
                     stopper.start()
-                    wait_until(lambda: client.state is C.DISCONNECTED)
+                    # disconnect() is under way; the socket closes once the worker is free
+                    wait_until(lambda: client.state is C.DISCONNECTING)
+                    assert stopper.is_alive()
                     release.set()
                     stopper.join(TIMEOUT * 2)
                     assert not stopper.is_alive()

@@ -486,7 +486,8 @@ def test_disconnect_from_on_error_handler_stops_retrying() -> None:
         rec.hooks.append(on_error)
         connect_expecting_failure(client)
         assert stopped.wait(WAIT)
-        assert rec.wait_for(lambda: not client_threads(port)), \
+        # no event tells that the threads ended: poll with a deadline
+        assert eventually(lambda: not client_threads(port)), \
             [t.name for t in client_threads(port)]
         assert rec.quiet_for(0.5)
         assert [c for c in rec.codes() if c > 1] == []
