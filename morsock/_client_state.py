@@ -32,9 +32,10 @@ Phases, and the public :class:`~morsock.ClientState` each one shows::
 
 An attempt goes RESOLVING (``Resolve``) -> OPENING (``OpenSocket`` per address, the next
 one after a ``SocketFailed``) -> TLS (``StartTls``, with an ``ssl_context``) -> HANDSHAKE
-(``OpenConnection``; ``Opened`` says whether the AUTHENTICATED handshake must follow,
-``HandshakeDone`` ends it) -> CONNECTED. Any failure, or the ``CONNECT_TIMEOUT`` timer,
-ends it: DISCONNECTED, ``on_error``, then a ``RETRY`` timer as the reconnect policy says.
+(``OpenConnection``; ``Opened`` says whether handshakes follow -- AUTHENTICATED, a
+session's hello -- and ``HandshakeDone`` ends them) -> CONNECTED. Any failure, or the
+``CONNECT_TIMEOUT`` timer, ends it: DISCONNECTED, ``on_error``, then a ``RETRY`` timer as
+the reconnect policy says.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .errors import ConnectError
 from .reconnect import ReconnectPolicy
 
 __all__ = ["ClientLifecycle", "LifecycleError", "LifecycleSettings", "Phase", "TimerName",
-           "Event", "Action"]
+           "Event", "Action", "connect_error"]
 
 
 class LifecycleError(RuntimeError):
@@ -64,7 +65,7 @@ class Phase(enum.Enum):
     RESOLVING = "RESOLVING"      # the address of host is being looked up
     OPENING = "OPENING"          # a TCP connect to one address is in progress
     TLS = "TLS"                  # the TLS handshake runs on the connected socket
-    HANDSHAKE = "HANDSHAKE"      # the Connection is being opened / the AUTHENTICATED handshake
+    HANDSHAKE = "HANDSHAKE"      # the Connection is opened, its handshakes run
     CONNECTED = "CONNECTED"      # established
     CLOSING = "CLOSING"          # disconnect(): the connection drains, then closes
 
@@ -180,8 +181,9 @@ class TlsFailed:
 
 @dataclass(frozen=True)
 class Opened:
-    """The Connection of ``OpenConnection`` exists; *handshake*: the AUTHENTICATED
-    handshake was started on it and ``HandshakeDone`` will follow (else it is usable)."""
+    """The Connection of ``OpenConnection`` exists; *handshake*: handshakes were started
+    on it (AUTHENTICATED, a session's hello) and ``HandshakeDone`` follows the last one
+    (else it is usable now)."""
 
     attempt: int
     handshake: bool
@@ -189,7 +191,7 @@ class Opened:
 
 @dataclass(frozen=True)
 class HandshakeDone:
-    """The server answered the AUTHENTICATED handshake."""
+    """The server answered the last handshake of the connection."""
 
     attempt: int
 
@@ -205,10 +207,12 @@ class ConnectionClosed:
 
 @dataclass(frozen=True)
 class TimerFired:
-    """A timer of ``StartTimer`` ran out."""
+    """A timer of ``StartTimer`` ran out. *reason*: for CONNECT_TIMEOUT, what the shell
+    knows of why the attempt got no further (the failure's message; None: "timed out")."""
 
     timer: TimerName
     attempt: int
+    reason: str | None = None
 
 
 Event = Union[Connect, Disconnect, ResetAttempts, Resolved, ResolveFailed, SocketConnected,
@@ -324,6 +328,22 @@ Action = Union[ChangeState, Resolve, OpenSocket, CloseSocket, StartTls, OpenConn
                FireError, ConnectFinished, Stopped]
 
 _DISCONNECT_CALLED = "disconnect() was called"
+
+#: The codes a failed connect() reports as they are (on_error and the exception alike):
+#: a handshake the server refused. Anything else is CONNECTION_FAILED.
+_HANDSHAKE_CODES = (ErrorCode.TLS_FAILED, ErrorCode.AUTHENTICATION_FAILED)
+
+
+def connect_error(error: BaseException) -> ConnectError:
+    """The ConnectError that connect() raises for *error*, with the one code that its
+    ``on_error`` reports too (see _HANDSHAKE_CODES); the cause chained."""
+    code = getattr(error, "code", None)
+    code = code if code in _HANDSHAKE_CODES else ErrorCode.CONNECTION_FAILED
+    if isinstance(error, ConnectError) and error.code == code:
+        return error
+    wrapped = ConnectError(str(error), code)
+    wrapped.__cause__ = error
+    return wrapped
 
 
 class ClientLifecycle:
@@ -462,10 +482,9 @@ class ClientLifecycle:
         self._drop_attempt()
         self._enter(Phase.IDLE)
         if self._user:
-            tls = getattr(error, "code", None) is ErrorCode.TLS_FAILED
-            self._do(FireError(str(error), ErrorCode.TLS_FAILED if tls
-                               else ErrorCode.CONNECTION_FAILED),
-                     ConnectFinished(error))
+            error = connect_error(error)
+            assert error.code is not None
+            self._do(FireError(str(error), error.code), ConnectFinished(error))
             self._schedule_retry()
             return
         policy = self._live_policy()
@@ -627,8 +646,8 @@ class ClientLifecycle:
             self._start_attempt(user=False)
             return
         if self._of_live_attempt(event, *ATTEMPT_PHASES):
-            self._fail(ConnectError(f"connect to {self._host}:{self._port} timed out after "
-                                    f"{self._timeout:g} s", ErrorCode.TIMEOUT))
+            self._fail(ConnectError(event.reason or f"connect to {self._host}:{self._port} "
+                                                    f"timed out after {self._timeout:g} s"))
 
     _HANDLERS: dict[type, Callable[[ClientLifecycle, Any], None]] = {
         Connect: _on_connect,

@@ -55,6 +55,7 @@ class Dialer:
         self._connecting: socket.socket | None = None   # TCP connect in progress
         self._tls: TLSHandshake | None = None           # TLS handshake in progress
         self._ready: socket.socket | None = None        # connected, not yet taken
+        self._address: Any = None   # where the socket in progress connects (its peer)
         self._resolvers: set[threading.Thread] = set()
         self._resolvers_lock = threading.Lock()
 
@@ -103,7 +104,7 @@ class Dialer:
             sock.close()
             self._report(SocketFailed(attempt, _os_error(err)))
             return
-        self._connecting = sock
+        self._connecting, self._address = sock, sockaddr
         self._reactor.register(sock, EVENT_WRITE, lambda mask: self._writable(attempt, sock))
 
     def _writable(self, attempt: int, sock: socket.socket) -> None:
@@ -144,11 +145,12 @@ class Dialer:
                                  on_failure=failed, description=description)
         self._tls.start()
 
-    def take(self) -> socket.socket:
-        """Hand over the connected (TLS) socket: the caller owns it from now on."""
+    def take(self) -> tuple[socket.socket, Any]:
+        """Hand over the connected (TLS) socket and its peer's address (a reset socket
+        has no ``getpeername()``): the caller owns the socket from now on."""
         sock, self._ready = self._ready, None
         assert sock is not None, "OpenConnection without a connected socket"
-        return sock
+        return sock, self._address
 
     def close(self) -> None:
         """Close the socket of the step in progress, if any; nothing is reported."""

@@ -19,29 +19,32 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import _client_state as life
 from ._component import Component, Data, Tally, as_bytes
 from ._dialer import Dialer
-from ._settings import Setting, _non_negative_int, _port
+from ._replies import LATE, ReplyOrder
+from ._session_link import ClientLink, is_session_item
+from ._settings import (
+    Setting,
+    _boolean,
+    _client_host,
+    _enum,
+    _non_negative_int,
+    _optional_name,
+    _port,
+    _positive_int,
+    check_timeout,
+)
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
-from .errors import ConnectError, MorsockError, NotConnectedError, RequestTimeout
+from .errors import ConnectError, MorsockError, NotConnectedError
 from .events import EventQueue
-from .protocol import Frame
+from .protocol import FLAG_PLAIN, Frame
 from .reactor import Timer
 from .workers import Strand, WorkerPool, each
 
 if TYPE_CHECKING:
     from ._client_handshake import HandshakeGate
+    from ._session_link import Unacknowledged
 
 __all__ = ["Client"]
-
-class _Waiter:
-    """One pending :meth:`Client.request`."""
-
-    __slots__ = ("event", "reply", "error")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: bytes | None = None
-        self.error: BaseException | None = None
 
 
 class _Outcome:
@@ -143,28 +146,33 @@ class Client(Component):
     the application's threads hand it their calls (``call_soon``) and wait for the answer.
     """
 
-    host: Setting[str] = Setting("localhost", str, doc="Server address (name or IP).")
+    host: Setting[str] = Setting("localhost", _client_host, doc="Server address (name or IP).")
     port: Setting[int] = Setting(3434, _port, doc="Server port.")
     auto_reconnect: Setting[bool] = Setting(
-        False, bool, live=True,
+        False, _boolean, live=True,
         doc="Retry after a failed connect() and after a drop (for any reason but "
             "disconnect()), as reconnect_strategy says.")
     reconnect_strategy: Setting[ReconnectStrategy] = Setting(
-        ReconnectStrategy.BACKOFF, ReconnectStrategy.parse, live=True,
+        ReconnectStrategy.BACKOFF, _enum(ReconnectStrategy.parse), live=True,
         doc="Delay before attempt n: NONE (no retry), IMMEDIATE (100 ms), FIXED_INTERVAL "
             "(reconnect_interval), BACKOFF (reconnect_interval * 2 ** (n - 1), +-20% "
             "jitter, at most reconnect_max_interval).")
     reconnect_interval: Setting[int] = Setting(
-        5000, _non_negative_int, live=True,
+        5000, _positive_int, live=True,
         doc="Milliseconds: the FIXED_INTERVAL delay and the first BACKOFF delay.")
     reconnect_max_attempts: Setting[int] = Setting(
         10, _non_negative_int, live=True,
         doc="Failed attempts before giving up (on_error(..., MAX_RECONNECT_ATTEMPTS)); "
             "0: unlimited.")
     reconnect_max_interval: Setting[int] = Setting(
-        30000, _non_negative_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
+        30000, _positive_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
     server_hostname: Setting[str | None] = Setting(
-        None, doc="Name the server's TLS certificate must match (None: host).")
+        None, _optional_name, doc="Name the server's TLS certificate must match (None: host).")
+    resumable: Setting[bool] = Setting(
+        False, _boolean,
+        doc="Ask for a session on connect (a morsock server with resume_window > 0): "
+            "acknowledged delivery, exactly once and in order across dropped "
+            "connections; send_data queues while disconnected (docs/guide/sessions.rst).")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
@@ -192,7 +200,7 @@ class Client(Component):
                  max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024, ssl_context: Any = None,
-                 server_hostname: str | None = None,
+                 server_hostname: str | None = None, resumable: bool = False,
                  logger: logging.Logger | None = None, **events: Any) -> None:
         settings = dict(locals())
         for name in ("self", "events", "__class__"):
@@ -201,8 +209,13 @@ class Client(Component):
         self._machine = life.ClientLifecycle(self)
         #: Serialises connect(), disconnect() and reconnect() (the application's threads).
         self._life_lock = threading.RLock()
-        self._request_lock = threading.Lock()
-        self._waiters: deque[_Waiter] = deque()
+        self._replies = ReplyOrder()  # request() matching (see morsock._replies)
+        self._session_link: ClientLink | None = None  # resumable: made by the first use
+        self._link_lock = threading.Lock()
+        #: the connection an encrypted frame was last sent on, with the frames it had
+        #: received by then; the one an encrypted frame was last received on (_reset_hint)
+        self._sealed_out: tuple[Connection, int] | None = None
+        self._sealed_in: Connection | None = None
         # Written under _life_lock, as a run starts and after it stopped:
         self._strand: Strand | None = None
         self._dialer: Dialer | None = None
@@ -214,6 +227,8 @@ class Client(Component):
         self._conn: Connection | None = None
         self._conn_attempt = 0                          # the attempt that opened _conn
         self._handshake: HandshakeGate | None = None    # of _conn, until it ended
+        #: why _conn closed in its handshake (set by the gate and the session link)
+        self._handshake_error: BaseException | None = None
         self._connect_waiters: list[_Outcome] = []     # connect() calls waiting
         self._stop_waiters: list[threading.Event] = []  # disconnect() calls waiting ...
         self._stop_ready: list[threading.Event] = []    # ... the machine stopped for them
@@ -295,6 +310,7 @@ class Client(Component):
         try:
             if self._machine.state is ClientState.CONNECTED:
                 return
+            self._link()
             if not self._is_running():
                 self._start_run()
             outcome = _Outcome()
@@ -306,10 +322,10 @@ class Client(Component):
         error = outcome.error
         if error is None:
             return
-        if isinstance(error, MorsockError) and not isinstance(error, ConnectError):
-            raise ConnectError(str(error), error.code) from error
         if isinstance(error, ConnectError):
             raise error
+        if isinstance(error, MorsockError):
+            raise life.connect_error(error) from error
         raise ConnectError(f"cannot connect to {self.host}:{self.port}: {error}") from error
 
     def _start_run(self) -> None:
@@ -351,6 +367,8 @@ class Client(Component):
             reactor, pool = self._reactor, self._pool
             if reactor is None or (run is not None and run is not pool):
                 return  # not running, or that run is over since the handler asked
+            if self._session_link is not None and run is None:
+                self._session_link.leave(min(self.connection_timeout, 2.0))
             self._stopping = True
             try:
                 stopped = threading.Event()
@@ -359,6 +377,8 @@ class Client(Component):
                 if not stopped.wait(bound):
                     self._log.error("client: connection not closed within %g s", bound)
                 pool.shutdown()
+                if self._session_link is not None:
+                    self._session_link.cancel_timer()
                 reactor.stop()
                 self._reactor = self._pool = self._strand = None
                 dialer, self._dialer = self._dialer, None
@@ -478,29 +498,50 @@ class Client(Component):
                                self.server_hostname or self.host, f"{self.host}:{self.port}")
 
     def _do_open_connection(self, action: life.OpenConnection) -> None:
-        """Wrap the connected (TLS) socket in a Connection, then start the AUTHENTICATED
-        handshake or report it usable (``Opened``)."""
-        sock = self._running_dialer().take()
+        """Wrap the connected (TLS) socket in a Connection, then start its handshakes
+        (AUTHENTICATED, then a session's hello) or report it usable (``Opened``)."""
+        sock, address = self._running_dialer().take()
         try:
             conn = Connection(self, sock, max_message_size=self.max_message_size,
-                              max_send_buffer=self.max_send_buffer)
+                              max_send_buffer=self.max_send_buffer, peer=address)
         except OSError as exc:
             sock.close()
             self._feed(life.SocketFailed(action.attempt, exc))
             return
         conn.established = False
+        link = self._session_link
+        if link is not None:
+            link.prepare(conn)
         self._conn, self._conn_attempt = conn, action.attempt
+        self._handshake, self._handshake_error = None, None
         with self._stats_lock:
             self._live_conns.add(conn)
         ctx = self._crypto
         assert ctx is not None
-        self._feed(life.Opened(action.attempt, ctx.authenticated))  # before any close
+        handshake = ctx.authenticated or link is not None
+        self._feed(life.Opened(action.attempt, handshake))  # queued before any close
         conn.start(announce=False)
         if ctx.authenticated:
             from ._client_handshake import HandshakeGate  # imports the crypto module
-            self._handshake = HandshakeGate(conn, ctx, functools.partial(
-                self._feed, life.HandshakeDone(action.attempt)))
+            self._handshake = HandshakeGate(
+                conn, ctx, f"{self.host}:{self.port}",
+                functools.partial(self._established, conn), self._handshake_failed)
             self._handshake.start()
+        elif handshake:
+            self._established(conn)
+
+    def _handshake_failed(self, error: BaseException) -> None:
+        self._handshake_error = error
+
+    def _established(self, conn: Connection) -> None:
+        """Reactor thread: a handshake on *conn* is done (the AUTHENTICATED gate's answer,
+        or a session's WELCOME, from the session link): the next one starts, or the
+        machine hears ``HandshakeDone``."""
+        link = self._session_link
+        if link is not None and link.begin(conn):
+            return  # the link calls this again once the server answered its hello
+        if conn is self._conn:
+            self._feed(life.HandshakeDone(self._conn_attempt))
 
     def _do_close_connection(self, action: life.CloseConnection) -> None:
         conn = self._conn
@@ -517,7 +558,17 @@ class Client(Component):
 
     def _do_start_timer(self, action: life.StartTimer) -> None:
         self._timers[action.timer] = self._reactor.call_later(
-            action.delay, self._feed, life.TimerFired(action.timer, action.attempt))
+            action.delay, self._timer_fired, action.timer, action.attempt)
+
+    def _timer_fired(self, timer: life.TimerName, attempt: int) -> None:
+        reason = None
+        gate = self._handshake
+        if (timer is life.TimerName.CONNECT_TIMEOUT and gate is not None and gate.pending
+                and attempt == self._conn_attempt):
+            from ._client_handshake import unanswered_hello
+            reason = unanswered_hello(self.host, self.port, self.connection_timeout,
+                                      gate.early_frames)
+        self._feed(life.TimerFired(timer, attempt, reason))
 
     def _do_cancel_timer(self, action: life.CancelTimer) -> None:
         timer = self._timers.pop(action.timer, None)
@@ -531,7 +582,9 @@ class Client(Component):
         self._connected_mono = time.monotonic()
         self._remote_ip = conn.peer_ip
         self._log.info("connected to %s:%d (%s)", self.host, self.port, self.encryption_info)
-        conn.post(CONNECTED)
+        link = self._session_link
+        if link is None or link.announce():  # a session: on_connect once, not per resume
+            conn.post(CONNECTED)
 
     def _do_fire_error(self, action: life.FireError) -> None:
         self._report_ordered(action.message, action.code)
@@ -576,19 +629,27 @@ class Client(Component):
 
     def _connection_closed(self, conn: Connection) -> None:
         """Reactor thread: the socket of *conn* is closed."""
+        if self._session_link is not None:
+            self._session_link.connection_lost(conn)
         with self._stats_lock:
             if conn in self._live_conns:
                 self._live_conns.remove(conn)
                 self._tally.closed(conn)
-        self._fail_waiters()
-        if conn is self._conn:
-            gate, self._conn, self._handshake = self._handshake, None, None
-            error = gate.error if gate is not None else None
+        current = conn is self._conn
+        hint = self._reset_hint(conn) if current else ""
+        self._fail_waiters(conn, hint)
+        if current:
+            self._conn = self._handshake = None
+            if hint:
+                self._report_ordered(hint, ErrorCode.CONNECTION_LOST)
+            error, self._handshake_error = self._handshake_error, None
             if conn.established:
                 if self._connected_mono is not None:
                     self._connected_for = time.monotonic() - self._connected_mono
                 self._connected_mono = None
                 self._log.info("disconnected from %s:%d", self.host, self.port)
+            elif error is None:
+                error = ConnectError(self._closed_in_handshake(conn))
             self._feed(life.ConnectionClosed(self._conn_attempt, error))
         self._release_stop_waiters()
 
@@ -612,8 +673,10 @@ class Client(Component):
         if item is CONNECTED:
             self._dispatcher.emit("on_connect")
         elif item is DISCONNECTED:
-            if conn.established:
+            if conn.established and self._session_link is None:  # a session's: its end
                 self._dispatcher.emit("on_disconnect")
+        elif is_session_item(item):
+            item.run(conn)
         else:
             self._handle_frame(conn, item)
 
@@ -624,12 +687,14 @@ class Client(Component):
         if self._debug():
             self._log.debug("%d-byte message from %s (flag %d)", len(data), conn.describe(),
                             frame.flag)
-        with self._request_lock:
-            waiter = self._waiters.popleft() if self._waiters else None
-        if waiter is not None:
-            waiter.reply = data
-            waiter.event.set()
+        if frame.flag != FLAG_PLAIN:
+            self._sealed_in = conn
+        owner = self._replies.deliver(conn, data)
+        if owner is True:
             return
+        if owner is LATE and self._debug():
+            self._log.debug("%d-byte late reply to a request that timed out: passed to "
+                            "on_handle_command", len(data))
         handler = self.on_handle_command
         if self._observer is not None:
             handler = self._observed(handler)
@@ -643,12 +708,46 @@ class Client(Component):
         if reply:
             self._reply(conn, reply, frame.flag != 0)
 
-    def _fail_waiters(self) -> None:
-        with self._request_lock:
-            waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            waiter.error = NotConnectedError("the connection was closed before the reply came")
-            waiter.event.set()
+    def _fail_waiters(self, conn: Connection, why: str = "") -> None:
+        self._replies.reset(conn, why)
+
+    def _closed_in_handshake(self, conn: Connection) -> str:
+        """Why an AUTHENTICATED handshake ended in a close without an answer."""
+        how = "reset" if conn._broken else "closed"
+        text = (f"{self.host}:{self.port} {how} the connection during the AUTHENTICATED "
+                f"handshake without answering it")
+        if self.ssl_context is None:
+            text += (": a server that uses TLS does this to a client without ssl_context "
+                     "(give the client one if the server uses TLS); otherwise the server "
+                     "refused the handshake, and its log says why (key, mode, key size or "
+                     "profile)")
+        return text
+
+    def _reset_hint(self, conn: Connection) -> str:
+        """Reactor thread: why the server probably closed an established connection, when
+        the way it closed tells: reset after our first frames before sending anything
+        (what a TLS server does to a client that does not speak TLS), or closed after our
+        encrypted frame without sending anything after it, nor any encrypted frame before
+        (what a morsock server does with a frame it cannot decrypt). '' for any other close."""
+        if (not conn.established or self._machine.phase is life.Phase.CLOSING
+                or conn.close_code is not None):
+            return ""
+        where = f"{self.host}:{self.port}"
+        if (conn._broken and self.ssl_context is None and not conn.messages_received
+                and conn.messages_sent):
+            return (f"{where} reset the connection after our first message without sending "
+                    f"anything: a server that uses TLS does this to a client without "
+                    f"ssl_context (give the client one if the server uses TLS)")
+        sealed = self._sealed_out
+        if (sealed is not None and sealed[0] is conn and self._sealed_in is not conn
+                and conn.messages_received == sealed[1]):
+            return (f"{where} closed the connection after our encrypted message without "
+                    f"sending anything back: a morsock server does this with a frame it cannot "
+                    f"decrypt. Give both sides the same encryption_key, encryption_mode, "
+                    f"encryption_key_size and encryption_profile (this client uses "
+                    f"{self.encryption_info}; a morsock server in its default "
+                    f"AUTHENTICATED profile refuses MORMOT frames)")
+        return ""
 
     # -- sending ---------------------------------------------------------------------------
     def _live_connection(self) -> Connection:
@@ -663,51 +762,60 @@ class Client(Component):
         """Send one message. Thread-safe; never blocks on a slow peer.
 
         Raises NotConnectedError when not connected, SendBufferFullError past
-        ``max_send_buffer``, CryptoError if ``encrypted`` without a key.
+        ``max_send_buffer``, CryptoError if ``encrypted`` without a key. Resumable: the
+        message is kept until the server acknowledges it and queued while disconnected
+        (SendBufferFullError past ``max_send_buffer`` of unacknowledged messages).
         """
-        self._send_on(self._live_connection(), data, encrypted)
+        link = self._session_link or self._link()
+        if link is not None:
+            payload = as_bytes(data)
+            self._check_size(payload, encrypted)
+            link.send(payload, encrypted)
+            return
+        conn = self._live_connection()
+        self._send_on(conn, data, encrypted)
+        if encrypted:
+            self._sealed_out = (conn, conn.messages_received)
 
     def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
-        """Send *data* and return the next frame the server sends back (decrypted).
+        """Send *data* and return the frame the server sends back in its place (decrypted).
 
-        Concurrent requests are answered in the order they were sent. Raises
-        RequestTimeout after *timeout* seconds (the request then gives up its place),
-        NotConnectedError if the connection is (or gets) closed, and whatever
-        :meth:`send_data` raises. While a request waits, its reply does not reach
-        ``on_handle_command``.
+        Replies are matched by order (docs/guide/requests.rst; resumable: by request id,
+        in any order, and pushes are never taken for replies): concurrent requests are
+        answered in the order they were sent, and a request never returns another
+        request's reply. A request that times out keeps its place: its late reply goes
+        to ``on_handle_command``, and a request made meanwhile is sent once the late
+        replies are in; if they do not come within its *timeout* (the server skipped a
+        reply), the connection is closed (``on_error(..., TIMEOUT)``), as its order is
+        lost. While a request waits, its reply does not reach ``on_handle_command``.
+
+        Raises RequestTimeout after *timeout* seconds, NotConnectedError if the
+        connection is (or gets) closed, TypeError/ValueError for a *timeout* that is not a
+        finite number > 0, and whatever :meth:`send_data` raises (ProtocolError over
+        ``max_message_size``), all before anything is sent.
 
         Not from the client's own threads (its handlers in direct event mode): the reply
         is matched on the thread that would be waiting, so MorsockError is raised at once.
         """
+        timeout = check_timeout(timeout)
         if self._own_run() is not None:
             raise MorsockError(
                 "request() cannot wait on one of the client's own threads (a handler): "
                 "its reply is handled on this thread; use send_data() and take the reply "
                 "in on_handle_command, or call request() from another thread")
+        link = self._session_link or self._link()
+        if link is not None:  # a session matches replies by request id
+            payload = as_bytes(data)
+            self._check_size(payload, encrypted)
+            return link.request(payload, timeout, encrypted)
         conn = self._live_connection()
         payload = as_bytes(data)
-        waiter = _Waiter()
-        with self._request_lock:
-            self._waiters.append(waiter)
-            try:
-                self._send_on(conn, payload, encrypted)
-            except BaseException:
-                self._waiters.remove(waiter)
-                raise
-        if not waiter.event.wait(timeout):
-            with self._request_lock:
-                try:
-                    self._waiters.remove(waiter)
-                    gave_up = True
-                except ValueError:
-                    gave_up = False
-            if gave_up:
-                raise RequestTimeout(f"no reply within {timeout:g} s")
-            waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.reply is not None
-        return waiter.reply
+        self._check_size(payload, encrypted)
+        if encrypted:
+            self._sealed_out = (conn, conn.messages_received)
+        return self._replies.request(
+            conn, lambda: self._send_on(conn, payload, encrypted), timeout,
+            lambda message: conn.close(ErrorCode.TIMEOUT, message))
 
     # -- events and statistics -----------------------------------------------------------
     def _report_ordered(self, message: str, code: int) -> None:
@@ -798,6 +906,31 @@ class Client(Component):
     def _reset_attempts(self, done: threading.Event) -> None:
         self._feed(life.ResetAttempts())
         done.set()
+
+    # -- sessions (API.md §10) ---------------------------------------------------------------
+    def _link(self) -> ClientLink | None:
+        """The session link of a resumable client (made on first use), else None."""
+        link = self._session_link
+        if link is None and self.resumable:
+            with self._link_lock:
+                link = self._session_link
+                if link is None:
+                    link = self._session_link = ClientLink(self)
+        return link
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The id of the current session (resumable clients), None without one."""
+        link = self._session_link
+        return link.session.session_id if link is not None else None
+
+    def take_unacknowledged(self) -> list[Unacknowledged]:
+        """The messages of sessions that ended (``on_error(..., SESSION_LOST)``) before
+        the server acknowledged them, oldest first, as ``(data, encrypted, request)``;
+        each is returned once. Send them again, or drop them, as the application
+        decides: the library never does either on its own. Any thread."""
+        link = self._session_link
+        return link.take_unacknowledged() if link is not None else []
 
     def clear_statistics(self) -> None:
         """Zero the byte and message counters."""

@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from morsock import ClientState, ConnectError, ErrorCode, ReconnectStrategy
+from morsock import (
+    ClientState,
+    ConnectError,
+    CryptoError,
+    ErrorCode,
+    ProtocolError,
+    ReconnectStrategy,
+)
 from morsock._client_state import (
     ATTEMPT_PHASES,
     AbandonConnection,
@@ -256,14 +263,40 @@ def test_connect_timeout_in_every_phase(phase: str, closes: list[Action]) -> Non
     actions = h.fire(CT)
     assert h.clock() - started == 2.5
     assert norm(actions) == [CancelTimer(CT), *closes, ChangeState(C, D),
-                             FireError(message, ErrorCode.CONNECTION_FAILED),
-                             ("ConnectFinished", "ConnectError", message, ErrorCode.TIMEOUT)]
+                             *failed(message)]
     # whatever the abandoned steps report later is stale
     for late in (Resolved(1, (ADDR_A,)), SocketConnected(1), SocketFailed(1, REFUSED),
                  TlsDone(1), Opened(1, True), HandshakeDone(1), ConnectionClosed(1),
                  TimerFired(CT, 1)):
         assert h.feed(late) == [], late
     assert h.machine.phase is Phase.IDLE
+
+
+def test_the_shell_names_why_a_handshake_timed_out() -> None:
+    h = Harness()
+    n = h.to_handshake()
+    deadline, attempt = h.timers.pop(CT)
+    h.clock.advance(deadline - h.clock())
+    why = "connected, but the server did not answer the AUTHENTICATED handshake"
+    assert norm(h.feed(TimerFired(CT, attempt, why))) == [
+        CancelTimer(CT), AbandonConnection(), ChangeState(C, D), *failed(why)]
+    assert h.feed(ConnectionClosed(n)) == []               # given up: its close is stale
+
+
+def test_connect_fails_with_the_handshake_code_or_connection_failed() -> None:
+    """connect() raises (and on_error reports) TLS_FAILED or AUTHENTICATION_FAILED as they
+    are, anything else as CONNECTION_FAILED; the original error is the cause."""
+    refused = CryptoError("bad key confirmation", ErrorCode.AUTHENTICATION_FAILED)
+    for error, code in ((refused, ErrorCode.AUTHENTICATION_FAILED),
+                        (ProtocolError("bad magic"), ErrorCode.CONNECTION_FAILED)):
+        h = Harness()
+        n = h.to_handshake()
+        actions = h.feed(ConnectionClosed(n, error))
+        fired = [a for a in actions if isinstance(a, FireError)]
+        [finished] = [a for a in actions if isinstance(a, ConnectFinished)]
+        assert fired == [FireError(str(error), code)]
+        assert isinstance(finished.error, ConnectError) and finished.error.code == code
+        assert finished.error.__cause__ is error
 
 
 # -- reconnection: delays per strategy, in virtual time ----------------------------------
