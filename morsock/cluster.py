@@ -57,8 +57,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Backplane", "RedisBackplane", "Undelivered", "split_client_id"]
 
-#: Longest a reader waits in one XREAD (a stop normally wakes it at once).
-_BLOCK_MS = 5000
 #: Most stream entries written in one pipeline, or read by one XREAD.
 _BATCH = 512
 
@@ -110,8 +108,9 @@ class Backplane:
         """Start serving *server* (MorsockError if already serving a running one)."""
         raise NotImplementedError
 
-    def detach(self) -> None:
-        """Stop: leave the cluster, report what could not be sent, join every thread."""
+    def detach(self, server: Server) -> None:
+        """Stop serving *server* (no effect if it serves another or none): leave the
+        cluster, report what could not be sent, join every thread."""
         raise NotImplementedError
 
     def client_joined(self, handle: int, address: str) -> None:
@@ -348,7 +347,7 @@ class RedisBackplane(Backplane):
         self._writer_client = redis.Redis.from_url(
             self.url, socket_timeout=self.socket_timeout, **self._connect_kwargs)
         self._reader_client = redis.Redis.from_url(
-            self.url, socket_timeout=self.socket_timeout + _BLOCK_MS / 1000,
+            self.url, socket_timeout=self.socket_timeout + self.heartbeat_interval,
             **self._connect_kwargs)
         for target, role in ((self._write_loop, "writer"), (self._read_loop, "reader")):
             thread = threading.Thread(target=target, daemon=True,
@@ -357,9 +356,9 @@ class RedisBackplane(Backplane):
         for thread in self._threads:
             thread.start()
 
-    def detach(self) -> None:
+    def detach(self, server: Server) -> None:
         with self._cond:
-            if self._server is None:
+            if self._server is not server:
                 return
             self._stopping = True
             self._cond.notify_all()
@@ -738,6 +737,9 @@ class RedisBackplane(Backplane):
         self._setup_done.wait()
         ready = True
         r = self._reader_client
+        # One XREAD waits at most a heartbeat (a stop wakes it at once): the heartbeat
+        # check (_check_announced) needs a read that started after a heartbeat arrived.
+        block_ms = max(1, int(self.heartbeat_interval * 1000))
         while not self._stopping:
             try:
                 if not ready:
@@ -746,7 +748,7 @@ class RedisBackplane(Backplane):
                     policy.reset()
                     self._mark_up("reader")
                 started = time.monotonic()
-                reply = r.xread(dict(self._read_from), count=_BATCH, block=_BLOCK_MS)
+                reply = r.xread(dict(self._read_from), count=_BATCH, block=block_ms)
             except self._errors as exc:
                 ready = False
                 if self._stopping or not self._retry_wait(policy, "reader", exc):

@@ -340,7 +340,11 @@ class Server(Component):
             self._connection_limit()  # warns now if max_connections is capped here
             self._set_state(ServerState.LISTENING)
             if self.backplane is not None:
-                self.backplane.attach(self)
+                try:
+                    self.backplane.attach(self)
+                except BaseException:
+                    self._stop(None)
+                    raise
 
     def _bind(self) -> socket.socket:
         infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
@@ -403,7 +407,7 @@ class Server(Component):
                 self._log.error("server: sockets not closed within 30 s")
             self._await_closes()
             if self.backplane is not None:
-                self.backplane.detach()  # reports what it could not send: pool still up
+                self.backplane.detach(self)  # reports what it could not send: pool still up
             self._pool.shutdown()
             self._reactor.close()
             self._listener = None
