@@ -804,7 +804,13 @@ class RedisBackplane(Backplane):
         payload = fields.get(b"p", b"")
         encrypted = fields.get(b"e") == b"1"
         if kind == b"b":
-            server._broadcast_local(payload, encrypted)
+            try:
+                server._broadcast_local(payload, encrypted)
+            except CryptoError as exc:  # this node has no key for an encrypted broadcast
+                reason = f"broadcast from node {origin} not delivered on {self.node_id}: {exc}"
+                self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
+                self._notify([Undelivered("incoming", "broadcast", origin, None, 1, payload,
+                                          reason)])
         elif kind == b"s":
             self._deliver(server, origin, int(fields[b"h"]), payload, encrypted)
         elif kind == b"d":

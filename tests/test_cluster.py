@@ -53,7 +53,8 @@ def channel() -> str:
 class Node:
     """One in-process cluster node: a server with a backplane, and what it reported."""
 
-    def __init__(self, url: str, channel: str, name: str, **settings: Any) -> None:
+    def __init__(self, url: str, channel: str, name: str, key: str = "",
+                 **settings: Any) -> None:
         self.errors = Recorder()
         self.lost: List[Undelivered] = []
         self.lost_lock = threading.Lock()
@@ -62,6 +63,7 @@ class Node:
         self.backplane = RedisBackplane(url, channel=channel, node_id=name,
                                         on_undelivered=self._on_undelivered, **options)
         self.server = morsock.Server(0, "127.0.0.1", backplane=self.backplane,
+                                     encryption_key=key,
                                      on_error=self.errors.handler("on_error"))
 
     def _on_undelivered(self, backplane: RedisBackplane, report: Undelivered) -> None:
@@ -79,9 +81,9 @@ class Node:
 class Receiver:
     """A client that records every frame the server pushes to it."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, key: str = "") -> None:
         self.got = Recorder()
-        self.client = morsock.Client("127.0.0.1", port,
+        self.client = morsock.Client("127.0.0.1", port, encryption_key=key,
                                      on_handle_command=self.got.handler("data"))
         self.client.connect()
 
@@ -138,6 +140,37 @@ def test_broadcast_reaches_every_client_of_every_node(redis_url: str, channel: s
             assert receiver.payloads() == [b"to everyone", b"second", b"third"]
         for node in nodes:
             assert node.codes() == [] and node.reports() == []
+
+
+def test_encrypted_broadcast_is_sealed_by_each_node_for_its_clients(redis_url: str,
+                                                                   channel: str) -> None:
+    key = "cluster secret"
+    a = Node(redis_url, channel, "sealed0", key=key)
+    b = Node(redis_url, channel, "sealed1", key=key)
+    plain = Node(redis_url, channel, "plain")
+    with a.server, b.server, plain.server:
+        for node in (a, b, plain):
+            assert node.backplane.wait_joined(TIMEOUT)
+        wait_until(lambda: len(a.server.cluster_nodes) == 3)
+        remote = Receiver(b.server.port, key=key)
+        bystander = Receiver(plain.server.port)
+        try:
+            wait_until(lambda: a.server.cluster_client_count == 2)
+            wait_until(lambda: all(c.session is not None for c in b.server.clients.values()),
+                       what="the AUTHENTICATED handshake")
+            a.server.broadcast_data(b"secret news", encrypted=True)
+            remote.got.wait_count("data", 1)
+            assert remote.payloads() == [b"secret news"]
+            # a node without a key cannot seal it for its clients: it says so
+            plain.errors.wait_for(lambda ev: any(e[3] == ErrorCode.CLUSTER_UNDELIVERED
+                                                 for e in ev), what="keyless node report")
+            (report,) = plain.reports()
+            assert (report.direction, report.kind, report.node) == (
+                "incoming", "broadcast", "sealed0")
+            assert bystander.payloads() == []
+        finally:
+            remote.client.disconnect()
+            bystander.client.disconnect()
 
 
 def test_send_to_a_client_of_another_node(redis_url: str, channel: str) -> None:
