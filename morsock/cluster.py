@@ -325,8 +325,8 @@ class RedisBackplane(Backplane):
         return self._joined.wait(timeout)
 
     def _live_view(self) -> dict[str, int]:
-        if time.monotonic() - self._view_mono > self.node_ttl:
-            return {}  # not refreshed for a node_ttl: nothing known about the others
+        if time.monotonic() - self._view_mono > 2 * self.node_ttl:
+            return {}  # not refreshed for long: nothing known about the others
         return self._view
 
     def cluster_client_count(self, local: int) -> int:

@@ -326,8 +326,10 @@ def test_redis_restart_mid_stream_every_broadcast_delivered_or_reported() -> Non
                 assert len(missing) <= incoming, (
                     f"{len(missing)} broadcasts neither delivered nor reported "
                     f"(reported lost on arrival: {incoming})")
-            assert a.server.cluster_nodes == b.server.cluster_nodes == ["node0", "node1"]
-            assert b.server.cluster_client_count == 2
+            wait_until(lambda: a.server.cluster_nodes == b.server.cluster_nodes
+                       == ["node0", "node1"], what="both nodes see both after the restart")
+            wait_until(lambda: a.server.cluster_client_count == 2,
+                       what="presence announced again after the restart")
     finally:
         redis_server.close()
 
