@@ -806,7 +806,7 @@ class RedisBackplane(Backplane):
         if kind == b"b":
             try:
                 server._broadcast_local(payload, encrypted)
-            except CryptoError as exc:  # this node has no key for an encrypted broadcast
+            except MorsockError as exc:  # no key here for it, or over max_message_size
                 reason = f"broadcast from node {origin} not delivered on {self.node_id}: {exc}"
                 self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
                 self._notify([Undelivered("incoming", "broadcast", origin, None, 1, payload,

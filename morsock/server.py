@@ -15,10 +15,20 @@ import threading
 import time
 import uuid
 from threading import get_ident
+from time import perf_counter
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
-from ._settings import Setting, _optional_seconds, _port, _positive_int
+from ._session_link import ServerSessions, is_session_item
+from ._settings import (
+    Setting,
+    _boolean,
+    _non_negative_seconds,
+    _optional_seconds,
+    _port,
+    _positive_int,
+    _server_host,
+)
 from .cluster import Backplane, split_client_id
 from .connection import (
     CONNECTED,
@@ -32,13 +42,7 @@ from .connection import (
     plain_frame,
 )
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
-from .errors import (
-    CryptoError,
-    MorsockError,
-    NotConnectedError,
-    ProtocolError,
-    SendBufferFullError,
-)
+from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
 from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAGIC, Frame
 from .reactor import EVENT_READ
@@ -86,7 +90,8 @@ class ServerClient(Connection):
     ``connected``, ``peer_certificate`` (over TLS, the peer's verified certificate as
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
     None without TLS or when the peer sent none). Free for the application:
-    ``custom_data``.
+    ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs for this
+    client, True when the message it was given arrived encrypted (False otherwise).
     Methods (any thread): :meth:`send_data`, :meth:`disconnect`. The other methods it
     inherits from :class:`morsock.connection.Connection` (``send_frame``, ``cork`` ...)
     are the library's own I/O machinery, not for the application.
@@ -102,6 +107,10 @@ class ServerClient(Connection):
         self._connected_mono = self.last_activity  # time.monotonic(), as Connection took it
         #: Free slot for the application (Delphi ``CustomData``).
         self.custom_data: Any = None
+
+    #: While ``on_handle_command`` runs for this client: True when the message being
+    #: handled arrived encrypted. Written by the handler's own thread around the call.
+    message_encrypted: bool = False
 
     @property
     def connected_at(self) -> datetime.datetime:
@@ -141,13 +150,23 @@ class ServerClient(Connection):
         self.server._send_on(self, data, encrypted)
 
     def disconnect(self) -> bool:
-        """Close this connection (``on_disconnect`` follows). False if already closing."""
+        """Close this connection (``on_disconnect`` follows). False if already closing.
+        A session's client is told the session is over (it does not resume)."""
+        sessions = self.server._sessions
+        if sessions is not None and sessions.close_session(self):
+            return True
         return self.close()
 
     @property
     def client_id(self) -> str:
         """``"<node_id>:<handle>"``: names this client across a cluster (API.md §11)."""
         return f"{self.server.node_id}:{self.handle}"
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The id of this client's session (API.md §10), None without one."""
+        sessions = self.server._sessions
+        return sessions.session_id(self) if sessions is not None else None
 
     def __repr__(self) -> str:
         return f"<ServerClient #{self.handle} {self.describe()}{' closed' if self.closing else ''}>"
@@ -161,7 +180,7 @@ class Server(Component):
     :meth:`find_client_by_ip`, :meth:`disconnect_client`, :meth:`disconnect_all_clients`,
     :meth:`clear_statistics`, :meth:`get_server_info`.
 
-    Events you may assign (``sender`` is the server; see README "Threads and events"):
+    Events you may assign (``sender`` is the server; see the guide, "Events and threads"):
     ``on_handle_command(sender, client, data) -> bytes | None`` (runs on a worker; a
     non-empty return is sent back to that client, encrypted when the request was),
     ``on_connect(sender, client)``, ``on_disconnect(sender, client)``,
@@ -199,7 +218,7 @@ class Server(Component):
     port: Setting[int] = Setting(
         3434, _port, doc="TCP port to listen on (0: a free one, which port then holds).")
     host: Setting[str] = Setting(
-        "0.0.0.0", str, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
+        "0.0.0.0", _server_host, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
     max_connections: Setting[int] = Setting(
         1000, _positive_int, live=True,
         doc="Most clients at once: a connection past it is closed at once "
@@ -210,7 +229,7 @@ class Server(Component):
         doc="Worker threads running on_handle_command (one connection's frames run one "
             "at a time, in order).")
     reuse_port: Setting[bool] = Setting(
-        False, bool,
+        False, _boolean,
         doc="Also set SO_REUSEPORT (where the platform has none, start() raises "
             "MorsockError).")
     idle_timeout: Setting[float | None] = Setting(
@@ -223,6 +242,11 @@ class Server(Component):
         None, _backplane, doc="A cluster backplane (morsock.cluster.RedisBackplane): "
                               "broadcasts, send_to and counts then cover every server "
                               "of the cluster (API.md §11).")
+    resume_window: Setting[float] = Setting(
+        0.0, _non_negative_seconds,
+        doc="Seconds a dropped session stays resumable (0: no sessions): a resumable "
+            "client that reconnects within it gets every message exactly once, in order "
+            "(docs/guide/sessions.rst).")
 
     _PLAIN_FRAMES_AS_BYTES = True
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
@@ -251,6 +275,7 @@ class Server(Component):
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024,
                  idle_timeout: float | None = None, backlog: int = 4096,
+                 resume_window: float = 0.0,
                  ssl_context: Any = None, logger: logging.Logger | None = None,
                  backplane: Backplane | None = None, **events: Any) -> None:
         self._state = ServerState.DISCONNECTED
@@ -270,6 +295,7 @@ class Server(Component):
         self._zero_stats()
         self._tally = Tally(self.property_lock, self._clients.values)
         self._sealed_flag = -1
+        self._sessions: ServerSessions | None = None  # while running with resume_window
         super().__init__(settings, events)
 
     # -- life cycle --------------------------------------------------------------------
@@ -318,6 +344,7 @@ class Server(Component):
                 # the flag of the frames _run_sealed opens (-1: none, no key)
                 self._sealed_flag = (FLAG_MORMOT if ctx.mormot is not None else
                                      FLAG_AUTHENTICATED if ctx.authenticated else -1)
+                self._sessions = ServerSessions(self) if self.resume_window > 0 else None
                 # after _prepare_runtime: its dispatcher honours events_use_main_thread
                 self._set_state(ServerState.STARTING)
                 listener = self._bind()
@@ -401,10 +428,15 @@ class Server(Component):
             if self._state is ServerState.STOPPING:
                 return
             self._set_state(ServerState.STOPPING)
+            sessions = self._sessions
+            if sessions is not None:  # "going away": clients move on, nothing acknowledged is lost
+                sessions.going_away(min(self.connection_timeout, 2.0))
             closed = threading.Event()
             self._reactor.call_soon(self._close_everything, closed)
             if not closed.wait(30):
                 self._log.error("server: sockets not closed within 30 s")
+            if sessions is not None:
+                sessions.shutdown()
             self._await_closes()
             if self.backplane is not None:
                 self.backplane.detach(self)  # reports what it could not send: pool still up
@@ -512,14 +544,17 @@ class Server(Component):
             self._watch()
         if self.backplane is not None:
             self.backplane.client_joined(client.handle, f"{client.peer_ip}:{client.peer_port}")
-        client.start()
+        sessions = self._sessions
+        if sessions is not None:
+            sessions.admit(client)  # on_connect once its first frame tells what it is
+        client.start(announce=sessions is None)
 
     def _marker_wanted(self, marker: Any) -> bool:
         # A marker only fires its event: without a handler, it need not go through the
         # strand at all (a connection that comes and goes costs two strand runs less).
         if marker is CONNECTED:
             return self.on_connect is not None
-        return self.on_disconnect is not None
+        return self.on_disconnect is not None or self._sessions is not None
 
     def _start_tls(self, sock: socket.socket, address: Any) -> None:
         """Reactor thread: TLS handshake with an accepted socket. It counts against
@@ -621,6 +656,8 @@ class Server(Component):
 
     def _connection_closed(self, conn: Connection) -> None:
         assert isinstance(conn, ServerClient)
+        if self._sessions is not None:
+            self._sessions.connection_closed(conn)
         with self.property_lock:
             if self._clients.pop(conn.handle, None) is not None:
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
@@ -645,9 +682,12 @@ class Server(Component):
         # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
         # of this server's profile take _run_sealed; anything else (markers, other
         # replies, debug logging, frames needing a handshake) takes _run_item.
+        # With metrics (_observer), a run of plaintext frames handled back to back is
+        # timed as a whole (its handler calls and the queuing of their replies) and
+        # recorded once as that many calls; every other handler call is timed alone by
+        # _call_handler. Errors reports and other items are outside both.
         handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
+        observer = self._observer
         debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
         fast = handler is not None and not self.require_encryption and not (
             self._debug() if debug is None else debug)
@@ -658,11 +698,16 @@ class Server(Component):
             if item.__class__ is bytes:  # plaintext
                 if conn.closing:
                     return
+                start = perf_counter() if observer is not None else 0.0
                 try:
                     reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                 except Exception as exc:
+                    if observer is not None:
+                        observer.shard.handler_done(perf_counter() - start)
                     self._handler_failed("on_handle_command", exc, (conn,))
                     return
+                if observer is not None:
+                    observer.shard.handler_done(perf_counter() - start)
                 if reply.__class__ is bytes:
                     n = len(reply)
                     if n >= DIRECT_SEND_MIN:  # large: uncork sends it with sendmsg, no copy
@@ -686,13 +731,21 @@ class Server(Component):
                 self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
                 return
         conn.cork()
+        calls = 0  # plaintext frames handled since start (timed together)
+        start = perf_counter() if observer is not None else 0.0
         try:
             for item in items:
                 if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
+                    calls += 1
                     try:
                         reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
                     except Exception as exc:
+                        if observer is not None:
+                            observer.shard.handler_done(perf_counter() - start, calls)
+                            calls = 0
                         self._handler_failed("on_handle_command", exc, (conn,))
+                        if observer is not None:
+                            start = perf_counter()
                         continue
                     if reply.__class__ is bytes:
                         # held: sent by uncork, with the rest of the batch
@@ -717,16 +770,23 @@ class Server(Component):
                     if reply:
                         self._reply(conn, reply, False)
                     continue
+                if observer is not None and calls:  # the run of plaintext frames ends
+                    observer.shard.handler_done(perf_counter() - start, calls)
+                    calls = 0
                 if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
                         and not conn.closing and (conn.session is not None
                                                   or item[1] == FLAG_MORMOT)):
                     self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
-                    continue
-                try:
-                    conn._run_item(item)
-                except Exception:
-                    self._log.exception("unhandled error handling %r on %s", item, conn)
+                else:
+                    try:
+                        conn._run_item(item)
+                    except Exception:
+                        self._log.exception("unhandled error handling %r on %s", item, conn)
+                if observer is not None:
+                    start = perf_counter()
         finally:
+            if observer is not None and calls:
+                observer.shard.handler_done(perf_counter() - start, calls)
             conn.uncork()
 
     def _run_sealed(self, conn: Connection, payload: bytes,
@@ -744,28 +804,44 @@ class Server(Component):
             conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
                        f"frame from {conn.describe()} rejected: {exc}")
             return
-        reply = self._call_handler(handler, conn, data)
+        conn.message_encrypted = True  # type: ignore[attr-defined]
+        try:
+            reply = self._call_handler(handler, conn, data)
+        finally:
+            conn.message_encrypted = False  # type: ignore[attr-defined]
         if reply:
             self._reply(conn, reply, True)
 
     def _call_handler(self, handler: Callable[[Server, ServerClient, bytes], Any],
                       conn: Connection, data: bytes) -> Any:
         """``handler(self, conn, data)``; None when it raised (reported as
-        HANDLER_EXCEPTION). Strand thread."""
+        HANDLER_EXCEPTION). Timed for the metrics when they are on. Strand thread."""
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
         try:
-            return handler(self, conn, data)  # type: ignore[arg-type]
+            reply = handler(self, conn, data)  # type: ignore[arg-type]
         except Exception as exc:
+            if observer is not None:
+                observer.shard.handler_done(perf_counter() - start)
             self._handler_failed("on_handle_command", exc, (conn,))
             return None
+        if observer is not None:
+            observer.shard.handler_done(perf_counter() - start)
+        return reply
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:
             self._emit("on_connect", conn)
         elif item is DISCONNECTED:
+            sessions = self._sessions
+            if sessions is not None and not sessions.disconnect_marker(conn):  # type: ignore[arg-type]
+                return  # its session lives on: on_disconnect once it ends
             self._emit("on_disconnect", conn)
             conn._strand.retire()  # the last item: freed without the collector
         elif item.__class__ is bytes:  # the payload of a plaintext frame
             self._handle_frame(conn, Frame(item, 0))
+        elif is_session_item(item):
+            item.run(conn)
         else:
             self._handle_frame(conn, item)
 
@@ -779,14 +855,19 @@ class Server(Component):
                 return
             data = opened
         handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
         if handler is None:
             return
         if self._debug():
             self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
                             len(data), flag)
-        reply = self._call_handler(handler, conn, data)
+        if flag == 0:
+            reply = self._call_handler(handler, conn, data)
+        else:
+            conn.message_encrypted = True  # type: ignore[attr-defined]
+            try:
+                reply = self._call_handler(handler, conn, data)
+            finally:
+                conn.message_encrypted = False  # type: ignore[attr-defined]
         if reply:
             self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
 
@@ -794,9 +875,21 @@ class Server(Component):
         from .crypto import server_handshake
         ctx = self._crypto
         assert ctx is not None
-        reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        try:
+            reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        except CryptoError as exc:
+            self._refuse_hello(conn, payload, str(exc))
+            raise
         conn.send_frame(reply)
         conn.session = session
+
+    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
+        from .crypto import is_client_hello, refusal_frame
+        if is_client_hello(payload):  # only a morsock client sends one: no Delphi peer
+            try:
+                conn.send_frame(refusal_frame(reason))
+            except MorsockError:
+                pass  # gone already: the close that follows is reported anyway
 
     # -- events and statistics -----------------------------------------------------------
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
@@ -826,6 +919,16 @@ class Server(Component):
     def _emit_error(self, conn: Connection, message: str, code: int) -> None:
         """Strand: an :class:`ErrorReport` of *conn* comes up in its order."""
         self._emit("on_error", conn, message, code)
+
+    def _send_on(self, conn: Connection, data: Data, encrypted: bool) -> None:
+        sessions = self._sessions
+        if sessions is not None and sessions.send(conn, data, encrypted):
+            return  # a session's: kept until acknowledged
+        super()._send_on(conn, data, encrypted)
+
+    def _send_raw(self, conn: Connection, data: Data, encrypted: bool) -> None:
+        """Send as a server without sessions does (a session-less connection)."""
+        super()._send_on(conn, data, encrypted)
 
     def _zero_stats(self) -> None:
         self._total_connections = 0
@@ -938,7 +1041,7 @@ class Server(Component):
             if found is None:
                 return False
             client = found
-        return client.close()
+        return client.disconnect()
 
     def disconnect_all_clients(self) -> int:
         """Disconnect every client; return how many were disconnected."""
@@ -1013,10 +1116,7 @@ class Server(Component):
 
     def _check_cluster_payload(self, payload: bytes, encrypted: bool) -> None:
         """What the other nodes would refuse, refused here, before anything is sent."""
-        if len(payload) > self.max_message_size:
-            raise ProtocolError(f"message of {len(payload)} bytes is larger than "
-                                f"max_message_size={self.max_message_size}",
-                                ErrorCode.MESSAGE_TOO_LARGE)
+        self._check_size(payload, encrypted)
         if encrypted and not (self._crypto and self._crypto.enabled):
             raise CryptoError("encrypted=True but no encryption_key is set",
                               ErrorCode.ENCRYPTION_REQUIRED)
@@ -1024,10 +1124,12 @@ class Server(Component):
     def _broadcast_local(self, data: Data, encrypted: bool) -> int:
         """broadcast_data to this server's own clients (also for the backplane's
         reader, which delivers the other nodes' broadcasts here)."""
+        payload = as_bytes(data)
+        self._check_size(payload, encrypted)
         count = 0
         for client in self.clients.values():
             try:
-                self._send_on(client, data, encrypted)
+                self._send_on(client, payload, encrypted)
             except NotConnectedError:
                 continue
             except (SendBufferFullError, CryptoError) as exc:
