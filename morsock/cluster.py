@@ -207,6 +207,9 @@ class RedisBackplane(Backplane):
     ``CLUSTER_UNDELIVERED`` for messages that did not arrive; and, per report, to
     ``on_undelivered(backplane, report: Undelivered)`` when set (any library thread).
 
+    Read-only: ``node_id``, ``url``, ``channel``, ``connected`` (both threads reach Redis
+    and this node has announced itself); :meth:`wait_joined` blocks until it has.
+
     Threads: a writer (publishes, presence, heartbeat, cluster view) and a reader (the
     streams), both started by the server's ``start()`` and joined by its ``stop()``.
     """
@@ -305,8 +308,8 @@ class RedisBackplane(Backplane):
         return ReconnectPolicy(*self._policy_args)
 
     def __repr__(self) -> str:
-        where = self._connect_kwargs and self._redacted_url()
-        return f"<RedisBackplane node {self.node_id!r} channel {self.channel!r} at {where}>"
+        return (f"<RedisBackplane node {self.node_id!r} channel {self.channel!r} at "
+                f"{self._redacted_url()}>")
 
     def _redacted_url(self) -> str:
         scheme, sep, rest = self.url.partition("://")
@@ -720,10 +723,10 @@ class RedisBackplane(Backplane):
     def _leave(self) -> None:
         """Clean stop: tell the others, remove this node's keys, wake the reader."""
         pipe = self._writer_client.pipeline(transaction=False)
-        pipe.xadd(self._all, {b"k": b"l", b"o": self.node_id.encode()},
-                  maxlen=self.stream_length, approximate=True)
         pipe.srem(self._nodes_key, self.node_id)
         pipe.delete(self._heartbeat_key(self.node_id), self._presence_key(self.node_id))
+        pipe.xadd(self._all, {b"k": b"l", b"o": self.node_id.encode()},  # after: a refresh
+                  maxlen=self.stream_length, approximate=True)          # it causes sees us gone
         pipe.xadd(self._inbox, {b"k": b"x", b"o": self.node_id.encode()})
         pipe.pexpire(self._inbox, 5000)
         try:
