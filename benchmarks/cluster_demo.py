@@ -367,7 +367,7 @@ def multicore_part(args: argparse.Namespace, tmp: Path) -> None:
                     [sys.executable, "-m", "morsock", "server", "--host", "127.0.0.1",
                      "--port", "0", "--processes", str(nproc), "--redis", rs.url,
                      "--redis-channel", f"mc{rnd}{nproc}", "--port-file", str(port_file),
-                     "--status", "off"], cwd=str(HERE.parent))
+                     "--status", "off"], cwd=str(HERE.parent), stdout=subprocess.DEVNULL)
                 try:
                     deadline = time.monotonic() + 30
                     while not port_file.exists():
