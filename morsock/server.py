@@ -1060,9 +1060,8 @@ class Server(Component):
             return self._broadcast_local(data, encrypted)
         payload = as_bytes(data)
         self._check_cluster_payload(payload, encrypted)
-        count = self._broadcast_local(payload, encrypted)
-        bp.publish_broadcast(payload, encrypted)
-        return count
+        bp.publish_broadcast(payload, encrypted)  # first: the other nodes start at once
+        return self._broadcast_local(payload, encrypted)
 
     # -- cluster (API.md §11) ------------------------------------------------------------
     @property
