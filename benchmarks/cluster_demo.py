@@ -3,7 +3,7 @@
 
 Run from the repository: ``python benchmarks/cluster_demo.py [--clients 1000]
 [--rounds 20] [--skip-multicore]``. Needs redis-server and redis-py
-(``pip install -e '.[redis]'``); Linux.
+(``pip install -e '.[redis]'``), ``cc`` for the load generator; Linux.
 
 1. One redis-server (a fresh one on a free port, no persistence) and three server
    processes (this script with ``node``: a morsock Server with a RedisBackplane whose
@@ -18,15 +18,14 @@ Run from the repository: ``python benchmarks/cluster_demo.py [--clients 1000]
    broadcast is delivered to node 1's clients, or reported (by node 0: not handed to
    Redis in time; by node 1: lost in Redis); "unaccounted" must be 0.
 6. Multi-core: ``python -m morsock server --processes 1`` vs ``--processes 2`` (both
-   with ``--redis``) under the shared C load generator (``loadgen echo -c 64 -d 1 -s 64``,
-   unpinned), interleaved: req/s and server CPU microseconds per request (utime+stime of
-   every server process).
+   with ``--redis``) under the C load generator of benchmarks/loadgen.c (``loadgen echo
+   -c 64 -d 1 -s 64``, unpinned), interleaved: req/s and server CPU microseconds per
+   request (utime+stime of every server process).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import queue
@@ -315,23 +314,10 @@ def cluster_part(args: argparse.Namespace, tmp: Path) -> None:
 
 # -- part 6 ----------------------------------------------------------------------------
 def loadgen_binary() -> str:
-    src = None
-    for c in (os.environ.get("MORSOCK_BENCH_DIR"), str(HERE.parent.parent / "shared" / "bench"),
-              str(HERE.parent / "shared" / "bench")):
-        if c and (Path(c) / "loadgen.c").is_file():
-            src = Path(c) / "loadgen.c"
-            break
-    if src is None:
-        raise SystemExit("cannot find the shared bench harness (loadgen.c)")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("TMPDIR") or "/tmp") / "morsock-bench-cache"
-    out = cache / f"loadgen-{digest}"
-    if not out.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f"loadgen-{digest}.tmp{os.getpid()}"
-        subprocess.run(["gcc", "-O2", "-o", str(tmp), str(src)], check=True)
-        os.rename(tmp, out)
-    return str(out)
+    """benchmarks/loadgen.c, built as compare.py builds it (with ``cc``)."""
+    sys.path.insert(0, str(HERE))
+    from compare import build_loadgen
+    return str(build_loadgen())
 
 
 def tree_cpu(pid: int) -> float:
