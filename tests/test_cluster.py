@@ -476,3 +476,12 @@ def test_processes_share_a_port_and_stop_together(redis_url: str, channel: str,
             proc.kill()
             proc.wait(TIMEOUT)
         proc.stderr.close()
+
+
+def test_cli_refuses_a_bad_redis_url() -> None:
+    done = subprocess.run([sys.executable, "-m", "morsock", "server", "--host", "127.0.0.1",
+                           "--port", "0", "--redis", "http://127.0.0.1:1/0"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "redis" in done.stderr.lower()
