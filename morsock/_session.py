@@ -631,6 +631,20 @@ class Session:
         if not record:
             raise _malformed("empty")
         kind_byte = record[0]
+        if (kind_byte == _REQUEST | _WITH_ACK and not unauthenticated and not self._client
+                and self._state == _OPEN):
+            # The commonest record on a server: a request with its ack (the rules below,
+            # in the order that applies to it).
+            ack, pos = _get_varint(record, 1)
+            rid, pos = _get_varint(record, pos)
+            if rid == 0:
+                raise _malformed("request id 0")
+            self._on_ack(ack)
+            if rid > self._max_rid_seen:
+                self._max_rid_seen = rid
+            body = record[pos:]
+            self._count_delivery(len(body), now)
+            return [_new_message(Message, (body, encrypted, rid, 0))]
         kind = kind_byte & ~_WITH_ACK
         if kind not in _KINDS:
             raise _malformed(f"unknown record type 0x{kind_byte:02X}")
