@@ -635,11 +635,11 @@ class Session:
                 and self._state == _OPEN):
             # The commonest record on a server: a request with its ack (the rules below,
             # in the order that applies to it).
-            ack, pos = _get_varint(record, 1)
+            peer_ack, pos = _get_varint(record, 1)
             rid, pos = _get_varint(record, pos)
             if rid == 0:
                 raise _malformed("request id 0")
-            self._on_ack(ack)
+            self._on_ack(peer_ack)
             if rid > self._max_rid_seen:
                 self._max_rid_seen = rid
             body = record[pos:]
