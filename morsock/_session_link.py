@@ -896,6 +896,9 @@ class ServerSessions:
             for pending in self._pending.values():
                 if pending.timer is not None:
                     pending.timer.cancel()
+        posted = threading.Event()   # the on_disconnect markers are posted (FIFO) ...
+        self._server._reactor.call_soon(posted.set)
+        posted.wait(10)              # ... before the pool is shut down
 
     # -- the end of a session ----------------------------------------------------------
     def _end(self, entry: _Entry, end: SessionEnded) -> None:
@@ -922,12 +925,20 @@ class ServerSessions:
             else:
                 self._server._report(client, message, ErrorCode.SESSION_LOST)
         if client.closed:
-            if entry.disconnects <= 0:
-                entry.disconnects += 1
-                client._strand.post(DISCONNECTED)
+            # decided on the reactor thread, where a close runs whole (closed, counted,
+            # its DISCONNECTED posted): exactly one DISCONNECTED fires on_disconnect
+            self._server._reactor.call_soon(self._last_disconnect, entry)
         elif not client.closing:
             client.close()
         self._changed.notify_all()
+
+    def _last_disconnect(self, entry: _Entry) -> None:
+        """Reactor thread: the ended session's connection is closed; unless one of its
+        DISCONNECTED markers is still to run (it fires on_disconnect), post one."""
+        with self._lock:
+            if entry.disconnects <= 0 and entry.client in self._entries:
+                entry.disconnects += 1
+                entry.client._strand.post(DISCONNECTED)
 
     # -- timers (reactor thread, armed from any) -------------------------------------------
     def _arm(self, entry: _Entry) -> None:

@@ -87,8 +87,11 @@ def test_session_in_every_profile(profile: Any) -> None:
     at_server, at_client = Stream(), Stream()
     srec = Recorder()
 
+    flags: List[bool] = []
+
     def handle(server: Server, client: Any, data: bytes) -> bytes | None:
         at_server.add(data)
+        flags.append(client.message_encrypted)
         if data.startswith(b"req"):
             return b"re:" + data
         client.send_data(b"push:" + data, encrypted=name in ("authenticated", "mormot"))
@@ -108,6 +111,8 @@ def test_session_in_every_profile(profile: Any) -> None:
             assert client.request(b"req-1", TIMEOUT, encrypted=encrypted) == b"re:req-1"
             assert at_server.wait(21) == tagged(b"m", 20) + [b"req-1"]
             assert at_client.wait(20) == [b"push:" + d for d in tagged(b"m", 20)]
+            # ServerClient.message_encrypted tells the handler how each message came
+            assert flags == [encrypted and i % 2 == 0 for i in range(20)] + [encrypted]
 
 
 def test_resumable_client_fails_connect_on_a_server_without_sessions() -> None:
@@ -633,3 +638,25 @@ def test_server_reports_messages_of_a_session_that_expired() -> None:
                 lost = [e for e in srec.named("on_error") if e[3] == ErrorCode.SESSION_LOST]
                 assert len(lost) == 1 and lost[0][1] is face and "4 message(s)" in lost[0][2]
                 assert srec.count("on_disconnect") == 1
+
+
+def test_server_stop_fires_on_disconnect_of_a_waiting_session() -> None:
+    """A session whose client is away when the server stops: its on_disconnect fires
+    (once) before stop() returns."""
+    srec = Recorder()
+    server = Server(0, LOCAL, resume_window=30, on_connect=srec.handler("on_connect"),
+                    on_disconnect=srec.handler("on_disconnect"))
+    server.start()
+    try:
+        with CutProxy(server.port) as proxy:
+            client = Client(LOCAL, proxy.port, resumable=True)
+            with client:
+                (_, face), = srec.wait_count("on_connect", 1)
+                proxy.refusing = True
+                proxy.cut("reset")
+                wait_until(lambda: not face.connected, what="the server saw the drop")
+                assert srec.count("on_disconnect") == 0
+                server.stop()
+                assert srec.count("on_disconnect") == 1
+    finally:
+        server.stop()
