@@ -36,6 +36,8 @@ from .enums import AESMode, EncryptionProfile, KeySize
 from .errors import MorsockError
 from .server import Server
 
+__all__ = ["main"]  # the rest serves the command line and its tests, not applications
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 

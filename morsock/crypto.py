@@ -98,7 +98,7 @@ __all__ = [
     "mormot_key", "mormot_payload_size", "MormotCipher",
     "authenticated_master_key", "authenticated_payload_size",
     "AuthSession", "ClientHandshake", "server_handshake", "REFUSAL_MAGIC",
-    "is_client_hello", "refusal_frame",
+    "REFUSAL_MAX", "is_client_hello", "refusal_frame",
 ]
 
 Buffer = Union[bytes, bytearray, memoryview]
