@@ -807,6 +807,13 @@ class Session:
         self._detached_at = None
         return SessionEnded(sid, lost, unanswered, graceful, reason)
 
+    def _end_unstarted(self, reason: str) -> SessionEnded:
+        """Client, no session yet: hand back what was queued for one (never sent)."""
+        lost = tuple(message for _, message, _ in self._unacked)
+        self._pending.clear()
+        self._reset(None, None, False)
+        return SessionEnded(b"", lost, (), True, reason)
+
     def _lose(self, reason: str) -> SessionEnded:
         """Client: the session cannot resume; hand back what was not acknowledged."""
         return self._end(reason, graceful=False)

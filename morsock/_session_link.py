@@ -394,7 +394,8 @@ class ClientLink:
             waiter.event.set()
         if lost or not (end.graceful or leaving):
             client._report_ordered(
-                f"session {end.session_id.hex()} lost ({end.reason}): {len(lost)} "
+                f"session {end.session_id.hex() or '(not started)'} lost ({end.reason}): "
+                f"{len(lost)} "
                 f"message(s) not acknowledged by the server, handed back "
                 f"(take_unacknowledged())", ErrorCode.SESSION_LOST)
         if announced:
@@ -450,7 +451,14 @@ class ClientLink:
         back (:meth:`take_unacknowledged`)."""
         with self._lock:
             self._leaving = True
-            events = self.session.going_away(time.monotonic())
+            session = self.session
+            if session.session_id is None and session.unacknowledged:
+                # queued for a session that never started: they were never sent
+                events: list[Any] = [session._end_unstarted(
+                    "disconnect() before a session started")]
+                self._events(events)
+                return
+            events = session.going_away(time.monotonic())
             if self._open and self._token is not None and self._conn is not None:
                 _write(self._token, self._conn, self.session.frames_to_send())
                 deadline = time.monotonic() + timeout

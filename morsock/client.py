@@ -387,10 +387,10 @@ class Client(Component):
             if run is not None and run is not pool:
                 return  # that run is over since the handler asked
             self._user_stopped = True
-            if reactor is None:
-                return
             if self._session_link is not None and run is None:
                 self._session_link.leave(min(self.connection_timeout, 2.0))
+            if reactor is None:
+                return
             self._stopping = True
             try:
                 done = threading.Event()

@@ -660,3 +660,24 @@ def test_server_stop_fires_on_disconnect_of_a_waiting_session() -> None:
                 assert srec.count("on_disconnect") == 1
     finally:
         server.stop()
+
+
+def test_messages_queued_for_a_session_that_never_started_are_handed_back() -> None:
+    """A resumable client that never reached its server: disconnect() hands back what
+    send_data queued (it was never sent), with on_error(SESSION_LOST)."""
+    crec = Recorder()
+    with running_server() as server:   # speaks no sessions: connect() fails
+        client = Client(LOCAL, server.port, resumable=True, connection_timeout=3,
+                        on_error=crec.handler("on_error"))
+        client.send_data(b"one")
+        client.send_data(b"two", encrypted=False)
+        with pytest.raises(ConnectError):
+            client.connect()
+        client.disconnect()
+        assert [m.data for m in client.take_unacknowledged()] == [b"one", b"two"]
+        assert any(e[2] == ErrorCode.SESSION_LOST and "2 message(s)" in e[1]
+                   for e in crec.named("on_error"))
+        never = Client(LOCAL, server.port, resumable=True)
+        never.send_data(b"three")
+        never.disconnect()   # no thread ever ran
+        assert [m.data for m in never.take_unacknowledged()] == [b"three"]
