@@ -738,9 +738,7 @@ class ServerSessions:
                 with self._lock:
                     self._end(entry, event)
             return
-        handler = server.on_handle_command
-        if server._observer is not None:
-            handler = server._observed(handler)
+        handler = server.on_handle_command   # timed by _call_handler for the metrics
         if handler is None:
             return
         client = entry.client
