@@ -681,3 +681,22 @@ def test_messages_queued_for_a_session_that_never_started_are_handed_back() -> N
         never.send_data(b"three")
         never.disconnect()   # no thread ever ran
         assert [m.data for m in never.take_unacknowledged()] == [b"three"]
+
+
+def test_session_handlers_are_timed_once_for_the_metrics() -> None:
+    """With metrics on, every message of a session is one handler duration sample."""
+    from prometheus_client import CollectorRegistry
+
+    from morsock.metrics import register
+    registry = CollectorRegistry()
+    with running_server(resume_window=5) as server:
+        reg = register(server, registry)
+        try:
+            with Client(LOCAL, server.port, resumable=True) as client:
+                for i in range(20):
+                    assert client.request(b"%d" % i, TIMEOUT) == b"%d" % i
+            count = registry.get_sample_value("morsock_handler_duration_seconds_count",
+                                              {"name": "server"})
+        finally:
+            reg.unregister()
+    assert count == 20
