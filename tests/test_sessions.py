@@ -700,3 +700,26 @@ def test_session_handlers_are_timed_once_for_the_metrics() -> None:
         finally:
             reg.unregister()
     assert count == 20
+
+
+def test_acknowledgements_empty_the_resend_buffers_when_idle() -> None:
+    """Nothing flows back: the receiver's timed acknowledgement still frees the sender's
+    resend buffer (both directions)."""
+    at_server, at_client = Stream(), Stream()
+    srec = Recorder()
+    with running_server(lambda s, c, d: at_server.add(d), resume_window=5,
+                        on_connect=srec.handler("on_connect")) as server:
+        with Client(LOCAL, server.port, resumable=True,
+                    on_handle_command=lambda c, d: at_client.add(d)) as client:
+            (_, face), = srec.wait_count("on_connect", 1)
+            for data in tagged(b"x", 3):
+                client.send_data(data)
+                face.send_data(data)
+            at_server.wait(3)
+            at_client.wait(3)
+            link = client._session_link
+            entry = server._sessions._entries[face]  # type: ignore[union-attr]
+            assert link is not None
+            wait_until(lambda: link.session.unacknowledged == 0, what="client acked")
+            wait_until(lambda: entry.session.unacknowledged == 0, what="server acked")
+            assert link.session.buffered_bytes == 0 and entry.session.buffered_bytes == 0
