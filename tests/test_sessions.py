@@ -533,7 +533,8 @@ def test_killed_server_every_unacknowledged_message_reported() -> None:
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
-    def spawn(port: int) -> Tuple[subprocess.Popen, List[str], threading.Event, int]:
+    def spawn(port: int) -> Tuple[subprocess.Popen, List[str], threading.Event, int,
+                                  threading.Thread]:
         proc = subprocess.Popen([sys.executable, "-c", _SERVER_CHILD, str(port)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 env=env)
@@ -549,11 +550,12 @@ def test_killed_server_every_unacknowledged_message_reported() -> None:
                 lines.append(line.strip())
                 if len(lines) >= 200:
                     enough.set()
-        threading.Thread(target=read, daemon=True).start()
-        return proc, lines, enough, int(first.split()[1])
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        return proc, lines, enough, int(first.split()[1]), reader
 
     crec = Recorder()
-    proc, received, enough, port = spawn(0)
+    proc, received, enough, port, reader = spawn(0)
     client = Client(LOCAL, port, resumable=True, auto_reconnect=True,
                     reconnect_strategy="FIXED_INTERVAL", reconnect_interval=100,
                     reconnect_max_attempts=0, on_error=crec.handler("on_error"))
@@ -567,6 +569,7 @@ def test_killed_server_every_unacknowledged_message_reported() -> None:
                 assert enough.wait(TIMEOUT)
                 proc.kill()
                 proc.wait(TIMEOUT)
+                reader.join(TIMEOUT)   # everything the dead server wrote is read
         second = spawn(port)
         crec.wait_for(lambda ev: any(e[0] == "on_error" and e[2] == ErrorCode.SESSION_LOST
                                      for e in ev), 2 * TIMEOUT)
