@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -100,8 +101,8 @@ def add_crypto_args(parser: argparse.ArgumentParser) -> None:
     modes = [m.name for m in AESMode]
     sizes = [str(int(s)) for s in KeySize]
     profiles = [p.name for p in EncryptionProfile]
-    group.add_argument("--key", default="", help="encryption key text (default: none, "
-                                                  "messages travel unencrypted)")
+    group.add_argument("--key", default="", metavar="TEXT",
+                       help="encryption key text (default: none, messages travel unencrypted)")
     group.add_argument("--mode", default=AESMode.CBC, metavar="MODE",
                        type=choice_of(AESMode.parse, modes, "mode"),
                        help=f"AES mode: {', '.join(modes)} (default CBC)")
@@ -117,11 +118,11 @@ def add_tls_args(parser: argparse.ArgumentParser, server: bool) -> None:
     """The TLS flags of the server or the client."""
     group = parser.add_argument_group("TLS")
     if server:
-        group.add_argument("--certfile", type=existing_file,
+        group.add_argument("--certfile", type=existing_file, metavar="PEM",
                            help="PEM certificate (chain) of this server: turns TLS on")
-        group.add_argument("--keyfile", type=existing_file,
+        group.add_argument("--keyfile", type=existing_file, metavar="PEM",
                            help="PEM private key (default: inside --certfile)")
-        group.add_argument("--cafile", type=existing_file,
+        group.add_argument("--cafile", type=existing_file, metavar="PEM",
                            help="PEM CA certificate(s) that sign client certificates "
                                 "(verified when presented)")
         group.add_argument("--require-client-cert", action="store_true",
@@ -129,11 +130,11 @@ def add_tls_args(parser: argparse.ArgumentParser, server: bool) -> None:
     else:
         group.add_argument("--tls", action="store_true",
                            help="connect with TLS, trusting the system CAs")
-        group.add_argument("--cafile", type=existing_file,
+        group.add_argument("--cafile", type=existing_file, metavar="PEM",
                            help="PEM CA certificate(s) to trust for the server (implies --tls)")
-        group.add_argument("--certfile", type=existing_file,
+        group.add_argument("--certfile", type=existing_file, metavar="PEM",
                            help="PEM client certificate for mutual TLS (implies --tls)")
-        group.add_argument("--keyfile", type=existing_file,
+        group.add_argument("--keyfile", type=existing_file, metavar="PEM",
                            help="PEM private key (default: inside --certfile)")
         group.add_argument("--server-hostname",
                            help="name the server certificate must match (default: --host)")
@@ -195,6 +196,128 @@ def tls_context(args: argparse.Namespace, server: bool) -> ssl.SSLContext | None
     return ctx
 
 
+# -- cluster: --redis, --processes (API.md §11) -------------------------------------------
+#: Set by the parent of ``--processes N`` for each worker it starts:
+#: ``"<index>:<parent pid>:<port>:<port file>"``.
+_WORKER_ENV = "MORSOCK_CLUSTER_WORKER"
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """The --redis, --redis-channel and --processes flags of the server command."""
+    group = parser.add_argument_group("cluster (--redis needs: pip install 'morsock[redis]')")
+    group.add_argument("--redis", metavar="URL",
+                       help="join the cluster of the servers sharing this Redis "
+                            "(redis://host:port/db): broadcasts and counts cover them all")
+    group.add_argument("--redis-channel", default="morsock", metavar="NAME",
+                       help="the cluster's key prefix in Redis (default morsock)")
+    group.add_argument("--processes", type=int, default=1, metavar="N",
+                       help="run N server processes on one port (SO_REUSEPORT), started "
+                            "and stopped together; with --metrics-port P, worker i serves "
+                            "metrics on P+i (default 1)")
+
+
+def _as_worker(args: argparse.Namespace) -> int | None:
+    """In a worker of ``--processes``: take the port, port file and index its parent
+    chose; die with the parent (Linux). Returns an exit code if the parent is gone."""
+    spec = os.environ.pop(_WORKER_ENV, None)
+    if spec is None:
+        return None
+    index, parent, port, port_file = spec.split(":", 3)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):
+        return 1  # the parent died before the line above
+    args.processes, args.port, args.port_file, args.status = 1, int(port), port_file, "off"
+    if args.metrics_port:
+        args.metrics_port += int(index)
+    args.reuse_port = True
+    return None
+
+
+def _join_cluster(server: Server, args: argparse.Namespace) -> None:
+    """Give *server* what --redis and a worker's SO_REUSEPORT ask for (server stopped).
+    Raises ImportError without redis-py, ValueError for a bad URL."""
+    if getattr(args, "reuse_port", False):
+        server.reuse_port = True
+    if args.redis:
+        from .cluster import RedisBackplane
+        server.backplane = RedisBackplane(args.redis, channel=args.redis_channel)
+
+
+def _run_processes(args: argparse.Namespace) -> int:
+    """``--processes N``: reserve the port, start N workers (this same command line) on
+    it, and stop them all on SIGINT/SIGTERM or when one of them exits. Returns the exit
+    code (0 after a requested stop)."""
+    import subprocess
+    import tempfile
+    if args.processes < 1:
+        print("error: --processes must be >= 1", file=sys.stderr)
+        return 2
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("error: --processes needs SO_REUSEPORT, which this platform lacks",
+              file=sys.stderr)
+        return 2
+    if not args.redis:
+        print("warning: --processes without --redis: each process broadcasts to its own "
+              "clients only", file=sys.stderr)
+    stop = threading.Event()
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
+    # Bound, never listening: holds the port (and its SO_REUSEPORT group) for the workers.
+    holder = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    workdir = tempfile.mkdtemp(prefix="morsock-workers-")
+    workers: list[Any] = []
+    status = 0
+    try:
+        try:
+            holder.bind((args.host, args.port))
+        except OSError as exc:
+            print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+            return 1
+        port = holder.getsockname()[1]
+        files = [os.path.join(workdir, f"port-{i}") for i in range(args.processes)]
+        for index, port_file in enumerate(files):
+            env = dict(os.environ)
+            env[_WORKER_ENV] = f"{index}:{os.getpid()}:{port}:{port_file}"
+            # stdout: this process's own first line says where they listen
+            workers.append(subprocess.Popen([sys.executable, "-m", "morsock", *args.argv],
+                                            env=env, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL))
+        announced = False
+        while not stop.wait(0.1 if not announced else 1.0):
+            if any(w.poll() is not None for w in workers) and not stop.is_set():
+                print("error: a worker process exited; stopping the others", file=sys.stderr)
+                status = 1
+                break
+            if not announced and all(os.path.exists(f) for f in files):
+                announced = True
+                if args.port_file:
+                    with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
+                        f.write(f"{port}\n")
+                    os.replace(args.port_file + ".tmp", args.port_file)
+                print(f"{args.processes} server processes listening on {args.host}:{port}"
+                      f"{' (cluster ' + args.redis_channel + ')' if args.redis else ''}; "
+                      f"Ctrl+C to stop", flush=True)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        holder.close()
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
 # -- the parser ------------------------------------------------------------------------
 
 def add_server_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
@@ -208,12 +331,14 @@ def add_server_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     srv.add_argument("--port", type=setting_of(Server, "port"), default=3434,
                      help="port (default 3434; 0 = any free)")
     srv.add_argument("--threads", type=setting_of(Server, "thread_pool_size"), default=4,
+                     metavar="N",
                      help="worker threads (default 4)")
     srv.add_argument("--max-connections", type=setting_of(Server, "max_connections"),
-                     default=100_000,
+                     default=100_000, metavar="N",
                      help="connection limit (default 100000, so the open-file limit is "
                           "what bounds it; the Server class defaults to 1000)")
-    srv.add_argument("--prefix", default="", help="text put before each echoed payload")
+    srv.add_argument("--prefix", default="", metavar="TEXT",
+                     help="text put before each echoed payload")
     srv.add_argument("--status", choices=("auto", "on", "off"), default="auto",
                      help="live status line on stderr (auto: only on a terminal)")
     srv.add_argument("--port-file", metavar="PATH",
@@ -221,6 +346,7 @@ def add_server_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add_crypto_args(srv)
     add_tls_args(srv, server=True)
     add_metrics_args(srv)
+    add_cluster_args(srv)
     return srv
 
 
@@ -346,6 +472,17 @@ def hms(seconds: float) -> str:
     """``3725`` -> ``"01:02:05"``."""
     whole = int(seconds)
     return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def say(line: str) -> None:
+    """Print *line* on stdout at once; a reader that went away (``| head -1``) is no
+    error: the rest of the output is dropped."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's exit flush is quiet
+        os.close(devnull)
 
 
 def describe_listening(server: Server, args: argparse.Namespace) -> str:
@@ -476,6 +613,11 @@ def server_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The ``server`` command; returns the exit code."""
+    exit_code = _as_worker(args)
+    if exit_code is not None:
+        return exit_code
+    if args.processes != 1:
+        return _run_processes(args)
     stop = threading.Event()
     _stop_on_signals(stop)  # first: a Ctrl+C during start-up is a clean stop too
     show = args.status == "on" or (args.status == "auto" and sys.stderr.isatty())
@@ -485,8 +627,12 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     _keep_freed_memory()
     try:
         server = Server(**server_settings(args))
+        _join_cluster(server, args)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
+    except ImportError as exc:
+        print(f"error: --redis: {exc}", file=sys.stderr)
+        return 2
     try:
         server.start()
     except MorsockError as exc:
@@ -504,8 +650,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
                     f.write(f"{server.port}\n")
                 os.replace(args.port_file + ".tmp", args.port_file)  # never half a file
-            print(describe_listening(server, args) + ("; Ctrl+C to stop" if show else ""),
-                  flush=True)
+            say(describe_listening(server, args) + ("; Ctrl+C to stop" if show else ""))
             _watch(server, stop, status)
         finally:
             if stop_metrics is not None:
@@ -514,7 +659,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if status is not None:
             status.end()
         server.stop()
-    print(server_summary(server, time.monotonic() - started), flush=True)
+    say(server_summary(server, time.monotonic() - started))
     return 0
 
 
@@ -596,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m morsock`` and the ``morsock`` script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --processes' workers
     try:
         if args.command == "server":
             return run_server(args, parser)

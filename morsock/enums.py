@@ -154,6 +154,10 @@ class ErrorCode(enum.IntEnum):
       an encrypted frame it could not decrypt).
     * ``SESSION_LOST`` -- a session (API.md §10) could not be resumed (its window passed,
       the server restarted): the messages it had not acknowledged are handed back.
+    * ``CLUSTER_UNAVAILABLE`` -- a cluster backplane (API.md §11) lost its Redis
+      connection (it retries) or gave up retrying.
+    * ``CLUSTER_UNDELIVERED`` -- cluster messages (broadcasts, ``send_to``,
+      ``disconnect_client``) that did not reach another node: the report says how many.
     * ``MAX_RECONNECT_ATTEMPTS`` (-99) -- reconnection gave up.
     """
 
@@ -171,4 +175,6 @@ class ErrorCode(enum.IntEnum):
     TLS_FAILED = -12
     CONNECTION_LOST = -13
     SESSION_LOST = -14
+    CLUSTER_UNAVAILABLE = -20
+    CLUSTER_UNDELIVERED = -21
     MAX_RECONNECT_ATTEMPTS = -99

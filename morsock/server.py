@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from threading import get_ident
 from time import perf_counter
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from ._settings import (
     _positive_int,
     _server_host,
 )
+from .cluster import Backplane, split_client_id
 from .connection import (
     CONNECTED,
     DIRECT_SEND_MIN,
@@ -63,6 +65,13 @@ _REUSE_ADDRESS = os.name not in ("nt", "cygwin")
 #: from a listening socket to the sockets it accepts: set there once, they cost accepted
 #: connections nothing (test_hardening checks accepted sockets carry them).
 _OPTIONS_INHERITED = sys.platform.startswith("linux")
+
+
+def _backplane(value: Any) -> Backplane | None:
+    if value is not None and not isinstance(value, Backplane):
+        raise TypeError(f"a morsock.cluster.Backplane (RedisBackplane) or None, not "
+                        f"{type(value).__name__}")
+    return value
 
 
 def _select_limited() -> bool:
@@ -149,6 +158,11 @@ class ServerClient(Connection):
         return self.close()
 
     @property
+    def client_id(self) -> str:
+        """``"<node_id>:<handle>"``: names this client across a cluster (API.md §11)."""
+        return f"{self.server.node_id}:{self.handle}"
+
+    @property
     def session_id(self) -> bytes | None:
         """The id of this client's session (API.md §10), None without one."""
         sessions = self.server._sessions
@@ -224,6 +238,10 @@ class Server(Component):
     backlog: Setting[int] = Setting(
         4096, _positive_int, doc="listen() backlog: connections the kernel holds until "
                                  "they are accepted.")
+    backplane: Setting[Backplane | None] = Setting(
+        None, _backplane, doc="A cluster backplane (morsock.cluster.RedisBackplane): "
+                              "broadcasts, send_to and counts then cover every server "
+                              "of the cluster (API.md §11).")
     resume_window: Setting[float] = Setting(
         0.0, _non_negative_seconds,
         doc="Seconds a dropped session stays resumable (0: no sessions): a resumable "
@@ -259,7 +277,7 @@ class Server(Component):
                  idle_timeout: float | None = None, backlog: int = 4096,
                  resume_window: float = 0.0,
                  ssl_context: Any = None, logger: logging.Logger | None = None,
-                 **events: Any) -> None:
+                 backplane: Backplane | None = None, **events: Any) -> None:
         self._state = ServerState.DISCONNECTED
         settings = dict(locals())
         for name in ("self", "events", "__class__"):
@@ -348,6 +366,12 @@ class Server(Component):
                            self.encryption_info)
             self._connection_limit()  # warns now if max_connections is capped here
             self._set_state(ServerState.LISTENING)
+            if self.backplane is not None:
+                try:
+                    self.backplane.attach(self)
+                except BaseException:
+                    self._stop(None)
+                    raise
 
     def _bind(self) -> socket.socket:
         infos = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
@@ -414,6 +438,8 @@ class Server(Component):
             if sessions is not None:
                 sessions.shutdown()
             self._await_closes()
+            if self.backplane is not None:
+                self.backplane.detach(self)  # reports what it could not send: pool still up
             self._pool.shutdown()
             self._reactor.close()
             self._listener = None
@@ -516,6 +542,8 @@ class Server(Component):
                            client.peer_port)
         if self.idle_timeout is not None:
             self._watch()
+        if self.backplane is not None:
+            self.backplane.client_joined(client.handle, f"{client.peer_ip}:{client.peer_port}")
         sessions = self._sessions
         if sessions is not None:
             sessions.admit(client)  # on_connect once its first frame tells what it is
@@ -633,6 +661,8 @@ class Server(Component):
         with self.property_lock:
             if self._clients.pop(conn.handle, None) is not None:
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
+                if self.backplane is not None:
+                    self.backplane.client_left(conn.handle)
             if not self._clients:
                 self._no_clients.notify_all()
         if self._log_levels.get(logging.INFO) is not False:
@@ -1000,8 +1030,15 @@ class Server(Component):
                     return client
         return None
 
-    def disconnect_client(self, client: int | ServerClient) -> bool:
-        """Disconnect a client given by handle or object; False if not connected."""
+    def disconnect_client(self, client: int | str | ServerClient) -> bool:
+        """Disconnect a client given by handle, object or ``client_id`` (a client of any
+        node of the cluster: True once routed to its node); False if not connected."""
+        if isinstance(client, str) and ":" in client:
+            node, handle = split_client_id(client)
+            if node != self.node_id:
+                bp = self.backplane
+                return bp is not None and bp.route_disconnect(node, handle)
+            client = handle
         if not isinstance(client, ServerClient):
             found = self.find_client(int(client))
             if found is None:
@@ -1018,8 +1055,77 @@ class Server(Component):
 
         A client whose send queue is full is skipped and reported
         (``on_error(client, ..., SEND_BUFFER_FULL)``), as is one that cannot take an
-        encrypted frame; the others still get the message.
+        encrypted frame; the others still get the message. With a ``backplane``, the
+        other nodes' clients get it too (the count is this server's clients).
         """
+        bp = self.backplane
+        if bp is None or self._state is not ServerState.LISTENING:
+            return self._broadcast_local(data, encrypted)
+        payload = as_bytes(data)
+        self._check_cluster_payload(payload, encrypted)
+        bp.publish_broadcast(payload, encrypted)  # first: the other nodes start at once
+        return self._broadcast_local(payload, encrypted)
+
+    # -- cluster (API.md §11) ------------------------------------------------------------
+    @property
+    def node_id(self) -> str:
+        """This server's node id: its backplane's, else one of its own (random)."""
+        if self.backplane is not None:
+            return self.backplane.node_id
+        own: str | None = self.__dict__.get("_own_node_id")
+        if own is None:
+            own = self.__dict__.setdefault("_own_node_id", uuid.uuid4().hex[:12])
+        return own
+
+    @property
+    def cluster_client_count(self) -> int:
+        """Clients of every node of the cluster (``client_count`` without a backplane)."""
+        bp = self.backplane
+        local = len(self._clients)
+        return local if bp is None or not self.active else bp.cluster_client_count(local)
+
+    @property
+    def cluster_nodes(self) -> list[str]:
+        """Ids of the live nodes of the cluster, this one included, sorted."""
+        bp = self.backplane
+        return [self.node_id] if bp is None or not self.active else bp.cluster_nodes()
+
+    def send_to(self, client_id: str, data: Data, encrypted: bool = False) -> bool:
+        """Send one message to the client named *client_id* on any node of the cluster.
+
+        True if it was queued for a client of this server, or routed to the live node
+        that holds the client (that node reports a client gone meanwhile back here:
+        ``on_error(..., CLUSTER_UNDELIVERED)``); False if no such client or node. Raises
+        ValueError for a malformed id; for a client of this server, what
+        :meth:`ServerClient.send_data` raises, NotConnectedError excepted.
+        """
+        node, handle = split_client_id(client_id)
+        if node == self.node_id:
+            client = self.find_client(handle)
+            if client is None:
+                return False
+            try:
+                client.send_data(data, encrypted)
+            except NotConnectedError:
+                return False
+            return True
+        bp = self.backplane
+        if bp is None or not self.active:
+            return False
+        payload = as_bytes(data)
+        self._check_cluster_payload(payload, encrypted)
+        return bp.route_send(node, handle, payload, encrypted)
+
+    def _check_cluster_payload(self, payload: bytes, encrypted: bool) -> None:
+        """What the other nodes would refuse, refused here, before anything is sent."""
+        self._check_size(payload, encrypted)
+        if encrypted and not (self._crypto and self._crypto.enabled):
+            raise CryptoError("encrypted=True but no encryption_key is set",
+                              ErrorCode.ENCRYPTION_REQUIRED)
+
+    def _broadcast_local(self, data: Data, encrypted: bool) -> int:
+        """broadcast_data to this server's own clients (also for the backplane's
+        reader, which delivers the other nodes' broadcasts here)."""
         payload = as_bytes(data)
         self._check_size(payload, encrypted)
         count = 0

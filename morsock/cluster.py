@@ -1,0 +1,844 @@
+"""Cluster backplane (API.md §11): several servers act as one through Redis.
+
+A node is one :class:`~morsock.Server` given a :class:`RedisBackplane`. Its clients are
+named cluster-wide by ``ServerClient.client_id`` (``"<node_id>:<handle>"``);
+``broadcast_data`` reaches every node's clients, ``send_to`` / ``disconnect_client``
+reach a client on any node, ``cluster_client_count`` / ``cluster_nodes`` cover the
+cluster. docs/guide/cluster.rst is the user's guide; this docstring is the wire spec.
+
+Redis layout (every key starts with the backplane's *channel*, written ``C``):
+
+* ``C:nodes`` -- SET of the node ids that announced themselves.
+* ``C:node:<id>`` -- a node's heartbeat: a STRING (JSON: ``pid``, ``host``, ``seq``: the
+  last sequence number it gave each stream) set with a TTL of ``node_ttl`` and refreshed
+  every ``heartbeat_interval``. A node whose heartbeat expired is dead.
+* ``C:presence:<id>`` -- HASH ``handle -> "ip:port"`` of the node's clients, with the
+  same TTL (refreshed with the heartbeat), rebuilt whole after every reconnect.
+* ``C:epoch`` -- a random token set once; a node that finds it changed or missing
+  after a reconnect knows Redis lost its data and reads the streams from their start.
+* ``C:all`` -- STREAM of cluster-wide messages, trimmed to about ``stream_length``.
+* ``C:inbox:<id>`` -- STREAM of the messages for one node, expiring with its owner.
+
+Stream entry fields: ``k`` kind (``b`` broadcast, ``j`` join, ``l`` leave on ``C:all``;
+``s`` send_to, ``d`` disconnect, ``n`` a send_to its node could not deliver, ``x`` wake
+up on an inbox), ``o`` origin node id, ``q`` the origin's sequence number in that stream
+(1, 2, ... per origin and stream; not on ``j``/``l``/``x``), ``h`` client handle, ``e``
+``1`` if the payload is to be sent encrypted, ``p`` payload, ``c`` client id and ``r``
+reason (``n`` only).
+
+Delivery rule: messages go out in order through one connection per node and are read
+by each node from the last entry id it saw, so a Redis reconnect resumes where it
+stopped. A receiver drops a sequence number it already had (a publish retried after a
+reconnect) and reports a gap (messages lost in Redis: a restart without persistence,
+trimming) as ``CLUSTER_UNDELIVERED``; it also compares the sequence numbers that
+heartbeats announce with what it read, so losing the last messages of a stream is
+reported too. What a node cannot hand to Redis within ``pending_timeout`` is reported
+by that node. Nothing is dropped without a report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from .enums import ErrorCode, ReconnectStrategy
+from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
+from .reconnect import ReconnectPolicy
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["Backplane", "RedisBackplane", "Undelivered", "split_client_id"]
+
+#: Most stream entries written in one pipeline, or read by one XREAD.
+_BATCH = 512
+
+
+def split_client_id(client_id: str) -> tuple[str, int]:
+    """``("<node_id>", handle)`` of a ``ServerClient.client_id``; ValueError (TypeError
+    for a non-str) naming the expected form otherwise."""
+    if not isinstance(client_id, str):
+        raise TypeError(f"client_id must be a str, not {type(client_id).__name__}")
+    node, sep, handle = client_id.rpartition(":")
+    if not sep or not node or not handle.isdigit():
+        raise ValueError(f"{client_id!r} is not a client id: expected '<node_id>:<handle>' "
+                         f"(ServerClient.client_id)")
+    return node, int(handle)
+
+
+class Undelivered(NamedTuple):
+    """Cluster messages that did not arrive, as ``on_undelivered`` receives them.
+
+    ``direction``: ``"outgoing"`` -- this node could not hand the message to Redis in
+    time, or the node holding its client could not deliver it (``payload`` is the
+    message) --, or ``"incoming"`` -- messages from ``node`` were lost in Redis (a gap in
+    its sequence numbers; ``payload`` is None, ``messages`` says how many).
+    ``kind``: ``"broadcast"``, ``"send_to"``, ``"disconnect"``, or ``"message"`` for an
+    incoming gap. ``node``: the other node (None for an outgoing broadcast). ``target``:
+    the client id of a ``send_to`` / ``disconnect`` (else None).
+    """
+
+    direction: str
+    kind: str
+    node: str | None
+    target: str | None
+    messages: int
+    payload: bytes | None
+    reason: str
+
+
+class Backplane:
+    """What a :class:`~morsock.Server` needs from a cluster backplane.
+
+    The server calls :meth:`attach` from ``start()`` once listening and :meth:`detach`
+    from ``stop()`` once its clients are closed; :meth:`client_joined` and
+    :meth:`client_left` on its reactor thread; the rest from any thread.
+    """
+
+    node_id: str
+
+    def attach(self, server: Server) -> None:
+        """Start serving *server* (MorsockError if already serving a running one)."""
+        raise NotImplementedError
+
+    def detach(self, server: Server) -> None:
+        """Stop serving *server* (no effect if it serves another or none): leave the
+        cluster, report what could not be sent, join every thread."""
+        raise NotImplementedError
+
+    def client_joined(self, handle: int, address: str) -> None:
+        """A client of this node connected (reactor thread: must not block)."""
+        raise NotImplementedError
+
+    def client_left(self, handle: int) -> None:
+        """A client of this node disconnected (reactor thread: must not block)."""
+        raise NotImplementedError
+
+    def publish_broadcast(self, payload: bytes, encrypted: bool) -> None:
+        """Hand a broadcast to the other nodes (this node's clients already have it)."""
+        raise NotImplementedError
+
+    def route_send(self, node: str, handle: int, payload: bytes, encrypted: bool) -> bool:
+        """Route a ``send_to`` to another node; False if that node is not live."""
+        raise NotImplementedError
+
+    def route_disconnect(self, node: str, handle: int) -> bool:
+        """Route a ``disconnect_client`` to another node; False if it is not live."""
+        raise NotImplementedError
+
+    def cluster_client_count(self, local: int) -> int:
+        """Clients of the whole cluster, given this node's exact *local* count."""
+        raise NotImplementedError
+
+    def cluster_nodes(self) -> list[str]:
+        """Ids of the live nodes, this one included, sorted."""
+        raise NotImplementedError
+
+
+class _Outgoing:
+    """One message waiting for the writer thread."""
+
+    __slots__ = ("stream", "fields", "since", "kind", "node", "target", "payload", "seq")
+
+    def __init__(self, stream: bytes, fields: dict[bytes, bytes], kind: str,
+                 node: str | None, target: str | None, payload: bytes | None) -> None:
+        self.stream = stream
+        self.fields = fields
+        self.since = time.monotonic()
+        self.kind = kind
+        self.node = node
+        self.target = target
+        self.payload = payload
+        self.seq = 0  # given by the writer when first sent (kept for a retry)
+
+
+def _positive(name: str, value: Any) -> float:
+    seconds = float(value)
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"RedisBackplane.{name} must be a finite number > 0, not {value!r}")
+    return seconds
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"RedisBackplane.{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"RedisBackplane.{name} must be >= 1, not {value}")
+    return value
+
+
+def _name(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"RedisBackplane.{name} must be a str, not {type(value).__name__}")
+    if not value or any(ch.isspace() for ch in value):
+        raise ValueError(f"RedisBackplane.{name} must be a non-empty str without spaces, "
+                         f"not {value!r}")
+    return value
+
+
+class RedisBackplane(Backplane):
+    """A cluster backplane on Redis (redis-py; extra ``morsock[redis]``).
+
+    ``RedisBackplane(url="redis://127.0.0.1:6379/0", channel="morsock", node_id=None)``,
+    passed as ``Server(..., backplane=...)``; one backplane serves one server at a time.
+    Servers sharing a Redis database and *channel* form one cluster. *node_id* (default:
+    ``"<host>-<pid>-<random>"``) must be unique in the cluster while its node lives.
+
+    Settings (keywords): ``heartbeat_interval`` (1.0 s) and ``node_ttl`` (3.0 s, at least
+    twice the interval): a node silent for ``node_ttl`` is dead and leaves the counts;
+    ``stream_length`` (100000): entries ``C:all`` keeps (a node that falls further
+    behind loses messages, reported); ``max_pending`` (10000 messages) and
+    ``pending_timeout`` (10.0 s): while Redis is unreachable, outgoing cluster messages
+    wait, at most that many and that long, then are reported undelivered;
+    ``reconnect_strategy`` / ``reconnect_interval`` (ms, 100) /
+    ``reconnect_max_interval`` (ms, 5000) / ``reconnect_max_attempts`` (0: forever):
+    retrying a lost connection, as :class:`~morsock.reconnect.ReconnectPolicy` computes;
+    ``socket_timeout`` (5.0 s) bounds one Redis command.
+
+    Reports go to the server's ``on_error(server, None, message, code)``:
+    ``CLUSTER_UNAVAILABLE`` once when Redis is lost (and when retrying gives up),
+    ``CLUSTER_UNDELIVERED`` for messages that did not arrive; and, per report, to
+    ``on_undelivered(backplane, report: Undelivered)`` when set (any library thread).
+
+    Read-only: ``node_id``, ``url``, ``channel``, ``connected`` (both threads reach Redis
+    and this node has announced itself); :meth:`wait_joined` blocks until it has.
+
+    Threads: a writer (publishes, presence, heartbeat, cluster view) and a reader (the
+    streams), both started by the server's ``start()`` and joined by its ``stop()``.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", channel: str = "morsock",
+                 node_id: str | None = None, *, heartbeat_interval: float = 1.0,
+                 node_ttl: float = 3.0, stream_length: int = 100_000,
+                 max_pending: int = 10_000, pending_timeout: float = 10.0,
+                 reconnect_strategy: ReconnectStrategy | str = ReconnectStrategy.BACKOFF,
+                 reconnect_interval: int = 100, reconnect_max_interval: int = 5000,
+                 reconnect_max_attempts: int = 0, socket_timeout: float = 5.0,
+                 on_undelivered: Callable[[RedisBackplane, Undelivered], Any] | None = None,
+                 logger: logging.Logger | None = None) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("morsock.cluster.RedisBackplane needs redis-py: "
+                              "pip install 'morsock[redis]'") from exc
+        if not isinstance(url, str):
+            raise TypeError(f"RedisBackplane.url must be a str, not {type(url).__name__}")
+        self.url = url
+        self.channel = _name("channel", channel)
+        if node_id is None:
+            node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.node_id = _name("node_id", node_id)
+        self.heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval)
+        self.node_ttl = _positive("node_ttl", node_ttl)
+        if self.node_ttl < 2 * self.heartbeat_interval:
+            raise ValueError(f"RedisBackplane.node_ttl ({node_ttl!r}) must be at least twice "
+                             f"heartbeat_interval ({heartbeat_interval!r})")
+        self.stream_length = _count("stream_length", stream_length)
+        self.max_pending = _count("max_pending", max_pending)
+        self.pending_timeout = _positive("pending_timeout", pending_timeout)
+        self.socket_timeout = _positive("socket_timeout", socket_timeout)
+        self._policy_args = (ReconnectStrategy.parse(reconnect_strategy), reconnect_interval,
+                             reconnect_max_attempts, reconnect_max_interval)
+        ReconnectPolicy(*self._policy_args)  # checks them now
+        self.on_undelivered = on_undelivered
+        self._log = logger or logging.getLogger("morsock")
+        self._redis = redis
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._connect_kwargs = self._client_kwargs(url)  # ValueError for a bad URL
+        prefix = self.channel
+        self._all = f"{prefix}:all".encode()
+        self._nodes_key = f"{prefix}:nodes"
+        self._epoch_key = f"{prefix}:epoch"
+        self._inbox = self._inbox_of(self.node_id)
+        self._server: Server | None = None
+        self._cond = threading.Condition()
+        self._reset()
+
+    # -- configuration -------------------------------------------------------------------
+    def _client_kwargs(self, url: str) -> dict[str, Any]:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        self._redis.Redis.from_url(url).close()  # parses only: ValueError for a bad URL
+        return {"socket_connect_timeout": self.socket_timeout,
+                "retry": Retry(NoBackoff(), 0),  # the reconnect policy retries, not redis-py
+                "health_check_interval": 0}
+
+    def _inbox_of(self, node: str) -> bytes:
+        return f"{self.channel}:inbox:{node}".encode()
+
+    def _heartbeat_key(self, node: str) -> str:
+        return f"{self.channel}:node:{node}"
+
+    def _presence_key(self, node: str) -> str:
+        return f"{self.channel}:presence:{node}"
+
+    def _reset(self) -> None:
+        """The run state (attach() starts from it)."""
+        self._outbox: deque[_Outgoing] = deque()
+        self._presence_ops: list[tuple[int, str | None]] = []
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._setup_done = threading.Event()
+        self._joined = threading.Event()
+        self._refresh_wanted = False
+        self._gave_up = False
+        self._down: set[str] = set()
+        self._view: dict[str, int] = {}
+        self._view_mono = 0.0
+        self._seq: dict[bytes, int] = {}  # last sequence number given, per stream
+        self._written: dict[bytes, int] = {}  # last one Redis confirmed, per stream
+        self._seen: dict[tuple[bytes, str], int] = {}
+        self._seen_lock = threading.Lock()
+        self._read_from: dict[bytes, bytes] = {}
+        self._epoch: bytes | None = None
+        self._drained_mono = 0.0  # start of the last XREAD that returned all it could
+        self._announced: list[tuple[float, str, bytes, int]] = []
+        self._threads: list[threading.Thread] = []
+        self._writer_client: Any = None
+        self._reader_client: Any = None
+
+    def _policy(self) -> ReconnectPolicy:
+        return ReconnectPolicy(*self._policy_args)
+
+    def __repr__(self) -> str:
+        return (f"<RedisBackplane node {self.node_id!r} channel {self.channel!r} at "
+                f"{self._redacted_url()}>")
+
+    def _redacted_url(self) -> str:
+        scheme, sep, rest = self.url.partition("://")
+        if sep and "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        return f"{scheme}{sep}{rest}"
+
+    # -- state read by the server --------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """True while both threads reach Redis and this node has joined the cluster."""
+        return self._joined.is_set() and not self._down and self._server is not None
+
+    def wait_joined(self, timeout: float | None = None) -> bool:
+        """Block until this node has announced itself in Redis (True) or *timeout*."""
+        return self._joined.wait(timeout)
+
+    def _live_view(self) -> dict[str, int]:
+        if time.monotonic() - self._view_mono > 2 * self.node_ttl:
+            return {}  # not refreshed for long: nothing known about the others
+        return self._view
+
+    def cluster_client_count(self, local: int) -> int:
+        view = self._live_view()
+        return local + sum(count for node, count in view.items() if node != self.node_id)
+
+    def cluster_nodes(self) -> list[str]:
+        return sorted(set(self._live_view()) | {self.node_id})
+
+    # -- life cycle ----------------------------------------------------------------------
+    def attach(self, server: Server) -> None:
+        with self._cond:
+            if self._server is not None:
+                raise MorsockError(f"{self!r} already serves a running server")
+            self._reset()
+            self._server = server
+        redis = self._redis
+        self._writer_client = redis.Redis.from_url(
+            self.url, socket_timeout=self.socket_timeout, **self._connect_kwargs)
+        self._reader_client = redis.Redis.from_url(
+            self.url, socket_timeout=self.socket_timeout + self.heartbeat_interval,
+            **self._connect_kwargs)
+        for target, role in ((self._write_loop, "writer"), (self._read_loop, "reader")):
+            thread = threading.Thread(target=target, daemon=True,
+                                      name=f"morsock-cluster-{role}-{self.node_id}")
+            self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+
+    def detach(self, server: Server) -> None:
+        with self._cond:
+            if self._server is not server:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+        self._stop_event.set()
+        self._setup_done.set()  # a reader still waiting for the first setup
+        writer, reader = self._threads
+        writer.join(self.socket_timeout * 3)
+        reader.join(0.5)
+        if reader.is_alive():  # blocked in XREAD: cut its connection
+            self._reader_client.connection_pool.disconnect()
+            reader.join(self.socket_timeout * 3)
+        for client in (self._writer_client, self._reader_client):
+            client.connection_pool.disconnect()
+            client.close()
+        for thread in self._threads:
+            if thread.is_alive():  # pragma: no cover - Redis hung past every timeout
+                self._log.error("cluster: %s did not stop", thread.name)
+        with self._cond:
+            self._server = None
+
+    # -- hooks (server threads) ----------------------------------------------------------
+    def client_joined(self, handle: int, address: str) -> None:
+        with self._cond:
+            self._presence_ops.append((handle, address))
+            self._cond.notify()
+
+    def client_left(self, handle: int) -> None:
+        with self._cond:
+            self._presence_ops.append((handle, None))
+            self._cond.notify()
+
+    def publish_broadcast(self, payload: bytes, encrypted: bool) -> None:
+        self._enqueue(_Outgoing(self._all, {b"k": b"b", b"e": b"1" if encrypted else b"0",
+                                            b"p": payload}, "broadcast", None, None, payload))
+
+    def route_send(self, node: str, handle: int, payload: bytes, encrypted: bool) -> bool:
+        if node not in self._live_view():
+            return False
+        return self._enqueue(_Outgoing(
+            self._inbox_of(node), {b"k": b"s", b"h": b"%d" % handle,
+                                   b"e": b"1" if encrypted else b"0", b"p": payload},
+            "send_to", node, f"{node}:{handle}", payload))
+
+    def route_disconnect(self, node: str, handle: int) -> bool:
+        if node not in self._live_view():
+            return False
+        return self._enqueue(_Outgoing(self._inbox_of(node), {b"k": b"d", b"h": b"%d" % handle},
+                                       "disconnect", node, f"{node}:{handle}", None))
+
+    def _enqueue(self, item: _Outgoing) -> bool:
+        item.fields[b"o"] = self.node_id.encode()
+        with self._cond:
+            if self._server is None or self._stopping:
+                reason = "the server is not running"
+            elif self._gave_up:
+                reason = "the cluster backplane gave up reconnecting to Redis"
+            elif len(self._outbox) >= self.max_pending:
+                reason = (f"{len(self._outbox)} cluster messages already wait for Redis "
+                          f"(max_pending={self.max_pending})")
+            else:
+                self._outbox.append(item)
+                self._cond.notify()
+                return True
+        self._report_lost([item], reason)
+        return False
+
+    # -- reports -------------------------------------------------------------------------
+    def _report(self, message: str, code: ErrorCode) -> None:
+        server = self._server
+        if server is not None:
+            server._report(None, message, code)
+        else:  # pragma: no cover - a report after detach
+            self._log.error("%s (code %d)", message, code)
+
+    def _notify(self, reports: list[Undelivered]) -> None:
+        handler = self.on_undelivered
+        if handler is None:
+            return
+        for report in reports:
+            try:
+                handler(self, report)
+            except Exception:
+                self._log.exception("cluster: on_undelivered handler raised")
+
+    def _report_lost(self, items: list[_Outgoing], reason: str) -> None:
+        """Outgoing messages that will not be sent: one on_error, one report each."""
+        if not items:
+            return
+        kinds: dict[str, int] = {}
+        for item in items:
+            kinds[item.kind] = kinds.get(item.kind, 0) + 1
+        what = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        self._report(f"cluster: {len(items)} message(s) not delivered to other nodes "
+                     f"({what}): {reason}", ErrorCode.CLUSTER_UNDELIVERED)
+        self._notify([Undelivered("outgoing", item.kind, item.node, item.target, 1,
+                                  item.payload, reason) for item in items])
+
+    def _report_gap(self, origin: str, stream: bytes, first: int, last: int,
+                    why: str) -> None:
+        count = last - first + 1
+        reason = (f"{count} message(s) from node {origin} (sequence {first}..{last} of "
+                  f"{stream.decode(errors='replace')}) were lost in Redis ({why})")
+        self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
+        self._notify([Undelivered("incoming", "message", origin, None, count, None, reason)])
+
+    def _mark_down(self, role: str, exc: BaseException) -> None:
+        with self._cond:
+            first = not self._down
+            self._down.add(role)
+        if first:
+            self._report(f"cluster: lost the connection to Redis at {self._redacted_url()} "
+                         f"({type(exc).__name__}: {exc}); retrying",
+                         ErrorCode.CLUSTER_UNAVAILABLE)
+
+    def _mark_up(self, role: str) -> None:
+        with self._cond:
+            was = bool(self._down)
+            self._down.discard(role)
+            back = was and not self._down
+        if back:
+            self._log.warning("cluster: connection to Redis at %s restored",
+                              self._redacted_url())
+
+    def _retry_wait(self, policy: ReconnectPolicy, role: str, exc: BaseException) -> bool:
+        """After a failure: wait the policy's delay; False to give up (or on stop)."""
+        self._mark_down(role, exc)
+        attempt = policy.record_failure()
+        delay = policy.next_delay()
+        if delay is None:
+            with self._cond:
+                gave_up, self._gave_up = self._gave_up, True
+            if not gave_up:
+                self._report(f"cluster: gave up reconnecting to Redis at "
+                             f"{self._redacted_url()} after {attempt} attempt(s); this node "
+                             f"now serves only its own clients", ErrorCode.CLUSTER_UNAVAILABLE)
+            return False
+        self._log.warning("cluster %s: Redis attempt %d failed (%s); next in %.2f s", role,
+                          attempt, exc, delay)
+        return not self._stop_event.wait(delay)
+
+    # -- writer thread -------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        policy = self._policy()
+        up = False
+        next_beat = 0.0
+        while True:
+            if not up:
+                if self._stopping:
+                    break
+                try:
+                    if not self._setup_done.is_set():
+                        self._first_setup()
+                    self._resync()
+                except self._errors as exc:
+                    if not self._retry_wait(policy, "writer", exc):
+                        break
+                    self._expire_pending()
+                    continue
+                up = True
+                policy.reset()
+                self._mark_up("writer")
+                self._joined.set()
+                next_beat = time.monotonic() + self.heartbeat_interval
+                self._expire_pending()
+            batch, ops, stopping = self._take_work(next_beat)
+            try:
+                if batch or ops:
+                    self._push(batch, ops)
+                if time.monotonic() >= next_beat or self._refresh_wanted:
+                    self._refresh_wanted = False
+                    self._beat()
+                    next_beat = time.monotonic() + self.heartbeat_interval
+            except self._errors as exc:
+                with self._cond:
+                    self._outbox.extendleft(reversed(batch))  # resent, same sequence numbers
+                up = False
+                if not self._retry_wait(policy, "writer", exc):
+                    break
+                continue
+            if stopping and not self._outbox:
+                self._leave()
+                return
+        with self._cond:
+            left = list(self._outbox)
+            self._outbox.clear()
+        self._report_lost(left, "Redis was unreachable when the server stopped"
+                          if self._stopping else "Redis is unreachable")
+
+    def _take_work(self, next_beat: float) -> tuple[list[_Outgoing], list[tuple[int, str | None]],
+                                                    bool]:
+        with self._cond:
+            while not (self._outbox or self._presence_ops or self._stopping
+                       or self._refresh_wanted):
+                left = next_beat - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = [self._outbox.popleft() for _ in range(min(_BATCH, len(self._outbox)))]
+            ops, self._presence_ops = self._presence_ops, []
+            return batch, ops, self._stopping
+
+    def _expire_pending(self) -> None:
+        """Report (and drop) the waiting messages older than pending_timeout."""
+        limit = time.monotonic() - self.pending_timeout
+        expired = []
+        with self._cond:
+            while self._outbox and self._outbox[0].since < limit:
+                expired.append(self._outbox.popleft())
+        self._report_lost(expired, f"Redis was unreachable for more than "
+                                   f"pending_timeout={self.pending_timeout:g} s")
+
+    def _first_setup(self) -> None:
+        """The reader's starting point: the epoch and the streams' current ends, taken
+        before this node announces itself (so it misses nothing sent to it after)."""
+        r = self._writer_client
+        self._epoch = self._current_epoch(r)
+        for stream in (self._all, self._inbox):
+            last = r.xrevrange(stream, count=1)
+            self._read_from[stream] = last[0][0] if last else b"0-0"
+        self._setup_done.set()
+
+    def _current_epoch(self, r: Any) -> bytes:
+        r.set(self._epoch_key, uuid.uuid4().hex, nx=True)
+        token = r.get(self._epoch_key)
+        return bytes(token or b"")
+
+    def _heartbeat_value(self) -> str:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "seq": {k.decode(): v for k, v in self._written.items()}})
+
+    def _resync(self) -> None:
+        """(Re)announce this node: heartbeat, node set, the whole presence hash, join."""
+        with self._cond:
+            self._presence_ops.clear()  # the snapshot below covers them
+        server = self._server
+        assert server is not None
+        presence = {str(c.handle): f"{c.peer_ip}:{c.peer_port}"
+                    for c in server.clients.values() if c.connected}
+        ttl = int(self.node_ttl * 1000)
+        key = self._presence_key(self.node_id)
+        pipe = self._writer_client.pipeline(transaction=True)
+        pipe.set(self._heartbeat_key(self.node_id), self._heartbeat_value(), px=ttl)
+        pipe.sadd(self._nodes_key, self.node_id)
+        pipe.delete(key)
+        if presence:
+            pipe.hset(key, mapping=presence)
+            pipe.pexpire(key, ttl)
+        pipe.xadd(self._all, {b"k": b"j", b"o": self.node_id.encode()},
+                  maxlen=self.stream_length, approximate=True)
+        pipe.execute()
+        self._refresh_view()
+
+    def _push(self, batch: list[_Outgoing], ops: list[tuple[int, str | None]]) -> None:
+        pipe = self._writer_client.pipeline(transaction=False)
+        key = self._presence_key(self.node_id)
+        for handle, address in ops:
+            if address is None:
+                pipe.hdel(key, str(handle))
+            else:
+                pipe.hset(key, str(handle), address)
+        if ops:
+            pipe.pexpire(key, int(self.node_ttl * 1000))
+        inbox_ttl = int(max(60.0, 10 * self.node_ttl) * 1000)
+        for item in batch:
+            if not item.seq:
+                item.seq = self._seq.get(item.stream, 0) + 1
+                self._seq[item.stream] = item.seq
+                item.fields[b"q"] = b"%d" % item.seq
+            pipe.xadd(item.stream, item.fields, maxlen=self.stream_length, approximate=True)
+            if item.stream != self._all:
+                pipe.pexpire(item.stream, inbox_ttl)
+        pipe.execute()
+        written = self._written
+        for item in batch:  # in order: the last of each stream is the highest
+            written[item.stream] = item.seq
+
+    def _beat(self) -> None:
+        ttl = int(self.node_ttl * 1000)
+        pipe = self._writer_client.pipeline(transaction=False)
+        pipe.set(self._heartbeat_key(self.node_id), self._heartbeat_value(), px=ttl, get=True)
+        pipe.sadd(self._nodes_key, self.node_id)
+        pipe.pexpire(self._presence_key(self.node_id), ttl)
+        pipe.pexpire(self._inbox, int(max(60.0, 10 * self.node_ttl) * 1000))
+        previous = pipe.execute()[0]
+        if previous is None:  # expired (a stall) or Redis lost its data: announce again
+            self._log.warning("cluster: node %s's heartbeat had expired; announcing it again",
+                              self.node_id)
+            self._resync()
+            return
+        self._refresh_view()
+
+    def _refresh_view(self) -> None:
+        r = self._writer_client
+        members = sorted(m.decode() for m in r.smembers(self._nodes_key))
+        pipe = r.pipeline(transaction=False)
+        for node in members:
+            pipe.get(self._heartbeat_key(node))
+            pipe.hlen(self._presence_key(node))
+        replies = pipe.execute()
+        view: dict[str, int] = {}
+        dead = []
+        now = time.monotonic()
+        for index, node in enumerate(members):
+            beat, count = replies[2 * index], replies[2 * index + 1]
+            if beat is None:
+                dead.append(node)
+                continue
+            view[node] = int(count)
+            if node != self.node_id:
+                self._note_announced(now, node, beat)
+        if dead:
+            pipe = r.pipeline(transaction=False)
+            for node in dead:
+                pipe.srem(self._nodes_key, node)
+                pipe.delete(self._presence_key(node))
+            pipe.execute()
+        old = set(self._view)
+        self._view, self._view_mono = view, now
+        for node in sorted(set(view) - old - {self.node_id}):
+            self._log.info("cluster: node %s joined", node)
+        for node in sorted(old - set(view)):
+            self._log.info("cluster: node %s left (heartbeat expired or it stopped)", node)
+            self._forget(node)
+        self._check_announced()
+
+    def _note_announced(self, now: float, node: str, beat: bytes) -> None:
+        try:
+            seqs = json.loads(beat).get("seq", {})
+        except (ValueError, AttributeError):
+            return
+        for stream in (self._all, self._inbox):
+            seq = seqs.get(stream.decode())
+            if isinstance(seq, int):
+                self._announced.append((now, node, stream, seq))
+
+    def _check_announced(self) -> None:
+        """Sequence numbers a heartbeat announced before the reader last read all it
+        could, and that it still has not seen: those messages were lost."""
+        drained = self._drained_mono
+        later = []
+        for entry in self._announced:
+            when, node, stream, seq = entry
+            if when >= drained:
+                later.append(entry)
+                continue
+            with self._seen_lock:
+                seen = self._seen.get((stream, node))
+                if seen is None or seq <= seen:
+                    continue
+                self._seen[(stream, node)] = seq
+            self._report_gap(node, stream, seen + 1, seq, "the last messages of a stream")
+        self._announced = later[-4 * max(1, len(self._view)):]
+
+    def _forget(self, node: str) -> None:
+        with self._seen_lock:
+            for key in [k for k in self._seen if k[1] == node]:
+                del self._seen[key]
+
+    def _leave(self) -> None:
+        """Clean stop: tell the others, remove this node's keys, wake the reader."""
+        pipe = self._writer_client.pipeline(transaction=False)
+        pipe.srem(self._nodes_key, self.node_id)
+        pipe.delete(self._heartbeat_key(self.node_id), self._presence_key(self.node_id))
+        pipe.xadd(self._all, {b"k": b"l", b"o": self.node_id.encode()},  # after: a refresh
+                  maxlen=self.stream_length, approximate=True)          # it causes sees us gone
+        pipe.xadd(self._inbox, {b"k": b"x", b"o": self.node_id.encode()})
+        pipe.pexpire(self._inbox, 5000)
+        try:
+            pipe.execute()
+        except self._errors as exc:
+            self._log.warning("cluster: could not leave the cluster cleanly: %s", exc)
+
+    # -- reader thread -------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        policy = self._policy()
+        self._setup_done.wait()
+        ready = True
+        r = self._reader_client
+        # One XREAD waits at most a heartbeat (a stop wakes it at once): the heartbeat
+        # check (_check_announced) needs a read that started after a heartbeat arrived.
+        block_ms = max(1, int(self.heartbeat_interval * 1000))
+        while not self._stopping:
+            try:
+                if not ready:
+                    self._after_reconnect(r)
+                    ready = True
+                    policy.reset()
+                    self._mark_up("reader")
+                started = time.monotonic()
+                reply = r.xread(dict(self._read_from), count=_BATCH, block=block_ms)
+            except self._errors as exc:
+                ready = False
+                if self._stopping or not self._retry_wait(policy, "reader", exc):
+                    break
+                continue
+            got = 0
+            for stream, entries in reply or ():
+                got = max(got, len(entries))
+                for entry_id, fields in entries:
+                    self._read_from[bytes(stream)] = entry_id
+                    try:
+                        self._dispatch(bytes(stream), fields)
+                    except Exception:
+                        self._log.exception("cluster: error handling a message from Redis")
+            if got < _BATCH:
+                self._drained_mono = started
+
+    def _after_reconnect(self, r: Any) -> None:
+        epoch = self._current_epoch(r)
+        if epoch != self._epoch:
+            self._log.warning("cluster: Redis lost its data (a restart without persistence?): "
+                              "reading its streams from their start")
+            for stream in self._read_from:
+                self._read_from[stream] = b"0-0"
+            self._epoch = epoch
+            with self._cond:
+                self._refresh_wanted = True
+                self._cond.notify()
+
+    def _dispatch(self, stream: bytes, fields: dict[bytes, bytes]) -> None:
+        kind = fields.get(b"k")
+        origin = fields.get(b"o", b"").decode(errors="replace")
+        if kind in (b"j", b"l", b"x"):
+            if kind != b"x" and origin != self.node_id:
+                with self._cond:
+                    self._refresh_wanted = True
+                    self._cond.notify()
+            return
+        if origin == self.node_id and stream == self._all:
+            return  # our own broadcast: our clients had it already
+        seq = int(fields.get(b"q", b"0"))
+        key = (stream, origin)
+        with self._seen_lock:
+            last = self._seen.get(key)
+            if last is not None and seq <= last:
+                return  # a publish retried after a reconnect: already handled
+            self._seen[key] = seq
+        if last is not None and seq > last + 1:
+            self._report_gap(origin, stream, last + 1, seq - 1, "a gap in the stream")
+        server = self._server
+        if server is None:
+            return
+        payload = fields.get(b"p", b"")
+        encrypted = fields.get(b"e") == b"1"
+        if kind == b"b":
+            try:
+                server._broadcast_local(payload, encrypted)
+            except MorsockError as exc:  # no key here for it, or over max_message_size
+                reason = f"broadcast from node {origin} not delivered on {self.node_id}: {exc}"
+                self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
+                self._notify([Undelivered("incoming", "broadcast", origin, None, 1, payload,
+                                          reason)])
+        elif kind == b"s":
+            self._deliver(server, origin, int(fields[b"h"]), payload, encrypted)
+        elif kind == b"d":
+            server.disconnect_client(int(fields[b"h"]))
+        elif kind == b"n":
+            target = fields.get(b"c", b"").decode(errors="replace")
+            reason = fields.get(b"r", b"").decode(errors="replace")
+            self._report_lost([_Outgoing(stream, {}, "send_to", origin, target, payload)],
+                              f"send_to {target}: {reason}")
+
+    def _deliver(self, server: Server, origin: str, handle: int, payload: bytes,
+                 encrypted: bool) -> None:
+        """A send_to for one of this node's clients; a failure goes back to its origin."""
+        client = server.find_client(handle)
+        if client is None:
+            reason = f"no client {handle} on node {self.node_id} (disconnected)"
+        else:
+            try:
+                client.send_data(payload, encrypted)
+                return
+            except NotConnectedError:
+                reason = f"client {client.client_id} disconnected"
+            except (SendBufferFullError, CryptoError, ValueError) as exc:
+                reason = f"client {client.client_id} refused it: {exc}"
+        self._log.info("cluster: send_to from %s not delivered: %s", origin, reason)
+        self._enqueue(_Outgoing(self._inbox_of(origin), {
+            b"k": b"n", b"c": f"{self.node_id}:{handle}".encode(), b"r": reason.encode(),
+            b"p": payload}, "send_to report", origin, None, None))
