@@ -43,7 +43,8 @@ Sequence numbers and acknowledgements
     Each direction numbers its application messages 1, 2, 3 ... across every connection
     of the session (never sent: the n-th message is number n). A raw flag-0 frame and a
     DATA, REQUEST or REPLY record are messages; control records are not. An *ack* is the
-    count of the peer's messages this side has delivered to its application (cumulative;
+    count of the peer's messages this side has delivered to its application (with
+    ``ack_when_handled``, the components' choice: whose handler returned; cumulative;
     never decreases; never more than the peer has sent). It rides on any record this side
     sends (``type | 0x80``), or alone in an ACK record: at once when 64 messages or a
     quarter of the peer's announced window (bytes of message payload) are unacknowledged,
