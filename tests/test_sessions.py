@@ -726,3 +726,25 @@ def test_acknowledgements_empty_the_resend_buffers_when_idle() -> None:
             wait_until(lambda: link.session.unacknowledged == 0, what="client acked")
             wait_until(lambda: entry.session.unacknowledged == 0, what="server acked")
             assert link.session.buffered_bytes == 0 and entry.session.buffered_bytes == 0
+
+
+def test_a_message_is_acknowledged_only_once_its_handler_returned() -> None:
+    """While the server's handler still runs, the client keeps the message (a server that
+    died now would hand it back); once it returned, the acknowledgement frees it."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(server: Server, client: Any, data: bytes) -> None:
+        entered.set()
+        release.wait(TIMEOUT)
+
+    with running_server(slow, resume_window=5) as server:
+        with Client(LOCAL, server.port, resumable=True) as client:
+            link = client._session_link
+            assert link is not None
+            client.send_data(b"slow work")
+            assert entered.wait(TIMEOUT)
+            client.send_data(b"probe")   # any frame back would carry an ack by now
+            assert not release.wait(0.3)  # several ack delays pass, the handler runs on
+            assert link.session.unacknowledged == 2
+            release.set()
+            wait_until(lambda: link.session.unacknowledged == 0, what="acknowledged")
