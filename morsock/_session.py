@@ -177,8 +177,11 @@ _ENDED = "ENDED"
 # --------------------------------------------------------------------------- the wire
 
 def _put_varint(out: bytearray, value: int) -> None:
-    if value < 0x80:   # the common case: one byte
+    if value < 0x80:   # the common cases: one byte, two bytes
         out.append(value)
+        return
+    if value < 0x4000:
+        out += bytes(((value & 0x7F) | 0x80, value >> 7))
         return
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -192,8 +195,13 @@ def _malformed(what: str) -> ProtocolError:
 
 def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Return (value, position after it); ProtocolError if truncated or over 64 bits."""
-    if pos < len(buf) and buf[pos] < 0x80:   # the common case: one byte
-        return buf[pos], pos + 1
+    if pos + 1 < len(buf):   # the common cases: one byte, two bytes
+        first = buf[pos]
+        if first < 0x80:
+            return first, pos + 1
+        second = buf[pos + 1]
+        if second < 0x80:
+            return (first & 0x7F) | (second << 7), pos + 2
     result = shift = 0
     while True:
         if pos >= len(buf):
