@@ -98,9 +98,7 @@ def capture(window_id: str, output: Path) -> None:
 def make(output: Path) -> None:
     tk_server = load_sample("tk_server")
     root = tk.Tk()
-    style = tk_server.ttk.Style(root)
-    if "clam" in style.theme_names():
-        style.theme_use("clam")
+    tk_server.apply_theme(root)
     key = "correct horse battery staple"
     app = tk_server.ServerApp(root, port=3434, host="127.0.0.1", key=key, mode="GCM",
                               event_queue=morsock.EventQueue())
@@ -119,15 +117,23 @@ def make(output: Path) -> None:
         for i, client in enumerate(clients, 1):
             encrypted = bool(client.encryption_key)
             for n in range(1, 3 if i < 3 else 2):
-                client.request(f"hello #{n} from client {i}"
-                               f"{' (encrypted)' if encrypted else ''}", encrypted=encrypted)
+                client.request(f"hello #{n} from client {i}", encrypted=encrypted)
         pump_until(root, lambda: len(app.client_rows()) == 4)
         app.broadcast("Server maintenance at 18:00", encrypted=False)
         clients.pop().disconnect()
         pump_until(root, lambda: len(app.client_rows()) == 3
                    and "disconnected" in app.log_text())
+        # A few seconds of traffic at a changing rate, for the chart; then a burst that
+        # the log coalesces.
+        started = time.monotonic()
+        while time.monotonic() - started < 8:
+            second = int(time.monotonic() - started)
+            for n in range(40 * (1 + second % 4)):
+                clients[n % 3].send_data(f"reading {second}.{n}")
+            root.update()
+            time.sleep(0.1)  # pacing the traffic, not synchronisation
         app.tree.selection_set(app.tree.get_children()[1])
-        pump_until(root, lambda: app.server.up_time >= 3, timeout=15)
+        pump_until(root, lambda: len(app.chart.history) >= 6, timeout=15)
         app.refresh()
         root.update()
         root.update_idletasks()

@@ -10,6 +10,7 @@ import functools
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from operator import attrgetter
 from time import perf_counter
@@ -201,6 +202,9 @@ class Component:
     #: ``_observer.error(code)`` wherever ``on_error`` is reported; while it is None the
     #: hot path pays an ``is not None`` check.
     _observer: Any = None
+    #: The time base of the reactor's timers (a test sets a VirtualClock on an instance
+    #: before it starts, and moves it itself).
+    _clock: Callable[[], float] = staticmethod(time.monotonic)
     _EVENTS: tuple[str, ...] = ()
     #: Strand items for plaintext frames are their payloads (``bytes``), not Frames.
     _PLAIN_FRAMES_AS_BYTES = False
@@ -275,7 +279,7 @@ class Component:
         self._log_levels: dict[int, bool] = cache if isinstance(cache, dict) else {}
         #: every connection's strand runner (one bound method for all: see Strand's target)
         self._batch_runner = self._run_items
-        self._reactor = Reactor(f"{name}-reactor", self._log)
+        self._reactor = Reactor(f"{name}-reactor", self._log, clock=self._clock)
         self._pool = WorkerPool(pool_size, f"{name}-worker", self._log,
                                 self._reactor if leader_follower else None)
 

@@ -25,6 +25,11 @@ skipped reply from a slow one, so the rules are:
    replies are not coming: the order of that connection is lost for good, so the client
    closes it (with ``auto_reconnect`` a new connection follows, in step).
 
+A server that answers the messages sent with ``send_data`` (the Delphi components'
+model: a reply for every command) can be declared with ``send_data_replies``: each such
+message then takes a late place too (:meth:`ReplyOrder.owe`), so its answer is never taken
+for a request's reply; a request made before that answer came is held back by rule 1.
+
 So a request returns its own reply or raises; it never returns another one's.
 """
 
@@ -79,6 +84,8 @@ class ReplyOrder:
         self._ledger: deque[Any] = deque()  # _Waiter or LATE, in send order
         self._conn: Any = None              # the connection the ledger belongs to
         self._out_of_step = False
+        self._pushed = 0  # places ever taken on this connection's ledger
+        self._popped = 0  # places ever paid a frame
         #: requests held back right now (rule 1); read by tests
         self.held = 0
 
@@ -96,12 +103,17 @@ class ReplyOrder:
         with self._lock:
             if self._conn is not conn:
                 self._adopt(conn)
-            while self._out_of_step:
+            ahead = self._pushed  # the places taken before this request
+            while self._out_of_step and self._popped < ahead:
+                if self._conn is not conn:  # closed while this request was held
+                    raise NotConnectedError("the connection was closed before the request "
+                                            "could be sent")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    owed = sum(1 for entry in self._ledger if entry is LATE)
-                    message = (f"request not sent: {owed} earlier request(s) on this "
-                               f"connection timed out and their replies have not come within "
+                    owed = ahead - self._popped
+                    message = (f"request not sent: {owed} earlier message(s) on this "
+                               f"connection are owed a reply (requests that timed out, or "
+                               f"send_data() with send_data_replies) that has not come within "
                                f"{timeout:g} s (does the server skip replies?); without "
                                f"sessions the order of replies is lost, so the connection "
                                f"is closed")
@@ -111,10 +123,10 @@ class ReplyOrder:
                     self._in_step.wait(left)
                 finally:
                     self.held -= 1
-                if self._conn is not conn:  # closed meanwhile
+            else:
+                if self._conn is not conn:  # closed while this request was held
                     raise NotConnectedError("the connection was closed before the request "
                                             "could be sent")
-            else:
                 message = ""
                 self._ledger.append(waiter)
                 try:
@@ -122,6 +134,7 @@ class ReplyOrder:
                 except BaseException:
                     self._ledger.remove(waiter)
                     raise
+                self._pushed += 1
         if message:
             order_lost(message)
             raise RequestTimeout(message)
@@ -135,11 +148,29 @@ class ReplyOrder:
             raise RequestTimeout(f"no reply within {timeout:g} s")
         return waiter.reply
 
+    def owe(self, conn: Any, send: Callable[[], None]) -> None:
+        """Send with *send* (on *conn*) a message that the server answers (send_data with
+        ``send_data_replies``): it takes a place whose frame goes to ``on_handle_command``,
+        and a request made before that frame came is held back (rule 1). Raises whatever
+        *send* raises (no place is then taken)."""
+        with self._lock:
+            if self._conn is not conn:
+                self._adopt(conn)
+            self._ledger.append(LATE)
+            try:
+                send()
+            except BaseException:
+                self._ledger.pop()  # the place just taken, under the same lock
+                raise
+            self._pushed += 1
+            self._out_of_step = True
+
     def _adopt(self, conn: Any) -> None:
         """Under the lock: a request on another connection than the ledger's (the old one
         closed): start an empty ledger for *conn*."""
         self._fail_all(NotConnectedError("the connection was closed before the reply came"))
         self._conn = conn
+        self._in_step.notify_all()  # requests held for the old connection fail
 
     def _give_up(self, waiter: _Waiter) -> None:
         """Under the lock: *waiter* timed out; it keeps its place as LATE (rule 2 for the
@@ -165,8 +196,10 @@ class ReplyOrder:
             if conn is not self._conn or not self._ledger:
                 return None
             entry = self._ledger.popleft()
+            self._popped += 1
             if self._out_of_step and not self._ledger:
                 self._out_of_step = False
+            if self.held:
                 self._in_step.notify_all()
             if entry is LATE:
                 return LATE
@@ -193,3 +226,4 @@ class ReplyOrder:
                 entry.event.set()
         self._ledger.clear()
         self._out_of_step = False
+        self._pushed = self._popped = 0

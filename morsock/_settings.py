@@ -195,8 +195,10 @@ def _server_host(value: Any) -> str:
 def _optional_name(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         raise TypeError(f"must be a host name (str) or None, not {_kind(value)}")
+    if not value.strip():
+        raise ValueError("must be a host name or None, not an empty str")
     return value
 
 

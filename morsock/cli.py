@@ -101,8 +101,8 @@ def add_crypto_args(parser: argparse.ArgumentParser) -> None:
     modes = [m.name for m in AESMode]
     sizes = [str(int(s)) for s in KeySize]
     profiles = [p.name for p in EncryptionProfile]
-    group.add_argument("--key", default="", help="encryption key text (default: none, "
-                                                  "messages travel unencrypted)")
+    group.add_argument("--key", default="", metavar="TEXT",
+                       help="encryption key text (default: none, messages travel unencrypted)")
     group.add_argument("--mode", default=AESMode.CBC, metavar="MODE",
                        type=choice_of(AESMode.parse, modes, "mode"),
                        help=f"AES mode: {', '.join(modes)} (default CBC)")
@@ -118,11 +118,11 @@ def add_tls_args(parser: argparse.ArgumentParser, server: bool) -> None:
     """The TLS flags of the server or the client."""
     group = parser.add_argument_group("TLS")
     if server:
-        group.add_argument("--certfile", type=existing_file,
+        group.add_argument("--certfile", type=existing_file, metavar="PEM",
                            help="PEM certificate (chain) of this server: turns TLS on")
-        group.add_argument("--keyfile", type=existing_file,
+        group.add_argument("--keyfile", type=existing_file, metavar="PEM",
                            help="PEM private key (default: inside --certfile)")
-        group.add_argument("--cafile", type=existing_file,
+        group.add_argument("--cafile", type=existing_file, metavar="PEM",
                            help="PEM CA certificate(s) that sign client certificates "
                                 "(verified when presented)")
         group.add_argument("--require-client-cert", action="store_true",
@@ -130,11 +130,11 @@ def add_tls_args(parser: argparse.ArgumentParser, server: bool) -> None:
     else:
         group.add_argument("--tls", action="store_true",
                            help="connect with TLS, trusting the system CAs")
-        group.add_argument("--cafile", type=existing_file,
+        group.add_argument("--cafile", type=existing_file, metavar="PEM",
                            help="PEM CA certificate(s) to trust for the server (implies --tls)")
-        group.add_argument("--certfile", type=existing_file,
+        group.add_argument("--certfile", type=existing_file, metavar="PEM",
                            help="PEM client certificate for mutual TLS (implies --tls)")
-        group.add_argument("--keyfile", type=existing_file,
+        group.add_argument("--keyfile", type=existing_file, metavar="PEM",
                            help="PEM private key (default: inside --certfile)")
         group.add_argument("--server-hostname",
                            help="name the server certificate must match (default: --host)")
@@ -331,12 +331,14 @@ def add_server_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     srv.add_argument("--port", type=setting_of(Server, "port"), default=3434,
                      help="port (default 3434; 0 = any free)")
     srv.add_argument("--threads", type=setting_of(Server, "thread_pool_size"), default=4,
+                     metavar="N",
                      help="worker threads (default 4)")
     srv.add_argument("--max-connections", type=setting_of(Server, "max_connections"),
-                     default=100_000,
+                     default=100_000, metavar="N",
                      help="connection limit (default 100000, so the open-file limit is "
                           "what bounds it; the Server class defaults to 1000)")
-    srv.add_argument("--prefix", default="", help="text put before each echoed payload")
+    srv.add_argument("--prefix", default="", metavar="TEXT",
+                     help="text put before each echoed payload")
     srv.add_argument("--status", choices=("auto", "on", "off"), default="auto",
                      help="live status line on stderr (auto: only on a terminal)")
     srv.add_argument("--port-file", metavar="PATH",
@@ -470,6 +472,17 @@ def hms(seconds: float) -> str:
     """``3725`` -> ``"01:02:05"``."""
     whole = int(seconds)
     return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def say(line: str) -> None:
+    """Print *line* on stdout at once; a reader that went away (``| head -1``) is no
+    error: the rest of the output is dropped."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's exit flush is quiet
+        os.close(devnull)
 
 
 def describe_listening(server: Server, args: argparse.Namespace) -> str:
@@ -637,8 +650,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
                     f.write(f"{server.port}\n")
                 os.replace(args.port_file + ".tmp", args.port_file)  # never half a file
-            print(describe_listening(server, args) + ("; Ctrl+C to stop" if show else ""),
-                  flush=True)
+            say(describe_listening(server, args) + ("; Ctrl+C to stop" if show else ""))
             _watch(server, stop, status)
         finally:
             if stop_metrics is not None:
@@ -647,7 +659,7 @@ def run_server(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if status is not None:
             status.end()
         server.stop()
-    print(server_summary(server, time.monotonic() - started), flush=True)
+    say(server_summary(server, time.monotonic() - started))
     return 0
 
 

@@ -1,15 +1,24 @@
-"""The client component (Delphi ``TmMClient``): connect, send, request, auto-reconnect."""
+"""The client component (Delphi ``TmMClient``): connect, send, request, auto-reconnect.
+
+:class:`Client` is a facade over the pure life-cycle machine of
+:mod:`morsock._client_state`: its methods feed the machine events on the reactor thread,
+and the reactor thread runs the actions the machine returns (sockets through
+:class:`~morsock._dialer.Dialer`, the connection through
+:class:`~morsock.connection.Connection`, events on the client's strand).
+"""
 
 from __future__ import annotations
 
-import errno
+import functools
 import logging
-import socket
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import _client_state as life
 from ._component import Component, Data, Tally, as_bytes
+from ._dialer import Dialer
 from ._replies import LATE, ReplyOrder
 from ._session_link import ClientLink, is_session_item
 from ._settings import (
@@ -25,64 +34,28 @@ from ._settings import (
 )
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
-from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError
+from .errors import ConnectError, MorsockError, NotConnectedError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, HEADER_SIZE, Frame
-from .reactor import EVENT_WRITE, Timer
-from .reconnect import ReconnectPolicy
-from .tls import TLSHandshake
+from .protocol import FLAG_PLAIN, Frame
+from .reactor import Timer
 from .workers import Strand, WorkerPool, each
 
 if TYPE_CHECKING:
+    from ._client_handshake import HandshakeGate
     from ._session_link import Unacknowledged
 
 __all__ = ["Client"]
 
-_CONNECT_IN_PROGRESS = {0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 10035}
 
-#: Plaintext frames a server may send before its AUTHENTICATED handshake answer that the
-#: client holds for after the handshake; one more fails the handshake.
-EARLY_FRAMES_MAX = 64
+class _Outcome:
+    """What one :meth:`Client.connect` call waits for: set by the reactor thread when the
+    machine says ``ConnectFinished``."""
 
+    __slots__ = ("done", "error")
 
-#: The codes a failed connect() reports as they are (on_error and the exception alike):
-#: a handshake the server refused. Anything else is CONNECTION_FAILED.
-_HANDSHAKE_CODES = (ErrorCode.TLS_FAILED, ErrorCode.AUTHENTICATION_FAILED)
-
-
-def connect_error(error: BaseException) -> ConnectError:
-    """The ConnectError that connect() raises for *error*, with the one code that its
-    ``on_error`` reports too (see _HANDSHAKE_CODES); the cause chained."""
-    code = getattr(error, "code", None)
-    code = code if code in _HANDSHAKE_CODES else ErrorCode.CONNECTION_FAILED
-    if isinstance(error, ConnectError) and error.code == code:
-        return error
-    wrapped = ConnectError(str(error), code)
-    wrapped.__cause__ = error
-    return wrapped
-
-
-def unanswered_hello(host: str, port: int, timeout: float, plaintext_frames: int) -> str:
-    """The message of a connect whose TCP connection was made but whose AUTHENTICATED
-    handshake got no answer."""
-    got = (f"; it sent {plaintext_frames} plaintext frame(s) instead" if plaintext_frames
-           else "")
-    return (f"connected to {host}:{port}, but the server did not answer the AUTHENTICATED "
-            f"handshake within {timeout:g} s{got}. It is probably not a morsock server with "
-            f"an encryption_key: a Delphi mORMot server has no AUTHENTICATED profile (use "
-            f"encryption_profile='MORMOT' with the same key, mode and key size), and a "
-            f"server without a key treats the handshake as data")
-
-
-class _Attempt:
-    """The outcome of one connection attempt, awaited by :meth:`Client.connect`."""
-
-    __slots__ = ("done", "error", "user")
-
-    def __init__(self, user: bool) -> None:
+    def __init__(self) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.user = user
 
 
 class _BoundStrand:
@@ -135,8 +108,8 @@ class Client(Component):
     ``keep_alive``, ``keepalive_idle``, ``keepalive_interval``, ``keepalive_count``,
     ``no_delay``, ``max_message_size``, ``max_send_buffer``, ``encryption_key``,
     ``encryption_mode``, ``encryption_key_size``, ``encryption_profile``,
-    ``require_encryption``, ``ssl_context``, ``server_hostname``,
-    ``events_use_main_thread``, ``event_queue``, ``logger``.
+    ``require_encryption``, ``ssl_context``, ``server_hostname``, ``resumable``,
+    ``send_data_replies`` (live), ``events_use_main_thread``, ``event_queue``, ``logger``.
 
     Read-only: ``state``, ``active``, ``connected``, ``connected_time``,
     ``reconnect_attempts``, ``remote_ip``, ``total_bytes_received``, ``total_bytes_sent``,
@@ -158,14 +131,19 @@ class Client(Component):
     attempt number; ``CONNECTION_FAILED`` for :meth:`connect` itself), followed once by
     ``on_error(..., MAX_RECONNECT_ATTEMPTS)`` when ``n`` reaches
     ``reconnect_max_attempts``. A drop fires ``on_state_change(CONNECTED, DISCONNECTED)``
-    then ``on_disconnect``. The ``reconnect_*`` settings may change at any time and apply
-    to the next delay.
+    then ``on_disconnect``; :meth:`disconnect` fires ``on_state_change(CONNECTED,
+    DISCONNECTING)``, then -- once the queue drained (or ``on_error(..., TIMEOUT)`` said
+    what it dropped) and the socket is closed -- ``on_state_change(DISCONNECTING,
+    DISCONNECTED)`` and ``on_disconnect``. The ``reconnect_*`` settings may change at any
+    time and apply to the next delay.
 
     Threads: :meth:`connect` starts a reactor thread and a worker thread (plus a short-lived
     resolver thread per attempt when ``host`` is a name, not an IP address). They live until
     :meth:`disconnect` -- also after the retries gave up (``MAX_RECONNECT_ATTEMPTS``), so
     the client can still be reconnected; call :meth:`disconnect` (or leave the ``with``
-    block) to release every thread and socket.
+    block) to release every thread and socket. The life-cycle state (the machine, the
+    connection, the timers, the attempt's socket) is written by the reactor thread only;
+    the application's threads hand it their calls (``call_soon``) and wait for the answer.
     """
 
     host: Setting[str] = Setting("localhost", _client_host, doc="Server address (name or IP).")
@@ -195,6 +173,12 @@ class Client(Component):
         doc="Ask for a session on connect (a morsock server with resume_window > 0): "
             "acknowledged delivery, exactly once and in order across dropped "
             "connections; send_data queues while disconnected (docs/guide/sessions.rst).")
+    send_data_replies: Setting[bool] = Setting(
+        False, _boolean, live=True,
+        doc="The server answers messages sent with send_data (an echo server; the Delphi "
+            "components' handler returns a reply per command): each answer then goes to "
+            "on_handle_command and is never taken for a request's reply; a request waits "
+            "for the answers owed before it (docs/guide/requests.rst). Without sessions.")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
@@ -223,50 +207,46 @@ class Client(Component):
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024, ssl_context: Any = None,
                  server_hostname: str | None = None, resumable: bool = False,
+                 send_data_replies: bool = False,
                  logger: logging.Logger | None = None, **events: Any) -> None:
         settings = dict(locals())
         for name in ("self", "events", "__class__"):
             settings.pop(name, None)
-        self._state = ClientState.DISCONNECTED
+        #: The life cycle (reactor thread; see the class docstring).
+        self._machine = life.ClientLifecycle(self)
+        #: Serialises connect(), disconnect() and reconnect() (the application's threads).
         self._life_lock = threading.RLock()
         self._replies = ReplyOrder()  # request() matching (see morsock._replies)
-        self._conn: Connection | None = None
-        self._strand: Strand | None = None
-        self._user_stopped = True
-        #: True while disconnect() shuts the threads down (it holds _life_lock meanwhile)
-        self._stopping = False
-        #: the attempt of the connect() in progress, which a concurrent connect() joins
-        self._user_attempt: _Attempt | None = None
-        self._policy: ReconnectPolicy | None = None
-        self._retry_timer: Timer | None = None
-        self._connect_timer: Timer | None = None
-        self._connecting: socket.socket | None = None
-        self._addresses: list[tuple[Any, ...]] = []
-        self._peer_address: Any = None  # the address of the attempt's socket
+        self._session_link: ClientLink | None = None  # resumable: made by the first use
+        self._link_lock = threading.Lock()
         #: the connection an encrypted frame was last sent on, with the frames it had
         #: received by then; the one an encrypted frame was last received on (_reset_hint)
         self._sealed_out: tuple[Connection, int] | None = None
         self._sealed_in: Connection | None = None
-        self._handshake: Any = None
-        self._early_frames: list[Frame] = []  # plaintext frames before the handshake answer
+        # Written under _life_lock, as a run starts and after it stopped:
+        self._strand: Strand | None = None
+        self._dialer: Dialer | None = None
+        #: True while disconnect() shuts the threads down (it holds _life_lock meanwhile)
+        self._stopping = False
+        # Reactor thread only:
+        self._pending_events: deque[life.Event] = deque()   # see _feed
+        self._timers: dict[life.TimerName, Timer] = {}
+        self._conn: Connection | None = None
+        self._conn_attempt = 0                          # the attempt that opened _conn
+        self._handshake: HandshakeGate | None = None    # of _conn, until it ended
+        #: why _conn closed in its handshake (set by the gate and the session link)
         self._handshake_error: BaseException | None = None
-        self._close_done: threading.Event | None = None  # see _shutdown
-        self._tls: TLSHandshake | None = None
-        self._attempt: _Attempt | None = None
-        self._resolvers: set[threading.Thread] = set()
-        self._resolvers_lock = threading.Lock()
+        self._connect_waiters: list[_Outcome] = []     # connect() calls waiting
+        self._stop_waiters: list[threading.Event] = []  # disconnect() calls waiting ...
+        self._stop_ready: list[threading.Event] = []    # ... the machine stopped for them
         self._connected_mono: float | None = None
         self._connected_for = 0.0
         self._remote_ip = ""
         self._live_conns: set[Connection] = set()  # counted in the totals, under _stats_lock
-        #: automatic reconnection attempts started (never cleared; reactor thread writes)
-        self._reconnects = 0
-        self._session_link: ClientLink | None = None  # resumable: made by the first use
-        self._link_lock = threading.Lock()
         super().__init__(settings, events)
         self._tally = Tally(self._stats_lock, lambda: self._live_conns)
 
-    # -- life cycle ------------------------------------------------------------------------
+    # -- life cycle: the caller's side ---------------------------------------------------
     def _is_running(self) -> bool:
         return self._reactor is not None
 
@@ -279,14 +259,15 @@ class Client(Component):
     def _before_change(self, name: str) -> None:
         """A setting is assigned while the threads run (see the class docstring: settable
         in the DISCONNECTED state). Caller's thread; raises MorsockError when refused."""
-        if self._state is not ClientState.DISCONNECTED:
+        state = self._machine.state
+        if state is not ClientState.DISCONNECTED:
             raise MorsockError(f"Client.{name} cannot change while "
-                               f"{self._state.name.lower()}; disconnect() first")
+                               f"{state.name.lower()}; disconnect() first")
         if name in self._PER_ATTEMPT:
             return
         # The others are built into the threads' state (cipher context, event dispatcher):
         # release the idle threads first, as disconnect() would.
-        if self._retry_timer is not None:
+        if self._machine.retry_scheduled:
             raise MorsockError(f"Client.{name} cannot change while retries are scheduled "
                                f"(auto_reconnect); disconnect() first")
         if self._own_run() is not None:
@@ -297,19 +278,20 @@ class Client(Component):
     @property
     def state(self) -> ClientState:
         """DISCONNECTED, CONNECTING, CONNECTED or DISCONNECTING."""
-        return self._state
+        return self._machine.state
 
     @property
     def connected(self) -> bool:
         """True while a connection is established: False as soon as it starts closing
         (when :meth:`send_data` would raise NotConnectedError), before ``state`` changes."""
         conn = self._conn
-        return self._state is ClientState.CONNECTED and conn is not None and not conn.closing
+        return (self._machine.state is ClientState.CONNECTED and conn is not None
+                and not conn.closing)
 
     @property
     def active(self) -> bool:
         """True while connected; assigning True/False connects/disconnects."""
-        return self._state is ClientState.CONNECTED
+        return self._machine.state is ClientState.CONNECTED
 
     @active.setter
     def active(self, value: bool) -> None:
@@ -333,46 +315,52 @@ class Client(Component):
         """
         self._acquire_life()
         try:
-            if self._state is ClientState.CONNECTED:
+            if self._machine.state is ClientState.CONNECTED:
                 return
-            self._user_stopped = False
             self._link()
             if not self._is_running():
-                self._prepare_runtime(f"morsock-client-{self.host}:{self.port}", 1)
-                self._strand = self._pool.strand(each(self._run_pair, self._log))
-                self._pool.start()
-                self._reactor.start()
-            attempt = self._user_attempt
-            if attempt is None or attempt.done.is_set():
-                self._user_attempt = attempt = _Attempt(user=True)
-                self._reactor.call_soon(self._begin_connect, attempt)
+                self._start_run()
+            outcome = _Outcome()
+            self._reactor.call_soon(self._request_connect, outcome)
         finally:
             self._life_lock.release()
-        if not attempt.done.wait(self.connection_timeout + 5):
+        if not outcome.done.wait(self.connection_timeout + 5):
             raise ConnectError(f"connect to {self.host}:{self.port} did not finish")
-        if attempt.error is not None:
-            error = attempt.error
-            if isinstance(error, ConnectError):
-                raise error
-            if isinstance(error, MorsockError):
-                raise connect_error(error) from error
-            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {error}") from error
+        error = outcome.error
+        if error is None:
+            return
+        if isinstance(error, ConnectError):
+            raise error
+        if isinstance(error, MorsockError):
+            raise life.connect_error(error) from error
+        raise ConnectError(f"cannot connect to {self.host}:{self.port}: {error}") from error
+
+    def _start_run(self) -> None:
+        """Under _life_lock: build and start the reactor, the worker and the dialer."""
+        name = f"morsock-client-{self.host}:{self.port}"
+        self._prepare_runtime(name, 1)
+        self._timers.clear()  # of the last run's reactor, if any
+        self._strand = self._pool.strand(each(self._run_pair, self._log))
+        self._dialer = Dialer(self._reactor, self._feed, self._configure, name)
+        self._pool.start()
+        self._reactor.start()
 
     def disconnect(self) -> None:
         """Close the connection, stop any reconnection at once, join the threads.
 
-        Pending requests raise NotConnectedError. Never triggers a reconnection. Called
-        from one of the client's own threads (a handler), it completes on a helper thread.
-        Releases every thread and socket of the client; a name lookup still running on a
-        resolver thread is waited for (at most ``connection_timeout`` seconds).
+        What is queued drains first, for at most ``connection_timeout`` seconds (what did
+        not leave is reported: ``on_error(..., TIMEOUT)``). Pending requests raise
+        NotConnectedError. Never triggers a reconnection. Called from one of the client's
+        own threads (a handler), it completes on a helper thread. Releases every thread
+        and socket of the client; a name lookup still running on a resolver thread is
+        waited for (at most ``connection_timeout`` seconds).
         """
         run = self._own_run()
         if run is not None:
             # Checked before the lock: a disconnect() under way holds it while it joins
             # this thread. The helper finishes the run it was asked from, not one the
             # application began after this one ended.
-            self._user_stopped = True
-            self._reactor.call_soon(self._shutdown, None)
+            self._reactor.call_soon(self._feed, life.Disconnect())
             if not self._stopping:
                 threading.Thread(target=self._disconnect, args=(run,),
                                  name="morsock-client-stop").start()
@@ -384,36 +372,38 @@ class Client(Component):
         is this (the helper of a disconnect() asked from a handler)."""
         with self._life_lock:
             reactor, pool = self._reactor, self._pool
-            if run is not None and run is not pool:
-                return  # that run is over since the handler asked
-            self._user_stopped = True
-            if reactor is None:
-                return
+            if reactor is None or (run is not None and run is not pool):
+                return  # not running, or that run is over since the handler asked
             if self._session_link is not None and run is None:
                 self._session_link.leave(min(self.connection_timeout, 2.0))
             self._stopping = True
             try:
-                done = threading.Event()
-                reactor.call_soon(self._shutdown, done)
+                stopped = threading.Event()
+                reactor.call_soon(self._request_stop, stopped)
                 bound = 30.0 + self.connection_timeout  # the drain, and a margin
-                if not done.wait(bound):
+                if not stopped.wait(bound):
                     self._log.error("client: connection not closed within %g s", bound)
                 pool.shutdown()
                 if self._session_link is not None:
                     self._session_link.cancel_timer()
                 reactor.stop()
-                self._reactor = None
-                self._pool = None
-                self._strand = None
-                with self._resolvers_lock:
-                    resolvers = list(self._resolvers)
-                for resolver in resolvers:
-                    resolver.join(self.connection_timeout)
-                if self._state is not ClientState.DISCONNECTED:
-                    old, self._state = self._state, ClientState.DISCONNECTED
-                    self._dispatcher.emit("on_state_change", old, self._state)
+                self._reactor = self._pool = self._strand = None
+                dialer, self._dialer = self._dialer, None
+                if dialer is not None:
+                    dialer.join(self.connection_timeout)
+                self._give_up_connection()
             finally:
                 self._stopping = False
+
+    def _give_up_connection(self) -> None:
+        """After the threads stopped (the thread of disconnect(), the machine's only user
+        now): a connection whose close never came is given up."""
+        if self._machine.phase is not life.Phase.CLOSING:
+            return
+        for action in self._machine.handle(life.ConnectionClosed(self._conn_attempt)):
+            if isinstance(action, life.ChangeState):
+                self._dispatcher.emit("on_state_change", action.old, action.new)
+        self._conn = None
 
     def _acquire_life(self) -> None:
         """Take _life_lock. On one of the client's own threads, raise ConnectError instead
@@ -439,9 +429,8 @@ class Client(Component):
             reactor, pool = self._reactor, self._pool
             own_thread = pool is not None and pool.owns_current_thread()
             if own_thread:
-                self._user_stopped = True      # the close below schedules no retry
                 closed = threading.Event()
-                reactor.call_soon(self._shutdown, closed)
+                reactor.call_soon(self._request_stop, closed)
         finally:
             self._life_lock.release()
         if not own_thread:
@@ -464,15 +453,29 @@ class Client(Component):
     def __exit__(self, *exc: Any) -> None:
         self.disconnect()
 
-    def _make_policy(self) -> ReconnectPolicy:
-        return ReconnectPolicy(self.reconnect_strategy, self.reconnect_interval,
-                               self.reconnect_max_attempts, self.reconnect_max_interval)
+    # -- life cycle: the reactor thread runs the machine ---------------------------------
+    def _request_connect(self, outcome: _Outcome) -> None:
+        self._connect_waiters.append(outcome)
+        self._feed(life.Connect())
 
-    # -- reactor thread: attempts --------------------------------------------------------
-    def _set_state(self, new: ClientState) -> None:
-        old, self._state = self._state, new
-        if old is not new:
-            self._post_event("on_state_change", old, new)
+    def _request_stop(self, stopped: threading.Event) -> None:
+        self._stop_waiters.append(stopped)
+        self._feed(life.Disconnect())
+
+    def _feed(self, event: life.Event) -> None:
+        """Reactor thread: hand *event* to the machine and run its actions. An event that
+        an action reports (a socket that fails at once) waits until those run."""
+        pending = self._pending_events
+        pending.append(event)
+        if len(pending) > 1:
+            return  # a _feed further up this thread's stack takes it
+        try:
+            while pending:
+                for action in self._machine.handle(pending[0]):
+                    self._ACTIONS[type(action)](self, action)
+                pending.popleft()
+        finally:
+            pending.clear()
 
     def _post_event(self, name: str, *args: Any) -> None:
         """Fire an event in the client's single event order (its strand)."""
@@ -480,354 +483,153 @@ class Client(Component):
         if strand is not None and getattr(self, name, None) is not None:
             strand.post((None, (name, args)))
 
-    def _begin_connect(self, attempt: _Attempt) -> None:
-        """Reactor thread: a user connect() takes over from any scheduled retry and
-        restarts the failed-attempt count."""
-        self._cancel_retry()
-        self._policy = self._make_policy()
-        self._start_attempt(attempt)
+    def _running_dialer(self) -> Dialer:
+        dialer = self._dialer
+        assert dialer is not None, "the client's run has not started"
+        return dialer
 
-    def _live_policy(self) -> ReconnectPolicy:
-        """Reactor thread: the policy, rebuilt (count kept) when a ``reconnect_*``
-        setting changed since it was made, so live changes apply to the next delay."""
-        settings = (self.reconnect_strategy, self.reconnect_interval,
-                    self.reconnect_max_attempts, self.reconnect_max_interval)
-        policy = self._policy
-        if policy is None or settings != (policy.strategy, policy.interval_ms,
-                                          policy.max_attempts, policy.max_interval_ms):
-            fresh = ReconnectPolicy(*settings)
-            for _ in range(policy.attempts if policy is not None else 0):
-                fresh.record_failure()
-            self._policy = policy = fresh
-        return policy
+    def _do_change_state(self, action: life.ChangeState) -> None:
+        self._post_event("on_state_change", action.old, action.new)
 
-    def _cancel_retry(self) -> None:
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
+    def _do_resolve(self, action: life.Resolve) -> None:
+        self._running_dialer().resolve(action.attempt, action.host, action.port)
 
-    def _start_attempt(self, attempt: _Attempt) -> None:
-        if not attempt.user:
-            self._retry_timer = None
-        if self._user_stopped:
-            attempt.error = ConnectError("disconnect() was called")
-            attempt.done.set()
-            return
-        if self._state is ClientState.CONNECTED:
-            attempt.done.set()
-            return
-        previous = self._attempt
-        if previous is not None and not previous.done.is_set():
-            if not attempt.user:
-                return
-            self._abandon_attempt(previous)
-        self._set_state(ClientState.CONNECTING)
-        if not attempt.user:
-            self._reconnects += 1
-        self._attempt = attempt
-        self._connect_timer = self._reactor.call_later(self.connection_timeout,
-                                                       self._attempt_timed_out, attempt)
-        host, port = self.host, self.port
-        try:   # an IP literal needs no lookup
-            numeric: list[Any] | None = list(socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
-        except (OSError, UnicodeError):
-            numeric = None
-        if numeric is not None:
-            self._resolved(attempt, host, numeric)
-            return
-        # A name lookup can block for seconds: never on the reactor thread, so the
-        # connection_timeout timer and disconnect() keep working meanwhile.
-        resolver = threading.Thread(target=self._resolve, args=(attempt, host, port, self._reactor),
-                                    name=f"morsock-client-{host}:{port}-resolver", daemon=True)
-        with self._resolvers_lock:
-            self._resolvers.add(resolver)
-        resolver.start()
+    def _do_open_socket(self, action: life.OpenSocket) -> None:
+        self._running_dialer().open(action.attempt, action.address)
 
-    def _resolve(self, attempt: _Attempt, host: str, port: int, reactor: Any) -> None:
-        """Resolver thread (one per lookup): getaddrinfo, result handed to the reactor."""
-        try:
-            try:
-                result: Any = list(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-            except (OSError, UnicodeError) as exc:
-                result = exc
-            reactor.call_soon(self._resolved, attempt, host, result)
-        finally:
-            with self._resolvers_lock:
-                self._resolvers.discard(threading.current_thread())
+    def _do_close_socket(self, action: life.CloseSocket) -> None:
+        self._running_dialer().close()
 
-    def _resolved(self, attempt: _Attempt, host: str, result: Any) -> None:
-        """Reactor thread: the addresses of *host* (or the lookup's exception) arrived."""
-        if attempt is not self._attempt or attempt.done.is_set():
-            return  # timed out, aborted by disconnect() or superseded by connect()
-        if isinstance(result, BaseException):
-            self._attempt_failed(attempt, ConnectError(f"cannot resolve {host}: {result}"))
-            return
-        self._addresses = list(result)
-        self._try_next_address(attempt, None)
+    def _do_start_tls(self, action: life.StartTls) -> None:
+        self._running_dialer().start_tls(action.attempt, self.ssl_context,
+                               self.server_hostname or self.host, f"{self.host}:{self.port}")
 
-    def _try_next_address(self, attempt: _Attempt, last_error: BaseException | None) -> None:
-        if not self._addresses:
-            self._attempt_failed(attempt, ConnectError(
-                f"cannot connect to {self.host}:{self.port}: {last_error}"))
-            return
-        family, socktype, proto, _, address = self._addresses.pop(0)
-        try:
-            sock = socket.socket(family, socktype, proto)
-        except OSError as exc:
-            self._try_next_address(attempt, exc)
-            return
-        sock.setblocking(False)
-        err = sock.connect_ex(address)
-        if err not in _CONNECT_IN_PROGRESS:
-            sock.close()
-            self._try_next_address(attempt, OSError(err, errno.errorcode.get(err, str(err))))
-            return
-        self._connecting = sock
-        self._peer_address = address  # for messages: a reset socket has no getpeername()
-        self._reactor.register(sock, EVENT_WRITE,
-                               lambda mask: self._on_connect_ready(attempt, sock))
-
-    def _abandon_attempt(self, attempt: _Attempt) -> None:
-        """Silently drop an attempt in progress (a user connect() takes over)."""
-        attempt.error = ConnectError("superseded by connect()")
-        attempt.done.set()
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
-        self._drop_connecting()
-        conn = self._conn
-        if conn is not None and not conn.established:
-            self._conn = None
-            conn.close()
-
-    def _drop_connecting(self) -> None:
-        sock, self._connecting = self._connecting, None
-        if sock is not None:
-            self._reactor.unregister(sock)
-            sock.close()
-        tls, self._tls = self._tls, None
-        if tls is not None:
-            tls.abort()
-
-    def _on_connect_ready(self, attempt: _Attempt, sock: socket.socket) -> None:
-        if sock is not self._connecting:
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._drop_connecting()
-            self._try_next_address(attempt, OSError(err, errno.errorcode.get(err, str(err))))
-            return
-        self._reactor.unregister(sock)
-        self._connecting = None
-        try:
-            self._configure(sock)
-        except OSError as exc:
-            sock.close()
-            self._try_next_address(attempt, exc)
-            return
-        if self.ssl_context is not None:
-            self._start_tls(attempt, sock)
-        else:
-            self._open_connection(attempt, sock)
-
-    def _start_tls(self, attempt: _Attempt, sock: socket.socket) -> None:
-        """Reactor thread: TLS handshake on the connected socket (bounded by the attempt's
-        connection_timeout timer); a failure fails the attempt with TLS_FAILED."""
-        peer = f"{self.host}:{self.port}"
-
-        def succeeded(tls_sock: socket.socket) -> None:
-            self._tls = None
-            self._open_connection(attempt, tls_sock)
-
-        def failed(message: str, code: ErrorCode) -> None:
-            self._tls = None
-            self._attempt_failed(attempt, ConnectError(message, ErrorCode.TLS_FAILED))
-
-        self._tls = TLSHandshake(self._reactor, self.ssl_context, sock, server_side=False,
-                                 server_hostname=self.server_hostname or self.host,
-                                 on_success=succeeded, on_failure=failed, description=peer)
-        self._tls.start()
-
-    def _open_connection(self, attempt: _Attempt, sock: socket.socket) -> None:
-        """Reactor thread: wrap the connected (TLS) socket in a Connection, then run the
-        AUTHENTICATED handshake or declare the connection established."""
+    def _do_open_connection(self, action: life.OpenConnection) -> None:
+        """Wrap the connected (TLS) socket in a Connection, then start its handshakes
+        (AUTHENTICATED, then a session's hello) or report it usable (``Opened``)."""
+        sock, address = self._running_dialer().take()
         try:
             conn = Connection(self, sock, max_message_size=self.max_message_size,
-                              max_send_buffer=self.max_send_buffer, peer=self._peer_address)
+                              max_send_buffer=self.max_send_buffer, peer=address)
         except OSError as exc:
             sock.close()
-            self._try_next_address(attempt, exc)
+            self._feed(life.SocketFailed(action.attempt, exc))
             return
         conn.established = False
-        if self._session_link is not None:
-            self._session_link.prepare(conn)
-        self._conn = conn
+        link = self._session_link
+        if link is not None:
+            link.prepare(conn)
+        self._conn, self._conn_attempt = conn, action.attempt
+        self._handshake, self._handshake_error = None, None
         with self._stats_lock:
             self._live_conns.add(conn)
         ctx = self._crypto
         assert ctx is not None
+        handshake = ctx.authenticated or link is not None
+        self._feed(life.Opened(action.attempt, handshake))  # queued before any close
+        conn.start(announce=False)
         if ctx.authenticated:
-            from .crypto import ClientHandshake
-            self._handshake = ClientHandshake(ctx.key, ctx.mode, ctx.key_size)
-            self._early_frames = []
-            conn.frame_hook = self._handshake_frames
-            conn.start(announce=False)
-            try:
-                conn.send_frame(self._handshake.hello_frame)
-            except MorsockError:
-                pass  # the close that follows reports the failure
-        else:
-            conn.start(announce=False)
+            from ._client_handshake import HandshakeGate  # imports the crypto module
+            self._handshake = HandshakeGate(
+                conn, ctx, f"{self.host}:{self.port}",
+                functools.partial(self._established, conn), self._handshake_failed)
+            self._handshake.start()
+        elif handshake:
             self._established(conn)
 
-    def _handshake_frames(self, frames: list[Frame]) -> list[Frame]:
-        """Reactor-thread hook of an AUTHENTICATED connection until the server's handshake
-        answer (its first flag-2 frame) arrives. Plaintext frames before it are what the
-        server's application sent before our hello reached it (a welcome from its
-        ``on_connect``, a broadcast): held, then handled after ``on_connect``, as if they
-        came after the handshake. Any other frame before it fails the handshake."""
-        conn = self._conn
-        assert conn is not None
-        early = self._early_frames
-        answer = next((i for i, f in enumerate(frames) if f.flag == FLAG_AUTHENTICATED),
-                      len(frames))
-        before = frames[:answer]
-        try:
-            hello_head = self._handshake.hello_frame[HEADER_SIZE:HEADER_SIZE + 6]
-            if any(f.flag == FLAG_PLAIN and hello_head in f.payload for f in before):
-                # our hello came back inside a plaintext frame: the server took it for data
-                raise CryptoError(
-                    f"{self.host}:{self.port} answered the AUTHENTICATED handshake with "
-                    f"plaintext data that contains it: the server does not know the "
-                    f"AUTHENTICATED profile (a Delphi mORMot server has none): use "
-                    f"encryption_profile='MORMOT' with the same key, mode and key size",
-                    ErrorCode.AUTHENTICATION_FAILED)
-            sealed = any(f.flag != FLAG_PLAIN for f in before)
-            if sealed or len(early) + len(before) > EARLY_FRAMES_MAX:
-                sent = "MORMOT-profile frames" if sealed else "plaintext frames"
-                raise CryptoError(
-                    f"{self.host}:{self.port} did not answer the AUTHENTICATED handshake "
-                    f"(it sent {sent} instead): it is not a morsock server in the "
-                    f"AUTHENTICATED profile; a Delphi mORMot server needs "
-                    f"encryption_profile='MORMOT'",
-                    ErrorCode.AUTHENTICATION_FAILED)
-            early += before
-            if answer == len(frames):
-                return []  # still waiting for the answer
-            conn.frame_hook = None
-            conn.session = self._handshake.finish(frames[answer].payload)
-        except CryptoError as exc:
-            conn.frame_hook = None
-            self._handshake_error = exc
-            conn.close()
-            return []
-        self._handshake = None
-        self._early_frames = []
-        self._established(conn)
-        return early + frames[answer + 1:]
+    def _handshake_failed(self, error: BaseException) -> None:
+        self._handshake_error = error
 
     def _established(self, conn: Connection) -> None:
+        """Reactor thread: a handshake on *conn* is done (the AUTHENTICATED gate's answer,
+        or a session's WELCOME, from the session link): the next one starts, or the
+        machine hears ``HandshakeDone``."""
         link = self._session_link
         if link is not None and link.begin(conn):
-            return  # established once the server answered the session hello
-        attempt = self._attempt
-        assert attempt is not None
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
+            return  # the link calls this again once the server answered its hello
+        if conn is self._conn:
+            self._feed(life.HandshakeDone(self._conn_attempt))
+
+    def _do_close_connection(self, action: life.CloseConnection) -> None:
+        conn = self._conn
+        assert conn is not None
+        # Not from inside _feed: a close that completes at once reports ConnectionClosed
+        # from within it, and on_state_change(DISCONNECTED) must come before the
+        # on_disconnect that the connection posts right after that report.
+        self._reactor.call_soon(conn.close)
+
+    def _do_abandon_connection(self, action: life.AbandonConnection) -> None:
+        conn, self._conn, self._handshake = self._conn, None, None
+        if conn is not None:
+            conn.close()
+
+    def _do_start_timer(self, action: life.StartTimer) -> None:
+        self._timers[action.timer] = self._reactor.call_later(
+            action.delay, self._timer_fired, action.timer, action.attempt)
+
+    def _timer_fired(self, timer: life.TimerName, attempt: int) -> None:
+        reason = None
+        gate = self._handshake
+        if (timer is life.TimerName.CONNECT_TIMEOUT and gate is not None and gate.pending
+                and attempt == self._conn_attempt):
+            from ._client_handshake import unanswered_hello
+            reason = unanswered_hello(self.host, self.port, self.connection_timeout,
+                                      gate.early_frames)
+        self._feed(life.TimerFired(timer, attempt, reason))
+
+    def _do_cancel_timer(self, action: life.CancelTimer) -> None:
+        timer = self._timers.pop(action.timer, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _do_established(self, action: life.Established) -> None:
+        conn = self._conn
+        assert conn is not None
         conn.established = True
         self._connected_mono = time.monotonic()
         self._remote_ip = conn.peer_ip
-        if self._policy is not None:
-            self._policy.reset()
-        self._set_state(ClientState.CONNECTED)
         self._log.info("connected to %s:%d (%s)", self.host, self.port, self.encryption_info)
+        link = self._session_link
         if link is None or link.announce():  # a session: on_connect once, not per resume
             conn.post(CONNECTED)
-        attempt.done.set()
 
-    def _attempt_timed_out(self, attempt: _Attempt) -> None:
-        if attempt is not self._attempt or attempt.done.is_set():
-            return
-        self._addresses = []
-        self._drop_connecting()
-        conn = self._conn
-        error = ConnectError(f"connect to {self.host}:{self.port} timed out after "
-                             f"{self.connection_timeout:g} s")
-        if conn is not None and not conn.established and self._handshake is not None:
-            error = ConnectError(unanswered_hello(self.host, self.port, self.connection_timeout,
-                                                  len(self._early_frames)))
-        if conn is not None and not conn.established:
-            self._handshake_error = error
-            conn.close()
-            return
-        self._attempt_failed(attempt, error)
+    def _do_fire_error(self, action: life.FireError) -> None:
+        self._report_ordered(action.message, action.code)
 
-    def _attempt_failed(self, attempt: _Attempt, error: BaseException) -> None:
-        if attempt.done.is_set():
-            return
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
-        self._drop_connecting()
-        self._set_state(ClientState.DISCONNECTED)
-        attempt.error = error
-        if attempt.user:
-            attempt.error = error = connect_error(error)
-            assert error.code is not None
-            self._report_ordered(f"{error}", error.code)
-        else:
-            policy = self._live_policy()
-            n = policy.record_failure()
-            self._report_ordered(f"reconnection attempt {n} failed: {error}", n)
-            if policy.exhausted:
-                self._report_ordered(f"giving up after {n} reconnection attempts",
-                                     ErrorCode.MAX_RECONNECT_ATTEMPTS)
-                attempt.done.set()
-                return
-        attempt.done.set()
-        self._schedule_retry()
+    def _do_connect_finished(self, action: life.ConnectFinished) -> None:
+        waiters, self._connect_waiters = self._connect_waiters, []
+        for outcome in waiters:
+            outcome.error = action.error
+            outcome.done.set()
 
-    def _schedule_retry(self) -> None:
-        if self._user_stopped or not self.auto_reconnect:
-            return
-        if self._retry_timer is not None:
-            return
-        delay = self._live_policy().next_delay()
-        if delay is None:
-            return
-        self._retry_timer = self._reactor.call_later(delay, self._start_attempt,
-                                                     _Attempt(user=False))
+    def _do_stopped(self, action: life.Stopped) -> None:
+        self._stop_ready += self._stop_waiters
+        self._stop_waiters = []
+        self._release_stop_waiters()
 
-    def _shutdown(self, done: threading.Event | None) -> None:
-        """Reactor thread: stop retrying, abort an attempt, close the connection."""
-        self._user_stopped = True
-        self._cancel_retry()
-        attempt = self._attempt
-        if attempt is not None and not attempt.done.is_set():
-            attempt.error = ConnectError("disconnect() was called")
-            if self._connect_timer is not None:
-                self._connect_timer.cancel()
-            self._drop_connecting()
-            attempt.done.set()
-        conn = self._conn
-        if conn is not None:
-            if self._state is ClientState.CONNECTED:
-                self._set_state(ClientState.DISCONNECTING)
-            conn.close()
-            if not conn.closed and done is not None:
-                # The socket closes later: a graceful close drains what is queued first
-                # (for at most connection_timeout), and a close begun on the worker (e.g.
-                # still reporting its error) queues its _finish_close. disconnect() waits
-                # for it (see _connection_closed), so the pool still runs the events it
-                # posts (on_error for what could not be sent, then on_disconnect).
-                self._close_done, done = done, None
-        if self._state is not ClientState.DISCONNECTED:
-            self._set_state(ClientState.DISCONNECTED)
-        if done is not None:
-            done.set()
+    def _release_stop_waiters(self) -> None:
+        """Reactor thread: once the machine stopped and every socket is closed, release
+        the disconnect() calls waiting -- after the work queued now (``call_soon``): the
+        DISCONNECTED item of the last connection is posted after its close, and the pool
+        must still run it."""
+        if not self._stop_ready or self._live_connections():
+            return
+        ready, self._stop_ready = self._stop_ready, []
+        for stopped in ready:
+            self._reactor.call_soon(stopped.set)
 
+    _ACTIONS: dict[type, Callable[[Client, Any], None]] = {
+        life.ChangeState: _do_change_state, life.Resolve: _do_resolve,
+        life.OpenSocket: _do_open_socket, life.CloseSocket: _do_close_socket,
+        life.StartTls: _do_start_tls,
+        life.OpenConnection: _do_open_connection, life.CloseConnection: _do_close_connection,
+        life.AbandonConnection: _do_abandon_connection, life.StartTimer: _do_start_timer,
+        life.CancelTimer: _do_cancel_timer, life.Established: _do_established,
+        life.FireError: _do_fire_error, life.ConnectFinished: _do_connect_finished,
+        life.Stopped: _do_stopped,
+    }
+
+    # -- the connection ------------------------------------------------------------------
     def _live_connections(self) -> list[Connection]:
         with self._stats_lock:
             return list(self._live_conns)
@@ -840,29 +642,23 @@ class Client(Component):
             if conn in self._live_conns:
                 self._live_conns.remove(conn)
                 self._tally.closed(conn)
-        waiter, self._close_done = self._close_done, None
-        if waiter is not None:  # disconnect() waits: release it once DISCONNECTED is posted
-            self._reactor.call_soon(waiter.set)
-        hint = self._reset_hint(conn) if conn is self._conn else ""
+        current = conn is self._conn
+        hint = self._reset_hint(conn) if current else ""
         self._fail_waiters(conn, hint)
-        if conn is not self._conn:
-            return
-        self._conn = None
-        if hint:
-            self._report_ordered(hint, ErrorCode.CONNECTION_LOST)
-        if not conn.established:
-            error = self._handshake_error or ConnectError(self._closed_in_handshake(conn))
-            self._handshake_error = None
-            if self._attempt is not None:
-                self._attempt_failed(self._attempt, error)
-            return
-        if self._connected_mono is not None:
-            self._connected_for = time.monotonic() - self._connected_mono
-        self._connected_mono = None
-        self._log.info("disconnected from %s:%d", self.host, self.port)
-        if self._state is not ClientState.DISCONNECTED:
-            self._set_state(ClientState.DISCONNECTED)
-        self._schedule_retry()
+        if current:
+            self._conn = self._handshake = None
+            if hint:
+                self._report_ordered(hint, ErrorCode.CONNECTION_LOST)
+            error, self._handshake_error = self._handshake_error, None
+            if conn.established:
+                if self._connected_mono is not None:
+                    self._connected_for = time.monotonic() - self._connected_mono
+                self._connected_mono = None
+                self._log.info("disconnected from %s:%d", self.host, self.port)
+            elif error is None:
+                error = ConnectError(self._closed_in_handshake(conn))
+            self._feed(life.ConnectionClosed(self._conn_attempt, error))
+        self._release_stop_waiters()
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _strand_for(self, conn: Connection) -> Any:
@@ -940,7 +736,8 @@ class Client(Component):
         (what a TLS server does to a client that does not speak TLS), or closed after our
         encrypted frame without sending anything after it, nor any encrypted frame before
         (what a morsock server does with a frame it cannot decrypt). '' for any other close."""
-        if not conn.established or self._user_stopped or conn.close_code is not None:
+        if (not conn.established or self._machine.phase is life.Phase.CLOSING
+                or conn.close_code is not None):
             return ""
         where = f"{self.host}:{self.port}"
         if (conn._broken and self.ssl_context is None and not conn.messages_received
@@ -962,10 +759,10 @@ class Client(Component):
     # -- sending ---------------------------------------------------------------------------
     def _live_connection(self) -> Connection:
         conn = self._conn
-        if conn is None or self._state is not ClientState.CONNECTED or conn.closing:
+        if conn is None or self._machine.state is not ClientState.CONNECTED or conn.closing:
             if conn is not None and conn.closing:  # the state changes once it is closed
                 raise NotConnectedError(f"the connection to {conn.describe()} is closing")
-            raise NotConnectedError(f"client is not connected ({self._state.name})")
+            raise NotConnectedError(f"client is not connected ({self._machine.state.name})")
         return conn
 
     def send_data(self, data: Data, encrypted: bool = False) -> None:
@@ -983,7 +780,10 @@ class Client(Component):
             link.send(payload, encrypted)
             return
         conn = self._live_connection()
-        self._send_on(conn, data, encrypted)
+        if self.send_data_replies:
+            self._replies.owe(conn, lambda: self._send_on(conn, data, encrypted))
+        else:
+            self._send_on(conn, data, encrypted)
         if encrypted:
             self._sealed_out = (conn, conn.messages_received)
 
@@ -1059,7 +859,12 @@ class Client(Component):
     @property
     def reconnect_attempts(self) -> int:
         """Failed reconnection attempts since the last successful connection."""
-        return self._policy.attempts if self._policy is not None else 0
+        return self._machine.attempts
+
+    @property
+    def _reconnects(self) -> int:
+        """Automatic reconnection attempts started (never cleared; for the metrics)."""
+        return self._machine.retries_started
 
     @property
     def remote_ip(self) -> str:
@@ -1097,20 +902,20 @@ class Client(Component):
         when it returns.
         """
         reactor = self._reactor
-        if reactor is None or reactor.in_thread():
-            self._reset_policy(None)
+        if reactor is None:
+            self._machine.handle(life.ResetAttempts())  # no reactor: this thread owns it
+            return
+        if reactor.in_thread():
+            self._feed(life.ResetAttempts())
             return
         done = threading.Event()
-        reactor.call_soon(self._reset_policy, done)
+        reactor.call_soon(self._reset_attempts, done)
         if not done.wait(5):   # the reactor stopped meanwhile (disconnect())
-            self._reset_policy(None)
+            self._machine.handle(life.ResetAttempts())
 
-    def _reset_policy(self, done: threading.Event | None) -> None:
-        """Reactor thread (or no reactor running): zero the count."""
-        if self._policy is not None:
-            self._policy.reset()
-        if done is not None:
-            done.set()
+    def _reset_attempts(self, done: threading.Event) -> None:
+        self._feed(life.ResetAttempts())
+        done.set()
 
     # -- sessions (API.md §10) ---------------------------------------------------------------
     def _link(self) -> ClientLink | None:

@@ -30,7 +30,6 @@ import ssl
 import sys
 import threading
 import time
-from collections import deque
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -249,7 +248,8 @@ class Connection:
         # counters of what it posted and _paused/_resume_at; the strand writes _rx_items
         # and _rx_markers (every item it ran, and the markers among them).
         self.max_receive_backlog: int = owner.max_receive_backlog
-        self._rx_log: deque[tuple[int, int]] = deque()  # (frames posted, bytes) per read
+        # (frames posted, bytes) at each read whose frames are not all handled yet
+        self._rx_log: list[tuple[int, int]] = []
         self._rx_frames = 0         # frames posted to the strand, in all
         self._rx_bytes = 0          # their wire bytes
         self._rx_done_bytes = 0     # wire bytes of the frames known to be handled
@@ -422,20 +422,35 @@ class Connection:
         self._rx_bytes += nbytes
         log = self._rx_log
         if log:  # entries stay only while their frames are unhandled
-            handled = self._rx_items - self._rx_markers
-            while log and log[0][0] <= handled:
-                self._rx_done_bytes = log.popleft()[1]
+            self._forget_handled()
         log.append((self._rx_frames, self._rx_bytes))
+
+    def _forget_handled(self) -> int:
+        """Reactor thread: drop the log entries whose frames were handled; return the
+        receive backlog."""
+        handled = self._rx_items - self._rx_markers
+        log = self._rx_log
+        done = 0
+        for frames, nbytes in log:
+            if frames > handled:
+                break
+            self._rx_done_bytes = nbytes
+            done += 1
+        if done:
+            del log[:done]
+        return self._rx_bytes - self._rx_done_bytes
 
     @property
     def receive_backlog(self) -> int:
         """Wire bytes of the frames read from the peer and not yet handled (exact on the
         reactor thread; from another thread it may count up to one more read)."""
         handled = self._rx_items - self._rx_markers
-        log = self._rx_log
-        while log and log[0][0] <= handled:
-            self._rx_done_bytes = log.popleft()[1]
-        return self._rx_bytes - self._rx_done_bytes
+        done = self._rx_done_bytes
+        for frames, nbytes in tuple(self._rx_log):  # the reactor may change the list
+            if frames > handled:
+                break
+            done = nbytes
+        return self._rx_bytes - done
 
     def _check_backlog(self) -> None:
         """Reactor thread, after posting frames: pause reading while more than
@@ -444,7 +459,7 @@ class Connection:
             self._send_paused = True  # its replies wait: read no more requests for now
             self._update_interest()
         limit = self.max_receive_backlog
-        if self._rx_bytes - self._rx_done_bytes <= limit or self.receive_backlog <= limit:
+        if self._rx_bytes - self._rx_done_bytes <= limit or self._forget_handled() <= limit:
             return
         half = limit // 2
         total = self._rx_bytes

@@ -57,23 +57,52 @@ def code_label(code: int) -> str:
         return str(int(code))
 
 
+#: Single-call durations a thread keeps before it sorts them into its buckets at once
+#: (sorting a run of them costs less per call than a bisect each).
+_PENDING_MAX = 256
+
+
+def _sort_into(bounds: Sequence[float], durations: Sequence[float], counts: list[int]) -> float:
+    """Add to ``counts[i]`` the *durations* of bucket *i* (``bounds[i-1] < d <=
+    bounds[i]``; the last bucket is above every bound); return their sum."""
+    ordered = sorted(durations)
+    below = 0
+    for index, bound in enumerate(bounds):
+        upto = bisect.bisect_right(ordered, bound)
+        counts[index] += upto - below
+        below = upto
+    counts[-1] += len(ordered) - below
+    return sum(ordered)
+
+
 class _ThreadShard(threading.local):
     """The calling thread's share of an :class:`Observer`'s histogram: its
-    ``handler_done`` counts into lists only this thread writes (no lock per call). Made
-    on a thread's first use, when it adds its lists to the observer's (under its lock)."""
+    ``handler_done`` counts into lists only this thread writes (no lock per call). A
+    single call's duration waits in ``pending`` until ``_PENDING_MAX`` of them are
+    sorted into the buckets (under the observer's lock, so that a reader never sees one
+    both pending and counted). Made on a thread's first use, when it adds its lists to
+    the observer's."""
 
     def __init__(self, observer: Observer) -> None:
         counts = [0] * (len(observer.buckets) + 1)
         total = [0.0]
-        bounds, find = observer.buckets, bisect.bisect_left
+        pending: list[float] = []
+        bounds, find, lock, append = observer.buckets, bisect.bisect_left, observer._lock, \
+            pending.append
 
         def handler_done(seconds: float, calls: int = 1) -> None:
-            # the first bound >= the mean duration
-            counts[find(bounds, seconds / calls if calls != 1 else seconds)] += calls
-            total[0] += seconds
+            if calls == 1:
+                append(seconds)
+                if len(pending) >= _PENDING_MAX:
+                    with lock:
+                        total[0] += _sort_into(bounds, pending, counts)
+                        del pending[:]
+            else:  # the first bound >= the mean duration
+                counts[find(bounds, seconds / calls)] += calls
+                total[0] += seconds
 
-        with observer._lock:
-            observer._shards.append((counts, total))
+        with lock:
+            observer._shards.append((counts, total, pending))
         self.handler_done = handler_done
 
 
@@ -96,10 +125,12 @@ class Observer:
     """
 
     def __init__(self, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
-        self._lock = threading.Lock()  # guards _shards (the list) and _errors
+        # guards _shards (the list), _errors, and each shard sorting in its pending ones
+        self._lock = threading.Lock()
         self.buckets = tuple(buckets)
-        #: per thread: (counts per bucket, the last one above every bound; [sum])
-        self._shards: list[tuple[list[int], list[float]]] = []
+        #: per thread: (counts per bucket, the last one above every bound; [sum];
+        #: durations not yet in the counts)
+        self._shards: list[tuple[list[int], list[float], list[float]]] = []
         self._errors: dict[str, int] = {}
         self._users = 0  # registrations that share this observer
         #: The calling thread's shard (a ``threading.local``): ``shard.handler_done``.
@@ -120,14 +151,15 @@ class Observer:
     def histogram(self) -> tuple[list[int], float]:
         """``(counts, sum)``: the count of each bucket (not cumulative; the last one is
         above every bound) and the sum of all durations."""
-        with self._lock:
-            shards = list(self._shards)
+        with self._lock:  # no shard sorts its pending durations meanwhile
+            shards = [(list(counts), total[0], list(pending))
+                      for counts, total, pending in self._shards]
         counts = [0] * (len(self.buckets) + 1)
         total = 0.0
-        for shard_counts, shard_total in shards:
-            for index, count in enumerate(list(shard_counts)):
+        for shard_counts, shard_total, pending in shards:
+            for index, count in enumerate(shard_counts):
                 counts[index] += count
-            total += shard_total[0]
+            total += shard_total + _sort_into(self.buckets, pending, counts)
         return counts, total
 
     def errors(self) -> dict[str, int]:

@@ -5,6 +5,10 @@ thread touches the selector; other threads hand work to it with :meth:`Reactor.c
 (thread-safe, wakes the loop through a ``socket.socketpair()``: no polling) or
 :meth:`Reactor.call_later`. Callbacks registered for a socket run on the reactor thread
 with ``(mask)`` and must not block.
+
+Timers run on the reactor's *clock* (default ``time.monotonic``). A test may pass a
+clock it moves itself (``morsock.reconnect.VirtualClock``): after moving it, it calls
+:meth:`Reactor.wakeup` so that the loop runs the timers now due.
 """
 
 from __future__ import annotations
@@ -63,8 +67,11 @@ class Reactor:
     :meth:`unregister`.
     """
 
-    def __init__(self, name: str, logger: logging.Logger | None = None) -> None:
+    def __init__(self, name: str, logger: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """*clock*: seconds, never going back; the time base of :meth:`call_later`."""
         self.name = name
+        self._clock = clock
         self._log = logger or logging.getLogger("morsock")
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -149,7 +156,7 @@ class Reactor:
 
     def call_later(self, delay: float, fn: Callback, *args: Any) -> Timer:
         """Run ``fn(*args)`` on the reactor thread after *delay* seconds. Thread-safe."""
-        timer = Timer(time.monotonic() + max(0.0, delay), fn, args)
+        timer = Timer(self._clock() + max(0.0, delay), fn, args)
         if self.in_thread():
             self._push_timer(timer)
         else:
@@ -203,7 +210,8 @@ class Reactor:
     def _run_timers(self) -> float | None:
         """Run due timers; return seconds until the next one (None: no timer)."""
         timers = self._timers
-        now = time.monotonic()
+        clock = self._clock
+        now = clock()
         while timers:
             deadline, _, timer = timers[0]
             if timer.cancelled:
@@ -216,8 +224,14 @@ class Reactor:
                 timer.fn(*timer.args)
             except Exception:
                 self._log.exception("%s: error in timer %r", self.name, timer.fn)
-            now = time.monotonic()
+            now = clock()
         return None
+
+    def next_deadline(self) -> float | None:
+        """Reactor thread: when the next timer that is not cancelled is due, on the
+        reactor's clock (None: no timer)."""
+        live = [deadline for deadline, _, timer in self._timers if not timer.cancelled]
+        return min(live) if live else None
 
     def poll_once(self, max_timeout: float | None = None) -> None:
         """One loop iteration: due timers, a ``select`` (blocking until I/O, the next timer,

@@ -130,6 +130,11 @@ class ClientApp:
         self._retrying = False
         self._gave_up_after = 0
         self._wanted = False  # between Connect and Disconnect
+        #: Application messages sent and received by this form. The client's own
+        #: ``messages_sent``/``messages_received`` also count the encryption handshake;
+        #: the byte counts in the status bar are the client's (all bytes on the wire).
+        self.messages_sent = 0
+        self.messages_received = 0  # written by the client's one handler thread
         self._build()
         self.pump = morsock.tk.attach(root, self.queue)
         self.refresh()
@@ -182,6 +187,9 @@ class ClientApp:
                                         state="readonly",
                                         values=[p.name for p in morsock.EncryptionProfile])
         self.profile_box.pack(side="left", padx=(4, 0))
+        self._setting_widgets: List[Any] = [self.host_entry, self.port_entry, self.key_entry,
+                                            self.mode_box, self.key_size_box,
+                                            self.profile_box]
 
         retry = ttk.Frame(conn)
         retry.pack(fill="x", pady=(4, 0))
@@ -294,6 +302,7 @@ class ClientApp:
         except morsock.MorsockError as exc:
             self.log(f"Send failed: {exc}")
             return False
+        self.messages_sent += 1
         self.log(f"Sent{' (encrypted)' if encrypted else ''}: {text}")
         return True
 
@@ -332,13 +341,18 @@ class ClientApp:
         encryption = c.encryption_info
         self.status_var.set(
             f"{self.connection_text()} | "
-            f"Sent: {human_bytes(c.total_bytes_sent)} ({c.messages_sent} msg) | "
-            f"Received: {human_bytes(c.total_bytes_received)} ({c.messages_received} msg) | "
+            f"Sent: {human_bytes(c.total_bytes_sent)} ({self.messages_sent} msg) | "
+            f"Received: {human_bytes(c.total_bytes_received)} ({self.messages_received} msg) | "
             f"Encryption: {'off' if encryption == 'DISABLED' else encryption}")
         connected = c.connected
         busy = connected or self._retrying or c.state is not morsock.ClientState.DISCONNECTED \
             or (self._connector is not None and self._connector.is_alive())
         self.connect_button.state(["disabled"] if busy else ["!disabled"])
+        for widget in self._setting_widgets:  # they apply at the next Connect
+            if isinstance(widget, ttk.Combobox):
+                widget.state(["disabled"] if busy else ["!disabled", "readonly"])
+            else:
+                widget.state(["disabled"] if busy else ["!disabled"])
         self.disconnect_button.state(["!disabled"] if busy else ["disabled"])
         self.send_button.state(["!disabled"] if connected else ["disabled"])
 
@@ -366,6 +380,7 @@ class ClientApp:
 
     # -- morsock events --------------------------------------------------------------------
     def _on_handle_command(self, client: morsock.Client, data: bytes) -> None:
+        self.messages_received += 1
         # Worker thread: never touch Tk here. LogView.message is thread-safe.
         self.log_view.message("Received: " + preview(data))
 

@@ -113,7 +113,7 @@ def apply_theme(root: tk.Misc) -> ttk.Style:
     style.configure("Treeview", rowheight=22)
     style.configure("Treeview.Heading", font="TkHeadingFont")
     style.configure("Status.TLabel", background="#e8e8e8", padding=(6, 3))
-    style.configure("Figure.TLabel", font="TkFixedFont")
+    style.configure("Figure.TLabel", font="TkDefaultFont")
     style.configure("Invalid.TEntry", fieldbackground="#ffe0e0")
     style.configure("Accent.TButton", font="TkHeadingFont")
     return style
@@ -198,10 +198,11 @@ class Figures:
 
 
 class RateChart:
-    """A canvas with the last CHART_SECONDS of messages/s and bytes/s (in + out), each
-    line scaled to its own peak. Tk thread."""
+    """A canvas with the last CHART_SECONDS of messages/s (line) and bytes/s (shaded),
+    in and out together, each scaled to its own peak. Tk thread."""
 
-    COLORS = ("#1f6fb2", "#d9730d")
+    COLORS = ("#1f6fb2", "#b85c00")
+    AREA = "#f6d8b8"
 
     def __init__(self, parent: tk.Misc, width: int = 240, height: int = 70) -> None:
         self.canvas = tk.Canvas(parent, width=width, height=height, background="white",
@@ -222,14 +223,19 @@ class RateChart:
             c.create_line(0, y, w, y, fill="#eeeeee")
         points = list(self.history)
         if len(points) >= 2:
-            step = (w - 4) / (CHART_SECONDS - 1)
+            # The time axis grows with the history, up to CHART_SECONDS.
+            step = (w - 4) / (max(len(points), 10) - 1)
             x0 = w - 2 - step * (len(points) - 1)
-            for index, color in enumerate(self.COLORS):
+            for index in (1, 0):  # bytes/s as a shaded area, messages/s as a line on top
                 peak = max(p[index] for p in points) or 1.0
                 coords: List[float] = []
                 for i, p in enumerate(points):
                     coords += [x0 + i * step, h - 3 - (h - 16) * p[index] / peak]
-                c.create_line(*coords, fill=color, width=2)
+                if index == 1:
+                    c.create_polygon(x0, h - 2, *coords, coords[-2], h - 2,
+                                     fill=self.AREA, outline="")
+                else:
+                    c.create_line(*coords, fill=self.COLORS[0], width=2)
         last = points[-1] if points else (0.0, 0.0)
         c.create_text(4, 2, anchor="nw", fill=self.COLORS[0],
                       text=f"{last[0]:,.0f} msg/s", font="TkSmallCaptionFont")
@@ -339,15 +345,16 @@ class ServerApp:
         panes = ttk.PanedWindow(outer, orient="vertical")
         panes.pack(fill="both", expand=True, pady=(6, 0))
         top = ttk.Frame(panes)
-        panes.add(top, weight=3)
+        panes.add(top, weight=1)
 
         metrics = ttk.LabelFrame(top, text="Metrics", padding=(8, 4))
         metrics.pack(side="right", fill="y", padx=(6, 0))
         self.metric_labels: Dict[str, ttk.Label] = {}
         for row, (name, title) in enumerate(self.METRICS):
-            ttk.Label(metrics, text=title).grid(row=row, column=0, sticky="nw", padx=(0, 6))
+            ttk.Label(metrics, text=title, padding=0).grid(row=row, column=0, sticky="nw",
+                                                          padx=(0, 6))
             label = ttk.Label(metrics, text="", style="Figure.TLabel", justify="left",
-                              wraplength=220)
+                              wraplength=220, padding=0)
             label.grid(row=row, column=1, sticky="nw")
             self.metric_labels[name] = label
         self.chart = RateChart(metrics)
@@ -381,7 +388,7 @@ class ServerApp:
         self.disconnect_all_button.pack(side="left", padx=6)
 
         logs = ttk.LabelFrame(panes, text="Log", padding=(8, 4))
-        panes.add(logs, weight=2)
+        panes.add(logs, weight=1)
         bar = ttk.Frame(logs)
         bar.pack(side="bottom", fill="x", pady=(4, 0))
         ttk.Label(bar, text="Broadcast").pack(side="left", padx=(0, 4))

@@ -195,6 +195,28 @@ def test_sigterm_also_ends_with_the_summary() -> None:
     assert re.match(SUMMARY, server.out[-1].rstrip("\n")), server.out
 
 
+def test_a_reader_that_went_away_is_no_error() -> None:
+    """``python -m morsock server | head -1``: the summary finds no reader; still a
+    clean stop."""
+    proc = subprocess.Popen([sys.executable, "-m", "morsock", *server_args()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=ENV)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert re.match(BANNER, proc.stdout.readline())  # bounded by the wait below
+        proc.stdout.close()  # like head(1) after its line
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 def test_sigint_ends_the_client_without_a_traceback() -> None:
     with child(server_args()) as server:
         port = server.expect(BANNER)[1]

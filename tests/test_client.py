@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import pytest
 
+import morsock
 from morsock import (AESMode, Client, ClientState, ConnectError, CryptoError, ErrorCode,
                      MorsockError, NotConnectedError, ReconnectStrategy, RequestTimeout, Server,
                      ServerClient)
@@ -29,6 +30,34 @@ AUTH_KEY = "correct horse battery staple"
 
 
 # ------------------------------------------------------------------------ life cycle
+
+def test_disconnecting_lasts_until_the_drained_socket_is_closed() -> None:
+    """disconnect() with frames a peer does not take: DISCONNECTING while they drain,
+    then on_error(TIMEOUT) for what was dropped, and only once the socket is closed
+    DISCONNECTED and on_disconnect."""
+    rec = Recorder()
+    with socket.create_server((LOCAL, 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        client = Client(LOCAL, listener.getsockname()[1], connection_timeout=0.5,
+                        on_state_change=rec.handler("state"), on_error=rec.handler("error"),
+                        on_disconnect=rec.handler("disconnect"))
+        client.connect()
+        peer, _ = listener.accept()
+        with peer:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                for _ in range(120):
+                    client.send_data(b"q" * 64 * 1024)
+            except morsock.SendBufferFullError:
+                pass
+            client.disconnect()
+    rec.wait_count("disconnect", 1)
+    trace = [(e[0], *e[1:]) if e[0] == "state" else (e[0], e[-1] if e[0] == "error" else None)
+             for e in rec.snapshot()]
+    assert trace[2:] == [("state", C.CONNECTED, C.DISCONNECTING), ("error", ErrorCode.TIMEOUT),
+                         ("state", C.DISCONNECTING, C.DISCONNECTED), ("disconnect", None)]
+    assert client.state is C.DISCONNECTED
+
 
 def test_state_transitions_active_and_with_block() -> None:
     rec = Recorder()
@@ -266,7 +295,9 @@ def test_disconnect_while_a_close_from_the_worker_is_under_way() -> None:
                     raw.sendall(encode_frame(b"plaintext"))  # refused: closes from the worker
                     assert in_log.wait(TIMEOUT)
                     stopper.start()
-                    wait_until(lambda: client.state is C.DISCONNECTED)
+                    # disconnect() is under way; the socket closes once the worker is free
+                    wait_until(lambda: client.state is C.DISCONNECTING)
+                    assert stopper.is_alive()
                     release.set()
                     stopper.join(TIMEOUT * 2)
                     assert not stopper.is_alive()

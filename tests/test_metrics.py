@@ -178,6 +178,23 @@ def test_a_run_of_calls_counts_each_call_in_the_bucket_of_their_mean() -> None:
     assert total == pytest.approx(0.308)
 
 
+def test_single_calls_kept_pending_and_sorted_in_are_counted_once_each() -> None:
+    from morsock.metrics import _PENDING_MAX
+
+    observer = Observer(buckets=(0.001, 0.01, 0.1))
+    calls = [0.0005, 0.001, 0.002, 0.05, 0.2] * (_PENDING_MAX // 2)  # sorted in 2x
+    for seconds in calls[:-7]:
+        observer.handler_done(seconds)
+    observer.handler_done(0.03, 4)  # a run of 4, 7.5 ms each: counted at once
+    for seconds in calls[-7:]:
+        observer.handler_done(seconds)
+    counts, total = observer.histogram()
+    per_value = len(calls) // 5
+    assert counts == [2 * per_value, per_value + 4, per_value, per_value]
+    assert total == pytest.approx(sum(calls) + 0.03)
+    assert observer.histogram() == (counts, total)  # reading takes nothing away
+
+
 def test_pipelined_frames_are_counted_one_call_each(registry: CollectorRegistry) -> None:
     def handler(server: Server, client: object, data: bytes) -> bytes:
         if data == b"boom":

@@ -13,6 +13,7 @@ from typing import Iterator, List, Tuple
 import pytest
 
 from morsock.reactor import EVENT_READ, EVENT_WRITE, Reactor
+from morsock.reconnect import VirtualClock
 
 #: Bound of every poll here: each one has something ready, so none should take it.
 POLL = 5.0
@@ -161,11 +162,18 @@ def test_a_callback_that_raises_is_logged_and_the_others_still_run(
 
 def test_a_poll_waits_for_a_timer_due_in_under_a_millisecond_not_for_its_bound(
         reactor: Reactor) -> None:
+    # The timers run on a virtual clock, so the timer is still pending when the second
+    # poll computes its wait, however loaded the machine (on the wall clock it could
+    # already be due and run first, and the poll then rightly wait for its bound).
+    clock = VirtualClock(10.0)
+    reactor._clock = clock
     called: List[int] = []
     reactor.call_later(0.0005, called.append, 1)
     reactor.poll_once(0.0)  # takes the call_later hand-off: the timer is now pending
     start = time.monotonic()
-    reactor.poll_once(POLL)  # nothing ready: sleeps until the timer is due (ms rounding)
+    reactor.poll_once(POLL)  # nothing ready: sleeps as long as the timer needs (ms rounding)
+    assert called == []
+    clock.advance(0.0005)
     reactor.poll_once(0.0)  # runs it
     assert called == [1]
     # not a benchmark: a poll that ignored the timer would block for the whole bound
@@ -179,3 +187,28 @@ def test_linux_uses_the_epoll_path() -> None:
         assert reactor._epoll_poll is not None
     finally:
         reactor.close()
+
+
+def test_timers_run_on_an_injected_clock() -> None:
+    """A reactor on a VirtualClock runs a timer when the clock reaches its deadline --
+    not before, however much wall time passes -- in deadline order; a cancelled timer
+    never runs and is not reported as next."""
+    clock = VirtualClock(100.0)
+    ran: List[str] = []
+    r = Reactor("test-reactor", clock=clock)
+    try:
+        r.call_later(0.5, ran.append, "b")
+        r.call_later(0.2, ran.append, "a")
+        r.call_later(0.3, ran.append, "cancelled").cancel()
+        r.poll_once(0.0)                      # queues the timers (not the reactor thread)
+        assert r.next_deadline() == 100.2
+        r.poll_once(0.05)                     # wall time passes: the clock does not
+        assert ran == []
+        clock.advance(0.25)
+        r.poll_once(0.0)
+        assert ran == ["a"] and r.next_deadline() == 100.5
+        clock.advance(1.0)
+        r.poll_once(0.0)
+        assert ran == ["a", "b"] and r.next_deadline() is None
+    finally:
+        r.close()

@@ -28,6 +28,7 @@ import pytest
 import morsock
 from morsock import (Client, ClientState, ConnectError, ErrorCode, NotConnectedError,
                      ReconnectStrategy)
+from morsock.reconnect import VirtualClock
 from morsock.testing import running_server
 
 WAIT = 15.0        # generous bound for anything that must happen (2 cores, parallel runs)
@@ -371,28 +372,64 @@ def test_failed_send_drops_the_connection_and_reconnects() -> None:
 
 
 # -- timing of the strategies ---------------------------------------------------------------
-def test_backoff_gaps_double_up_to_the_cap() -> None:
+def next_deadline(client: Client) -> Optional[float]:
+    """When the client's next timer is due, on its reactor's clock (asked of the reactor
+    thread, after whatever it is doing now)."""
+    answer: List[Optional[float]] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        answer.append(client._reactor.next_deadline())
+        done.set()
+
+    client._reactor.call_soon(ask)
+    assert done.wait(WAIT)
+    return answer[0]
+
+
+@pytest.mark.parametrize("strategy, interval, nominal", [
+    (ReconnectStrategy.BACKOFF, 100, [0.1, 0.2, 0.4, 0.4, 0.4]),
+    (ReconnectStrategy.FIXED_INTERVAL, 250, [0.25] * 5),
+    (ReconnectStrategy.IMMEDIATE, 5000, [0.1] * 5),
+])
+def test_reconnect_gaps_in_virtual_time(strategy: ReconnectStrategy, interval: int,
+                                        nominal: List[float]) -> None:
+    """The client's reactor runs on a virtual clock: each retry is due exactly its delay
+    after the failure before it (BACKOFF: doubling, jitter within +-20 %, capped), and
+    starts when the clock gets there -- not before, whatever the machine's load."""
+    clock = VirtualClock(500.0)
     with refused_port() as port, client_of(
             port=port, auto_reconnect=True, reconnect_max_attempts=5,
-            reconnect_strategy=ReconnectStrategy.BACKOFF, reconnect_interval=100,
+            reconnect_strategy=strategy, reconnect_interval=interval,
             reconnect_max_interval=400) as (client, rec):
+        client._clock = clock
+        starts: List[float] = []
+        rec.hooks.append(lambda kind, detail: kind == "state" and
+                         detail[1] is ClientState.CONNECTING and starts.append(clock()))
         connect_expecting_failure(client)
-        assert rec.wait_for(lambda: ErrorCode.MAX_RECONNECT_ATTEMPTS in rec.codes()), rec.kinds()
-        with rec.cond:
-            starts = [t for t, k, d in rec.events
-                      if k == "state" and d[1] is ClientState.CONNECTING]
-        assert len(starts) == 6                           # connect() + 5 retries
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
-        for gap, nominal in zip(gaps, [0.1, 0.2, 0.4, 0.4, 0.4]):
-            # Jitter keeps a delay within [0.8, 1.2] x nominal and never past the cap;
-            # the extra margins absorb scheduling on a loaded machine.
-            low = 0.8 * nominal * 0.6
-            high = min(0.4, 1.2 * nominal) + 0.4 * nominal + 0.05
-            assert low <= gap <= high, (gaps, nominal)
-        assert gaps[2] > gaps[0]                          # it really grows
+        gaps = []
+        for n in range(1, 6):
+            failed_before = ErrorCode.CONNECTION_FAILED if n == 1 else n - 1
+            assert rec.wait_for(lambda: failed_before in rec.codes()), rec.kinds()
+            deadline = next_deadline(client)
+            assert deadline is not None, f"no retry {n} scheduled"
+            gaps.append(deadline - clock())
+            assert rec.count("state") == 2 * n     # retry n waits for the clock ...
+            clock.advance(gaps[-1] + 1e-9)
+            client._reactor.wakeup()               # ... and starts once it is there
+        assert rec.wait_for(lambda: ErrorCode.MAX_RECONNECT_ATTEMPTS in rec.codes()), \
+            rec.kinds()
+        assert next_deadline(client) is None       # given up: no timer left
+        for gap, delay in zip(gaps, nominal):
+            if strategy is ReconnectStrategy.BACKOFF:
+                assert 0.8 * delay - 1e-9 <= gap <= min(0.4, 1.2 * delay) + 1e-9, gaps
+            else:
+                assert gap == pytest.approx(delay, abs=1e-9), gaps
+        assert [b - a for a, b in zip(starts, starts[1:])] == pytest.approx(gaps, abs=1e-6)
 
 
 def test_immediate_and_fixed_interval_gaps() -> None:
+    """Wall-clock smoke test of the same (the virtual-time test checks the delays)."""
     for strategy, interval, nominal in ((ReconnectStrategy.IMMEDIATE, 5000, 0.1),
                                         (ReconnectStrategy.FIXED_INTERVAL, 250, 0.25)):
         with refused_port() as port, client_of(
@@ -450,7 +487,8 @@ def test_disconnect_from_on_error_handler_stops_retrying() -> None:
         rec.hooks.append(on_error)
         connect_expecting_failure(client)
         assert stopped.wait(WAIT)
-        assert rec.wait_for(lambda: not client_threads(port)), \
+        # no event tells that the threads ended: poll with a deadline
+        assert eventually(lambda: not client_threads(port)), \
             [t.name for t in client_threads(port)]
         assert rec.quiet_for(0.5)
         assert [c for c in rec.codes() if c > 1] == []

@@ -138,6 +138,54 @@ def test_a_skipped_reply_costs_one_timeout_and_the_connection_not_more() -> None
         assert server.total_messages_received >= 2  # "next" was never sent
 
 
+def test_answers_to_send_data_never_go_to_a_request() -> None:
+    """An echo server answers send_data() too: with send_data_replies those answers go to
+    on_handle_command, and a request gets its own reply (without it, the next request
+    would take the first answer)."""
+    gate = threading.Event()
+
+    def echo(server: Server, client: ServerClient, data: bytes) -> bytes:
+        if data == b"x1":
+            assert gate.wait(TIMEOUT)  # the request is made before x1's answer is out
+        return b"echo-" + data
+
+    rec = Recorder()
+    with running_server(echo) as server, \
+            Client(LOCAL, server.port, send_data_replies=True,
+                   on_handle_command=rec.handler("unsolicited")) as client:
+        client.send_data(b"x1")
+        client.send_data(b"x2")
+        results: List[Any] = []
+        thread = _request_in_thread(client, b"y", results)
+        wait_until(lambda: _held(client) == 1, what="the request held behind x1, x2")
+        gate.set()
+        thread.join(TIMEOUT)
+        assert results == [b"echo-y"]
+        rec.wait_count("unsolicited", 2)
+        assert [e[1] for e in rec.named("unsolicited")] == [b"echo-x1", b"echo-x2"]
+        assert client.request(b"z") == b"echo-z"
+
+
+def test_send_data_replies_with_a_server_that_does_not_answer_never_gives_wrong_data() -> None:
+    """The setting's premise broken (the server answers nothing to "note"): the request
+    times out and the connection is renewed; no request gets another's reply."""
+    handler = SlowServer()
+    rec = Recorder()
+    with running_server(handler) as server, \
+            Client(LOCAL, server.port, send_data_replies=True, auto_reconnect=True,
+                   reconnect_strategy=ReconnectStrategy.IMMEDIATE,
+                   on_connect=rec.handler("connect"), on_error=rec.handler("error"),
+                   on_handle_command=rec.handler("unsolicited")) as client:
+        rec.wait_count("connect", 1)
+        client.send_data(b"note")
+        with pytest.raises(RequestTimeout, match="order of replies is lost"):
+            client.request(b"y", timeout=0.3)
+        rec.wait_count("connect", 2)
+        wait_until(lambda: client.connected, what="reconnected")
+        assert client.request(b"after") == b"reply-to-after"
+        assert rec.named("unsolicited") == []
+
+
 def test_a_held_request_fails_at_once_when_the_connection_drops() -> None:
     handler = SlowServer()
     with running_server(handler) as server, Client(LOCAL, server.port) as client:

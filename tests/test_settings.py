@@ -49,6 +49,8 @@ SERVER: List[Tuple[str, Any, type]] = COMMON + [
     ("idle_timeout", 0, V), ("idle_timeout", -1, V), ("idle_timeout", math.nan, V),
     ("idle_timeout", "30", T),
     ("backlog", 0, V), ("backlog", False, T),
+    ("resume_window", -1, V), ("resume_window", math.nan, V), ("resume_window", "30", T),
+    ("resume_window", True, T),
 ]
 CLIENT: List[Tuple[str, Any, type]] = COMMON + [
     ("host", 3434, T), ("host", None, T), ("host", "", V), ("host", "3434", V),
@@ -59,7 +61,9 @@ CLIENT: List[Tuple[str, Any, type]] = COMMON + [
     ("reconnect_interval", 5.5, T), ("reconnect_interval", True, T),
     ("reconnect_max_attempts", -1, V), ("reconnect_max_attempts", "10", T),
     ("reconnect_max_interval", 0, V), ("reconnect_max_interval", math.nan, T),
-    ("server_hostname", 5, T), ("server_hostname", "", T),
+    ("server_hostname", 5, T), ("server_hostname", "", V),
+    ("resumable", 1, T), ("resumable", "yes", T),
+    ("send_data_replies", 1, T),
 ]
 
 
@@ -125,3 +129,12 @@ def test_sensible_values_pass_and_are_kept() -> None:
                     reconnect_max_attempts=0, server_hostname="name",
                     encryption_profile="mormot", reconnect_strategy="rsFixedInterval")
     assert client.connection_timeout == 1.0 and client.reconnect_max_attempts == 0
+
+
+def test_every_setting_has_rows_in_the_tables() -> None:
+    """A setting added later is reviewed here too."""
+    from morsock._settings import Setting
+    for component, table in ((Server, SERVER), (Client, CLIENT)):
+        names = {name for klass in component.__mro__ for name, attr in vars(klass).items()
+                 if isinstance(attr, Setting)}
+        assert names - {name for name, _, _ in table} == set(), component.__name__

@@ -495,6 +495,39 @@ def test_tk_server_log_stamps_a_line_when_the_message_arrives(root: Any) -> None
         app.close()
 
 
+def test_log_view_counts_past_the_burst_in_order_with_the_events(root: Any) -> None:
+    queue = morsock.EventQueue()
+    view = morsock.tk.LogView(root, queue, burst=3, window=60.0)
+    view.frame.pack()
+    pump = morsock.tk.attach(root, queue)
+    try:
+        for n in range(3):
+            view.message(f"m{n}")
+        queue.post(view.log, "an event between")  # e.g. an on_disconnect
+        for n in range(3, 8):
+            view.message(f"m{n}")  # past the burst of this window: counted
+        pump_until(root, lambda: view.messages_shown + view.messages_counted == 8
+                   and not len(queue), "every message shown or counted")
+        texts = [line.split("  ", 1)[1] for line in view.get().splitlines()]
+        assert texts == ["m0", "m1", "m2", "an event between", "\u2026 5 more messages"]
+        view.message("m8")  # same window: the count line grows in place
+        pump_until(root, lambda: view.get().endswith("\u2026 6 more messages\n"),
+                   "the count line to grow")
+        assert view.lines_drawn == 5 and view.messages_shown == 3
+    finally:
+        pump.detach()
+        view.close()
+
+
+def test_log_view_keeps_the_newest_lines(root: Any) -> None:
+    view = morsock.tk.LogView(root, morsock.EventQueue(), max_lines=5)
+    for n in range(20):
+        view.log(f"line {n}")
+    assert [line.split("  ", 1)[1] for line in view.get().splitlines()] == \
+        [f"line {n}" for n in range(15, 20)]
+    view.close()
+
+
 def test_log_view_wraps_long_lines(root: Any) -> None:
     view = morsock.tk.LogView(root, morsock.EventQueue(), width=40)
     view.frame.pack(fill="both", expand=True)
@@ -530,6 +563,14 @@ def test_tk_forms_show_every_control_at_their_minimum_size(root: Any, sample: st
             assert widget.winfo_rooty() + widget.winfo_height() <= bottom, widget
             assert widget.winfo_height() >= widget.winfo_reqheight(), widget
         assert app.status_label.winfo_rooty() + app.status_label.winfo_height() == bottom
+        if sample == "tk_server":  # every figure of the metrics panel, inside the panel
+            app.refresh()
+            root.update()
+            for label in app.metric_labels.values():
+                panel = label.master
+                assert label.winfo_ismapped(), label
+                assert (label.winfo_rooty() + label.winfo_height()
+                        <= panel.winfo_rooty() + panel.winfo_height()), label
     finally:
         app.close()
 
@@ -571,8 +612,14 @@ def test_tk_client_form_explains_a_bad_port_and_applies_the_key_size(root: Any) 
             pump_until(root, lambda: app.status_text().startswith("Connected to"), "Connected")
             assert app.client.encryption_key_size == 128
             assert "Encryption: AES-128-CBC" in app.status_text()
+            assert app.port_entry.instate(["disabled"])  # settings apply at the next Connect
+            assert app.key_size_box.instate(["disabled"])
             assert app.send("sealed", encrypted=True)
             pump_until(root, lambda: "Received: Echo: sealed" in app.log_text(), "the echo")
+            # Application messages: the AUTHENTICATED handshake is not one of them.
+            pump_until(root, lambda: re.search(r"Sent: \d+ B \(1 msg\) \| Received: \d+ B "
+                                               r"\(1 msg\)", app.status_text()) is not None,
+                       "one message each way in the status bar")
         finally:
             app.close()
 
@@ -693,6 +740,29 @@ def test_tk_server_metrics_panel_shows_the_prometheus_figures(root: Any) -> None
         pump_until(root, lambda: app.metrics_text()["received"].startswith("4 msg"),
                    "the panel to refresh by itself")
         pump_until(root, lambda: len(app.chart.history) >= 1, "a point in the rate chart")
+    finally:
+        app.close()
+
+
+def test_tk_server_metrics_panel_without_prometheus_client(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    tk_server.morsock_metrics = None  # as if the metrics extra were not installed
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    try:
+        assert not app.figures.available
+        assert app.start()
+        with morsock.Client("127.0.0.1", app.server.port) as client:
+            assert client.request("m", timeout=WAIT) == b"Echo: m"
+        with socket.create_connection(("127.0.0.1", app.server.port), timeout=WAIT) as bad:
+            bad.sendall(b"not a morsock frame")
+            assert bad.recv(10) == b""
+        pump_until(root, lambda: app.metrics_text()["errors"] == "INVALID_PROTOCOL 1",
+                   "the form's own error count")
+        shown = app.metrics_text()
+        # the server's statistics (the refused bytes count as received bytes)
+        assert shown["received"] == f"1 msg · {app.server.total_bytes_received} B"
+        assert shown["sent"] == "1 msg · 16 B"
+        assert shown["handler_quantiles"] == "pip install 'morsock[metrics]'"
     finally:
         app.close()
 
