@@ -10,8 +10,9 @@ Redis layout (every key starts with the backplane's *channel*, written ``C``):
 
 * ``C:nodes`` -- SET of the node ids that announced themselves.
 * ``C:node:<id>`` -- a node's heartbeat: a STRING (JSON: ``pid``, ``host``, ``run``,
-  ``seq``: the last sequence number of that run Redis confirmed, per stream) set with a TTL of ``node_ttl`` and refreshed
-  every ``heartbeat_interval``. A node whose heartbeat expired is dead.
+  ``seq``: the last sequence number of that run Redis confirmed, per stream) set with a
+  TTL of ``node_ttl`` and refreshed every ``heartbeat_interval``. A node whose heartbeat
+  expired is dead.
 * ``C:presence:<id>`` -- HASH ``handle -> "ip:port"`` of the node's clients, with the
   same TTL (refreshed with the heartbeat), rebuilt whole after every reconnect.
 * ``C:epoch`` -- a random token set once; a node that finds it changed or missing
