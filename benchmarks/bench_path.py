@@ -151,8 +151,9 @@ def main() -> None:
     # thread runs, and this thread plays the leader that holds the poll role.
     server._prepare_runtime("bench", 1, leader_follower=True)
     frame = encode_frame(bytes(args.size)) * args.frames
-    conns = [ServerClient(server, StubSocket(frame), handle=i + 1,  # type: ignore[arg-type]
-                          peer=("127.0.0.1", 1)) for i in range(args.connections)]
+    clients = [ServerClient(server, StubSocket(frame), handle=i + 1,  # type: ignore[arg-type]
+                            peer=("127.0.0.1", 1)) for i in range(args.connections)]
+    conns = [client._conn for client in clients]
     conn = conns[0]
     references = [ReferenceConnection(StubSocket(frame)) for _ in range(args.connections)]
     on_read = reference_reader()
@@ -186,7 +187,7 @@ def main() -> None:
             strand._first = None
             strand._scheduled = False
 
-        view = server._scratch_view
+        view = server._link.read_view
         view[:len(frame)] = frame
         decoder = conn._decoder
         size = len(frame)

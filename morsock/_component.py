@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from operator import attrgetter
 from time import perf_counter
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from ._settings import Setting, _non_negative_int, _positive_int, _seconds, _ssl_context
 from .connection import Connection
@@ -24,7 +24,10 @@ from .protocol import FLAG_MORMOT, FLAG_PLAIN, HEADER_SIZE, Frame, encode_frame
 from .reactor import Reactor
 from .workers import WorkerPool
 
-__all__ = ["Component", "Setting", "CryptoContext", "as_bytes"]
+if TYPE_CHECKING:
+    from ._owner import DataEvents, StrandLike
+
+__all__ = ["Component", "ComponentLink", "Setting", "CryptoContext", "as_bytes"]
 
 _LOGGER = logging.getLogger("morsock")
 Data = Union[bytes, bytearray, memoryview, str]
@@ -115,6 +118,68 @@ class CryptoContext:
 
 
 
+#: Bytes the reactor thread reads at once (one buffer per component, reused by every read).
+READ_BUFFER_SIZE = 256 * 1024
+
+
+class ComponentLink:
+    """A component as its connections see it: the
+    :class:`~morsock._owner.ConnectionOwner` each :class:`~morsock.connection.Connection`
+    is given, over the component's own (private) hooks. One per component, made with it;
+    its read buffer serves every connection of the component (reactor thread only)."""
+
+    __slots__ = ("_component", "events", "read_buffer", "read_view", "plain_frames_as_bytes")
+
+    def __init__(self, component: Component) -> None:
+        self._component = component
+        self.events: DataEvents = component
+        self.read_buffer = bytearray(READ_BUFFER_SIZE)
+        self.read_view = memoryview(self.read_buffer)
+        self.plain_frames_as_bytes = component._PLAIN_FRAMES_AS_BYTES
+
+    @property
+    def reactor(self) -> Reactor:
+        reactor: Reactor = self._component._reactor
+        return reactor
+
+    @property
+    def log(self) -> logging.Logger:
+        return self._component._log
+
+    @property
+    def connection_timeout(self) -> float:
+        return self._component.connection_timeout
+
+    @property
+    def max_receive_backlog(self) -> int:
+        return self._component.max_receive_backlog
+
+    def strand_for(self, conn: Connection) -> StrandLike:
+        strand: StrandLike = self._component._strand_for(conn)
+        return strand
+
+    def marker_wanted(self, marker: Any) -> bool:
+        return self._component._marker_wanted(marker)
+
+    def run_item(self, conn: Connection, item: Any) -> None:
+        self._component._run_item(conn, item)
+
+    def emit_error(self, conn: Connection, message: str, code: int) -> None:
+        self._component._emit_error(conn, message, code)
+
+    def report(self, conn: Connection | None, message: str, code: int) -> None:
+        self._component._report(conn, message, code)
+
+    def data_event(self, name: str, conn: Connection, nbytes: int) -> None:
+        self._component._emit_data_event(name, conn, nbytes)
+
+    def watch(self) -> None:
+        self._component._watch()
+
+    def connection_closed(self, conn: Connection) -> None:
+        self._component._connection_closed(conn)
+
+
 class Component:
     """Base of Server and Client (see their docstrings for the public surface)."""
 
@@ -201,8 +266,8 @@ class Component:
         self._reactor: Any = None
         self._pool: Any = None
         self._crypto: CryptoContext | None = None
-        self._scratch = bytearray(256 * 1024)
-        self._scratch_view = memoryview(self._scratch)
+        #: What every connection of this component knows of it (see ComponentLink).
+        self._link = ComponentLink(self)
         for name in self._EVENTS:
             setattr(self, name, None)
         for name, value in settings.items():

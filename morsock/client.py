@@ -604,7 +604,7 @@ class Client(Component):
         """Reactor thread: wrap the connected (TLS) socket in a Connection, then run the
         AUTHENTICATED handshake or declare the connection established."""
         try:
-            conn = Connection(self, sock, max_message_size=self.max_message_size,
+            conn = Connection(self._link, sock, max_message_size=self.max_message_size,
                               max_send_buffer=self.max_send_buffer)
         except OSError as exc:
             sock.close()
@@ -801,9 +801,9 @@ class Client(Component):
             self._dispatcher.emit(name, *args)
         else:
             try:
-                conn._run_item(item)
+                conn.run_item(item)
             finally:
-                conn._handled(1)  # read back-pressure: the strand caught up this far
+                conn.handled(1)  # read back-pressure: the strand caught up this far
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:

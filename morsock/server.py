@@ -13,26 +13,17 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from threading import get_ident
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally
 from ._settings import Setting, _optional_seconds, _port, _positive_int
-from .connection import (
-    CONNECTED,
-    DIRECT_SEND_MIN,
-    DISCONNECTED,
-    HEADER_CACHE_MAX,
-    HOLD_MAX,
-    PLAIN_HEADERS,
-    Connection,
-    ErrorReport,
-    plain_frame,
-)
+from .connection import CONNECTED, DISCONNECTED, Connection, ErrorReport
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAGIC, Frame
+from .protocol import Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 from .workers import WorkerPool
@@ -61,32 +52,51 @@ def _select_limited() -> bool:
     return default is selectors.SelectSelector
 
 
-class ServerClient(Connection):
-    """One accepted connection, as the server sees it (Delphi ``TmMServerClient``).
+class ServerClient:
+    """One accepted connection, as the server sees it (Delphi ``TmMServerClient``): a
+    facade over the library's :class:`~morsock.connection.Connection`.
 
     Read-only: ``handle`` (int from 1, never reused by one server), ``peer_ip``,
     ``peer_port`` (the peer's own port), ``connected_at`` (datetime),
     ``last_activity_time`` (datetime), ``bytes_received``, ``bytes_sent``,
     ``messages_received``, ``messages_sent``, ``connected_time`` (seconds),
-    ``connected``, ``peer_certificate`` (over TLS, the peer's verified certificate as
+    ``connected``, ``send_queue_size`` (bytes accepted but not yet taken by the kernel),
+    ``receive_backlog`` (bytes of frames read from the peer and not yet handled),
+    ``peer_certificate`` (over TLS, the peer's verified certificate as
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
     None without TLS or when the peer sent none). Free for the application:
-    ``custom_data``.
-    Methods (any thread): :meth:`send_data`, :meth:`disconnect`. The other methods it
-    inherits from :class:`morsock.connection.Connection` (``send_frame``, ``cork`` ...)
-    are the library's own I/O machinery, not for the application.
+    ``custom_data``. Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
     """
 
     def __init__(self, server: Server, sock: socket.socket, handle: int,
                  peer: Any = None) -> None:
-        super().__init__(server, sock, max_message_size=server.max_message_size,
-                         max_send_buffer=server.max_send_buffer, peer=peer)
-        self.server = server
+        """Made by the server's reactor thread for an accepted socket."""
+        conn = Connection(server._link, sock, max_message_size=server.max_message_size,
+                          max_send_buffer=server.max_send_buffer, peer=peer)
+        conn.facade = self
+        self._conn = conn
+        self._server = server
         self.handle = handle
         self._connected_wall = time.time()
-        self._connected_mono = self.last_activity  # time.monotonic(), as Connection took it
+        self._connected_mono = conn.last_activity  # time.monotonic(), as Connection took it
+        self._closed_mono = 0.0  # set once its socket is closed
         #: Free slot for the application (Delphi ``CustomData``).
         self.custom_data: Any = None
+
+    @property
+    def peer_ip(self) -> str:
+        """The peer's IP address."""
+        return self._conn.peer_ip
+
+    @property
+    def peer_port(self) -> int:
+        """The peer's own port."""
+        return self._conn.peer_port
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """Over TLS, the peer's verified certificate (``getpeercert()``), else None."""
+        return self._conn.peer_certificate
 
     @property
     def connected_at(self) -> datetime.datetime:
@@ -96,26 +106,50 @@ class ServerClient(Connection):
     @property
     def connected(self) -> bool:
         """True until the connection starts closing."""
-        return not self.closing
+        return not self._conn.closing
 
     @property
     def connected_time(self) -> float:
         """Seconds since the connection was accepted (frozen once it is closed)."""
-        end = self._closed_mono if self.closed else time.monotonic()
+        end = self._closed_mono if self._conn.closed else time.monotonic()
         return end - self._connected_mono
 
     @property
     def last_activity_time(self) -> datetime.datetime:
         """When bytes last arrived from this peer (``connected_at`` if none yet)."""
         return self.connected_at + datetime.timedelta(
-            seconds=max(0.0, self.last_activity - self._connected_mono))
+            seconds=max(0.0, self._conn.last_activity - self._connected_mono))
 
-    _closed_mono = 0.0
+    @property
+    def bytes_received(self) -> int:
+        """Wire bytes received from this peer (headers included)."""
+        return self._conn.bytes_received
 
-    def _finish_close(self) -> None:
-        if not self.closed:
-            self._closed_mono = time.monotonic()
-        super()._finish_close()
+    @property
+    def bytes_sent(self) -> int:
+        """Wire bytes sent to this peer (headers included)."""
+        return self._conn.bytes_sent
+
+    @property
+    def messages_received(self) -> int:
+        """Frames received from this peer."""
+        return self._conn.messages_received
+
+    @property
+    def messages_sent(self) -> int:
+        """Frames sent to this peer (counted once their last byte left)."""
+        return self._conn.messages_sent
+
+    @property
+    def send_queue_size(self) -> int:
+        """Bytes accepted for this peer but not yet taken by the kernel."""
+        return self._conn.send_queue_size
+
+    @property
+    def receive_backlog(self) -> int:
+        """Wire bytes of the frames read from this peer and not yet handled (see
+        ``max_receive_backlog``)."""
+        return self._conn.receive_backlog
 
     def send_data(self, data: Data, encrypted: bool = False) -> None:
         """Send one message to this client. Thread-safe; never blocks on the peer.
@@ -123,14 +157,15 @@ class ServerClient(Connection):
         Raises NotConnectedError once it is disconnected, SendBufferFullError past
         ``max_send_buffer``, CryptoError if ``encrypted`` without a usable key.
         """
-        self.server._send_on(self, data, encrypted)
+        self._server._send_on(self._conn, data, encrypted)
 
     def disconnect(self) -> bool:
         """Close this connection (``on_disconnect`` follows). False if already closing."""
-        return self.close()
+        return self._conn.close()
 
     def __repr__(self) -> str:
-        return f"<ServerClient #{self.handle} {self.describe()}{' closed' if self.closing else ''}>"
+        closed = " closed" if self._conn.closing else ""
+        return f"<ServerClient #{self.handle} {self._conn.describe()}{closed}>"
 
 
 class Server(Component):
@@ -244,8 +279,7 @@ class Server(Component):
         self._started_mono = 0.0
         self._sweep_timer: Any = None
         self._zero_stats()
-        self._tally = Tally(self.property_lock, self._clients.values)
-        self._sealed_flag = -1
+        self._tally = Tally(self.property_lock, self._live_connection_iter)
         super().__init__(settings, events)
 
     # -- life cycle --------------------------------------------------------------------
@@ -291,9 +325,6 @@ class Server(Component):
                                       leader_follower=True)
                 ctx = self._crypto
                 assert ctx is not None
-                # the flag of the frames _run_sealed opens (-1: none, no key)
-                self._sealed_flag = (FLAG_MORMOT if ctx.mormot is not None else
-                                     FLAG_AUTHENTICATED if ctx.authenticated else -1)
                 # after _prepare_runtime: its dispatcher honours events_use_main_thread
                 self._set_state(ServerState.STARTING)
                 listener = self._bind()
@@ -404,7 +435,7 @@ class Server(Component):
                 handshake.abort()
             self._tls_pending.clear()
             for client in list(self._clients.values()):
-                client.close()
+                client.disconnect()
         finally:
             done.set()
 
@@ -478,7 +509,7 @@ class Server(Component):
                            client.peer_port)
         if self.idle_timeout is not None:
             self._watch()
-        client.start()
+        client._conn.start()
 
     def _marker_wanted(self, marker: Any) -> bool:
         # A marker only fires its event: without a handler, it need not go through the
@@ -555,204 +586,137 @@ class Server(Component):
         if self._state is not ServerState.LISTENING:
             return
         now = time.monotonic()
-        frame_limit = self.connection_timeout
         idle_limit = self.idle_timeout
         watching = False
         for client in list(self._clients.values()):
-            if client.closing:
+            conn = client._conn
+            if conn.closing:
                 continue
-            if client.partial_since is not None and now - client.partial_since > frame_limit:
-                client.close(ErrorCode.TIMEOUT,
-                             f"{client.describe()}: frame not completed within "
-                             f"connection_timeout={frame_limit:g} s")
-            elif idle_limit is not None and now - client.last_activity > idle_limit:
-                client.close(ErrorCode.TIMEOUT, f"{client.describe()}: idle for more than "
-                                                f"idle_timeout={idle_limit:g} s")
-            elif (client.send_stalled_since is not None
-                  and now - client.send_stalled_since > frame_limit):
-                client.close(ErrorCode.SEND_BUFFER_FULL,
-                             f"{client.describe()}: does not read; its send queue stayed full "
-                             f"(max_send_buffer={client.max_send_buffer}) for more than "
-                             f"connection_timeout={frame_limit:g} s; disconnected")
+            expired = self._expired(conn, now)
+            if expired is not None:
+                conn.close(*expired)
             else:
                 watching = watching or (idle_limit is not None
-                                        or client.partial_since is not None
-                                        or client.send_stalled_since is not None)
+                                        or conn.partial_since is not None
+                                        or conn.send_stalled_since is not None)
         if watching:
             self._watch()
 
+    def _expired(self, conn: Connection, now: float) -> tuple[ErrorCode, str] | None:
+        """The code and message to close *conn* with if one of its time limits passed."""
+        frame_limit = self.connection_timeout
+        idle_limit = self.idle_timeout
+        if conn.partial_since is not None and now - conn.partial_since > frame_limit:
+            return ErrorCode.TIMEOUT, (f"{conn.describe()}: frame not completed within "
+                                       f"connection_timeout={frame_limit:g} s")
+        if idle_limit is not None and now - conn.last_activity > idle_limit:
+            return ErrorCode.TIMEOUT, (f"{conn.describe()}: idle for more than "
+                                       f"idle_timeout={idle_limit:g} s")
+        stalled = conn.send_stalled_since
+        if stalled is not None and now - stalled > frame_limit:
+            return ErrorCode.SEND_BUFFER_FULL, (
+                f"{conn.describe()}: does not read; its send queue stayed full "
+                f"(max_send_buffer={conn.max_send_buffer}) for more than "
+                f"connection_timeout={frame_limit:g} s; disconnected")
+        return None
+
+    def _live_connection_iter(self) -> Iterator[Connection]:
+        """The live connections (under ``property_lock``, for the tally)."""
+        return (client._conn for client in self._clients.values())
+
     def _live_connections(self) -> list[Connection]:
         with self.property_lock:
-            return list(self._clients.values())
+            return list(self._live_connection_iter())
 
     def _connection_closed(self, conn: Connection) -> None:
-        assert isinstance(conn, ServerClient)
+        client: ServerClient = conn.facade
+        client._closed_mono = time.monotonic()
         with self.property_lock:
-            if self._clients.pop(conn.handle, None) is not None:
+            if self._clients.pop(client.handle, None) is not None:
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
             if not self._clients:
                 self._no_clients.notify_all()
         if self._log_levels.get(logging.INFO) is not False:
-            self._log.info("client #%d %s:%d disconnected", conn.handle, conn.peer_ip,
+            self._log.info("client #%d %s:%d disconnected", client.handle, conn.peer_ip,
                            conn.peer_port)
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        conn._runner = get_ident()
+        """Strand batch runner (a pool thread): *conn*'s items in order, each through
+        :meth:`_handle`. A batch of several is corked, so its replies leave in one
+        ``send`` at the end; a batch of one (the commonest) replies at once."""
+        conn.runner = get_ident()
         try:
-            self._handle_batch(conn, items)
-        finally:
-            conn._runner = None
-            conn._handled(len(items))  # read back-pressure: the strand caught up this far
-
-    def _handle_batch(self, conn: Connection, items: list[Any]) -> None:
-        # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
-        # of this server's profile take _run_sealed; anything else (markers, other
-        # replies, debug logging, frames needing a handshake) takes _run_item.
-        handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
-        debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
-        fast = handler is not None and not self.require_encryption and not (
-            self._debug() if debug is None else debug)
-        if fast and len(items) == 1:
-            # One frame, the commonest batch: its reply leaves at once (there is nothing
-            # to cork it with), but for a large plaintext one (sendmsg, no copy).
-            item = items[0]
-            if item.__class__ is bytes:  # plaintext
-                if conn.closing:
-                    return
-                try:
-                    reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
-                except Exception as exc:
-                    self._handler_failed("on_handle_command", exc, (conn,))
-                    return
-                if reply.__class__ is bytes:
-                    n = len(reply)
-                    if n >= DIRECT_SEND_MIN:  # large: uncork sends it with sendmsg, no copy
-                        conn.cork()
-                        conn._held += (HEADER.pack(MAGIC, n, 0), reply)
-                        conn._held_bytes += n + HEADER_SIZE
-                        conn.uncork()
-                    elif n:
-                        try:
-                            conn.send_frame(plain_frame(reply))
-                        except NotConnectedError:
-                            pass
-                        except SendBufferFullError as exc:
-                            conn.drop_for_full_queue(exc)
-                elif reply:
-                    self._reply(conn, reply, False)
+            handler = self.on_handle_command
+            if self._observer is not None:
+                handler = self._observed(handler)
+            debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
+            if debug is None:
+                debug = self._debug()
+            strict = self.require_encryption
+            if len(items) == 1:
+                self._handle(conn, items[0], handler, strict, debug)
                 return
-            if (item.__class__ is Frame and item[1] == self._sealed_flag
-                    and not conn.closing and (conn.session is not None
-                                              or item[1] == FLAG_MORMOT)):
-                self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
-                return
-        conn.cork()
-        try:
-            for item in items:
-                if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
-                    try:
-                        reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
-                    except Exception as exc:
-                        self._handler_failed("on_handle_command", exc, (conn,))
-                        continue
-                    if reply.__class__ is bytes:
-                        # held: sent by uncork, with the rest of the batch
-                        n = len(reply)
-                        if not n:
-                            continue
-                        held = conn._held
-                        held.append(PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
-                                    else HEADER.pack(MAGIC, n, 0))
-                        held.append(reply)
-                        conn._held_bytes += n + HEADER_SIZE
-                        if conn._held_bytes < HOLD_MAX:
-                            continue
-                        try:
-                            conn.release_held()
-                            continue
-                        except NotConnectedError:
-                            continue
-                        except SendBufferFullError as exc:
-                            conn.drop_for_full_queue(exc)
-                            continue
-                    if reply:
-                        self._reply(conn, reply, False)
-                    continue
-                if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
-                        and not conn.closing and (conn.session is not None
-                                                  or item[1] == FLAG_MORMOT)):
-                    self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
-                    continue
-                try:
-                    conn._run_item(item)
-                except Exception:
-                    self._log.exception("unhandled error handling %r on %s", item, conn)
+            conn.cork()
+            try:
+                for item in items:
+                    self._handle(conn, item, handler, strict, debug)
+            finally:
+                conn.uncork()
         finally:
-            conn.uncork()
+            conn.runner = None
+            conn.handled(len(items))  # read back-pressure: the strand caught up this far
 
-    def _run_sealed(self, conn: Connection, payload: bytes,
-                    handler: Callable[[Server, ServerClient, bytes], Any]) -> None:
-        """_handle_frame for an encrypted frame of this server's profile, once the
-        AUTHENTICATED handshake is done: open it, call *handler*, seal its bytes reply
-        (corked: it leaves with the batch). Strand thread."""
-        session = conn.session
-        try:
-            if session is None:
-                data = self._crypto.mormot.decrypt(payload)  # type: ignore[union-attr]
-            else:
-                data = session.open(payload)
-        except CryptoError as exc:
-            conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
-                       f"frame from {conn.describe()} rejected: {exc}")
+    def _handle(self, conn: Connection, item: Any, handler: Any, strict: bool,
+                debug: bool) -> None:
+        """Strand: one item of *conn* -- frame in, *handler*, reply out; a life-cycle
+        marker goes to :meth:`Connection.run_item`. *strict*: ``require_encryption``;
+        *debug*: log each message. Never raises."""
+        cls = item.__class__
+        if cls is bytes and not strict:  # the payload of a plaintext frame
+            data, flag = item, 0
+        elif cls is bytes or cls is Frame:
+            frame = item if cls is Frame else Frame(item, 0)
+            opened = None if conn.closing else self._open_frame(conn, frame)
+            if opened is None:  # consumed by the handshake, or refused (closing)
+                return
+            data, flag = opened, frame.flag
+        else:
+            self._run_marker(conn, item)
             return
-        reply = self._call_handler(handler, conn, data)
-        if reply:
-            self._reply(conn, reply, True)
-
-    def _call_handler(self, handler: Callable[[Server, ServerClient, bytes], Any],
-                      conn: Connection, data: bytes) -> Any:
-        """``handler(self, conn, data)``; None when it raised (reported as
-        HANDLER_EXCEPTION). Strand thread."""
+        if conn.closing or handler is None:
+            return  # frames left behind by a close are dropped, never handled
+        if debug:
+            self._log.debug("client #%d: %d-byte message (flag %d)", conn.facade.handle,
+                            len(data), flag)
         try:
-            return handler(self, conn, data)  # type: ignore[arg-type]
+            reply = handler(self, conn.facade, data)
         except Exception as exc:
-            self._handler_failed("on_handle_command", exc, (conn,))
-            return None
+            self._handler_failed("on_handle_command", exc, (conn.facade,))
+            return
+        if not reply:
+            return
+        if reply.__class__ is bytes and not flag:
+            conn.send_plain(reply)
+        else:
+            self._reply(conn, reply, flag != 0)  # corked by a batch: sent at its end
+
+    def _run_marker(self, conn: Connection, item: Any) -> None:
+        try:
+            conn.run_item(item)
+        except Exception:
+            self._log.exception("unhandled error handling %r on %s", item, conn)
 
     def _run_item(self, conn: Connection, item: Any) -> None:
+        """Strand, from :meth:`Connection.run_item`: a life-cycle marker."""
         if item is CONNECTED:
-            self._emit("on_connect", conn)
+            self._emit("on_connect", conn.facade)
         elif item is DISCONNECTED:
-            self._emit("on_disconnect", conn)
-            conn._strand.retire()  # the last item: freed without the collector
-        elif item.__class__ is bytes:  # the payload of a plaintext frame
-            self._handle_frame(conn, Frame(item, 0))
-        else:
-            self._handle_frame(conn, item)
-
-    def _handle_frame(self, conn: Connection, frame: Frame) -> None:
-        flag = frame.flag
-        if flag == 0 and not self.require_encryption:
-            data = frame.payload
-        else:
-            opened = self._open_frame(conn, frame)
-            if opened is None:
-                return
-            data = opened
-        handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
-        if handler is None:
-            return
-        if self._debug():
-            self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
-                            len(data), flag)
-        reply = self._call_handler(handler, conn, data)
-        if reply:
-            self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
+            self._emit("on_disconnect", conn.facade)
+            conn.retire_strand()  # the last item: freed without the collector
+        else:  # a frame (the batch runner takes them itself)
+            handler = self._observed(self.on_handle_command)
+            self._handle(conn, item, handler, self.require_encryption, self._debug())
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake
@@ -766,7 +730,7 @@ class Server(Component):
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
         """Report ``on_error(client, ..., HANDLER_EXCEPTION)``; *client* is the event's
         first argument when that is a client (on_connect, on_handle_command ...), else None."""
-        conn = args[0] if args and isinstance(args[0], Connection) else None
+        conn = args[0] if args and isinstance(args[0], ServerClient) else None
         observer = self._observer
         if observer is not None:
             observer.error(ErrorCode.HANDLER_EXCEPTION)
@@ -782,21 +746,22 @@ class Server(Component):
         if observer is not None:
             observer.error(code)
         self._log.error("%s (code %d)", message, code)
-        if conn is None or not conn._post_in_order(ErrorReport(message, code)):
-            if conn is not None and conn.closed and conn._runner != get_ident():
-                conn = None  # its on_disconnect is queued or done: not tied to it any more
-            self._emit("on_error", conn, message, code)
+        if conn is None or not conn.post_in_order(ErrorReport(message, code)):
+            client = None if conn is None else conn.facade
+            if conn is not None and conn.closed and conn.runner != get_ident():
+                client = None  # its on_disconnect is queued or done: not tied to it any more
+            self._emit("on_error", client, message, code)
 
     def _emit_error(self, conn: Connection, message: str, code: int) -> None:
         """Strand: an :class:`ErrorReport` of *conn* comes up in its order."""
-        self._emit("on_error", conn, message, code)
+        self._emit("on_error", conn.facade, message, code)
 
     def _zero_stats(self) -> None:
         self._total_connections = 0
         self._total_rejected = 0
 
     def _emit_data_event(self, name: str, conn: Connection, nbytes: int) -> None:
-        self._emit(name, conn, nbytes)
+        self._emit(name, conn.facade, nbytes)
 
     @property
     def client_count(self) -> int:
@@ -895,11 +860,11 @@ class Server(Component):
             if found is None:
                 return False
             client = found
-        return client.close()
+        return client.disconnect()
 
     def disconnect_all_clients(self) -> int:
         """Disconnect every client; return how many were disconnected."""
-        return sum(1 for client in self.clients.values() if client.close())
+        return sum(1 for client in self.clients.values() if client.disconnect())
 
     def broadcast_data(self, data: Data, encrypted: bool = False) -> int:
         """Queue *data* for every connected client; return for how many it was queued.
@@ -911,13 +876,13 @@ class Server(Component):
         count = 0
         for client in self.clients.values():
             try:
-                self._send_on(client, data, encrypted)
+                self._send_on(client._conn, data, encrypted)
             except NotConnectedError:
                 continue
             except (SendBufferFullError, CryptoError) as exc:
                 if isinstance(exc, CryptoError) and not (self._crypto and self._crypto.enabled):
                     raise
-                self._report(client, f"broadcast to {client.describe()} skipped: {exc}",
+                self._report(client._conn, f"broadcast to {client._conn.describe()} skipped: {exc}",
                              exc.code or ErrorCode.SEND_BUFFER_FULL)
                 continue
             count += 1
