@@ -173,7 +173,7 @@ class Connection:
     __slots__ = ("_owner", "_events", "_sock", "_reading", "_tls", "_decoder", "_strand",
                  "_backlog", "frame_hook", "last_activity", "partial_since",
                  "bytes_received", "messages_received", "closing", "_send_lock", "_out",
-                 "_queue", "runner", "facade",
+                 "_queue", "hold_plain", "runner", "facade",
                  "peer_ip", "peer_port", "_reactor", "_write_armed", "_broken",
                  "_linger_timer", "_sendmsg", "_read_wants_write", "peer_certificate",
                  "closed", "close_code", "session", "established", "__weakref__")
@@ -198,8 +198,13 @@ class Connection:
         #: ServerClient), set by whoever made it; None for the client component.
         self.facade: Any = None
         self._send_lock = threading.Lock()
-        self._queue = SendQueue(max_send_buffer)
-        self._out = self._queue.out  # the same bytearray, for the hot path's emptiness test
+        self._queue = queue = SendQueue(max_send_buffer)
+        self._out = queue.out  # the same bytearray, for the hot path's emptiness test
+        #: Strand, corked by :meth:`cork`: holds a handler's plaintext reply for the
+        #: batch's end (:meth:`SendQueue.hold <morsock._send_queue.SendQueue.hold>`);
+        #: it returns True once the held replies pass ``HOLD_MAX``: call
+        #: :meth:`release_held` then.
+        self.hold_plain: Callable[[bytes], bool] = queue.hold
         self._backlog = ReceiveBacklog(owner.max_receive_backlog)
         self._strand = owner.strand_for(self)
         self._write_armed = False
@@ -661,21 +666,16 @@ class Connection:
         if sent and self._events.on_data_sent is not None:
             self._owner.data_event("on_data_sent", self, sent)
 
-    def send_plain(self, payload: bytes) -> None:
-        """Strand: send a handler's plaintext reply *payload* (framed here). In a corked
-        batch it is held and leaves with the batch (:meth:`uncork`); otherwise at once,
-        a large one with ``sendmsg`` (no copy). A reply that does not fit the send queue
-        disconnects the peer (SEND_BUFFER_FULL); one to a closed connection is dropped."""
-        queue = self._queue
-        if queue.corked_by is not None:
-            if queue.hold(payload):
-                self._queue_held()
-            return
+    def send_plain(self, payload: bytes) -> bool:
+        """Strand, not corked: send a handler's plaintext reply *payload* (framed here) at
+        once, a large one with ``sendmsg`` (no copy). A reply that does not fit the send
+        queue disconnects the peer (SEND_BUFFER_FULL); one to a closed connection is
+        dropped. Returns False (the signature of :meth:`hold_plain`)."""
         n = len(payload)
         try:
             if n >= DIRECT_SEND_MIN and self._sendmsg is not None:
                 self.cork()
-                queue.hold(payload)
+                self._queue.hold(payload)
                 self.uncork()
             else:  # plain_frame(payload), inline: once per reply
                 self.send_frame((PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
@@ -684,9 +684,11 @@ class Connection:
             pass
         except SendBufferFullError as exc:
             self.drop_for_full_queue(exc)
+        return False
 
-    def _queue_held(self) -> None:
-        """Strand, corked: the held replies grew large; queue (or send) them now."""
+    def release_held(self) -> None:
+        """Strand, corked: the held replies grew large; queue (or send) them now. A reply
+        that does not fit disconnects the peer (SEND_BUFFER_FULL)."""
         with self._send_lock:
             if self.closing:
                 self._queue.take_held()
@@ -811,10 +813,17 @@ class Connection:
         try:
             queue = self._queue
             queue.corked_by = None
-            if queue.held and not self.closing and not self._out \
-                    and queue.held_bytes < DIRECT_SEND_MIN:
-                sent = self._send_held_locked()  # the common case, in one go
-                pending = False  # a partial send armed EVENT_WRITE itself
+            held = queue.held
+            if held and not self.closing and not self._out and queue.held_bytes < DIRECT_SEND_MIN:
+                # The common case in one go: frame the few replies and send them (what
+                # the kernel does not take is queued, and EVENT_WRITE armed).
+                queue.held = []  # SendQueue.take_held, inline: once per batch
+                queue.held_bytes = 0
+                pending = False
+                try:
+                    sent = self._send_now_locked(b"".join(held), len(held) // 2)
+                except NotConnectedError:
+                    sent = 0  # the socket failed: it is being closed
             else:
                 sent, full = self._uncork_locked()
                 pending = bool(self._out) and not self._write_armed and not self.closing
@@ -826,15 +835,6 @@ class Connection:
             self._reactor.call_soon(self._arm_write)
         if full is not None:
             self.drop_for_full_queue(full)
-
-    def _send_held_locked(self) -> int:
-        """Under the send lock, nothing queued: frame the few held replies and send them
-        (what the kernel does not take is queued, and EVENT_WRITE armed)."""
-        held = self._queue.take_held()
-        try:
-            return self._send_now_locked(b"".join(held), len(held) // 2)
-        except NotConnectedError:
-            return 0  # the socket failed: it is being closed
 
     def _uncork_locked(self) -> tuple[int, SendBufferFullError | None]:
         """:meth:`uncork`'s other cases: (bytes sent, the error if a reply did not fit)."""

@@ -168,6 +168,10 @@ class ServerClient:
         return f"<ServerClient #{self.handle} {self._conn.describe()}{closed}>"
 
 
+def _no_handler(sender: Server, client: ServerClient, data: bytes) -> None:
+    """The ``on_handle_command`` of a server that has none: frames get no reply."""
+
+
 class Server(Component):
     """A listening TCP component (Delphi ``TmMServer``).
 
@@ -642,64 +646,79 @@ class Server(Component):
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        """Strand batch runner (a pool thread): *conn*'s items in order, each through
-        :meth:`_handle`. A batch of several is corked, so its replies leave in one
-        ``send`` at the end; a batch of one (the commonest) replies at once."""
+        """Strand batch runner (a pool thread): *conn*'s items in order, through
+        :meth:`_handle_items`. A batch of several is corked: its plaintext replies are
+        held and leave in one ``send`` at the end (or once they pass ``HOLD_MAX``); a
+        batch of one, the commonest, replies at once."""
         conn.runner = get_ident()
         try:
-            handler = self.on_handle_command
-            if self._observer is not None:
-                handler = self._observed(handler)
-            debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
-            if debug is None:
-                debug = self._debug()
-            strict = self.require_encryption
             if len(items) == 1:
-                self._handle(conn, items[0], handler, strict, debug)
-                return
-            conn.cork()
-            try:
-                for item in items:
-                    self._handle(conn, item, handler, strict, debug)
-            finally:
-                conn.uncork()
+                self._handle_items(conn, items, conn.send_plain)
+            else:
+                conn.cork()
+                try:
+                    self._handle_items(conn, items, conn.hold_plain)
+                finally:
+                    conn.uncork()
         finally:
             conn.runner = None
             conn.handled(len(items))  # read back-pressure: the strand caught up this far
 
-    def _handle(self, conn: Connection, item: Any, handler: Any, strict: bool,
-                debug: bool) -> None:
-        """Strand: one item of *conn* -- frame in, *handler*, reply out; a life-cycle
-        marker goes to :meth:`Connection.run_item`. *strict*: ``require_encryption``;
-        *debug*: log each message. Never raises."""
+    def _handle_items(self, conn: Connection, items: list[Any],
+                      send_plain: Callable[[bytes], bool]) -> None:
+        """Strand: the one path of a frame -- open it, call ``on_handle_command``, send its
+        reply. A plaintext ``bytes`` reply to a plaintext frame goes to *send_plain*
+        (True: the held replies are due, see :meth:`Connection.hold_plain`), any other to
+        :meth:`_reply`; items that are not frames to :meth:`_open_item`. Never raises."""
+        handler = self.on_handle_command
+        if self._observer is not None:
+            handler = self._observed(handler)
+        if handler is None:
+            handler = _no_handler
+        debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
+        if debug is None:
+            debug = self._debug()
+        strict = self.require_encryption
+        client = conn.facade
+        for item in items:
+            if item.__class__ is not bytes or strict:  # not the payload of a plaintext frame
+                opened = self._open_item(conn, item)
+                if opened is None:
+                    continue
+                data, flag = opened
+            else:
+                data = item
+                flag = 0
+            if conn.closing:
+                continue  # frames left behind by a close are dropped, never handled
+            if debug:
+                self._log.debug("client #%d: %d-byte message (flag %d)", client.handle,
+                                len(data), flag)
+            try:
+                reply = handler(self, client, data)
+            except Exception as exc:
+                self._handler_failed("on_handle_command", exc, (client,))
+                continue
+            if reply.__class__ is bytes and not flag:
+                if reply and send_plain(reply):
+                    conn.release_held()
+            elif reply:
+                self._reply(conn, reply, flag != 0)  # corked by a batch: sent at its end
+
+    def _open_item(self, conn: Connection, item: Any) -> tuple[bytes, int] | None:
+        """Strand: the data and flag of a frame that needs opening (encrypted, or any
+        under ``require_encryption``); None when there is nothing to handle: the frame
+        was consumed (handshake) or refused, or *item* is a life-cycle marker, which
+        this runs."""
         cls = item.__class__
-        if cls is bytes and not strict:  # the payload of a plaintext frame
-            data, flag = item, 0
-        elif cls is bytes or cls is Frame:
-            frame = item if cls is Frame else Frame(item, 0)
-            opened = None if conn.closing else self._open_frame(conn, frame)
-            if opened is None:  # consumed by the handshake, or refused (closing)
-                return
-            data, flag = opened, frame.flag
-        else:
+        if cls is not bytes and cls is not Frame:
             self._run_marker(conn, item)
-            return
-        if conn.closing or handler is None:
-            return  # frames left behind by a close are dropped, never handled
-        if debug:
-            self._log.debug("client #%d: %d-byte message (flag %d)", conn.facade.handle,
-                            len(data), flag)
-        try:
-            reply = handler(self, conn.facade, data)
-        except Exception as exc:
-            self._handler_failed("on_handle_command", exc, (conn.facade,))
-            return
-        if not reply:
-            return
-        if reply.__class__ is bytes and not flag:
-            conn.send_plain(reply)
-        else:
-            self._reply(conn, reply, flag != 0)  # corked by a batch: sent at its end
+            return None
+        frame = item if cls is Frame else Frame(item, 0)
+        if conn.closing:
+            return None
+        opened = self._open_frame(conn, frame)
+        return None if opened is None else (opened, frame.flag)
 
     def _run_marker(self, conn: Connection, item: Any) -> None:
         try:
@@ -715,8 +734,7 @@ class Server(Component):
             self._emit("on_disconnect", conn.facade)
             conn.retire_strand()  # the last item: freed without the collector
         else:  # a frame (the batch runner takes them itself)
-            handler = self._observed(self.on_handle_command)
-            self._handle(conn, item, handler, self.require_encryption, self._debug())
+            self._handle_items(conn, [item], conn.send_plain)
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake
