@@ -15,6 +15,7 @@ from operator import attrgetter
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Union
 
+from ._internals import level_cache
 from ._settings import Setting, _non_negative_int, _positive_int, _seconds, _ssl_context
 from .connection import Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize
@@ -315,11 +316,9 @@ class Component:
         self._dispatcher = EventDispatcher(self, queue, self._handler_failed, self._log)
         #: ``self._debug()``: whether the component's logger takes per-message DEBUG records
         self._debug = functools.partial(self._log.isEnabledFor, logging.DEBUG)
-        #: ``isEnabledFor(level)``'s answers, kept by the logging module until a level
-        #: changes (``Logger._cache``): ``.get(level)`` is True, False or None (not known:
-        #: ask the logger). Lets the per-message and per-connection paths skip a log call.
-        cache = getattr(self._log, "_cache", None)
-        self._log_levels: dict[int, bool] = cache if isinstance(cache, dict) else {}
+        #: ``isEnabledFor(level)``'s answers (see :func:`morsock._internals.level_cache`):
+        #: lets the per-message and per-connection paths skip a log call.
+        self._log_levels = level_cache(self._log)
         #: every connection's strand runner (one bound method for all: see Strand's target)
         self._batch_runner = self._run_items
         self._reactor = Reactor(f"{name}-reactor", self._log)

@@ -128,8 +128,14 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if no_delay else 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if keep_alive else 0)
-    if not keep_alive:
-        return
+    if keep_alive:
+        _keepalive_timing(sock, keepalive_idle, keepalive_interval, keepalive_count)
+
+
+def _keepalive_timing(sock: socket.socket, keepalive_idle: int, keepalive_interval: int,
+                      keepalive_count: int) -> None:
+    """The keep-alive timing of :func:`configure_socket`, with the options this platform
+    has."""
     if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: unacknowledged data fails in time too
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                         (keepalive_idle + keepalive_interval * keepalive_count) * 1000)
@@ -298,17 +304,24 @@ class Connection:
 
     def on_ready(self, mask: int) -> None:
         """Selector callback: read what is ready, flush what is queued."""
-        if mask & EVENT_READ and self._reading:
+        if mask & EVENT_READ and self._may_read():
             self._read()
-        if mask & EVENT_WRITE and self._read_wants_write and self._reading:
+        if mask & EVENT_WRITE and self._read_wants_write and self._may_read():
             self._read_wants_write = False
             self._update_interest()
             self._read()
         if (mask & EVENT_WRITE or (self._tls and self._write_armed)) and not self.closed:
             self._flush()  # TLS: a write that wanted to read may go on once readable
 
+    def _may_read(self) -> bool:
+        """Whether the peer may be read now: not at its end, not closed, not paused.
+        :meth:`_read` is only called where this holds: while it does not, the socket is
+        not registered for reading (:meth:`_update_interest`), and the other callers ask."""
+        return (self._reading and not self.closed and not self._backlog.paused
+                and not self._queue.reading_paused)
+
     def _read_again(self) -> None:
-        if self._reading and not self.closed:
+        if self._may_read():
             self._read()
 
     def _recv_tls(self) -> int:
@@ -351,9 +364,8 @@ class Connection:
 
     def _read(self, mask: int = EVENT_READ) -> None:
         """Read once and hand the frames that completed to the strand (reactor thread;
-        also the selector callback while only reading, *mask* then unused)."""
-        if not self._reading or self._backlog.paused or self._queue.reading_paused:
-            return
+        also the selector callback while only reading, *mask* then unused). Only called
+        while :meth:`_may_read`."""
         try:
             n = self._recv_tls() if self._tls else self._sock.recv_into(self._owner.read_buffer)
         except (BlockingIOError, InterruptedError):
@@ -374,10 +386,10 @@ class Connection:
             self._refuse(exc)
             return
         left = decoder.buffered
-        if not left:
+        if left:
+            self._frame_started(now, bool(frames))
+        else:
             self.partial_since = None
-        elif frames or self.partial_since is None:
-            self._frame_started(now)
         self.bytes_received += n
         self.messages_received += len(frames)
         if self._events.on_data_received is not None:
@@ -391,12 +403,15 @@ class Connection:
         if self._events.on_data_received is not None:
             self._owner.data_event("on_data_received", self, n)
 
-    def _frame_started(self, now: float) -> None:
-        """Reactor thread: a frame's first bytes arrived at *now*; its
-        ``connection_timeout`` needs watching."""
+    def _frame_started(self, now: float, after_frames: bool) -> None:
+        """Reactor thread: a read at *now* ended inside a frame; *after_frames*: whole
+        frames came before it in that read. Marks when the frame in progress started
+        (its ``connection_timeout`` needs watching)."""
         if self.partial_since is None:
             self._owner.watch()
-        self.partial_since = now
+            self.partial_since = now
+        elif after_frames:
+            self.partial_since = now  # the frame in progress started in this chunk
 
     def _read_failed(self, exc: OSError) -> None:
         """Reactor thread: reading raised *exc*: close with what it means."""
@@ -574,14 +589,8 @@ class Connection:
         """Close the socket and notify the owner. A graceful close (no error code, socket
         healthy) with bytes still queued first lets them drain (:meth:`_start_linger`):
         nothing accepted by :meth:`send_frame` is dropped while the peer reads."""
-        if self.closed:
+        if self.closed or self._linger_first():
             return
-        if self._linger_timer is None:
-            if self._out and not self._broken and self.close_code is None:
-                self._start_linger()
-                return
-        else:
-            self._linger_timer.cancel()
         with self._send_lock:
             self.closed = True  # under the lock: see post_in_order
             sent = self._flush_locked() if self._out else 0
@@ -590,10 +599,12 @@ class Connection:
             self._owner.data_event("on_data_sent", self, sent)
         if unsent:
             self._owner.log.info("%s: closed with %d unsent bytes", self, unsent)
-        if (self._reading and not self._read_paused()) or self._write_armed:
-            self._reactor.unregister(self._sock)
         self._close_socket()
         self._owner.connection_closed(self)
+        self._post_last()
+
+    def _post_last(self) -> None:
+        """Reactor thread, the socket closed: the strand's last item."""
         if self._owner.marker_wanted(DISCONNECTED) or not self._strand.is_idle():
             # The last item (also when no on_disconnect wants it but items are still
             # running): the owner retires the strand once it ran.
@@ -601,7 +612,22 @@ class Connection:
         else:
             self.retire_strand()  # nothing more will run: freed without the collector
 
+    def _linger_first(self) -> bool:
+        """Reactor thread, closing: True when a graceful close (no error code, socket
+        healthy) must first let the queue drain (lingering starts now); ends a linger
+        that was under way."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            return False
+        if self._out and not self._broken and self.close_code is None:
+            self._start_linger()
+            return True
+        return False
+
     def _close_socket(self) -> None:
+        """Reactor thread: unregister and close the socket (TLS: close_notify first)."""
+        if (self._reading and not self._read_paused()) or self._write_armed:
+            self._reactor.unregister(self._sock)
         if self._tls:  # best effort close_notify; never waits for the peer's
             with self._send_lock:
                 try:

@@ -18,6 +18,7 @@ from threading import get_ident
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally
+from ._internals import accepter
 from ._settings import Setting, _optional_seconds, _port, _positive_int
 from .connection import CONNECTED, DISCONNECTED, Connection, ErrorReport
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
@@ -452,55 +453,57 @@ class Server(Component):
 
     # -- reactor thread ----------------------------------------------------------------
     def _on_accept(self, mask: int) -> None:
+        """Reactor thread: the listener is readable; accept what is waiting (a bounded
+        number at a time, so the other sockets are served meanwhile)."""
         listener = self._listener
         if listener is None or self._state is not ServerState.LISTENING:
             return
-        tls = self.ssl_context is not None
-        # socket.accept() without its wrapper, which asks the listener for its family and
-        # type (two enum conversions) and its timeout for every connection.
-        accept = getattr(listener, "_accept", None)
-        family = listener.family
+        accept = accepter(listener)
         for _ in range(64):
             try:
-                if accept is not None:
-                    fd, address = accept()
-                    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-                else:
-                    sock, address = listener.accept()
+                sock, address = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._report(None, f"accept failed: {exc}; pausing accepts for 0.1 s",
-                                 ErrorCode.SERVER_FULL)
-                    self._reactor.unregister(listener)
-                    self._reactor.call_later(0.1, self._resume_accepting)
+                self._accept_failed(listener, exc)
                 return
-            # The limit is read for every connection: a refusal's on_error runs on this
-            # thread, in this loop, and may raise max_connections before the next accept.
-            limit = self._connection_limit()
-            if len(self._clients) + len(self._tls_pending) >= limit:  # only this thread adds
-                sock.close()
-                with self._stats_lock:
-                    self._total_rejected += 1
-                self._report(None, f"connection from {address[0]}:{address[1]} refused: "
-                             f"server full (max_connections={limit})",
-                             ErrorCode.SERVER_FULL)
-                continue
-            try:
-                if _OPTIONS_INHERITED:
-                    sock.setblocking(False)  # the rest came with the listener's options
-                else:
-                    self._configure(sock)
-                if tls:
-                    self._start_tls(sock, address)
-                    continue
-                client = ServerClient(self, sock, next(self._handles), address)
-            except OSError as exc:
-                sock.close()
-                self._log.info("accepted socket from %s failed at once: %s", address, exc)
-                continue
-            self._admit(client)
+            self._accepted(sock, address)
+
+    def _accept_failed(self, listener: socket.socket, exc: OSError) -> None:
+        """Reactor thread: ``accept`` failed; out of descriptors or memory, pause accepts
+        for a moment (the kernel holds the connections meanwhile)."""
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            self._report(None, f"accept failed: {exc}; pausing accepts for 0.1 s",
+                         ErrorCode.SERVER_FULL)
+            self._reactor.unregister(listener)
+            self._reactor.call_later(0.1, self._resume_accepting)
+
+    def _accepted(self, sock: socket.socket, address: Any) -> None:
+        """Reactor thread: admit (or refuse, past ``max_connections``) one accepted socket."""
+        # The limit is read for every connection: a refusal's on_error runs on this
+        # thread, in the accept loop, and may raise max_connections before the next accept.
+        limit = self._connection_limit()
+        if len(self._clients) + len(self._tls_pending) >= limit:  # only this thread adds
+            sock.close()
+            with self._stats_lock:
+                self._total_rejected += 1
+            self._report(None, f"connection from {address[0]}:{address[1]} refused: "
+                         f"server full (max_connections={limit})", ErrorCode.SERVER_FULL)
+            return
+        try:
+            if _OPTIONS_INHERITED:
+                sock.setblocking(False)  # the rest came with the listener's options
+            else:
+                self._configure(sock)
+            if self.ssl_context is not None:
+                self._start_tls(sock, address)
+                return
+            client = ServerClient(self, sock, next(self._handles), address)
+        except OSError as exc:
+            sock.close()
+            self._log.info("accepted socket from %s failed at once: %s", address, exc)
+            return
+        self._admit(client)
 
     def _admit(self, client: ServerClient) -> None:
         """Reactor thread: count *client*, make it visible in ``clients``, start its I/O."""
@@ -652,43 +655,42 @@ class Server(Component):
         batch of one, the commonest, replies at once."""
         conn.runner = get_ident()
         try:
+            handler = self.on_handle_command
+            if self._observer is not None:
+                handler = self._observed(handler)
+            debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
+            if debug is None:
+                debug = self._debug()
             if len(items) == 1:
-                self._handle_items(conn, items, conn.send_plain)
-            else:
-                conn.cork()
-                try:
-                    self._handle_items(conn, items, conn.hold_plain)
-                finally:
-                    conn.uncork()
+                self._handle_items(conn, items, handler or _no_handler, debug, conn.send_plain)
+                return
+            conn.cork()
+            try:
+                self._handle_items(conn, items, handler or _no_handler, debug, conn.hold_plain)
+            finally:
+                conn.uncork()
         finally:
             conn.runner = None
             conn.handled(len(items))  # read back-pressure: the strand caught up this far
 
-    def _handle_items(self, conn: Connection, items: list[Any],
-                      send_plain: Callable[[bytes], bool]) -> None:
-        """Strand: the one path of a frame -- open it, call ``on_handle_command``, send its
-        reply. A plaintext ``bytes`` reply to a plaintext frame goes to *send_plain*
-        (True: the held replies are due, see :meth:`Connection.hold_plain`), any other to
-        :meth:`_reply`; items that are not frames to :meth:`_open_item`. Never raises."""
-        handler = self.on_handle_command
-        if self._observer is not None:
-            handler = self._observed(handler)
-        if handler is None:
-            handler = _no_handler
-        debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
-        if debug is None:
-            debug = self._debug()
-        strict = self.require_encryption
+    def _handle_items(self, conn: Connection, items: list[Any], handler: Callable[..., Any],
+                      debug: bool, send_plain: Callable[[bytes], bool]) -> None:
+        """Strand: the one path of a frame -- open it, call *handler* (the observed
+        ``on_handle_command``), send its reply. A plaintext ``bytes`` reply to a plaintext
+        frame goes to *send_plain* (True: the held replies are due, see
+        :attr:`Connection.hold_plain`), any other to :meth:`_reply`; items that are not
+        plaintext frames to :meth:`_open_item`. *debug*: log each message. Never raises."""
+        plain = None if self.require_encryption else bytes  # the items handled as they are
         client = conn.facade
         for item in items:
-            if item.__class__ is not bytes or strict:  # not the payload of a plaintext frame
+            if item.__class__ is plain:  # the payload of a plaintext frame
+                data = item
+                flag = 0
+            else:
                 opened = self._open_item(conn, item)
                 if opened is None:
                     continue
                 data, flag = opened
-            else:
-                data = item
-                flag = 0
             if conn.closing:
                 continue  # frames left behind by a close are dropped, never handled
             if debug:
@@ -733,8 +735,9 @@ class Server(Component):
         elif item is DISCONNECTED:
             self._emit("on_disconnect", conn.facade)
             conn.retire_strand()  # the last item: freed without the collector
-        else:  # a frame (the batch runner takes them itself)
-            self._handle_items(conn, [item], conn.send_plain)
+        else:  # a frame: the batch runner takes them itself, this is for completeness
+            handler = self._observed(self.on_handle_command) or _no_handler
+            self._handle_items(conn, [item], handler, self._debug(), conn.send_plain)
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake

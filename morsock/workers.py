@@ -69,6 +69,8 @@ __all__ = ["WorkerPool", "Strand", "each"]
 #: What :meth:`WorkerPool._next_task` returns to the thread that takes the poll role (a
 #: sentinel, never run).
 _POLL_ROLE: Strand = cast("Strand", object())
+#: What :meth:`WorkerPool._ready_task` returns when there is nothing to do yet.
+_NOTHING: Strand = cast("Strand", object())
 
 #: Seconds: while there is traffic, one idle follower (the standby) looks at the poll role
 #: this often; a leader that went on to run a handler that blocks is relieved of polling
@@ -139,32 +141,12 @@ class SpreadPolicy:
             return
         cpu = self._cpu_clock()
         span = now - self._start
-        items = self._items
-        busy = cpu - self._start_cpu >= SPREAD_BUSY_CPU * span  # the CPU kept busy
         phase = self._phase
         if phase == _SPREADING:
-            if busy and items >= SPREAD_MIN_ITEMS:
-                self._with = (items / span, (cpu - self._start_cpu) / items)
-                self._next(_ALONE, SPREAD_WINDOW, now, cpu)
-            else:
-                self._next(_HOLD_ON, self._hold, now, cpu)
+            self._after_spreading(now, cpu, span)
         elif phase == _ALONE:
-            rate, cost = self._with
-            alone = (items >= SPREAD_MIN_ITEMS and items / span >= rate
-                     and (cpu - self._start_cpu) / items <= cost * 0.9)
-            # the same answer again: hold it twice as long (each window not spreading
-            # costs a workload that needs spreading a tenth of a second of it)
-            self._hold = (min(self._hold * 2, SPREAD_HOLD_MAX) if alone == self._alone
-                          else SPREAD_HOLD)
-            self._alone = alone
-            self._alone_rate = items / span
-            if alone:
-                self._hold_end = now + self._hold  # checked every window until then
-                self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)
-            else:
-                self._next(_HOLD_ON, self._hold, now, cpu)
-        elif phase == _HOLD_OFF and now < self._hold_end and busy and (
-                items / span >= self._alone_rate * 0.5):
+            self._after_alone(now, cpu, span)
+        elif phase == _HOLD_OFF and now < self._hold_end and self._still_alone(cpu, span):
             self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)  # still busy: go on alone
         else:
             # A hold is over; or one thread alone no longer keeps the CPU busy, or does
@@ -173,6 +155,41 @@ class SpreadPolicy:
             if phase == _HOLD_OFF and now < self._hold_end:
                 self._hold = SPREAD_HOLD
             self._next(_SPREADING, SPREAD_WINDOW, now, cpu)
+
+    def _busy(self, cpu: float, span: float) -> bool:
+        """Whether the process kept the CPU busy through the phase."""
+        return cpu - self._start_cpu >= SPREAD_BUSY_CPU * span
+
+    def _after_spreading(self, now: float, cpu: float, span: float) -> None:
+        """The window spreading ended: measure one alone next, if it is worth trying."""
+        items = self._items
+        if self._busy(cpu, span) and items >= SPREAD_MIN_ITEMS:
+            self._with = (items / span, (cpu - self._start_cpu) / items)
+            self._next(_ALONE, SPREAD_WINDOW, now, cpu)
+        else:
+            self._next(_HOLD_ON, self._hold, now, cpu)
+
+    def _after_alone(self, now: float, cpu: float, span: float) -> None:
+        """The window alone ended: hold the better of the two."""
+        items = self._items
+        rate, cost = self._with
+        alone = (items >= SPREAD_MIN_ITEMS and items / span >= rate
+                 and (cpu - self._start_cpu) / items <= cost * 0.9)
+        # the same answer again: hold it twice as long (each window not spreading
+        # costs a workload that needs spreading a tenth of a second of it)
+        self._hold = (min(self._hold * 2, SPREAD_HOLD_MAX) if alone == self._alone
+                      else SPREAD_HOLD)
+        self._alone = alone
+        self._alone_rate = items / span
+        if alone:
+            self._hold_end = now + self._hold  # checked every window until then
+            self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)
+        else:
+            self._next(_HOLD_ON, self._hold, now, cpu)
+
+    def _still_alone(self, cpu: float, span: float) -> bool:
+        """In a hold alone: the CPU stays busy and the rate holds up (half of it)."""
+        return self._busy(cpu, span) and self._items / span >= self._alone_rate * 0.5
 
     def _next(self, phase: int, length: float, now: float, cpu: float) -> None:
         self._phase = phase
@@ -392,23 +409,26 @@ class WorkerPool:
     def _next_task(self) -> Strand | None:
         """Under the pool lock: :data:`_POLL_ROLE` (this thread now leads), a ready strand,
         or None once stopping with nothing ready; waits until one of them."""
-        ready = self._ready
-        watching = False  # a standby's watch just ended
         while True:
-            if (watching and not self._stopping
-                    and time.monotonic() - self._released_at < WATCHDOG):
-                pass  # the watch found the leader cycling normally: back to sleep
-            elif self._poll_free and not self._stopping:
-                self._poll_free = False
-                return _POLL_ROLE
-            elif ready:
-                strand = ready.popleft()
-                if ready and self._idle and self._spreading():
-                    self._cv.notify()
-                return strand
-            elif self._stopping:
-                return None
-            watching = self._wait()
+            task = self._ready_task()
+            if task is not _NOTHING:
+                return task
+            while self._wait():
+                pass  # the watch found the leader cycling normally: watch again
+
+    def _ready_task(self) -> Strand | None:
+        """Under the pool lock: what :meth:`_next_task` returns if there is one now, else
+        :data:`_NOTHING`."""
+        ready = self._ready
+        if self._poll_free and not self._stopping:
+            self._poll_free = False
+            return _POLL_ROLE
+        if ready:
+            strand = ready.popleft()
+            if ready and self._idle and self._spreading():
+                self._cv.notify()
+            return strand
+        return None if self._stopping else _NOTHING
 
     def _spreading(self) -> bool:
         """Under the pool lock: whether another ready strand should wake an idle thread
@@ -419,9 +439,12 @@ class WorkerPool:
     def _wait(self) -> bool:
         """Under the pool lock, idle: wait to be notified -- as the standby (one idle
         thread at a time, while the pool is not quiet), for at most :data:`WATCHDOG`.
-        Returns True when a standby's watch timed out. A watch that finds the leader
-        still inside the same poll (no traffic) makes the pool quiet: idle threads then
-        sleep until the leader leaves a poll with traffic (see :meth:`_lead`)."""
+        Returns True when a standby's watch timed out while the poll role is in use or
+        was left free less than :data:`WATCHDOG` ago (the leader cycles normally: the
+        caller watches again); False when there may be something to do. A watch that
+        finds the leader still inside the same poll (no traffic) makes the pool quiet:
+        idle threads then sleep until the leader leaves a poll with traffic (see
+        :meth:`_release_poll_role`)."""
         self._idle += 1
         try:
             if self._reactor is None or self._standby or self._quiet:
@@ -431,9 +454,11 @@ class WorkerPool:
             seen = self._released_at
             timed_out = not self._cv.wait(WATCHDOG)
             self._standby = False
-            if timed_out and self._released_at == seen and not self._poll_free:
+            if not timed_out or self._stopping:
+                return False
+            if self._released_at == seen and not self._poll_free:
                 self._quiet = True
-            return timed_out
+            return time.monotonic() - self._released_at < WATCHDOG
         finally:
             self._idle -= 1
 
@@ -444,6 +469,24 @@ class WorkerPool:
         end = perf_counter()
         self._strand_time += (end - start - self._strand_time) * 0.125
         return (end, items)
+
+    def _release_poll_role(self) -> int:
+        """Under the pool lock, after the leader's poll: leave the poll role free, publish
+        the harvest; returns how many strands are ready."""
+        self._poll_free = True
+        self._released_at = time.monotonic()
+        cv = self._cv
+        if self._quiet:  # the first poll with traffic after a quiet spell
+            self._quiet = False
+            cv.notify_all()  # the watch resumes (and a follower may take the poll)
+        harvest = self._harvest
+        ready = self._ready
+        if harvest:
+            ready.extend(harvest)
+            harvest.clear()
+        if ready and self._idle and self._spreading():
+            cv.notify()  # slow handlers: a follower takes the poll role at once
+        return len(ready)
 
     def _note_run(self, ran: tuple[float, int]) -> None:
         """Under the pool lock, after a thread ran strands: *ran* is (when it ended,
@@ -465,21 +508,10 @@ class WorkerPool:
             reactor.poll_once(0.0 if ready else None)
         except Exception:
             self._log.exception("%s: error in the reactor loop", self.name)
-        harvest = self._harvest
         with cv:
-            self._poll_free = True
-            self._released_at = time.monotonic()
-            if self._quiet:  # the first poll with traffic after a quiet spell
-                self._quiet = False
-                cv.notify_all()  # the watch resumes (and a follower may take the poll)
-            if harvest:
-                ready.extend(harvest)
-                harvest.clear()
-            count = len(ready)
+            count = self._release_poll_role()
             if not count:
                 return None
-            if self._idle and self._reactor is not None and self._spreading():
-                cv.notify()  # slow handlers: a follower takes the poll role at once
         # Run this batch without the pool lock (deque pops are atomic); a follower may
         # take some of it meanwhile.
         popleft = ready.popleft
