@@ -186,6 +186,7 @@ def main() -> None:
             harvest.clear()
             strand._first = None
             strand._scheduled = False
+            conn.handled(args.frames)  # as if the strand ran them: no read back-pressure
 
         view = server._link.read_view
         view[:len(frame)] = frame
