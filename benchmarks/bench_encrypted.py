@@ -466,7 +466,8 @@ def drive(port: int, server_pid: int, profile: str, mode: str, size: int, conns:
             "errors": errors + unchecked, "replies": done}
 
 
-#: glibc malloc settings that keep freed big buffers (see ../shared/bench/README.md)
+#: glibc malloc settings that keep freed big buffers (freeing and re-faulting 64 KiB
+#: buffers per request otherwise shows up as system time)
 MALLOC_TUNE = {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "268435456"}
 
 

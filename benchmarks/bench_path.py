@@ -15,16 +15,16 @@ then per frame, a read's fixed costs shared among its N frames):
 * ``read callback``: ``_read`` with the decoder and the strand's scheduling only;
 * ``decoder``: ``FrameDecoder.feed_buffer`` of one whole frame in the scratch buffer;
 * ``batch runner``: ``Server._run_items`` of a one-frame batch, with the stub ``send``;
-* ``reference``: the read callback of the harness's ``selectors_reactor`` reference server
-  (``../shared/bench/ref/selectors_reactor.py``, copied below: recv, parse, reply, send)
-  on the same stub reads -- the pure-Python floor the issue measures morsock against.
+* ``reference``: the read callback of a minimal single-threaded ``selectors`` echo
+  reactor (below: recv into a scratch buffer, parse in place, reply, send) on the same
+  stub reads -- the pure-Python floor of a selectors design.
 
 ``--connections K`` spreads the requests of ``whole path`` and ``reference`` over K
 connections in turn (c1k: 1,000), each request finding its connection's objects colder;
 ``--pollute B`` copies B bytes between two requests, a stand-in for the caches the
 kernel's share of a real request evicts (its own cost, measured alone, is subtracted).
 
-It reaches into morsock's internals (the figures explain the harness's, see
+It reaches into morsock's internals (the figures explain compare.py's, see
 benchmarks/README.rst); it is a measurement, not a test. Pin it for steadier figures:
 ``taskset -c 0 python benchmarks/bench_path.py``.
 """
@@ -72,7 +72,7 @@ def per_call(fn: Callable[[], None], count: int, rounds: int) -> float:
 
 
 class ReferenceConnection:
-    """A connection of ``selectors_reactor.py``."""
+    """A connection of the minimal selectors reactor."""
 
     __slots__ = ("sock", "inbuf", "outbuf")
 
@@ -83,7 +83,7 @@ class ReferenceConnection:
 
 
 def reference_reader() -> Callable[[ReferenceConnection], None]:
-    """``on_read`` of ``selectors_reactor.py`` (its error paths cut: a stub never fails)."""
+    """``on_read`` of the minimal selectors reactor (its error paths cut: a stub never fails)."""
     magic_ = 0xCAFEBABE
     hdr = struct.Struct("<IIB")
     unpack_from = hdr.unpack_from
@@ -144,6 +144,9 @@ def main() -> None:
                     help="connections the requests take turns on (c1k: 1000)")
     ap.add_argument("--pollute", type=int, default=0, metavar="BYTES",
                     help="bytes copied between two requests (cache pollution)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also measure the whole path with morsock.metrics registered "
+                         "(needs prometheus_client)")
     args = ap.parse_args()
 
     server = Server(0, "127.0.0.1", on_handle_command=lambda sender, client, data: data)
@@ -188,7 +191,7 @@ def main() -> None:
             strand._scheduled = False
             conn.handled(args.frames)  # as if the strand ran them: no read back-pressure
 
-        view = server._link.read_view
+        view = server._conn_owner.read_view
         view[:len(frame)] = frame
         decoder = conn._decoder
         size = len(frame)
@@ -212,6 +215,22 @@ def main() -> None:
             costs[name] = cost = cost / args.frames
             print(f"{name:14} {cost:6.3f} us per request")
         print(f"whole path / reference: {costs['whole path'] / costs['reference']:.2f}")
+        if args.metrics:
+            from prometheus_client import CollectorRegistry
+
+            from morsock.metrics import register
+
+            best = {False: float("inf"), True: float("inf")}
+            for _ in range(3):  # alternated, so that both meet the same machine state
+                for metrics in (False, True):
+                    registration = register(server, CollectorRegistry()) if metrics else None
+                    cost = (per_call(whole, args.requests, args.rounds) - base) / args.frames
+                    if registration is not None:
+                        registration.unregister()
+                    best[metrics] = min(best[metrics], cost)
+            with_metrics, without = best[True], best[False]
+            print(f"whole path with metrics registered {with_metrics:6.3f} us per request, "
+                  f"without {without:6.3f}: {with_metrics / without:.3f} x")
         assert all(c.messages_received == c.messages_sent > 0 for c in conns), \
             "the path did not run on every connection"
     finally:

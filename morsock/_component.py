@@ -16,10 +16,26 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 from ._internals import level_cache
-from ._settings import Setting, _non_negative_int, _positive_int, _seconds, _ssl_context
+from ._settings import (
+    Setting,
+    _boolean,
+    _enum,
+    _event_queue,
+    _logger,
+    _passphrase,
+    _positive_int,
+    _seconds,
+    _ssl_context,
+)
 from .connection import Connection
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize
-from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
+from .errors import (
+    CryptoError,
+    MorsockError,
+    NotConnectedError,
+    ProtocolError,
+    SendBufferFullError,
+)
 from .events import EventDispatcher, EventQueue
 from .protocol import FLAG_MORMOT, FLAG_PLAIN, HEADER_SIZE, Frame, encode_frame
 from .reactor import Reactor
@@ -190,29 +206,30 @@ class Component:
         doc="Seconds: the bound of a connect attempt (client), of a TLS handshake, and of a "
             "frame once its first byte arrived; past it the connection fails (TIMEOUT).")
     events_use_main_thread: Setting[bool] = Setting(
-        False, bool,
+        False, _boolean,
         doc="Run every event except on_handle_command on the thread that pumps "
             "event_queue (EventQueue.pump, morsock.tk.attach), not on library threads.")
     event_queue: Setting[EventQueue | None] = Setting(
-        None, doc="The EventQueue of events_use_main_thread (None: EventQueue.default()).")
+        None, _event_queue,
+        doc="The EventQueue of events_use_main_thread (None: EventQueue.default()).")
     encryption_key: Setting[str] = Setting(
-        "", lambda v: "" if v is None else str(v),
+        "", _passphrase,
         doc="Passphrase of the per-message AES encryption (empty: no encryption); the "
             "keys are derived from it once, at start.")
     encryption_mode: Setting[AESMode] = Setting(
-        AESMode.CBC, AESMode.parse, doc="AES mode: an AESMode or its name ('cbc', 'amCBC').")
+        AESMode.CBC, _enum(AESMode.parse), doc="AES mode: an AESMode or its name ('cbc', 'amCBC').")
     encryption_key_size: Setting[KeySize] = Setting(
-        KeySize.AES256, KeySize.parse, doc="AES key size: a KeySize or 128, 192, 256.")
+        KeySize.AES256, _enum(KeySize.parse), doc="AES key size: a KeySize or 128, 192, 256.")
     encryption_profile: Setting[EncryptionProfile] = Setting(
-        EncryptionProfile.AUTHENTICATED, EncryptionProfile.parse,
+        EncryptionProfile.AUTHENTICATED, _enum(EncryptionProfile.parse),
         doc="AUTHENTICATED (flag 2: authenticated, replay-proof) or MORMOT (flag 1: "
             "byte-compatible with the Delphi components, unauthenticated).")
     require_encryption: Setting[bool] = Setting(
-        False, bool, live=True,
+        False, _boolean, live=True,
         doc="Refuse plaintext frames: a peer that sends one is disconnected "
             "(ENCRYPTION_REQUIRED).")
     keep_alive: Setting[bool] = Setting(
-        True, bool, doc="TCP keep-alive on every socket (timing: the keepalive_* settings).")
+        True, _boolean, doc="TCP keep-alive on every socket (timing: the keepalive_* settings).")
     #: Keep-alive timing (whole seconds, applied to every socket when ``keep_alive``):
     #: first probe after ``keepalive_idle`` (default 10) idle seconds, then one every
     #: ``keepalive_interval`` (5), dropped after ``keepalive_count`` (3) unanswered probes;
@@ -225,9 +242,9 @@ class Component:
         3, _positive_int,
         doc="Unanswered keep-alive probes after which the connection fails (TIMEOUT).")
     no_delay: Setting[bool] = Setting(
-        True, bool, doc="TCP_NODELAY on every socket: small messages leave at once.")
+        True, _boolean, doc="TCP_NODELAY on every socket: small messages leave at once.")
     max_message_size: Setting[int] = Setting(
-        16 * 1024 * 1024, _non_negative_int,
+        16 * 1024 * 1024, _positive_int,
         doc="Largest payload accepted from a peer, in bytes, checked from the frame header "
             "before anything is allocated (a larger frame: MESSAGE_TOO_LARGE).")
     max_send_buffer: Setting[int] = Setting(
@@ -242,12 +259,13 @@ class Component:
     ssl_context: Setting[Any] = Setting(
         None, _ssl_context, doc="An ssl.SSLContext: every connection is TLS (None: plain TCP).")
     logger: Setting[logging.Logger | None] = Setting(
-        None, doc="The logger of this component (None: logging.getLogger('morsock')).")
+        None, _logger, doc="The logger of this component (None: logging.getLogger('morsock')).")
 
     #: Set by :func:`morsock.metrics.register` (None: no metrics). The components call
-    #: ``_observer.handler_done(seconds)`` after every ``on_handle_command`` call (its
-    #: duration, also when it raised) and ``_observer.error(code)`` wherever ``on_error``
-    #: is reported; while it is None the hot path pays one ``is not None`` check.
+    #: ``_observer.handler_done(seconds, calls)`` after ``on_handle_command`` calls (their
+    #: duration, also when one raised; a server's batch of plaintext frames at once) and
+    #: ``_observer.error(code)`` wherever ``on_error`` is reported; while it is None the
+    #: hot path pays an ``is not None`` check.
     _observer: Any = None
     _EVENTS: tuple[str, ...] = ()
     #: Strand items for plaintext frames are their payloads (``bytes``), not Frames.
@@ -268,7 +286,7 @@ class Component:
         self._pool: Any = None
         self._crypto: CryptoContext | None = None
         #: What every connection of this component knows of it (see ComponentLink).
-        self._link = ComponentLink(self)
+        self._conn_owner = ComponentLink(self)
         for name in self._EVENTS:
             setattr(self, name, None)
         for name, value in settings.items():
@@ -407,6 +425,8 @@ class Component:
                                       ErrorCode.DECRYPT_FAILED)
                 return bytes(ctx.mormot.decrypt(frame.payload))
             if not ctx.authenticated:
+                if conn.session is None:
+                    self._refuse_hello(conn, frame.payload, self._hello_mismatch(ctx))
                 raise CryptoError(self._profile_mismatch("AUTHENTICATED", ctx),
                                   ErrorCode.AUTHENTICATION_FAILED)
             session = conn.session
@@ -425,15 +445,55 @@ class Component:
             return f"{kind}-profile encrypted frame, but no encryption_key is set"
         return f"{kind}-profile encrypted frame, but this side uses the {ctx.profile.name} profile"
 
+    @staticmethod
+    def _hello_mismatch(ctx: CryptoContext) -> str:
+        """What a client asking for the AUTHENTICATED profile has to change to talk to
+        this side (which does not use it)."""
+        if not ctx.key:
+            return ("the server has no encryption_key (it takes plaintext only): connect "
+                    "without encryption_key, or give the server the same key, mode and "
+                    "key size")
+        return ("the server uses encryption_profile=MORMOT (the Delphi-compatible "
+                "profile): set encryption_profile='MORMOT' on the client too, with the "
+                "same key, mode and key size")
+
+    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
+        """A flag-2 frame came first on *conn* and cannot start a session: a server tells
+        a morsock client why (see :func:`morsock.crypto.refusal_frame`) before the
+        connection is closed; a client never answers. Strand."""
+
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         """A flag-2 frame before any session: only the server accepts it (a ClientHello)."""
         raise CryptoError("unexpected AUTHENTICATED handshake frame",
                           ErrorCode.AUTHENTICATION_FAILED)
 
     # -- frames out ------------------------------------------------------------------
+    def _check_size(self, payload: bytes, encrypted: bool) -> None:
+        """Raise ProtocolError(MESSAGE_TOO_LARGE) when the frame of *payload* would carry
+        more than ``max_message_size`` bytes (the limit a peer with the same setting
+        refuses): refused here, before anything is sent. Any thread."""
+        size = len(payload)
+        limit = self.max_message_size
+        if size <= limit - 64:  # no cipher adds 64 bytes: the common case, no lookup
+            return
+        ctx = self._crypto
+        if encrypted and ctx is not None and ctx.enabled:
+            from .crypto import authenticated_payload_size, mormot_payload_size
+            size = (mormot_payload_size(size) if ctx.mormot is not None
+                    else authenticated_payload_size(ctx.mode, size))
+        if size > limit:
+            wire = f" ({size} once encrypted)" if size != len(payload) else ""
+            raise ProtocolError(
+                f"message of {len(payload)} bytes{wire} is over max_message_size "
+                f"({limit}): not sent. A peer with the same limit would close the "
+                f"connection; raise max_message_size on both sides, or split the message",
+                ErrorCode.MESSAGE_TOO_LARGE)
+
     def _send_on(self, conn: Connection, data: Data, encrypted: bool) -> None:
-        """Frame *data* (encrypted as configured) and send it on *conn* (any thread)."""
+        """Frame *data* (encrypted as configured) and send it on *conn* (any thread).
+        Raises ProtocolError(MESSAGE_TOO_LARGE) over ``max_message_size``."""
         payload = as_bytes(data)
+        self._check_size(payload, encrypted)
         if not encrypted:
             conn.send_frame(encode_frame(payload))
             return
@@ -459,7 +519,7 @@ class Component:
             pass
         except SendBufferFullError as exc:
             conn.drop_for_full_queue(exc)
-        except (CryptoError, TypeError, ValueError) as exc:
+        except (CryptoError, ProtocolError, TypeError, ValueError) as exc:
             self._report(conn, f"reply to {conn.describe()} not sent: {exc}",
                          getattr(exc, "code", None) or ErrorCode.HANDLER_EXCEPTION)
 

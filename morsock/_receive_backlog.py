@@ -15,8 +15,6 @@ ordered so that one of the two sides always sees the other (see :meth:`posted`).
 
 from __future__ import annotations
 
-from collections import deque
-
 __all__ = ["ReceiveBacklog"]
 
 
@@ -30,7 +28,8 @@ class ReceiveBacklog:
         self.limit = limit
         # (frames posted in all, their bytes in all) after each read whose frames are not
         # all handled yet: an entry is forgotten once its frames are.
-        self._log: deque[tuple[int, int]] = deque()
+        # A list, not a deque: an empty deque costs a 64-slot block per connection.
+        self._log: list[tuple[int, int]] = []
         self._frames = 0          # frames posted, in all
         self._bytes = 0           # their wire bytes
         self._done_bytes = 0      # wire bytes of the frames known to be handled
@@ -46,15 +45,30 @@ class ReceiveBacklog:
     @property
     def size(self) -> int:
         """Wire bytes of the frames posted and not yet handled (exact on the reactor
-        thread; from another thread it may count up to one more read)."""
-        self._forget_handled()
-        return self._bytes - self._done_bytes
+        thread; from another thread it may count up to one more read). Any thread: it
+        changes nothing."""
+        handled = self.items - self.markers
+        done = self._done_bytes
+        for frames, nbytes in tuple(self._log):  # the reactor thread may change the list
+            if frames > handled:
+                break
+            done = nbytes
+        return self._bytes - done
 
-    def _forget_handled(self) -> None:
+    def _forget_handled(self) -> int:
+        """Reactor thread: drop the entries whose frames were handled; return the
+        backlog."""
         handled = self.items - self.markers
         log = self._log
-        while log and log[0][0] <= handled:
-            self._done_bytes = log.popleft()[1]
+        done = 0
+        for frames, nbytes in log:
+            if frames > handled:
+                break
+            self._done_bytes = nbytes
+            done += 1
+        if done:
+            del log[:done]
+        return self._bytes - self._done_bytes
 
     def posted(self, frames: int, nbytes: int) -> bool:
         """Reactor thread: one read posted *frames* frames of *nbytes* wire bytes to the
@@ -66,7 +80,7 @@ class ReceiveBacklog:
             self._forget_handled()
         self._log.append((self._frames, self._bytes))
         limit = self.limit
-        if self._bytes - self._done_bytes <= limit or self.size <= limit:
+        if self._bytes - self._done_bytes <= limit or self._forget_handled() <= limit:
             return False
         half = limit // 2
         total = self._bytes
@@ -107,6 +121,11 @@ class ReceiveBacklog:
             return False
         self.paused = False
         return True
+
+    def unpause(self) -> None:
+        """Reactor thread: forget a pause (the connection's socket was replaced)."""
+        self.paused = self._resume_asked = False
+        self._resume_at = 0
 
     def entries(self) -> int:
         """How many reads are remembered (their frames not all handled): bounded by the

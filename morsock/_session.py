@@ -176,6 +176,9 @@ _ENDED = "ENDED"
 # --------------------------------------------------------------------------- the wire
 
 def _put_varint(out: bytearray, value: int) -> None:
+    if value < 0x80:   # the common case: one byte
+        out.append(value)
+        return
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
@@ -188,6 +191,8 @@ def _malformed(what: str) -> ProtocolError:
 
 def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Return (value, position after it); ProtocolError if truncated or over 64 bits."""
+    if pos < len(buf) and buf[pos] < 0x80:   # the common case: one byte
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= len(buf):
@@ -318,6 +323,10 @@ class SessionEnded(NamedTuple):
 
 Event = Union[Message, LateReply, SessionStarted, SessionEnded]
 
+#: ``Message(data, encrypted, request_id, reply_to)`` without the Python-level
+#: ``__new__`` of a NamedTuple (one per message each way).
+_new_message = tuple.__new__
+
 
 # --------------------------------------------------------------------------- session
 
@@ -410,6 +419,17 @@ class Session:
         out, self._out = self._out, []
         return b"".join(out)
 
+    def frames_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` as one complete frame per item (the shell writes them one
+        by one, so each counts as a frame sent); empties the queue."""
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def has_output(self) -> bool:
+        """True when frames wait for :meth:`frames_to_send`."""
+        return bool(self._out)
+
     # -- connections -------------------------------------------------------------------
     def connection_made(self, channel: Channel, now: float) -> list[Event]:
         """Client: a new connection (after its TLS and AUTHENTICATED handshakes) carries
@@ -463,7 +483,7 @@ class Session:
 
         Raises SendBufferFullError past ``max_send_buffer`` (nothing changes), CryptoError
         for ``encrypted`` on an open connection without a key."""
-        self._accept(Message(data, encrypted), now)
+        self._accept(_new_message(Message, (data, encrypted, 0, 0)), now)
 
     def request(self, data: bytes, encrypted: bool, now: float) -> int:
         """Client: accept a request; return its id (its reply comes as a Message with
@@ -471,7 +491,7 @@ class Session:
         if not self._client:
             raise ValueError("only the client sends requests")
         rid = self._next_rid
-        self._accept(Message(data, encrypted, request_id=rid), now)
+        self._accept(_new_message(Message, (data, encrypted, rid, 0)), now)
         self._next_rid = rid + 1
         self._pending.add(rid)
         return rid
@@ -481,7 +501,7 @@ class Session:
         ValueError for an id that never came."""
         if self._client or not 0 < request_id <= self._max_rid_seen:
             raise ValueError(f"no request {request_id} to reply to")
-        self._accept(Message(data, encrypted, reply_to=request_id), now)
+        self._accept(_new_message(Message, (data, encrypted, 0, request_id)), now)
 
     def abandon(self, request_id: int) -> None:
         """Client: the request timed out; its reply, if it comes, is a LateReply."""
@@ -601,7 +621,7 @@ class Session:
         channel = self._channel
         assert channel is not None
         if flag == FLAG_PLAIN:
-            return self._deliver(Message(frame.payload), now)
+            return self._deliver(_new_message(Message, (frame.payload, False, 0, 0)), now)
         if flag == FLAG_SESSION:
             return self._record(frame.payload, False, channel.binding is not None, now)
         return self._record(channel.open(frame), True, False, now)
@@ -653,11 +673,12 @@ class Session:
                 self._count_delivery(len(body), now)
                 return [LateReply(rid, body, encrypted)]
             self._pending.discard(rid)
-            return self._deliver(Message(body, encrypted, reply_to=rid), now)
+            return self._deliver(_new_message(Message, (body, encrypted, 0, rid)), now)
         if kind == _REQUEST:
-            self._max_rid_seen = max(self._max_rid_seen, rid)
-            return self._deliver(Message(body, encrypted, request_id=rid), now)
-        return self._deliver(Message(body, encrypted), now)
+            if rid > self._max_rid_seen:
+                self._max_rid_seen = rid
+            return self._deliver(_new_message(Message, (body, encrypted, rid, 0)), now)
+        return self._deliver(_new_message(Message, (body, encrypted, 0, 0)), now)
 
     def _deliver(self, message: Message, now: float) -> list[Event]:
         if self._state == _CLOSING:
@@ -767,7 +788,9 @@ class Session:
         unanswered = tuple(sorted(r for r in self._pending if r not in lost_ids))
         self._pending.clear()
         self._reset(None, None, False)
-        self._state = _ENDED
+        # a client's Session carries the next session: it queues for it meanwhile
+        self._state = _DETACHED if self._client else _ENDED
+        self._detached_at = None
         return SessionEnded(sid, lost, unanswered, graceful, reason)
 
     def _lose(self, reason: str) -> SessionEnded:

@@ -8,6 +8,10 @@ Not public: the settings themselves are documented on :class:`~morsock.Server` a
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
+import operator
 import textwrap
 from enum import Enum
 from operator import attrgetter
@@ -79,41 +83,154 @@ class Setting(property, Generic[T]):
                     values.setdefault(attr._key, attr.default)
 
 
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _integer(value: Any) -> int:
+    """An ``int`` (or anything with ``__index__``), never a bool, float or str."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"must be an int, not {_kind(value)}")
+    return operator.index(value)
+
+
 def _non_negative_int(value: Any) -> int:
-    number = int(value)
+    number = _integer(value)
     if number < 0:
-        raise ValueError("must be >= 0")
+        raise ValueError(f"must be >= 0, not {number}")
     return number
 
 
 def _port(value: Any) -> int:
-    number = int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        raise TypeError(f"a TCP port is an int, not the str {value!r}: pass {int(value)}")
+    number = _integer(value)
     if not 0 <= number <= 65535:
         raise ValueError(f"a TCP port is 0-65535, not {number}")
     return number
 
 
 def _positive_int(value: Any) -> int:
-    number = int(value)
+    number = _integer(value)
     if number < 1:
-        raise ValueError("must be >= 1")
+        raise ValueError(f"must be >= 1, not {number}")
     return number
+
+
+def _boolean(value: Any) -> bool:
+    """True or False only: ``bool("no")`` is True, so nothing else is guessed at."""
+    if not isinstance(value, bool):
+        raise TypeError(f"must be True or False, not {_kind(value)}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"must be a number of seconds, not {_kind(value)}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"must be a finite number of seconds, not {seconds}")
+    return seconds
 
 
 def _optional_seconds(value: Any) -> float | None:
     if value is None:
         return None
-    seconds = float(value)
+    seconds = _number(value)
     if seconds <= 0:
-        raise ValueError("must be > 0 or None")
+        raise ValueError(f"must be > 0 seconds, or None (off), not {value!r}")
     return seconds
 
 
 def _seconds(value: Any) -> float:
-    seconds = float(value)
+    seconds = _number(value)
     if seconds <= 0:
-        raise ValueError("must be > 0")
+        raise ValueError(f"must be > 0 seconds, not {value!r}")
     return seconds
+
+
+def _non_negative_seconds(value: Any) -> float:
+    seconds = _number(value)
+    if seconds < 0:
+        raise ValueError(f"must be >= 0 seconds, not {value!r}")
+    return seconds
+
+
+def check_timeout(value: Any, where: str = "request(timeout=...)") -> float:
+    """A call's timeout argument: finite seconds > 0, else TypeError/ValueError naming
+    *where*."""
+    try:
+        return _seconds(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+def _address(value: Any, empty_ok: bool) -> str:
+    if not isinstance(value, str):
+        hint = " (host forgotten? pass host first, then port)" if isinstance(value, int) else ""
+        raise TypeError(f"a host is a str (a name or an IP address), not "
+                        f"{_kind(value)}{hint}")
+    text = value.strip()
+    if text != value or (not text and not empty_ok):
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    if text.isdigit():
+        raise ValueError(f"{value!r} is not a host name or IP address (a port? pass it "
+                         f"as port=)")
+    head, colon, tail = text.rpartition(":")
+    if colon and tail.isdigit() and (text.startswith("[") or ":" not in head):
+        raise ValueError(f"{value!r} holds a port: pass host={head.strip('[]')!r}, "
+                         f"port={int(tail)}")
+    return text
+
+
+def _client_host(value: Any) -> str:
+    return _address(value, empty_ok=False)
+
+
+def _server_host(value: Any) -> str:
+    """'' is every interface, like '0.0.0.0'/'::' (socket.bind's convention)."""
+    return _address(value, empty_ok=True)
+
+
+def _optional_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(f"must be a host name (str) or None, not {_kind(value)}")
+    return value
+
+
+def _passphrase(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError("is a str passphrase (used as its UTF-8 bytes), not bytes: "
+                        "decode it first")
+    if not isinstance(value, str):
+        raise TypeError(f"must be a str passphrase ('' for no encryption), not {_kind(value)}")
+    return value
+
+
+def _event_queue(value: Any) -> Any:
+    from .events import EventQueue
+    if value is not None and not isinstance(value, EventQueue):
+        raise TypeError(f"must be a morsock.EventQueue or None, not {_kind(value)}")
+    return value
+
+
+def _logger(value: Any) -> Any:
+    if value is not None and not isinstance(value, (logging.Logger, logging.LoggerAdapter)):
+        raise TypeError(f"must be a logging.Logger or None, not {_kind(value)}")
+    return value
+
+
+def _enum(parse: Callable[[Any], T]) -> Callable[[Any], T]:
+    """An enum setting: its members and their names (*parse*); no bool or float."""
+    def convert(value: Any) -> T:
+        if isinstance(value, (bool, float)):
+            raise TypeError(f"must be a member or name, not {_kind(value)}")
+        return parse(value)
+    return convert
 
 
 def _ssl_context(value: Any) -> Any:

@@ -7,20 +7,34 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
-from ._settings import Setting, _non_negative_int, _port
+from ._replies import LATE, ReplyOrder
+from ._session_link import ClientLink, is_session_item
+from ._settings import (
+    Setting,
+    _boolean,
+    _client_host,
+    _enum,
+    _non_negative_int,
+    _optional_name,
+    _port,
+    _positive_int,
+    check_timeout,
+)
 from .connection import CONNECTED, DISCONNECTED, Connection
 from .enums import AESMode, ClientState, EncryptionProfile, ErrorCode, KeySize, ReconnectStrategy
-from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError, RequestTimeout
+from .errors import ConnectError, CryptoError, MorsockError, NotConnectedError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_PLAIN, HEADER_SIZE, Frame
 from .reactor import EVENT_WRITE, Timer
 from .reconnect import ReconnectPolicy
 from .tls import TLSHandshake
 from .workers import Strand, WorkerPool, each
+
+if TYPE_CHECKING:
+    from ._session_link import Unacknowledged
 
 __all__ = ["Client"]
 
@@ -31,15 +45,33 @@ _CONNECT_IN_PROGRESS = {0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, 1
 EARLY_FRAMES_MAX = 64
 
 
-class _Waiter:
-    """One pending :meth:`Client.request`."""
+#: The codes a failed connect() reports as they are (on_error and the exception alike):
+#: a handshake the server refused. Anything else is CONNECTION_FAILED.
+_HANDSHAKE_CODES = (ErrorCode.TLS_FAILED, ErrorCode.AUTHENTICATION_FAILED)
 
-    __slots__ = ("event", "reply", "error")
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: bytes | None = None
-        self.error: BaseException | None = None
+def connect_error(error: BaseException) -> ConnectError:
+    """The ConnectError that connect() raises for *error*, with the one code that its
+    ``on_error`` reports too (see _HANDSHAKE_CODES); the cause chained."""
+    code = getattr(error, "code", None)
+    code = code if code in _HANDSHAKE_CODES else ErrorCode.CONNECTION_FAILED
+    if isinstance(error, ConnectError) and error.code == code:
+        return error
+    wrapped = ConnectError(str(error), code)
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def unanswered_hello(host: str, port: int, timeout: float, plaintext_frames: int) -> str:
+    """The message of a connect whose TCP connection was made but whose AUTHENTICATED
+    handshake got no answer."""
+    got = (f"; it sent {plaintext_frames} plaintext frame(s) instead" if plaintext_frames
+           else "")
+    return (f"connected to {host}:{port}, but the server did not answer the AUTHENTICATED "
+            f"handshake within {timeout:g} s{got}. It is probably not a morsock server with "
+            f"an encryption_key: a Delphi mORMot server has no AUTHENTICATED profile (use "
+            f"encryption_profile='MORMOT' with the same key, mode and key size), and a "
+            f"server without a key treats the handshake as data")
 
 
 class _Attempt:
@@ -136,28 +168,33 @@ class Client(Component):
     block) to release every thread and socket.
     """
 
-    host: Setting[str] = Setting("localhost", str, doc="Server address (name or IP).")
+    host: Setting[str] = Setting("localhost", _client_host, doc="Server address (name or IP).")
     port: Setting[int] = Setting(3434, _port, doc="Server port.")
     auto_reconnect: Setting[bool] = Setting(
-        False, bool, live=True,
+        False, _boolean, live=True,
         doc="Retry after a failed connect() and after a drop (for any reason but "
             "disconnect()), as reconnect_strategy says.")
     reconnect_strategy: Setting[ReconnectStrategy] = Setting(
-        ReconnectStrategy.BACKOFF, ReconnectStrategy.parse, live=True,
+        ReconnectStrategy.BACKOFF, _enum(ReconnectStrategy.parse), live=True,
         doc="Delay before attempt n: NONE (no retry), IMMEDIATE (100 ms), FIXED_INTERVAL "
             "(reconnect_interval), BACKOFF (reconnect_interval * 2 ** (n - 1), +-20% "
             "jitter, at most reconnect_max_interval).")
     reconnect_interval: Setting[int] = Setting(
-        5000, _non_negative_int, live=True,
+        5000, _positive_int, live=True,
         doc="Milliseconds: the FIXED_INTERVAL delay and the first BACKOFF delay.")
     reconnect_max_attempts: Setting[int] = Setting(
         10, _non_negative_int, live=True,
         doc="Failed attempts before giving up (on_error(..., MAX_RECONNECT_ATTEMPTS)); "
             "0: unlimited.")
     reconnect_max_interval: Setting[int] = Setting(
-        30000, _non_negative_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
+        30000, _positive_int, live=True, doc="Milliseconds: the longest BACKOFF delay.")
     server_hostname: Setting[str | None] = Setting(
-        None, doc="Name the server's TLS certificate must match (None: host).")
+        None, _optional_name, doc="Name the server's TLS certificate must match (None: host).")
+    resumable: Setting[bool] = Setting(
+        False, _boolean,
+        doc="Ask for a session on connect (a morsock server with resume_window > 0): "
+            "acknowledged delivery, exactly once and in order across dropped "
+            "connections; send_data queues while disconnected (docs/guide/sessions.rst).")
 
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
                "on_state_change", "on_data_sent", "on_data_received")
@@ -185,15 +222,14 @@ class Client(Component):
                  max_message_size: int = 16 * 1024 * 1024,
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024, ssl_context: Any = None,
-                 server_hostname: str | None = None,
+                 server_hostname: str | None = None, resumable: bool = False,
                  logger: logging.Logger | None = None, **events: Any) -> None:
         settings = dict(locals())
         for name in ("self", "events", "__class__"):
             settings.pop(name, None)
         self._state = ClientState.DISCONNECTED
         self._life_lock = threading.RLock()
-        self._request_lock = threading.Lock()
-        self._waiters: deque[_Waiter] = deque()
+        self._replies = ReplyOrder()  # request() matching (see morsock._replies)
         self._conn: Connection | None = None
         self._strand: Strand | None = None
         self._user_stopped = True
@@ -206,6 +242,11 @@ class Client(Component):
         self._connect_timer: Timer | None = None
         self._connecting: socket.socket | None = None
         self._addresses: list[tuple[Any, ...]] = []
+        self._peer_address: Any = None  # the address of the attempt's socket
+        #: the connection an encrypted frame was last sent on, with the frames it had
+        #: received by then; the one an encrypted frame was last received on (_reset_hint)
+        self._sealed_out: tuple[Connection, int] | None = None
+        self._sealed_in: Connection | None = None
         self._handshake: Any = None
         self._early_frames: list[Frame] = []  # plaintext frames before the handshake answer
         self._handshake_error: BaseException | None = None
@@ -220,6 +261,8 @@ class Client(Component):
         self._live_conns: set[Connection] = set()  # counted in the totals, under _stats_lock
         #: automatic reconnection attempts started (never cleared; reactor thread writes)
         self._reconnects = 0
+        self._session_link: ClientLink | None = None  # resumable: made by the first use
+        self._link_lock = threading.Lock()
         super().__init__(settings, events)
         self._tally = Tally(self._stats_lock, lambda: self._live_conns)
 
@@ -293,6 +336,7 @@ class Client(Component):
             if self._state is ClientState.CONNECTED:
                 return
             self._user_stopped = False
+            self._link()
             if not self._is_running():
                 self._prepare_runtime(f"morsock-client-{self.host}:{self.port}", 1)
                 self._strand = self._pool.strand(each(self._run_pair, self._log))
@@ -308,10 +352,10 @@ class Client(Component):
             raise ConnectError(f"connect to {self.host}:{self.port} did not finish")
         if attempt.error is not None:
             error = attempt.error
-            if isinstance(error, MorsockError) and not isinstance(error, ConnectError):
-                raise ConnectError(str(error), error.code) from error
             if isinstance(error, ConnectError):
                 raise error
+            if isinstance(error, MorsockError):
+                raise connect_error(error) from error
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {error}") from error
 
     def disconnect(self) -> None:
@@ -345,6 +389,8 @@ class Client(Component):
             self._user_stopped = True
             if reactor is None:
                 return
+            if self._session_link is not None and run is None:
+                self._session_link.leave(min(self.connection_timeout, 2.0))
             self._stopping = True
             try:
                 done = threading.Event()
@@ -353,6 +399,8 @@ class Client(Component):
                 if not done.wait(bound):
                     self._log.error("client: connection not closed within %g s", bound)
                 pool.shutdown()
+                if self._session_link is not None:
+                    self._session_link.cancel_timer()
                 reactor.stop()
                 self._reactor = None
                 self._pool = None
@@ -536,6 +584,7 @@ class Client(Component):
             self._try_next_address(attempt, OSError(err, errno.errorcode.get(err, str(err))))
             return
         self._connecting = sock
+        self._peer_address = address  # for messages: a reset socket has no getpeername()
         self._reactor.register(sock, EVENT_WRITE,
                                lambda mask: self._on_connect_ready(attempt, sock))
 
@@ -604,13 +653,15 @@ class Client(Component):
         """Reactor thread: wrap the connected (TLS) socket in a Connection, then run the
         AUTHENTICATED handshake or declare the connection established."""
         try:
-            conn = Connection(self._link, sock, max_message_size=self.max_message_size,
-                              max_send_buffer=self.max_send_buffer)
+            conn = Connection(self._conn_owner, sock, max_message_size=self.max_message_size,
+                              max_send_buffer=self.max_send_buffer, peer=self._peer_address)
         except OSError as exc:
             sock.close()
             self._try_next_address(attempt, exc)
             return
         conn.established = False
+        if self._session_link is not None:
+            self._session_link.prepare(conn)
         self._conn = conn
         with self._stats_lock:
             self._live_conns.add(conn)
@@ -643,11 +694,24 @@ class Client(Component):
                       len(frames))
         before = frames[:answer]
         try:
-            if (any(f.flag != FLAG_PLAIN for f in before)
-                    or len(early) + len(before) > EARLY_FRAMES_MAX):
-                raise CryptoError("the server did not answer the AUTHENTICATED handshake "
-                                  "(is it a morsock server with the same key and profile?)",
-                                  ErrorCode.AUTHENTICATION_FAILED)
+            hello_head = self._handshake.hello_frame[HEADER_SIZE:HEADER_SIZE + 6]
+            if any(f.flag == FLAG_PLAIN and hello_head in f.payload for f in before):
+                # our hello came back inside a plaintext frame: the server took it for data
+                raise CryptoError(
+                    f"{self.host}:{self.port} answered the AUTHENTICATED handshake with "
+                    f"plaintext data that contains it: the server does not know the "
+                    f"AUTHENTICATED profile (a Delphi mORMot server has none): use "
+                    f"encryption_profile='MORMOT' with the same key, mode and key size",
+                    ErrorCode.AUTHENTICATION_FAILED)
+            sealed = any(f.flag != FLAG_PLAIN for f in before)
+            if sealed or len(early) + len(before) > EARLY_FRAMES_MAX:
+                sent = "MORMOT-profile frames" if sealed else "plaintext frames"
+                raise CryptoError(
+                    f"{self.host}:{self.port} did not answer the AUTHENTICATED handshake "
+                    f"(it sent {sent} instead): it is not a morsock server in the "
+                    f"AUTHENTICATED profile; a Delphi mORMot server needs "
+                    f"encryption_profile='MORMOT'",
+                    ErrorCode.AUTHENTICATION_FAILED)
             early += before
             if answer == len(frames):
                 return []  # still waiting for the answer
@@ -664,6 +728,9 @@ class Client(Component):
         return early + frames[answer + 1:]
 
     def _established(self, conn: Connection) -> None:
+        link = self._session_link
+        if link is not None and link.begin(conn):
+            return  # established once the server answered the session hello
         attempt = self._attempt
         assert attempt is not None
         if self._connect_timer is not None:
@@ -676,7 +743,8 @@ class Client(Component):
             self._policy.reset()
         self._set_state(ClientState.CONNECTED)
         self._log.info("connected to %s:%d (%s)", self.host, self.port, self.encryption_info)
-        conn.post(CONNECTED)
+        if link is None or link.announce():  # a session: on_connect once, not per resume
+            conn.post(CONNECTED)
         attempt.done.set()
 
     def _attempt_timed_out(self, attempt: _Attempt) -> None:
@@ -686,7 +754,10 @@ class Client(Component):
         self._drop_connecting()
         conn = self._conn
         error = ConnectError(f"connect to {self.host}:{self.port} timed out after "
-                             f"{self.connection_timeout:g} s", ErrorCode.TIMEOUT)
+                             f"{self.connection_timeout:g} s")
+        if conn is not None and not conn.established and self._handshake is not None:
+            error = ConnectError(unanswered_hello(self.host, self.port, self.connection_timeout,
+                                                  len(self._early_frames)))
         if conn is not None and not conn.established:
             self._handshake_error = error
             conn.close()
@@ -703,9 +774,9 @@ class Client(Component):
         self._set_state(ClientState.DISCONNECTED)
         attempt.error = error
         if attempt.user:
-            tls = getattr(error, "code", None) is ErrorCode.TLS_FAILED
-            self._report_ordered(f"{error}",
-                                 ErrorCode.TLS_FAILED if tls else ErrorCode.CONNECTION_FAILED)
+            attempt.error = error = connect_error(error)
+            assert error.code is not None
+            self._report_ordered(f"{error}", error.code)
         else:
             policy = self._live_policy()
             n = policy.record_failure()
@@ -763,6 +834,8 @@ class Client(Component):
 
     def _connection_closed(self, conn: Connection) -> None:
         """Reactor thread: the socket of *conn* is closed."""
+        if self._session_link is not None:
+            self._session_link.connection_lost(conn)
         with self._stats_lock:
             if conn in self._live_conns:
                 self._live_conns.remove(conn)
@@ -770,13 +843,15 @@ class Client(Component):
         waiter, self._close_done = self._close_done, None
         if waiter is not None:  # disconnect() waits: release it once DISCONNECTED is posted
             self._reactor.call_soon(waiter.set)
-        self._fail_waiters()
+        hint = self._reset_hint(conn) if conn is self._conn else ""
+        self._fail_waiters(conn, hint)
         if conn is not self._conn:
             return
         self._conn = None
+        if hint:
+            self._report_ordered(hint, ErrorCode.CONNECTION_LOST)
         if not conn.established:
-            error = self._handshake_error or ConnectError(
-                f"{self.host}:{self.port} closed the connection during the handshake")
+            error = self._handshake_error or ConnectError(self._closed_in_handshake(conn))
             self._handshake_error = None
             if self._attempt is not None:
                 self._attempt_failed(self._attempt, error)
@@ -809,8 +884,10 @@ class Client(Component):
         if item is CONNECTED:
             self._dispatcher.emit("on_connect")
         elif item is DISCONNECTED:
-            if conn.established:
+            if conn.established and self._session_link is None:  # a session's: its end
                 self._dispatcher.emit("on_disconnect")
+        elif is_session_item(item):
+            item.run(conn)
         else:
             self._handle_frame(conn, item)
 
@@ -821,12 +898,14 @@ class Client(Component):
         if self._debug():
             self._log.debug("%d-byte message from %s (flag %d)", len(data), conn.describe(),
                             frame.flag)
-        with self._request_lock:
-            waiter = self._waiters.popleft() if self._waiters else None
-        if waiter is not None:
-            waiter.reply = data
-            waiter.event.set()
+        if frame.flag != FLAG_PLAIN:
+            self._sealed_in = conn
+        owner = self._replies.deliver(conn, data)
+        if owner is True:
             return
+        if owner is LATE and self._debug():
+            self._log.debug("%d-byte late reply to a request that timed out: passed to "
+                            "on_handle_command", len(data))
         handler = self.on_handle_command
         if self._observer is not None:
             handler = self._observed(handler)
@@ -840,12 +919,45 @@ class Client(Component):
         if reply:
             self._reply(conn, reply, frame.flag != 0)
 
-    def _fail_waiters(self) -> None:
-        with self._request_lock:
-            waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            waiter.error = NotConnectedError("the connection was closed before the reply came")
-            waiter.event.set()
+    def _fail_waiters(self, conn: Connection, why: str = "") -> None:
+        self._replies.reset(conn, why)
+
+    def _closed_in_handshake(self, conn: Connection) -> str:
+        """Why an AUTHENTICATED handshake ended in a close without an answer."""
+        how = "reset" if conn._broken else "closed"
+        text = (f"{self.host}:{self.port} {how} the connection during the AUTHENTICATED "
+                f"handshake without answering it")
+        if self.ssl_context is None:
+            text += (": a server that uses TLS does this to a client without ssl_context "
+                     "(give the client one if the server uses TLS); otherwise the server "
+                     "refused the handshake, and its log says why (key, mode, key size or "
+                     "profile)")
+        return text
+
+    def _reset_hint(self, conn: Connection) -> str:
+        """Reactor thread: why the server probably closed an established connection, when
+        the way it closed tells: reset after our first frames before sending anything
+        (what a TLS server does to a client that does not speak TLS), or closed after our
+        encrypted frame without sending anything after it, nor any encrypted frame before
+        (what a morsock server does with a frame it cannot decrypt). '' for any other close."""
+        if not conn.established or self._user_stopped or conn.close_code is not None:
+            return ""
+        where = f"{self.host}:{self.port}"
+        if (conn._broken and self.ssl_context is None and not conn.messages_received
+                and conn.messages_sent):
+            return (f"{where} reset the connection after our first message without sending "
+                    f"anything: a server that uses TLS does this to a client without "
+                    f"ssl_context (give the client one if the server uses TLS)")
+        sealed = self._sealed_out
+        if (sealed is not None and sealed[0] is conn and self._sealed_in is not conn
+                and conn.messages_received == sealed[1]):
+            return (f"{where} closed the connection after our encrypted message without "
+                    f"sending anything back: a morsock server does this with a frame it cannot "
+                    f"decrypt. Give both sides the same encryption_key, encryption_mode, "
+                    f"encryption_key_size and encryption_profile (this client uses "
+                    f"{self.encryption_info}; a morsock server in its default "
+                    f"AUTHENTICATED profile refuses MORMOT frames)")
+        return ""
 
     # -- sending ---------------------------------------------------------------------------
     def _live_connection(self) -> Connection:
@@ -860,51 +972,60 @@ class Client(Component):
         """Send one message. Thread-safe; never blocks on a slow peer.
 
         Raises NotConnectedError when not connected, SendBufferFullError past
-        ``max_send_buffer``, CryptoError if ``encrypted`` without a key.
+        ``max_send_buffer``, CryptoError if ``encrypted`` without a key. Resumable: the
+        message is kept until the server acknowledges it and queued while disconnected
+        (SendBufferFullError past ``max_send_buffer`` of unacknowledged messages).
         """
-        self._send_on(self._live_connection(), data, encrypted)
+        link = self._session_link or self._link()
+        if link is not None:
+            payload = as_bytes(data)
+            self._check_size(payload, encrypted)
+            link.send(payload, encrypted)
+            return
+        conn = self._live_connection()
+        self._send_on(conn, data, encrypted)
+        if encrypted:
+            self._sealed_out = (conn, conn.messages_received)
 
     def request(self, data: Data, timeout: float = 15.0, encrypted: bool = False) -> bytes:
-        """Send *data* and return the next frame the server sends back (decrypted).
+        """Send *data* and return the frame the server sends back in its place (decrypted).
 
-        Concurrent requests are answered in the order they were sent. Raises
-        RequestTimeout after *timeout* seconds (the request then gives up its place),
-        NotConnectedError if the connection is (or gets) closed, and whatever
-        :meth:`send_data` raises. While a request waits, its reply does not reach
-        ``on_handle_command``.
+        Replies are matched by order (docs/guide/requests.rst; resumable: by request id,
+        in any order, and pushes are never taken for replies): concurrent requests are
+        answered in the order they were sent, and a request never returns another
+        request's reply. A request that times out keeps its place: its late reply goes
+        to ``on_handle_command``, and a request made meanwhile is sent once the late
+        replies are in; if they do not come within its *timeout* (the server skipped a
+        reply), the connection is closed (``on_error(..., TIMEOUT)``), as its order is
+        lost. While a request waits, its reply does not reach ``on_handle_command``.
+
+        Raises RequestTimeout after *timeout* seconds, NotConnectedError if the
+        connection is (or gets) closed, TypeError/ValueError for a *timeout* that is not a
+        finite number > 0, and whatever :meth:`send_data` raises (ProtocolError over
+        ``max_message_size``), all before anything is sent.
 
         Not from the client's own threads (its handlers in direct event mode): the reply
         is matched on the thread that would be waiting, so MorsockError is raised at once.
         """
+        timeout = check_timeout(timeout)
         if self._own_run() is not None:
             raise MorsockError(
                 "request() cannot wait on one of the client's own threads (a handler): "
                 "its reply is handled on this thread; use send_data() and take the reply "
                 "in on_handle_command, or call request() from another thread")
+        link = self._session_link or self._link()
+        if link is not None:  # a session matches replies by request id
+            payload = as_bytes(data)
+            self._check_size(payload, encrypted)
+            return link.request(payload, timeout, encrypted)
         conn = self._live_connection()
         payload = as_bytes(data)
-        waiter = _Waiter()
-        with self._request_lock:
-            self._waiters.append(waiter)
-            try:
-                self._send_on(conn, payload, encrypted)
-            except BaseException:
-                self._waiters.remove(waiter)
-                raise
-        if not waiter.event.wait(timeout):
-            with self._request_lock:
-                try:
-                    self._waiters.remove(waiter)
-                    gave_up = True
-                except ValueError:
-                    gave_up = False
-            if gave_up:
-                raise RequestTimeout(f"no reply within {timeout:g} s")
-            waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.reply is not None
-        return waiter.reply
+        self._check_size(payload, encrypted)
+        if encrypted:
+            self._sealed_out = (conn, conn.messages_received)
+        return self._replies.request(
+            conn, lambda: self._send_on(conn, payload, encrypted), timeout,
+            lambda message: conn.close(ErrorCode.TIMEOUT, message))
 
     # -- events and statistics -----------------------------------------------------------
     def _report_ordered(self, message: str, code: int) -> None:
@@ -990,6 +1111,31 @@ class Client(Component):
             self._policy.reset()
         if done is not None:
             done.set()
+
+    # -- sessions (API.md §10) ---------------------------------------------------------------
+    def _link(self) -> ClientLink | None:
+        """The session link of a resumable client (made on first use), else None."""
+        link = self._session_link
+        if link is None and self.resumable:
+            with self._link_lock:
+                link = self._session_link
+                if link is None:
+                    link = self._session_link = ClientLink(self)
+        return link
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The id of the current session (resumable clients), None without one."""
+        link = self._session_link
+        return link.session.session_id if link is not None else None
+
+    def take_unacknowledged(self) -> list[Unacknowledged]:
+        """The messages of sessions that ended (``on_error(..., SESSION_LOST)``) before
+        the server acknowledged them, oldest first, as ``(data, encrypted, request)``;
+        each is returned once. Send them again, or drop them, as the application
+        decides: the library never does either on its own. Any thread."""
+        link = self._session_link
+        return link.take_unacknowledged() if link is not None else []
 
     def clear_statistics(self) -> None:
         """Zero the byte and message counters."""

@@ -261,8 +261,13 @@ class Connection:
 
     @property
     def max_send_buffer(self) -> int:
-        """Most bytes queued for the peer (``max_send_buffer`` when it connected)."""
+        """Most bytes queued for the peer (``max_send_buffer`` when it connected; a
+        session raises it, see :mod:`morsock._session_link`)."""
         return self._queue.limit
+
+    @max_send_buffer.setter
+    def max_send_buffer(self, limit: int) -> None:
+        self._queue.limit = limit
 
     @property
     def max_receive_backlog(self) -> int:
@@ -926,6 +931,37 @@ class Connection:
                 return False
             self._strand.post(item)
             return True
+
+    def adopt(self, other: Connection) -> None:
+        r"""Reactor thread, a session resumed (see :mod:`morsock._session_link`): this
+        connection, closed, takes over the socket and I/O state of *other* -- accepted,
+        not reading anywhere yet -- which is then closed without a trace. This one keeps
+        its strand, facade and read accounting, so its items run on, in order. The caller
+        then starts it."""
+        with self._send_lock, other._send_lock:
+            self._sock = other._sock
+            self.peer_ip, self.peer_port = other.peer_ip, other.peer_port
+            self._tls = other._tls
+            self._sendmsg = other._sendmsg
+            self._decoder = other._decoder
+            self.peer_certificate = other.peer_certificate
+            self._queue, other._queue = other._queue, SendQueue(other._queue.limit)
+            self._out, other._out = self._queue.out, other._queue.out
+            self._write_armed = self._broken = False
+            self._linger_timer = None
+            self.session = other.session
+            self.established = True
+            self.bytes_received = other.bytes_received
+            self.messages_received = other.messages_received
+            self.last_activity = other.last_activity
+            self.partial_since = None
+            self._reading = True
+            self._read_wants_write = False
+            self._backlog.unpause()
+            self.close_code = None
+            self.closed = self.closing = False
+            other.closing = other.closed = True
+            other.frame_hook = None
 
     def describe(self) -> str:
         """``ip:port`` of the peer, for messages."""

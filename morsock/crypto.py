@@ -13,8 +13,7 @@ MORMOT profile (flag 1) -- :class:`MormotCipher`
     a 128-bit big-endian counter; GCM is its keystream only (counter blocks
     ``IV[0:12] || 00000002``, ...; no tag); CFC/OFC/CTC are CFB/OFB/CTR on the wire.
 
-AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handshake`,
-:class:`AuthSession`
+AUTHENTICATED (flag 2) -- :class:`ClientHandshake`, :func:`server_handshake`, :class:`AuthSession`
     morsock's own format. Master key = PBKDF2-HMAC-SHA256(UTF-8 key text,
     ``b"morsock/authenticated/v1"``, 600,000 rounds, 32 bytes), once per key text and
     process (cached). Right after connect the *client* sends a hello and the server
@@ -55,6 +54,11 @@ AUTHENTICATED profile (flag 2) -- :class:`ClientHandshake`, :func:`server_handsh
     16-byte blocks are equal, within a message and across messages (identical messages
     give identical ciphertext): prefer GCM or CTR.
 
+    A server that cannot accept a ClientHello (another mode or key size, no key, the
+    MORMOT profile) answers ``Refusal = b"MSA!" || reason`` (UTF-8, at most 400 bytes,
+    flag 2) and closes; the client raises the reason. Only a payload shaped like a
+    ClientHello (38 bytes, ``MSA1``) is ever answered so, which no Delphi peer sends.
+
     A peer without the AUTHENTICATED profile never gets a ClientHello from a server
     (servers never speak first). A server that is not AUTHENTICATED gets it as a flag-2
     frame (the Delphi components pass it to their handler as 38 bytes of data) and
@@ -93,27 +97,32 @@ __all__ = [
     "CLIENT_HELLO_SIZE", "SERVER_HELLO_SIZE", "RANDOM_SIZE", "SEQ_LIMIT",
     "mormot_key", "mormot_payload_size", "MormotCipher",
     "authenticated_master_key", "authenticated_payload_size",
-    "AuthSession", "ClientHandshake", "server_handshake",
+    "AuthSession", "ClientHandshake", "server_handshake", "REFUSAL_MAGIC",
+    "REFUSAL_MAX", "is_client_hello", "refusal_frame",
 ]
 
 Buffer = Union[bytes, bytearray, memoryview]
 KeySizeLike = Union[KeySize, int, str]
 ModeLike = Union[AESMode, str]
 
-MORMOT_SALT = b"mormot_protocol_salt_2024"
-MORMOT_ITERATIONS = 1000
-AUTH_SALT = b"morsock/authenticated/v1"
-AUTH_ITERATIONS = 600_000
+MORMOT_SALT = b"mormot_protocol_salt_2024"  #: PBKDF2 salt of the MORMOT key.
+MORMOT_ITERATIONS = 1000  #: PBKDF2 rounds of the MORMOT key.
+AUTH_SALT = b"morsock/authenticated/v1"  #: PBKDF2 salt of the AUTHENTICATED master key.
+AUTH_ITERATIONS = 600_000  #: PBKDF2 rounds of the AUTHENTICATED master key.
 
-BLOCK_SIZE = 16
-IV_SIZE = 16
-MAC_SIZE = 32          # HMAC-SHA256
-TAG_SIZE = 16          # GCM
-RANDOM_SIZE = 32
-HELLO_MAGIC = b"MSA1"
-CLIENT_HELLO_SIZE = len(HELLO_MAGIC) + 2 + RANDOM_SIZE            # 38
-SERVER_HELLO_SIZE = len(HELLO_MAGIC) + RANDOM_SIZE + MAC_SIZE     # 68
-SEQ_LIMIT = 1 << 64    # sequence numbers are 0 .. SEQ_LIMIT - 1
+BLOCK_SIZE = 16  #: AES block size.
+IV_SIZE = 16  #: Bytes of a random IV.
+MAC_SIZE = 32  #: Bytes of an HMAC-SHA256 MAC.
+TAG_SIZE = 16  #: Bytes of a GCM tag.
+RANDOM_SIZE = 32  #: Bytes of each side's handshake random.
+HELLO_MAGIC = b"MSA1"  #: First bytes of both handshake hellos.
+CLIENT_HELLO_SIZE = len(HELLO_MAGIC) + 2 + RANDOM_SIZE  #: 38 bytes.
+SERVER_HELLO_SIZE = len(HELLO_MAGIC) + RANDOM_SIZE + MAC_SIZE  #: 68 bytes.
+#: A server's answer to a ClientHello it cannot accept: this magic, then the reason as
+#: UTF-8 text (at most REFUSAL_MAX bytes), in one flag-2 frame; the server then closes.
+REFUSAL_MAGIC = b"MSA!"
+REFUSAL_MAX = 400
+SEQ_LIMIT = 1 << 64  #: Sequence numbers are 0 .. SEQ_LIMIT - 1.
 
 _MODES: tuple[AESMode, ...] = tuple(AESMode)
 _PADS: tuple[bytes, ...] = tuple(bytes((n,)) * n for n in range(BLOCK_SIZE + 1))
@@ -837,6 +846,10 @@ class ClientHandshake:
             raise _auth_error("AUTHENTICATED handshake already finished")
         self._done = True
         data = bytes(payload)
+        if data[:4] == REFUSAL_MAGIC:
+            reason = data[4:4 + REFUSAL_MAX].decode("utf-8", "replace")
+            reason = "".join(c if c.isprintable() else "?" for c in reason)
+            raise _auth_error(f"the server refused the AUTHENTICATED handshake: {reason}")
         if len(data) != SERVER_HELLO_SIZE or data[:4] != HELLO_MAGIC:
             raise _auth_error("expected a morsock AUTHENTICATED server hello "
                               f"({SERVER_HELLO_SIZE} bytes starting b'MSA1'), got "
@@ -847,7 +860,8 @@ class ClientHandshake:
         expected = hmac.digest(keys.confirm, self._hello + server_random, "sha256")
         if not hmac.compare_digest(expected, data[4 + RANDOM_SIZE:]):
             raise _auth_error("AUTHENTICATED handshake failed: the server's key "
-                              "confirmation does not match (wrong key?)")
+                              "confirmation does not match (wrong key?): the client and "
+                              "the server have different encryption_key values")
         return AuthSession(self.mode, self.key_size, keys.enc_c2s, keys.mac_c2s,
                            keys.enc_s2c, keys.mac_s2c, binding=keys.export)
 
@@ -873,7 +887,8 @@ def server_handshake(key_text: str, mode: ModeLike, key_size: KeySizeLike,
     fields = _hello_fields(mode, key_size)
     if hello[4:6] != fields:
         raise _auth_error(f"AUTHENTICATED handshake failed: mode/key size mismatch (client "
-                          f"{_describe(hello[4:6])}, server {_describe(fields)})")
+                          f"{_describe(hello[4:6])}, server {_describe(fields)}): set "
+                          f"encryption_mode and encryption_key_size alike on both sides")
     srv_random = _random(server_random)
     keys = _SessionKeys(master, hello[6:], srv_random, mode, key_size)
     confirm = hmac.digest(keys.confirm, hello + srv_random, "sha256")
@@ -881,3 +896,14 @@ def server_handshake(key_text: str, mode: ModeLike, key_size: KeySizeLike,
     return frame, AuthSession(mode, key_size, keys.enc_s2c, keys.mac_s2c,
                               keys.enc_c2s, keys.mac_c2s, binding=keys.export)
 
+
+def is_client_hello(payload: Buffer) -> bool:
+    """Whether a flag-2 *payload* is shaped like a ClientHello: only a morsock client in
+    the AUTHENTICATED profile sends one, so only such a client ever gets a refusal."""
+    return len(payload) == CLIENT_HELLO_SIZE and bytes(payload[:4]) == HELLO_MAGIC
+
+
+def refusal_frame(reason: str) -> bytes:
+    """The frame a server sends a ClientHello it cannot accept (see REFUSAL_MAGIC)."""
+    text = reason.encode("utf-8")[:REFUSAL_MAX]
+    return encode_frame(REFUSAL_MAGIC + text, FLAG_AUTHENTICATED)

@@ -74,7 +74,7 @@ class KeySize(enum.IntEnum):
 
 
 class EncryptionProfile(enum.Enum):
-    """How encrypted frames are built (see README, "Encryption profiles").
+    """How encrypted frames are built (see the guide, "Frames and encryption profiles").
 
     ``AUTHENTICATED`` (default, flag 2): morsock's own authenticated format.
     ``MORMOT`` (flag 1): byte-compatible with the Delphi components, unauthenticated.
@@ -129,7 +129,9 @@ class ErrorCode(enum.IntEnum):
     All are negative: positive codes passed to a client's ``on_error`` are reconnection
     attempt numbers (1, 2, ...).
 
-    * ``CONNECTION_FAILED`` (-1) -- ``Client.connect()`` failed.
+    * ``CONNECTION_FAILED`` (-1) -- ``Client.connect()`` failed (refused, unreachable,
+      timed out, handshake unanswered; a refused TLS or AUTHENTICATED handshake has
+      its own code).
     * ``INVALID_PROTOCOL`` -- bad magic (from its first wrong byte) or an unknown flag.
     * ``MESSAGE_TOO_LARGE`` -- a header announcing more than ``max_message_size``.
     * ``DECRYPT_FAILED`` -- a MORMOT-profile frame that does not decrypt, or one this
@@ -143,10 +145,13 @@ class ErrorCode(enum.IntEnum):
     * ``SEND_BUFFER_FULL`` -- a peer that does not read: its queue is at
       ``max_send_buffer``.
     * ``TIMEOUT`` -- a frame not completed within ``connection_timeout``,
-      ``idle_timeout`` reached, keep-alive gave up, or a connect timed out.
+      ``idle_timeout`` reached, keep-alive gave up, a request's order lost (a skipped
+      reply: the client closes that connection).
     * ``BIND_FAILED`` -- ``Server.start()`` could not listen.
     * ``TLS_FAILED`` -- a TLS handshake failed.
-    * ``CONNECTION_LOST`` -- the connection dropped under a pending operation.
+    * ``CONNECTION_LOST`` -- the connection dropped under a pending operation; a
+      client also reports it when the way the server closed tells why (a TLS server,
+      an encrypted frame it could not decrypt).
     * ``SESSION_LOST`` -- a session (API.md §10) could not be resumed (its window passed,
       the server restarted): the messages it had not acknowledged are handed back.
     * ``MAX_RECONNECT_ATTEMPTS`` (-99) -- reconnection gave up.

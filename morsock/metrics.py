@@ -57,17 +57,42 @@ def code_label(code: int) -> str:
         return str(int(code))
 
 
+class _ThreadShard(threading.local):
+    """The calling thread's share of an :class:`Observer`'s histogram: its
+    ``handler_done`` counts into lists only this thread writes (no lock per call). Made
+    on a thread's first use, when it adds its lists to the observer's (under its lock)."""
+
+    def __init__(self, observer: Observer) -> None:
+        counts = [0] * (len(observer.buckets) + 1)
+        total = [0.0]
+        bounds, find = observer.buckets, bisect.bisect_left
+
+        def handler_done(seconds: float, calls: int = 1) -> None:
+            # the first bound >= the mean duration
+            counts[find(bounds, seconds / calls if calls != 1 else seconds)] += calls
+            total[0] += seconds
+
+        with observer._lock:
+            observer._shards.append((counts, total))
+        self.handler_done = handler_done
+
+
 class Observer:
     """The hot-path hooks of one component, installed as its ``_observer``.
 
-    ``handler_done(seconds)`` after each ``on_handle_command`` call (worker threads) and
-    ``error(code)`` for each reported error (any library thread). Both are safe from
-    several threads at once; reading (:meth:`histogram`, :meth:`errors`,
-    :meth:`quantile`) is safe from any thread.
+    ``handler_done(seconds, calls=1)`` after ``on_handle_command`` calls (worker
+    threads): *calls* calls handled back to back took *seconds* in all. They count as
+    *calls* observations of their mean duration: the histogram's count is exact per
+    call, its sum exact, and a call's bucket is its run's mean (a server times each run
+    of plaintext frames of a batch as a whole, so that the hot path reads the clock
+    twice per batch, not per frame). ``error(code)`` for each reported error (any
+    library thread). Both are safe from several threads at once; reading
+    (:meth:`histogram`, :meth:`errors`, :meth:`quantile`) is safe from any thread.
 
-    ``handler_done`` is looked up per thread: each thread counts into a shard of its own
-    (no lock per call), and a reader adds the shards up. A caller on the hot path may
-    keep the function it got for the rest of its batch (same thread).
+    Each thread counts into a shard of its own, ``shard.handler_done`` (the calling
+    thread's; :attr:`handler_done` is the same), and a reader adds the shards up at
+    scrape time. A caller on the hot path may keep the function it got for the rest of
+    its batch (same thread).
     """
 
     def __init__(self, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
@@ -75,32 +100,16 @@ class Observer:
         self.buckets = tuple(buckets)
         #: per thread: (counts per bucket, the last one above every bound; [sum])
         self._shards: list[tuple[list[int], list[float]]] = []
-        self._local = threading.local()
         self._errors: dict[str, int] = {}
         self._users = 0  # registrations that share this observer
+        #: The calling thread's shard (a ``threading.local``): ``shard.handler_done``.
+        self.shard = _ThreadShard(self)
 
     @property
-    def handler_done(self) -> Callable[[float], None]:
-        """``handler_done(seconds)``: one ``on_handle_command`` call took *seconds*
-        (the calling thread's recorder)."""
-        try:
-            return self._local.handler_done  # type: ignore[no-any-return]
-        except AttributeError:
-            return self._new_recorder()
-
-    def _new_recorder(self) -> Callable[[float], None]:
-        counts = [0] * (len(self.buckets) + 1)
-        total = [0.0]
-        bounds, find = self.buckets, bisect.bisect_left
-
-        def handler_done(seconds: float) -> None:
-            counts[find(bounds, seconds)] += 1  # the first bound >= seconds
-            total[0] += seconds
-
-        with self._lock:
-            self._shards.append((counts, total))
-        self._local.handler_done = handler_done
-        return handler_done
+    def handler_done(self) -> Callable[..., None]:
+        """``handler_done(seconds, calls=1)``: *calls* ``on_handle_command`` calls took
+        *seconds* in all (the calling thread's recorder, ``shard.handler_done``)."""
+        return self.shard.handler_done
 
     def error(self, code: int) -> None:
         """An error with this on_error *code* was reported."""

@@ -28,17 +28,17 @@ __all__ = [
     "encode_frame", "encode_header", "FrameDecoder", "ProtocolError", "DEFAULT_MAX_MESSAGE_SIZE",
 ]
 
-MAGIC = 0xCAFEBABE
-HEADER = struct.Struct("<IIB")
-HEADER_SIZE = HEADER.size  # 9
-MAX_FRAME_SIZE = 0xFFFFFFFF
-DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+MAGIC = 0xCAFEBABE  #: First header field of every frame (on the wire: BE BA FE CA).
+HEADER = struct.Struct("<IIB")  #: The header: magic, payload size, flag (little-endian).
+HEADER_SIZE = HEADER.size  #: 9 bytes.
+MAX_FRAME_SIZE = 0xFFFFFFFF  #: Largest payload a header can announce.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  #: Default ``max_message_size`` (16 MiB).
 
-FLAG_PLAIN = 0
-FLAG_MORMOT = 1
-FLAG_AUTHENTICATED = 2
-FLAG_SESSION = 3
-VALID_FLAGS = frozenset((FLAG_PLAIN, FLAG_MORMOT, FLAG_AUTHENTICATED))
+FLAG_PLAIN = 0  #: Flag of a plaintext frame.
+FLAG_MORMOT = 1  #: Flag of a MORMOT-profile frame.
+FLAG_AUTHENTICATED = 2  #: Flag of an AUTHENTICATED-profile frame.
+FLAG_SESSION = 3  #: Flag of a session frame (morsock peers with a session only).
+VALID_FLAGS = frozenset((FLAG_PLAIN, FLAG_MORMOT, FLAG_AUTHENTICATED))  #: Flags a decoder takes.
 #: The flags of a decoder made with ``session_frames=True``.
 SESSION_FLAGS = VALID_FLAGS | {FLAG_SESSION}
 

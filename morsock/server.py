@@ -17,14 +17,23 @@ from collections.abc import Iterator
 from threading import get_ident
 from typing import Any, Callable
 
-from ._component import Component, Data, Tally
+from ._component import Component, Data, Tally, as_bytes
 from ._internals import accepter
-from ._settings import Setting, _optional_seconds, _port, _positive_int
+from ._session_link import ServerSessions, is_session_item
+from ._settings import (
+    Setting,
+    _boolean,
+    _non_negative_seconds,
+    _optional_seconds,
+    _port,
+    _positive_int,
+    _server_host,
+)
 from .connection import CONNECTED, DISCONNECTED, Connection, ErrorReport
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 from .workers import WorkerPool
@@ -65,14 +74,20 @@ class ServerClient:
     ``receive_backlog`` (bytes of frames read from the peer and not yet handled),
     ``peer_certificate`` (over TLS, the peer's verified certificate as
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
-    None without TLS or when the peer sent none). Free for the application:
-    ``custom_data``. Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
+    None without TLS or when the peer sent none), ``session_id`` (API §10). Free for the
+    application: ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs
+    for this client, True when the message it was given arrived encrypted (False
+    otherwise). Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
     """
+
+    #: While ``on_handle_command`` runs for this client: True when the message being
+    #: handled arrived encrypted. Written by the handler's own thread around the call.
+    message_encrypted: bool = False
 
     def __init__(self, server: Server, sock: socket.socket, handle: int,
                  peer: Any = None) -> None:
         """Made by the server's reactor thread for an accepted socket."""
-        conn = Connection(server._link, sock, max_message_size=server.max_message_size,
+        conn = Connection(server._conn_owner, sock, max_message_size=server.max_message_size,
                           max_send_buffer=server.max_send_buffer, peer=peer)
         conn.facade = self
         self._conn = conn
@@ -161,8 +176,18 @@ class ServerClient:
         self._server._send_on(self._conn, data, encrypted)
 
     def disconnect(self) -> bool:
-        """Close this connection (``on_disconnect`` follows). False if already closing."""
+        """Close this connection (``on_disconnect`` follows). False if already closing.
+        A session's client is told the session is over (it does not resume)."""
+        sessions = self._server._sessions
+        if sessions is not None and sessions.close_session(self._conn):
+            return True
         return self._conn.close()
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The id of this client's session (API.md §10), None without one."""
+        sessions = self._server._sessions
+        return sessions.session_id(self._conn) if sessions is not None else None
 
     def __repr__(self) -> str:
         closed = " closed" if self._conn.closing else ""
@@ -219,7 +244,7 @@ class Server(Component):
     port: Setting[int] = Setting(
         3434, _port, doc="TCP port to listen on (0: a free one, which port then holds).")
     host: Setting[str] = Setting(
-        "0.0.0.0", str, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
+        "0.0.0.0", _server_host, doc="Address to listen on ('0.0.0.0': every IPv4 interface).")
     max_connections: Setting[int] = Setting(
         1000, _positive_int, live=True,
         doc="Most clients at once: a connection past it is closed at once "
@@ -230,7 +255,7 @@ class Server(Component):
         doc="Worker threads running on_handle_command (one connection's frames run one "
             "at a time, in order).")
     reuse_port: Setting[bool] = Setting(
-        False, bool,
+        False, _boolean,
         doc="Also set SO_REUSEPORT (where the platform has none, start() raises "
             "MorsockError).")
     idle_timeout: Setting[float | None] = Setting(
@@ -239,6 +264,11 @@ class Server(Component):
     backlog: Setting[int] = Setting(
         4096, _positive_int, doc="listen() backlog: connections the kernel holds until "
                                  "they are accepted.")
+    resume_window: Setting[float] = Setting(
+        0.0, _non_negative_seconds,
+        doc="Seconds a dropped session stays resumable (0: no sessions): a resumable "
+            "client that reconnects within it gets every message exactly once, in order "
+            "(docs/guide/sessions.rst).")
 
     _PLAIN_FRAMES_AS_BYTES = True
     _EVENTS = ("on_handle_command", "on_connect", "on_disconnect", "on_error",
@@ -267,6 +297,7 @@ class Server(Component):
                  max_send_buffer: int = 8 * 1024 * 1024,
                  max_receive_backlog: int = 1024 * 1024,
                  idle_timeout: float | None = None, backlog: int = 4096,
+                 resume_window: float = 0.0,
                  ssl_context: Any = None, logger: logging.Logger | None = None,
                  **events: Any) -> None:
         self._state = ServerState.DISCONNECTED
@@ -285,6 +316,9 @@ class Server(Component):
         self._sweep_timer: Any = None
         self._zero_stats()
         self._tally = Tally(self.property_lock, self._live_connection_iter)
+        #: The flag of the encrypted frames this server takes (-1: none, no key).
+        self._sealed_flag = -1
+        self._sessions: ServerSessions | None = None  # while running with resume_window
         super().__init__(settings, events)
 
     # -- life cycle --------------------------------------------------------------------
@@ -330,6 +364,9 @@ class Server(Component):
                                       leader_follower=True)
                 ctx = self._crypto
                 assert ctx is not None
+                self._sealed_flag = (FLAG_MORMOT if ctx.mormot is not None else
+                                     FLAG_AUTHENTICATED if ctx.authenticated else -1)
+                self._sessions = ServerSessions(self) if self.resume_window > 0 else None
                 # after _prepare_runtime: its dispatcher honours events_use_main_thread
                 self._set_state(ServerState.STARTING)
                 listener = self._bind()
@@ -407,10 +444,15 @@ class Server(Component):
             if self._state is ServerState.STOPPING:
                 return
             self._set_state(ServerState.STOPPING)
+            sessions = self._sessions
+            if sessions is not None:  # "going away": clients move on, nothing acknowledged is lost
+                sessions.going_away(min(self.connection_timeout, 2.0))
             closed = threading.Event()
             self._reactor.call_soon(self._close_everything, closed)
             if not closed.wait(30):
                 self._log.error("server: sockets not closed within 30 s")
+            if sessions is not None:
+                sessions.shutdown()
             self._await_closes()
             self._pool.shutdown()
             self._reactor.close()
@@ -516,14 +558,17 @@ class Server(Component):
                            client.peer_port)
         if self.idle_timeout is not None:
             self._watch()
-        client._conn.start()
+        sessions = self._sessions
+        if sessions is not None:
+            sessions.admit(client._conn)  # on_connect once its first frame tells what it is
+        client._conn.start(announce=sessions is None)
 
     def _marker_wanted(self, marker: Any) -> bool:
         # A marker only fires its event: without a handler, it need not go through the
         # strand at all (a connection that comes and goes costs two strand runs less).
         if marker is CONNECTED:
             return self.on_connect is not None
-        return self.on_disconnect is not None
+        return self.on_disconnect is not None or self._sessions is not None
 
     def _start_tls(self, sock: socket.socket, address: Any) -> None:
         """Reactor thread: TLS handshake with an accepted socket. It counts against
@@ -638,6 +683,8 @@ class Server(Component):
     def _connection_closed(self, conn: Connection) -> None:
         client: ServerClient = conn.facade
         client._closed_mono = time.monotonic()
+        if self._sessions is not None:
+            self._sessions.connection_closed(conn)
         with self.property_lock:
             if self._clients.pop(client.handle, None) is not None:
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
@@ -697,7 +744,10 @@ class Server(Component):
                 self._log.debug("client #%d: %d-byte message (flag %d)", client.handle,
                                 len(data), flag)
             try:
-                reply = handler(self, client, data)
+                if flag:
+                    reply = self._call_encrypted(handler, client, data)
+                else:
+                    reply = handler(self, client, data)
             except Exception as exc:
                 self._handler_failed("on_handle_command", exc, (client,))
                 continue
@@ -706,6 +756,25 @@ class Server(Component):
                     conn.release_held()
             elif reply:
                 self._reply(conn, reply, flag != 0)  # corked by a batch: sent at its end
+
+    def _call_encrypted(self, handler: Callable[..., Any], client: ServerClient,
+                        data: bytes) -> Any:
+        """Strand: ``handler(self, client, data)`` for a message that arrived encrypted,
+        with ``client.message_encrypted`` set meanwhile."""
+        client.message_encrypted = True
+        try:
+            return handler(self, client, data)
+        finally:
+            client.message_encrypted = False
+
+    def _call_handler(self, handler: Callable[..., Any], conn: Connection, data: bytes) -> Any:
+        """Strand (the session link): ``handler(self, client, data)`` for *conn*'s client;
+        None when it raised (reported as HANDLER_EXCEPTION)."""
+        try:
+            return handler(self, conn.facade, data)
+        except Exception as exc:
+            self._handler_failed("on_handle_command", exc, (conn.facade,))
+            return None
 
     def _open_item(self, conn: Connection, item: Any) -> tuple[bytes, int] | None:
         """Strand: the data and flag of a frame that needs opening (encrypted, or any
@@ -733,8 +802,13 @@ class Server(Component):
         if item is CONNECTED:
             self._emit("on_connect", conn.facade)
         elif item is DISCONNECTED:
+            sessions = self._sessions
+            if sessions is not None and not sessions.disconnect_marker(conn):
+                return  # its session lives on: on_disconnect once it ends
             self._emit("on_disconnect", conn.facade)
             conn.retire_strand()  # the last item: freed without the collector
+        elif is_session_item(item):
+            item.run(conn)
         else:  # a frame: the batch runner takes them itself, this is for completeness
             handler = self._observed(self.on_handle_command) or _no_handler
             self._handle_items(conn, [item], handler, self._debug(), conn.send_plain)
@@ -743,9 +817,21 @@ class Server(Component):
         from .crypto import server_handshake
         ctx = self._crypto
         assert ctx is not None
-        reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        try:
+            reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
+        except CryptoError as exc:
+            self._refuse_hello(conn, payload, str(exc))
+            raise
         conn.send_frame(reply)
         conn.session = session
+
+    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
+        from .crypto import is_client_hello, refusal_frame
+        if is_client_hello(payload):  # only a morsock client sends one: no Delphi peer
+            try:
+                conn.send_frame(refusal_frame(reason))
+            except MorsockError:
+                pass  # gone already: the close that follows is reported anyway
 
     # -- events and statistics -----------------------------------------------------------
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
@@ -776,6 +862,16 @@ class Server(Component):
     def _emit_error(self, conn: Connection, message: str, code: int) -> None:
         """Strand: an :class:`ErrorReport` of *conn* comes up in its order."""
         self._emit("on_error", conn.facade, message, code)
+
+    def _send_on(self, conn: Connection, data: Data, encrypted: bool) -> None:
+        sessions = self._sessions
+        if sessions is not None and sessions.send(conn, data, encrypted):
+            return  # a session's: kept until acknowledged
+        super()._send_on(conn, data, encrypted)
+
+    def _send_raw(self, conn: Connection, data: Data, encrypted: bool) -> None:
+        """Send as a server without sessions does (a session-less connection)."""
+        super()._send_on(conn, data, encrypted)
 
     def _zero_stats(self) -> None:
         self._total_connections = 0
@@ -894,10 +990,12 @@ class Server(Component):
         (``on_error(client, ..., SEND_BUFFER_FULL)``), as is one that cannot take an
         encrypted frame; the others still get the message.
         """
+        payload = as_bytes(data)
+        self._check_size(payload, encrypted)
         count = 0
         for client in self.clients.values():
             try:
-                self._send_on(client._conn, data, encrypted)
+                self._send_on(client._conn, payload, encrypted)
             except NotConnectedError:
                 continue
             except (SendBufferFullError, CryptoError) as exc:

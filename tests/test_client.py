@@ -308,14 +308,11 @@ def test_request_timeout_gives_up_its_place() -> None:
 
     with running_server(handler) as server, \
             Client(LOCAL, server.port, on_handle_command=rec.handler("unsolicited")) as client:
+        # (a reply the server skips, b"silent": tests/test_requests.py)
         started = time.monotonic()
         with pytest.raises(RequestTimeout):
-            client.request(b"silent", timeout=0.3)
-        assert 0.25 <= time.monotonic() - started < TIMEOUT  # sanity bound only
-        assert client.request(b"next") == b"re:next"        # nobody left waiting on silent
-
-        with pytest.raises(RequestTimeout):
             client.request(b"slow", timeout=0.2)
+        assert 0.15 <= time.monotonic() - started < TIMEOUT  # sanity bound only
         release.set()
         # the late reply finds no waiting request: it goes to on_handle_command
         rec.wait_count("unsolicited", 1)

@@ -21,8 +21,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from morsock import Client, ErrorCode, ReconnectStrategy, Server
-from morsock.cli import _build_parser, _serve_metrics
+from morsock.cli import _serve_metrics, build_parser
 from morsock.metrics import DURATION_BUCKETS, Observer, register
+from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
 
 from helpers import TIMEOUT, Recorder, frame_size, wait_until
@@ -165,6 +166,40 @@ def test_observer_quantile_interpolates_within_the_bucket() -> None:
     assert observer.quantile(1.0) == 0.1  # above every bound: the last bound
     with pytest.raises(ValueError, match="within 0..1"):
         observer.quantile(1.5)
+
+
+def test_a_run_of_calls_counts_each_call_in_the_bucket_of_their_mean() -> None:
+    observer = Observer(buckets=(0.001, 0.01, 0.1))
+    observer.handler_done(0.003, 3)   # 3 calls, 1 ms each on average: bucket (0, 0.001]
+    observer.handler_done(0.3, 2)     # 150 ms each: above every bound
+    observer.handler_done(0.005)      # one call: bucket (0.001, 0.01]
+    counts, total = observer.histogram()
+    assert counts == [3, 1, 0, 2]
+    assert total == pytest.approx(0.308)
+
+
+def test_pipelined_frames_are_counted_one_call_each(registry: CollectorRegistry) -> None:
+    def handler(server: Server, client: object, data: bytes) -> bytes:
+        if data == b"boom":
+            raise RuntimeError("handler fails")
+        return data
+
+    payloads = [b"%d" % n for n in range(40)]
+    payloads[17] = b"boom"
+    with running_server(handler) as server, http_endpoint(registry) as url:
+        reg = register(server, registry)
+        with RawPeer.to(server) as peer:
+            peer.send_raw(b"".join(encode_frame(p) for p in payloads))  # one write
+            replies = [peer.recv_frame().payload for _ in range(39)]
+            assert replies == payloads[:17] + payloads[18:]
+        samples = scrape(url)
+        reg.unregister()
+    assert value(samples, "morsock_handler_duration_seconds_count", name="server") == 40
+    assert value(samples, "morsock_handler_duration_seconds_bucket", name="server",
+                 le="+Inf") == 40
+    assert value(samples, "morsock_handler_duration_seconds_sum", name="server") > 0
+    assert value(samples, "morsock_errors_total", name="server",
+                 code="HANDLER_EXCEPTION") == 1
 
 
 def test_send_queue_gauge_shows_what_a_peer_does_not_read(registry: CollectorRegistry) -> None:
@@ -414,8 +449,8 @@ def test_cli_metrics_port_in_use_is_a_clear_error() -> None:
 
 
 def test_cli_metrics_endpoint_stops_with_the_server(capsys: pytest.CaptureFixture[str]) -> None:
-    args = _build_parser().parse_args(["server", "--metrics-port", "0"])
-    assert _serve_metrics(Server(0, LOCAL), _build_parser().parse_args(["server"])) is None
+    args = build_parser().parse_args(["server", "--metrics-port", "0"])
+    assert _serve_metrics(Server(0, LOCAL), build_parser().parse_args(["server"])) is None
     with running_server() as server:
         stop = _serve_metrics(server, args)
         assert stop is not None

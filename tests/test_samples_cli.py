@@ -287,7 +287,8 @@ def test_cli_server_shows_a_live_status_line_on_a_terminal(tmp_path: Path) -> No
                 ready, _, _ = select.select([master], [], [], left)
                 if ready:
                     seen += os.read(master, 4096).decode(errors="replace")
-            assert f"morsock server on 127.0.0.1:{port}" in seen
+            server.expect(rf"^morsock server listening on 127\.0\.0\.1:{port}; .*; "
+                          r"Ctrl\+C to stop$")  # the banner: on stdout
             assert "\r" in seen  # the line is rewritten in place
             assert server.stop(signal.SIGINT) == 0
     finally:

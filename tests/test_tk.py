@@ -7,9 +7,12 @@ the machine: ``apt-get install xvfb``).
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +28,8 @@ tk = pytest.importorskip("tkinter", reason="tkinter is not available in this Pyt
 import morsock  # noqa: E402
 import morsock.tk  # noqa: E402
 from morsock.testing import running_server  # noqa: E402
+
+from helpers import wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 15.0  # generous bound of every wait: the machine is shared
@@ -290,7 +295,10 @@ def test_tk_server_form_shows_clients_and_statistics(root: Any) -> None:
             assert (bytes_in, bytes_out, messages) == ("14 B", "20 B", "1/1")
         pump_until(root, lambda: "Clients: 2 | Total connections: 2" in app.status_text(),
                    "the status bar to count two clients")
-        assert "Received: 28 B" in app.status_text() and "Sent: 40 B" in app.status_text()
+        pump_until(root, lambda: app.metrics_text()["received"] == "2 msg · 28 B"
+                   and app.metrics_text()["sent"] == "2 msg · 40 B"
+                   and app.metrics_text()["clients"] == "2 now · 2 total",
+                   "the metrics panel to count the two requests")
         pump_until(root, lambda: app.log_text().count("connected from 127.0.0.1") == 2
                    and "says: hello" in app.log_text(), "connect and message log lines")
 
@@ -319,7 +327,7 @@ def test_tk_server_form_shows_clients_and_statistics(root: Any) -> None:
 
         app.stop_button.invoke()
         pump_until(root, lambda: app.status_text().startswith("DISCONNECTED"), "DISCONNECTED")
-        assert "Server stopped" in app.log_text()
+        pump_until(root, lambda: "Server stopped" in app.log_text(), "the stop log line")
     finally:
         for client in clients:
             client.disconnect()
@@ -364,9 +372,9 @@ def test_tk_client_form_connects_sends_and_reconnects(root: Any) -> None:
         app = tk_client.ClientApp(root, port=server.port, strategy="IMMEDIATE",
                                   event_queue=morsock.EventQueue())
         try:
-            assert app.status_text().startswith("DISCONNECTED")
+            assert app.status_text().startswith("Disconnected")
             app.connect_button.invoke()
-            pump_until(root, lambda: app.status_text().startswith("CONNECTED"), "CONNECTED")
+            pump_until(root, lambda: app.status_text().startswith("Connected to"), "Connected")
             pump_until(root, lambda: "Connected to 127.0.0.1" in app.log_text(),
                        "the connect log line")
             assert "Sent: 0 B (0 msg)" in app.status_text()
@@ -384,13 +392,13 @@ def test_tk_client_form_connects_sends_and_reconnects(root: Any) -> None:
             pump_until(root, lambda: app.log_text().count("Connected to 127.0.0.1") == 2,
                        "an automatic reconnection")
             assert "Disconnected" in app.log_text()
-            pump_until(root, lambda: app.status_text().startswith("CONNECTED"), "CONNECTED")
+            pump_until(root, lambda: app.status_text().startswith("Connected to"), "Connected")
             assert app.send("again")
             pump_until(root, lambda: "Received: Echo: again" in app.log_text(), "the echo")
 
             app.disconnect_button.invoke()
-            pump_until(root, lambda: app.status_text().startswith("DISCONNECTED"),
-                       "DISCONNECTED")
+            pump_until(root, lambda: app.status_text().startswith("Disconnected"),
+                       "Disconnected")
             assert app.send("nobody listens") is False
             assert "Send failed" in app.log_text()
         finally:
@@ -409,9 +417,305 @@ def test_tk_client_form_reports_reconnect_attempts_and_gives_up(root: Any) -> No
             pump_until(root, lambda: "Gave up reconnecting" in app.log_text(),
                        "the client to give up")
             log = app.log_text()
-            assert "Reconnect attempt 1 failed" in log and "Reconnect attempt 2 failed" in log
-            pump_until(root, lambda: "Reconnect attempts: 2" in app.status_text(),
-                       "the attempt count in the status bar")
-            assert app.status_text().startswith("DISCONNECTED")
+            assert "attempt 1 failed" in log and "attempt 2 failed" in log
+            pump_until(root, lambda: app.status_text().startswith(
+                "Disconnected (gave up after 2 attempts)"), "the attempt count in the status bar")
         finally:
             app.close()
+
+
+# -- what a user of the samples meets: floods, stamps, sizes, states -------------------------
+
+STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d\d\d)  ", re.M)
+
+
+def stamp_of(log: str, text: str) -> datetime.datetime:
+    """The time stamp of the first log line that contains *text* (today's date)."""
+    for line in log.splitlines():
+        if text in line:
+            match = STAMP.match(line)
+            assert match, f"no millisecond stamp on {line!r}"
+            clock = datetime.datetime.strptime(match[1], "%H:%M:%S.%f").time()
+            return datetime.datetime.combine(datetime.date.today(), clock)
+    pytest.fail(f"no log line with {text!r}: {log!r}")
+
+
+def test_tk_server_log_coalesces_a_flood_and_keeps_up(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    total = 20_000
+    try:
+        assert app.start()
+        with morsock.Client("127.0.0.1", app.server.port) as client:
+            for n in range(total):
+                client.send_data(f"flood {n}")
+            pump_until(root, lambda: app.figures.read()["handled"] == total,
+                       "the server to handle the flood", timeout=60)
+            handled_at = time.monotonic()
+            view = app.log_view
+            pump_until(root, lambda: view.messages_shown + view.messages_counted == total,
+                       "the log to account for every message")
+            # Every message is in the log, one by one or counted; the counted ones as
+            # few "… N more messages" lines, with the numbers that add up.
+            log = app.log_text()
+            counted = [int(n.replace(",", "")) for n in
+                       re.findall(r"\u2026 ([\d,]+) more messages?$", log, re.M)]
+            assert counted and sum(counted) == view.messages_counted
+            assert view.messages_shown == log.count(" says: flood ")
+            assert view.messages_shown <= total // 10
+            # ... and it kept up: everything accounted for soon after it was handled.
+            assert time.monotonic() - handled_at < 10.0
+            assert len(app.queue) < 100  # the event queue did not fill with log lines
+    finally:
+        app.close()
+
+
+def test_tk_server_log_stamps_a_line_when_the_message_arrives(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    try:
+        assert app.start()
+        with morsock.Client("127.0.0.1", app.server.port) as client:
+            before = datetime.datetime.now()
+            client.send_data("early bird")
+            wait_until(lambda: app.figures.read()["handled"] == 1, what="the handler to run")
+            handled = datetime.datetime.now()
+            # The GUI is busy for a while (nothing pumps Tk): the line must still carry
+            # the time the message arrived, not the time it is drawn.
+            busy_until = time.monotonic() + 1.5
+            while time.monotonic() < busy_until:
+                time.sleep(0.05)  # a stalled GUI is what is being simulated
+            drawn = datetime.datetime.now()
+            pump_until(root, lambda: "early bird" in app.log_text(), "the message line")
+        stamp = stamp_of(app.log_text(), "says: early bird")
+        assert before - datetime.timedelta(milliseconds=5) <= stamp <= handled, \
+            (before, stamp, handled)
+        assert drawn - stamp > datetime.timedelta(seconds=1.4)
+    finally:
+        app.close()
+
+
+def test_log_view_wraps_long_lines(root: Any) -> None:
+    view = morsock.tk.LogView(root, morsock.EventQueue(), width=40)
+    view.frame.pack(fill="both", expand=True)
+    view.log("x" * 300)
+    root.update()
+    assert str(view.text.cget("wrap")) == "word"
+    rows = view.text.count("1.0", "end-1c", "displaylines")
+    assert rows is not None and (rows[0] if isinstance(rows, tuple) else rows) >= 5
+    view.close()
+
+
+@pytest.mark.parametrize("sample", ["tk_server", "tk_client"])
+def test_tk_forms_show_every_control_at_their_minimum_size(root: Any, sample: str) -> None:
+    module = load_sample(sample)
+    module.apply_theme(root)
+    make = module.ServerApp if sample == "tk_server" else module.ClientApp
+    app = make(root, port=0 if sample == "tk_server" else 1, event_queue=morsock.EventQueue())
+    try:
+        assert tuple(root.minsize()) == module.MIN_SIZE == (700, 450)
+        root.geometry("400x300")  # smaller than allowed: Tk keeps the minimum
+        pump_until(root, lambda: (root.winfo_width(), root.winfo_height()) == (700, 450),
+                   "the window at its minimum size")
+        buttons = ([app.start_button, app.stop_button, app.broadcast_button]
+                   if sample == "tk_server" else
+                   [app.connect_button, app.disconnect_button, app.send_button])
+        right = root.winfo_rootx() + root.winfo_width()
+        bottom = root.winfo_rooty() + root.winfo_height()
+        for widget in [*buttons, app.status_label]:
+            assert widget.winfo_ismapped(), widget
+            assert widget.winfo_width() >= widget.winfo_reqwidth() - 1 or \
+                widget is app.status_label, widget
+            assert widget.winfo_rootx() + widget.winfo_width() <= right, widget
+            assert widget.winfo_rooty() + widget.winfo_height() <= bottom, widget
+            assert widget.winfo_height() >= widget.winfo_reqheight(), widget
+        assert app.status_label.winfo_rooty() + app.status_label.winfo_height() == bottom
+    finally:
+        app.close()
+
+
+def test_tk_server_form_explains_a_bad_port(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    try:
+        app.port_var.set("abc")
+        assert app.start() is False
+        assert ("Cannot start: the port must be a whole number from 0 to 65535 "
+                "(0: any free port), not 'abc'") in app.log_text()
+        assert str(app.port_entry.cget("style")) == "Invalid.TEntry"
+        app.port_var.set("70000")
+        assert app.start() is False
+        assert "70000" in app.log_text().splitlines()[-1]
+        app.port_var.set("0")
+        assert app.start()
+        assert str(app.port_entry.cget("style")) == "TEntry"
+    finally:
+        app.close()
+
+
+def test_tk_client_form_explains_a_bad_port_and_applies_the_key_size(root: Any) -> None:
+    tk_client = load_sample("tk_client")
+    with running_server(lambda s, c, d: b"Echo: " + d, encryption_key="k",
+                        encryption_key_size=128) as server:
+        app = tk_client.ClientApp(root, port=server.port, key="k",
+                                  event_queue=morsock.EventQueue())
+        try:
+            app.port_var.set("abc")
+            assert app.connect() is False
+            assert ("Cannot connect: the port must be a whole number from 1 to 65535, "
+                    "not 'abc'") in app.log_text()
+            assert app.disconnect_button.instate(["disabled"])
+            app.port_var.set(str(server.port))
+            app.key_size_var.set("128")
+            assert app.connect()
+            pump_until(root, lambda: app.status_text().startswith("Connected to"), "Connected")
+            assert app.client.encryption_key_size == 128
+            assert "Encryption: AES-128-CBC" in app.status_text()
+            assert app.send("sealed", encrypted=True)
+            pump_until(root, lambda: "Received: Echo: sealed" in app.log_text(), "the echo")
+        finally:
+            app.close()
+
+
+def test_tk_client_form_buttons_and_status_follow_the_connection(root: Any) -> None:
+    tk_client = load_sample("tk_client")
+    app: Any = None
+    try:
+        with running_server(lambda s, c, d: d) as server:
+            port = server.port
+            app = tk_client.ClientApp(root, port=port, strategy="FIXED_INTERVAL",
+                                      interval_ms=100, max_attempts=0,
+                                      event_queue=morsock.EventQueue())
+            assert app.status_text().startswith("Disconnected")
+            assert app.disconnect_button.instate(["disabled"])
+            assert app.send_button.instate(["disabled"])
+            assert app.connect_button.instate(["!disabled"])
+            app.connect_button.invoke()
+            pump_until(root, lambda: app.status_text().startswith(
+                f"Connected to 127.0.0.1:{port} for 00:00:0"), "Connected")
+            assert app.disconnect_button.instate(["!disabled"])
+            assert app.send_button.instate(["!disabled"])
+            assert app.connect_button.instate(["disabled"])
+        # The server is gone: the form says it is reconnecting, with the attempt number.
+        pump_until(root, lambda: re.match(r"Reconnecting \(attempt ([2-9]|\d\d+)\)…",
+                                          app.status_text()) is not None,
+                   "the second reconnection attempt in the status bar")
+        assert app.disconnect_button.instate(["!disabled"])
+        assert app.send_button.instate(["disabled"])
+        assert app.connect_button.instate(["disabled"])
+        log = app.log_text()
+        assert "Reconnection attempt 1 failed: cannot connect" in log
+        assert not re.search(r"attempt (\d+) failed: reconnection attempt", log, re.I), log
+        app.disconnect_button.invoke()
+        pump_until(root, lambda: app.status_text().startswith("Disconnected"), "Disconnected")
+        assert app.disconnect_button.instate(["disabled"])
+        assert app.connect_button.instate(["!disabled"])
+    finally:
+        if app is not None:
+            app.close()
+
+
+def test_tk_server_logs_server_stopped_after_the_disconnects(root: Any) -> None:
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    clients: List[morsock.Client] = []
+    try:
+        assert app.start()
+        for _ in range(2):
+            client = morsock.Client("127.0.0.1", app.server.port, auto_reconnect=False)
+            client.connect()
+            clients.append(client)
+        pump_until(root, lambda: app.log_text().count("connected from") == 2, "two clients")
+        app.stop_button.invoke()
+        pump_until(root, lambda: "Server stopped" in app.log_text(), "the stop line")
+        lines = app.log_text().splitlines()
+        stopped = next(i for i, line in enumerate(lines) if "Server stopped" in line)
+        gone = [i for i, line in enumerate(lines) if "disconnected (" in line]
+        assert len(gone) == 2 and max(gone) < stopped == len(lines) - 1, lines
+    finally:
+        for client in clients:
+            client.disconnect()
+        app.close()
+
+
+@pytest.mark.parametrize("profile", ["AUTHENTICATED", "MORMOT"])
+def test_tk_server_marks_encrypted_messages(root: Any, profile: str) -> None:
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", key="k", profile=profile,
+                              event_queue=morsock.EventQueue())
+    try:
+        assert app.start()
+        with morsock.Client("127.0.0.1", app.server.port, encryption_key="k",
+                            encryption_profile=profile) as client:
+            assert client.request("sealed", timeout=WAIT, encrypted=True) == b"Echo: sealed"
+            assert client.request("open", timeout=WAIT) == b"Echo: open"
+        pump_until(root, lambda: "open" in app.log_text(), "both message lines")
+        log = app.log_text()
+        assert "#1 says (encrypted): sealed" in log
+        assert "#1 says: open" in log
+    finally:
+        app.close()
+
+
+def test_tk_server_metrics_panel_shows_the_prometheus_figures(root: Any) -> None:
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
+    try:
+        assert app.figures.available
+        assert app.start()
+        with morsock.Client("127.0.0.1", app.server.port) as client:
+            for n in range(3):
+                assert client.request(f"m{n}", timeout=WAIT) == f"Echo: m{n}".encode()
+        with socket.create_connection(("127.0.0.1", app.server.port), timeout=WAIT) as bad:
+            bad.sendall(b"not a morsock frame")
+            assert bad.recv(10) == b""
+        pump_until(root, lambda: app.metrics_text()["errors"] != "none", "the error count")
+        figures = app.figures.read()
+        shown = app.metrics_text()
+        # The registry's figures, as a scrape of /metrics would give them:
+        sample = app.figures.registry.get_sample_value
+        labels = {"name": "tk_server"}
+        assert figures["messages_received"] == sample("morsock_messages_received_total",
+                                                      labels) == 3
+        assert figures["handled"] == sample("morsock_handler_duration_seconds_count",
+                                            labels) == 3
+        received = sample("morsock_bytes_received_total", labels)
+        assert shown["received"] == f"3 msg · {received:.0f} B"
+        assert shown["clients"] == "0 now · 2 total"
+        assert shown["errors"] == "INVALID_PROTOCOL 1"
+        assert sample("morsock_errors_total", {**labels, "code": "INVALID_PROTOCOL"}) == 1
+        assert shown["handler"].startswith("3 calls · mean ")
+        assert re.match(r"^p50 ≤ \d+ µs · p99 ≤ [\d.]+ (µs|ms)$", shown["handler_quantiles"])
+        # Live: the panel follows without any action (the 1-second refresh).
+        with morsock.Client("127.0.0.1", app.server.port) as client:
+            assert client.request("one more", timeout=WAIT) == b"Echo: one more"
+        pump_until(root, lambda: app.metrics_text()["received"].startswith("4 msg"),
+                   "the panel to refresh by itself")
+        pump_until(root, lambda: len(app.chart.history) >= 1, "a point in the rate chart")
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("sample, args, ready", [
+    ("tk_server", ["--autostart", "--host", "127.0.0.1", "--port", "0"],
+     r"listening on 127\.0\.0\.1:\d+"),
+    ("tk_client", ["--port", "1"], r"form open"),
+])
+def test_ctrl_c_in_the_terminal_closes_a_form_cleanly(display: str, sample: str,
+                                                      args: List[str], ready: str) -> None:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "samples" / f"{sample}.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded by the timeout of proc.wait below
+        assert re.search(ready, line), line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=WAIT)
