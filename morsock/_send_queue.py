@@ -9,8 +9,10 @@ kernel, and counts what left:
   left; ``bytes_sent`` counts every byte that left, also those sent without queueing.
 * ``held`` -- plaintext frames held back while a strand batch is corked (``corked_by``:
   the thread ident of the batch), as header, payload, header, payload ... of
-  ``held_bytes`` in all. They are not in ``out`` yet and not counted against the limit
-  until :meth:`queue_held` moves them there.
+  ``held_bytes`` in all (one list for the queue's life, emptied in place). They are not
+  in ``out`` yet and not counted against the limit until :meth:`queue_held` moves them
+  there. The corked batch runner appends its replies itself, by :meth:`hold`'s rule
+  (see ``Connection.cork``).
 * ``limit`` -- ``max_send_buffer``: a frame that would take ``out`` past it is refused
   (:meth:`fits`), except into an empty queue. A refusal changes nothing; the caller
   checks :meth:`fits` *before* it seals a frame, so a refused frame uses up no sequence
@@ -125,11 +127,13 @@ class SendQueue:
         return self.held_bytes >= HOLD_MAX
 
     def take_held(self) -> list[bytes]:
-        """The held frames (header, payload ...), which this queue forgets."""
+        """The held frames (header, payload ...), which this queue forgets: ``held`` is
+        emptied in place (a corked batch keeps appending to the same list)."""
         held = self.held
-        self.held = []
+        frames = held.copy()
+        held.clear()
         self.held_bytes = 0
-        return held
+        return frames
 
     def queue_held(self, held: list[bytes], size: int) -> bool:
         """Queue the frames of *held* (as :meth:`take_held` returned them, *size* bytes in

@@ -179,7 +179,7 @@ class Connection:
     __slots__ = ("_owner", "_events", "_sock", "_reading", "_tls", "_decoder", "_strand",
                  "_backlog", "frame_hook", "last_activity", "partial_since",
                  "bytes_received", "messages_received", "closing", "_send_lock", "_out",
-                 "_queue", "hold_plain", "runner", "facade",
+                 "_queue", "runner", "facade",
                  "peer_ip", "peer_port", "_reactor", "_write_armed", "_broken",
                  "_linger_timer", "_sendmsg", "_read_wants_write", "peer_certificate",
                  "closed", "close_code", "session", "established", "__weakref__")
@@ -204,13 +204,8 @@ class Connection:
         #: ServerClient), set by whoever made it; None for the client component.
         self.facade: Any = None
         self._send_lock = threading.Lock()
-        self._queue = queue = SendQueue(max_send_buffer)
-        self._out = queue.out  # the same bytearray, for the hot path's emptiness test
-        #: Strand, corked by :meth:`cork`: holds a handler's plaintext reply for the
-        #: batch's end (:meth:`SendQueue.hold <morsock._send_queue.SendQueue.hold>`);
-        #: it returns True once the held replies pass ``HOLD_MAX``: call
-        #: :meth:`release_held` then.
-        self.hold_plain: Callable[[bytes], bool] = queue.hold
+        self._queue = SendQueue(max_send_buffer)
+        self._out = self._queue.out  # the same bytearray, for the hot path's emptiness test
         self._backlog = ReceiveBacklog(owner.max_receive_backlog)
         self._strand = owner.strand_for(self)
         self._write_armed = False
@@ -697,11 +692,11 @@ class Connection:
         if sent and self._events.on_data_sent is not None:
             self._owner.data_event("on_data_sent", self, sent)
 
-    def send_plain(self, payload: bytes) -> bool:
+    def send_plain(self, payload: bytes) -> None:
         """Strand, not corked: send a handler's plaintext reply *payload* (framed here) at
         once, a large one with ``sendmsg`` (no copy). A reply that does not fit the send
         queue disconnects the peer (SEND_BUFFER_FULL); one to a closed connection is
-        dropped. Returns False (the signature of :meth:`hold_plain`)."""
+        dropped."""
         n = len(payload)
         try:
             if n >= DIRECT_SEND_MIN and self._sendmsg is not None:
@@ -715,7 +710,6 @@ class Connection:
             pass
         except SendBufferFullError as exc:
             self.drop_for_full_queue(exc)
-        return False
 
     def release_held(self) -> None:
         """Strand, corked: the held replies grew large; queue (or send) them now. A reply
@@ -828,11 +822,17 @@ class Connection:
         self._reactor.call_soon(self._arm_write)
         return sent
 
-    def cork(self) -> None:
-        """Hold this thread's sends in the queue until :meth:`uncork` (strand batch start):
-        the replies to a batch of frames leave in one ``send``. Other threads' sends are
-        not held, but queue behind what is held, so the wire order stays the call order."""
-        self._queue.corked_by = get_ident()
+    def cork(self) -> SendQueue:
+        """Strand batch start: until :meth:`uncork`, this thread's sends are held, so the
+        replies to a batch of frames leave in one ``send``. Returns the send queue whose
+        ``held`` list and ``held_bytes`` the batch runner appends its plaintext replies
+        to (:meth:`SendQueue.hold <morsock._send_queue.SendQueue.hold>`'s rule, inline),
+        calling :meth:`release_held` once ``held_bytes`` reaches ``HOLD_MAX``. Other
+        threads' sends are not held, but queue behind what is held, so the wire order
+        stays the call order."""
+        queue = self._queue
+        queue.corked_by = get_ident()
+        return queue
 
     def uncork(self) -> None:
         """End of a strand batch: queue the replies it held, then send the queue at once if
@@ -848,11 +848,13 @@ class Connection:
             if held and not self.closing and not self._out and queue.held_bytes < DIRECT_SEND_MIN:
                 # The common case in one go: frame the few replies and send them (what
                 # the kernel does not take is queued, and EVENT_WRITE armed).
-                queue.held = []  # SendQueue.take_held, inline: once per batch
+                data = b"".join(held)  # SendQueue.take_held, inline: once per batch
+                frames = len(held) // 2
+                held.clear()
                 queue.held_bytes = 0
                 pending = False
                 try:
-                    sent = self._send_now_locked(b"".join(held), len(held) // 2)
+                    sent = self._send_now_locked(data, frames)
                 except NotConnectedError:
                     sent = 0  # the socket failed: it is being closed
             else:

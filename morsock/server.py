@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
 from ._internals import accepter
+from ._send_queue import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS, SendQueue, plain_header
 from ._session_link import ServerSessions, is_session_item
 from ._settings import (
     Setting,
@@ -33,7 +34,7 @@ from .connection import CONNECTED, DISCONNECTED, Connection, ErrorReport
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER_SIZE, Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 from .workers import WorkerPool
@@ -706,14 +707,15 @@ class Server(Component):
             if self._observer is not None:
                 handler = self._observed(handler)
             debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
-            if debug is None:
-                debug = self._debug()
-            if len(items) == 1:
-                self._handle_items(conn, items, handler or _no_handler, debug, conn.send_plain)
+            if debug or (debug is None and self._debug()):
+                handler = self._logged(handler)
+            plain = None if self.require_encryption else bytes  # items handled as they are
+            if len(items) == 1:  # the commonest batch: its reply leaves at once, uncorked
+                self._handle_items(conn, items, handler or _no_handler, plain, None)
                 return
-            conn.cork()
+            queue = conn.cork()
             try:
-                self._handle_items(conn, items, handler or _no_handler, debug, conn.hold_plain)
+                self._handle_items(conn, items, handler or _no_handler, plain, queue)
             finally:
                 conn.uncork()
         finally:
@@ -721,14 +723,17 @@ class Server(Component):
             conn.handled(len(items))  # read back-pressure: the strand caught up this far
 
     def _handle_items(self, conn: Connection, items: list[Any], handler: Callable[..., Any],
-                      debug: bool, send_plain: Callable[[bytes], bool]) -> None:
+                      plain: Any, queue: SendQueue | None) -> None:
         """Strand: the one path of a frame -- open it, call *handler* (the observed
-        ``on_handle_command``), send its reply. A plaintext ``bytes`` reply to a plaintext
-        frame goes to *send_plain* (True: the held replies are due, see
-        :attr:`Connection.hold_plain`), any other to :meth:`_reply`; items that are not
-        plaintext frames to :meth:`_open_item`. *debug*: log each message. Never raises."""
-        plain = None if self.require_encryption else bytes  # the items handled as they are
+        ``on_handle_command``), send its reply. Items of class *plain* are plaintext
+        payloads to hand over as they are (None under ``require_encryption``); others go
+        through :meth:`_open_item` first. A plaintext ``bytes`` reply to a plaintext frame
+        is held in *queue* (corked, see :meth:`Connection.cork`) or, without one, sent at
+        once (:meth:`Connection.send_plain`); any other reply goes to :meth:`_reply`.
+        Never raises."""
         client = conn.facade
+        hold = None if queue is None else queue.held.append
+        data: bytes
         for item in items:
             if item.__class__ is plain:  # the payload of a plaintext frame
                 data = item
@@ -740,9 +745,6 @@ class Server(Component):
                 data, flag = opened
             if conn.closing:
                 continue  # frames left behind by a close are dropped, never handled
-            if debug:
-                self._log.debug("client #%d: %d-byte message (flag %d)", client.handle,
-                                len(data), flag)
             try:
                 if flag:
                     reply = self._call_encrypted(handler, client, data)
@@ -751,11 +753,32 @@ class Server(Component):
             except Exception as exc:
                 self._handler_failed("on_handle_command", exc, (client,))
                 continue
-            if reply.__class__ is bytes and not flag:
-                if reply and send_plain(reply):
+            if not reply:
+                continue
+            if reply.__class__ is not bytes or flag:
+                self._reply(conn, reply, flag != 0)  # corked: sent with the batch
+            elif hold is None:
+                conn.send_plain(reply)
+            else:  # held: SendQueue.hold, inline (once per reply)
+                n = len(reply)
+                hold(PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else plain_header(n))
+                hold(reply)
+                queue.held_bytes += n + HEADER_SIZE  # type: ignore[union-attr]
+                if queue.held_bytes >= HOLD_MAX:  # type: ignore[union-attr]
                     conn.release_held()
-            elif reply:
-                self._reply(conn, reply, flag != 0)  # corked by a batch: sent at its end
+
+    def _logged(self, handler: Callable[..., Any] | None) -> Callable[..., Any] | None:
+        """*handler* that first logs each message at DEBUG (while the logger takes them)."""
+        if handler is None:
+            return None
+        log = self._log
+        sealed_flag = self._sealed_flag
+
+        def logged(sender: Server, client: ServerClient, data: bytes) -> Any:
+            log.debug("client #%d: %d-byte message (flag %d)", client.handle, len(data),
+                      sealed_flag if client.message_encrypted else 0)
+            return handler(sender, client, data)
+        return logged
 
     def _call_encrypted(self, handler: Callable[..., Any], client: ServerClient,
                         data: bytes) -> Any:
@@ -811,7 +834,8 @@ class Server(Component):
             item.run(conn)
         else:  # a frame: the batch runner takes them itself, this is for completeness
             handler = self._observed(self.on_handle_command) or _no_handler
-            self._handle_items(conn, [item], handler, self._debug(), conn.send_plain)
+            plain = None if self.require_encryption else bytes
+            self._handle_items(conn, [item], handler, plain, None)
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake
