@@ -538,10 +538,9 @@ class Component:
         return True
 
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        """Strand batch runner (a pool thread): *conn*'s items in order, with its sends
-        corked (``conn.cork()`` ... ``conn.uncork()``), so the replies to the batch leave
-        in one ``send``; each item goes to ``conn._run_item``, and one that raises is
-        logged without stopping the rest."""
+        """Strand batch runner (a pool thread): *conn*'s items in order (a batch of
+        several corked, ``conn.cork()`` ... ``conn.uncork()``, so its replies leave in one
+        ``send``); an item that raises is logged without stopping the rest."""
         raise NotImplementedError
 
     def _strand_for(self, conn: Connection) -> Any:

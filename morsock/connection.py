@@ -33,13 +33,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, Callable
 
 from ._receive_backlog import ReceiveBacklog
-from ._send_queue import (
-    HEADER_CACHE_MAX,
-    HOLD_MAX,
-    PLAIN_HEADERS,
-    SendQueue,
-    plain_header,
-)
+from ._send_queue import HEADER_CACHE_MAX, PLAIN_HEADERS, SendQueue, plain_header
 from .enums import ErrorCode
 from .errors import NotConnectedError, ProtocolError, SendBufferFullError
 from .protocol import Frame, FrameDecoder
@@ -54,8 +48,7 @@ DIRECT_SEND_MIN = 32 * 1024
 #: Most frames sent with one sendmsg (two buffers each; Linux takes at most 1024).
 _SENDMSG_MAX_FRAMES = 256
 
-__all__ = ["Connection", "configure_socket", "plain_frame", "CONNECTED", "EOF", "DISCONNECTED",
-           "ErrorReport", "DIRECT_SEND_MIN", "HOLD_MAX", "HEADER_CACHE_MAX", "PLAIN_HEADERS"]
+__all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED", "ErrorReport"]
 
 #: Most bytes handed to one ``SSLSocket.send``: OpenSSL writes all or nothing and a retry
 #: must repeat the same bytes, so the queue's head is sent in slices of at most this.
