@@ -128,7 +128,8 @@ class ServerClient:
     @property
     def connected_time(self) -> float:
         """Seconds since the connection was accepted (frozen once it is closed)."""
-        end = self._closed_mono if self._conn.closed else time.monotonic()
+        closed = self._conn.closed and self._closed_mono  # set just after the close
+        end = self._closed_mono if closed else time.monotonic()
         return end - self._connected_mono
 
     @property
