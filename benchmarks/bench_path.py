@@ -154,8 +154,9 @@ def main() -> None:
     # thread runs, and this thread plays the leader that holds the poll role.
     server._prepare_runtime("bench", 1, leader_follower=True)
     frame = encode_frame(bytes(args.size)) * args.frames
-    conns = [ServerClient(server, StubSocket(frame), handle=i + 1,  # type: ignore[arg-type]
-                          peer=("127.0.0.1", 1)) for i in range(args.connections)]
+    clients = [ServerClient(server, StubSocket(frame), handle=i + 1,  # type: ignore[arg-type]
+                            peer=("127.0.0.1", 1)) for i in range(args.connections)]
+    conns = [client._conn for client in clients]
     conn = conns[0]
     references = [ReferenceConnection(StubSocket(frame)) for _ in range(args.connections)]
     on_read = reference_reader()
@@ -188,9 +189,9 @@ def main() -> None:
             harvest.clear()
             strand._first = None
             strand._scheduled = False
-            conn._handled(args.frames)  # as if run: read back-pressure never pauses it
+            conn.handled(args.frames)  # as if the strand ran them: no read back-pressure
 
-        view = server._scratch_view
+        view = server._conn_owner.read_view
         view[:len(frame)] = frame
         decoder = conn._decoder
         size = len(frame)

@@ -14,8 +14,9 @@ import time
 from collections.abc import Iterable
 from operator import attrgetter
 from time import perf_counter
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
+from ._internals import level_cache
 from ._settings import (
     Setting,
     _boolean,
@@ -41,7 +42,10 @@ from .protocol import FLAG_MORMOT, FLAG_PLAIN, HEADER_SIZE, Frame, encode_frame
 from .reactor import Reactor
 from .workers import WorkerPool
 
-__all__ = ["Component", "Setting", "CryptoContext", "as_bytes"]
+if TYPE_CHECKING:
+    from ._owner import DataEvents, StrandLike
+
+__all__ = ["Component", "ComponentLink", "Setting", "CryptoContext", "as_bytes"]
 
 _LOGGER = logging.getLogger("morsock")
 Data = Union[bytes, bytearray, memoryview, str]
@@ -130,6 +134,68 @@ class CryptoContext:
     def authenticated(self) -> bool:
         return bool(self.key) and self.profile is EncryptionProfile.AUTHENTICATED
 
+
+
+#: Bytes the reactor thread reads at once (one buffer per component, reused by every read).
+READ_BUFFER_SIZE = 256 * 1024
+
+
+class ComponentLink:
+    """A component as its connections see it: the
+    :class:`~morsock._owner.ConnectionOwner` each :class:`~morsock.connection.Connection`
+    is given, over the component's own (private) hooks. One per component, made with it;
+    its read buffer serves every connection of the component (reactor thread only)."""
+
+    __slots__ = ("_component", "events", "read_buffer", "read_view", "plain_frames_as_bytes")
+
+    def __init__(self, component: Component) -> None:
+        self._component = component
+        self.events: DataEvents = component
+        self.read_buffer = bytearray(READ_BUFFER_SIZE)
+        self.read_view = memoryview(self.read_buffer)
+        self.plain_frames_as_bytes = component._PLAIN_FRAMES_AS_BYTES
+
+    @property
+    def reactor(self) -> Reactor:
+        reactor: Reactor = self._component._reactor
+        return reactor
+
+    @property
+    def log(self) -> logging.Logger:
+        return self._component._log
+
+    @property
+    def connection_timeout(self) -> float:
+        return self._component.connection_timeout
+
+    @property
+    def max_receive_backlog(self) -> int:
+        return self._component.max_receive_backlog
+
+    def strand_for(self, conn: Connection) -> StrandLike:
+        strand: StrandLike = self._component._strand_for(conn)
+        return strand
+
+    def marker_wanted(self, marker: Any) -> bool:
+        return self._component._marker_wanted(marker)
+
+    def run_item(self, conn: Connection, item: Any) -> None:
+        self._component._run_item(conn, item)
+
+    def emit_error(self, conn: Connection, message: str, code: int) -> None:
+        self._component._emit_error(conn, message, code)
+
+    def report(self, conn: Connection | None, message: str, code: int) -> None:
+        self._component._report(conn, message, code)
+
+    def data_event(self, name: str, conn: Connection, nbytes: int) -> None:
+        self._component._emit_data_event(name, conn, nbytes)
+
+    def watch(self) -> None:
+        self._component._watch()
+
+    def connection_closed(self, conn: Connection) -> None:
+        self._component._connection_closed(conn)
 
 
 class Component:
@@ -223,8 +289,8 @@ class Component:
         self._reactor: Any = None
         self._pool: Any = None
         self._crypto: CryptoContext | None = None
-        self._scratch = bytearray(256 * 1024)
-        self._scratch_view = memoryview(self._scratch)
+        #: What every connection of this component knows of it (see ComponentLink).
+        self._conn_owner = ComponentLink(self)
         for name in self._EVENTS:
             setattr(self, name, None)
         for name, value in settings.items():
@@ -272,11 +338,9 @@ class Component:
         self._dispatcher = EventDispatcher(self, queue, self._handler_failed, self._log)
         #: ``self._debug()``: whether the component's logger takes per-message DEBUG records
         self._debug = functools.partial(self._log.isEnabledFor, logging.DEBUG)
-        #: ``isEnabledFor(level)``'s answers, kept by the logging module until a level
-        #: changes (``Logger._cache``): ``.get(level)`` is True, False or None (not known:
-        #: ask the logger). Lets the per-message and per-connection paths skip a log call.
-        cache = getattr(self._log, "_cache", None)
-        self._log_levels: dict[int, bool] = cache if isinstance(cache, dict) else {}
+        #: ``isEnabledFor(level)``'s answers (see :func:`morsock._internals.level_cache`):
+        #: lets the per-message and per-connection paths skip a log call.
+        self._log_levels = level_cache(self._log)
         #: every connection's strand runner (one bound method for all: see Strand's target)
         self._batch_runner = self._run_items
         self._reactor = Reactor(f"{name}-reactor", self._log, clock=self._clock)
@@ -478,10 +542,9 @@ class Component:
         return True
 
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        """Strand batch runner (a pool thread): *conn*'s items in order, with its sends
-        corked (``conn.cork()`` ... ``conn.uncork()``), so the replies to the batch leave
-        in one ``send``; each item goes to ``conn._run_item``, and one that raises is
-        logged without stopping the rest."""
+        """Strand batch runner (a pool thread): *conn*'s items in order (a batch of
+        several corked, ``conn.cork()`` ... ``conn.uncork()``, so its replies leave in one
+        ``send``); an item that raises is logged without stopping the rest."""
         raise NotImplementedError
 
     def _strand_for(self, conn: Connection) -> Any:

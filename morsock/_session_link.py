@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .connection import Connection
     from .reactor import Timer
-    from .server import Server, ServerClient
+    from .server import Server
 
 __all__ = ["ClientLink", "ServerSessions", "SessionFrames", "Unacknowledged",
            "HELLO_GRACE", "ACK_DELAY", "is_session_item"]
@@ -528,7 +528,7 @@ class _Entry:
     __slots__ = ("session", "client", "writer", "token", "timer", "timer_at", "ended",
                  "disconnects", "lost_report")
 
-    def __init__(self, session: Session, client: ServerClient, token: _Token) -> None:
+    def __init__(self, session: Session, client: Connection, token: _Token) -> None:
         self.session = session
         self.client = client
         self.writer: Connection | None = client   # None while detached or moving
@@ -555,10 +555,10 @@ class ServerSessions:
         self._changed = threading.Condition(self._lock)
         self._table = SessionTable(server.resume_window, server.max_send_buffer, ACK_DELAY,
                                    ack_when_handled=True)
-        self._entries: dict[ServerClient, _Entry] = {}
+        self._entries: dict[Connection, _Entry] = {}
         self._by_sid: dict[bytes, _Entry] = {}
-        self._pending: dict[ServerClient, _Pending] = {}
-        self._unannounced: set[ServerClient] = set()   # on_connect never fired
+        self._pending: dict[Connection, _Pending] = {}
+        self._unannounced: set[Connection] = set()   # on_connect never fired
         self._expiry: Timer | None = None
         self._expiry_at: float | None = None
         self._stopped = False
@@ -566,12 +566,12 @@ class ServerSessions:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def session_id(self, client: ServerClient) -> bytes | None:
+    def session_id(self, client: Connection) -> bytes | None:
         entry = self._entries.get(client)
         return entry.session.session_id if entry is not None and not entry.ended else None
 
     # -- reactor thread: new connections -------------------------------------------------
-    def admit(self, conn: ServerClient) -> None:
+    def admit(self, conn: Connection) -> None:
         """Server._admit, before the connection starts: wait for its first frame."""
         _prepare(self._server, conn)
         pending = _Pending()
@@ -580,7 +580,7 @@ class ServerSessions:
         pending.timer = self._server._reactor.call_later(HELLO_GRACE, self._grace_over, conn)
         conn.frame_hook = functools.partial(self._first_frames, conn)
 
-    def _first_frames(self, conn: ServerClient, frames: list[Any]) -> list[Any]:
+    def _first_frames(self, conn: Connection, frames: list[Any]) -> list[Any]:
         pending = self._pending.get(conn)
         if pending is None or pending.hello:
             return frames
@@ -608,7 +608,7 @@ class ServerSessions:
     def _session_frames(self, token: _Token, frames: list[Any]) -> list[Any]:
         return [SessionFrames(self, token, frames)]
 
-    def _plain_frames(self, conn: ServerClient, frames: list[Any]) -> list[Any]:
+    def _plain_frames(self, conn: Connection, frames: list[Any]) -> list[Any]:
         """Hook of a session-less connection: it may not start a session later."""
         for index, frame in enumerate(frames):
             if frame.__class__ is not bytes and frame.flag == FLAG_SESSION:
@@ -618,12 +618,12 @@ class ServerSessions:
                 return frames[:index]
         return frames
 
-    def _grace_over(self, conn: ServerClient) -> None:
+    def _grace_over(self, conn: Connection) -> None:
         pending = self._pending.get(conn)
         if pending is not None and not pending.hello and not conn.closing:
             self._decide_plain(conn)
 
-    def _decide_plain(self, conn: ServerClient) -> None:
+    def _decide_plain(self, conn: Connection) -> None:
         """*conn* is a session-less peer: announce it, send what was queued for it."""
         server = self._server
         with self._lock:
@@ -642,7 +642,7 @@ class ServerSessions:
                     server._report(conn, f"message to {conn.describe()} not sent: {exc}",
                                    exc.code or ErrorCode.SEND_BUFFER_FULL)
 
-    def connection_closed(self, conn: ServerClient) -> None:
+    def connection_closed(self, conn: Connection) -> None:
         """Server._connection_closed (reactor thread)."""
         with self._lock:
             pending = self._pending.pop(conn, None)
@@ -669,7 +669,7 @@ class ServerSessions:
             self._changed.notify_all()
 
     # -- strand ------------------------------------------------------------------------
-    def hello(self, conn: ServerClient, token: _Token, frame: Any) -> None:
+    def hello(self, conn: Connection, token: _Token, frame: Any) -> None:
         """The HELLO of *conn* (on its strand, after its AUTHENTICATED handshake)."""
         server = self._server
         channel = _channel_for(server, conn)
@@ -712,13 +712,13 @@ class ServerSessions:
         if resumed:
             server._reactor.call_soon(self._adopt, entry, conn, token)
             return
-        _log.info("client #%d: session %s started", conn.handle,
+        _log.info("client #%d: session %s started", conn.facade.handle,
                   entry.session.session_id.hex())   # type: ignore[union-attr]
-        server._emit("on_connect", conn)
+        server._emit("on_connect", conn.facade)
 
     def handle(self, conn: Connection, token: _Token, frames: list[Any]) -> None:
         """Frames of one read of a session connection: deliver, in order."""
-        entry = self._entries.get(conn)   # type: ignore[call-overload]
+        entry = self._entries.get(conn)
         if entry is None or entry.token is not token:
             return
         events: list[Any] = []
@@ -767,11 +767,11 @@ class ServerSessions:
             return
         client = entry.client
         if event.encrypted:
-            client.message_encrypted = True
+            client.facade.message_encrypted = True
             try:
                 reply = server._call_handler(handler, client, event.data)
             finally:
-                client.message_encrypted = False
+                client.facade.message_encrypted = False
         else:
             reply = server._call_handler(handler, client, event.data)
         data = b""
@@ -801,13 +801,13 @@ class ServerSessions:
                 return
             self._flush(entry)
 
-    def disconnect_marker(self, conn: ServerClient) -> bool:
+    def disconnect_marker(self, conn: Connection) -> bool:
         """Server._run_item, DISCONNECTED of *conn*: True when on_disconnect fires now (and
         the strand retires); False when the connection's session lives on."""
         with self._lock:
             if conn in self._unannounced:
                 self._unannounced.discard(conn)
-                conn._strand.retire()
+                conn.retire_strand()
                 return False
             entry = self._entries.get(conn)
             if entry is None:
@@ -818,7 +818,7 @@ class ServerSessions:
             del self._entries[conn]
             report, entry.lost_report = entry.lost_report, None
         if report is not None:
-            self._server._emit("on_error", conn, report, ErrorCode.SESSION_LOST)
+            self._server._emit("on_error", conn.facade, report, ErrorCode.SESSION_LOST)
         return True
 
     # -- any thread --------------------------------------------------------------------
@@ -875,7 +875,7 @@ class ServerSessions:
             session._out = []
             _write(entry.token, writer, out)
 
-    def close_session(self, conn: ServerClient) -> bool:
+    def close_session(self, conn: Connection) -> bool:
         """ServerClient.disconnect of a session: GOING_AWAY, then the session ends (the
         client hands back what it did not see acknowledged). False: not a session."""
         with self._lock:
@@ -942,10 +942,11 @@ class ServerSessions:
         self._table.remove(entry.session)
         client = entry.client
         count = len(end.unacknowledged)
-        _log.info("client #%d: session %s ended (%s)", client.handle, end.session_id.hex(),
+        handle = client.facade.handle if client.facade is not None else 0
+        _log.info("client #%d: session %s ended (%s)", handle, end.session_id.hex(),
                   end.reason)
         if count:
-            message = (f"session of client #{client.handle} ended ({end.reason}): {count} "
+            message = (f"session of client #{handle} ended ({end.reason}): {count} "
                        "message(s) to it were not acknowledged")
             if client.closed:   # reported in its order still: before its on_disconnect
                 server = self._server
@@ -969,7 +970,7 @@ class ServerSessions:
         with self._lock:
             if entry.disconnects <= 0 and entry.client in self._entries:
                 entry.disconnects += 1
-                entry.client._strand.post(DISCONNECTED)
+                entry.client.post(DISCONNECTED)
 
     # -- timers (reactor thread, armed from any) -------------------------------------------
     def _arm(self, entry: _Entry) -> None:
@@ -1014,7 +1015,7 @@ class ServerSessions:
             self._arm_expiry()
 
     # -- resume: the new socket moves into the session's ServerClient ------------------
-    def _adopt(self, entry: _Entry, carrier: ServerClient, token: _Token) -> None:
+    def _adopt(self, entry: _Entry, carrier: Connection, token: _Token) -> None:
         """Reactor thread: the session of *entry* resumed on *carrier*'s connection."""
         server = self._server
         target = entry.client
@@ -1036,59 +1037,18 @@ class ServerSessions:
                 target._finish_close()
         server._reactor.unregister(carrier._sock)
         with server.property_lock:
-            server._clients.pop(carrier.handle, None)
-            _rebind(target, carrier)
-            server._clients[target.handle] = target
-        carrier._strand.retire()
+            server._clients.pop(carrier.facade.handle, None)
+            target.adopt(carrier)
+            server._clients[target.facade.handle] = target.facade
+        carrier.retire_strand()
         with self._lock:
             self._unannounced.discard(carrier)
             target.frame_hook = functools.partial(self._session_frames, token)
             entry.writer = target
             self._flush(entry)
             self._arm(entry)
-        _log.info("client #%d: session %s resumed from %s", target.handle,
+        _log.info("client #%d: session %s resumed from %s", target.facade.handle,
                   entry.session.session_id.hex(), target.describe())  # type: ignore[union-attr]
         target.start(announce=False)
         if target._out:
             target._reactor.call_soon(target._arm_write)
-
-
-def _rebind(target: ServerClient, carrier: ServerClient) -> None:
-    """Reactor thread, *target* closed: give *target* the socket and I/O state of
-    *carrier* (a connection not yet registered for reading anywhere else), which is
-    then closed without a trace. *target* keeps its strand, handle, custom_data and
-    its strand's read accounting (its items run on, in order)."""
-    with target._send_lock, carrier._send_lock:
-        target._sock = carrier._sock
-        target.peer_ip, target.peer_port = carrier.peer_ip, carrier.peer_port
-        target._tls = carrier._tls
-        target._sendmsg = carrier._sendmsg
-        target._decoder = carrier._decoder
-        target.peer_certificate = carrier.peer_certificate
-        target._out = carrier._out
-        target._queued_frames = carrier._queued_frames
-        target._head_left = carrier._head_left
-        carrier._out = bytearray()
-        carrier._queued_frames = carrier._head_left = 0
-        target._write_armed = False
-        target._broken = False
-        target._linger_timer = None
-        target.session = carrier.session
-        target.established = True
-        target.bytes_received = carrier.bytes_received
-        target.bytes_sent = carrier.bytes_sent
-        target.messages_received = carrier.messages_received
-        target.messages_sent = carrier.messages_sent
-        target.last_activity = carrier.last_activity
-        target.partial_since = None
-        target.send_stalled_since = None
-        target._reading = True
-        target._read_wants_write = False
-        target._paused = target._send_paused = target._resume_asked = False
-        target._resume_at = 0
-        target.max_send_buffer = carrier.max_send_buffer
-        target.close_code = None
-        target.closed = False
-        target.closing = False
-        carrier.closing = carrier.closed = True
-        carrier.frame_hook = None

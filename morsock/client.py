@@ -511,7 +511,7 @@ class Client(Component):
         (AUTHENTICATED, then a session's hello) or report it usable (``Opened``)."""
         sock, address = self._running_dialer().take()
         try:
-            conn = Connection(self, sock, max_message_size=self.max_message_size,
+            conn = Connection(self._conn_owner, sock, max_message_size=self.max_message_size,
                               max_send_buffer=self.max_send_buffer, peer=address)
         except OSError as exc:
             sock.close()
@@ -674,9 +674,9 @@ class Client(Component):
             self._dispatcher.emit(name, *args)
         else:
             try:
-                conn._run_item(item)
+                conn.run_item(item)
             finally:
-                conn._handled(1)  # read back-pressure: the strand caught up this far
+                conn.handled(1)  # read back-pressure: the strand caught up this far
 
     def _run_item(self, conn: Connection, item: Any) -> None:
         if item is CONNECTED:

@@ -1,8 +1,10 @@
 """One TCP connection's I/O: reading and decoding on the reactor, ordered handling on a
 strand, direct writes from any thread with a bounded send queue.
 
-Used by both components: the server makes a :class:`~morsock.ServerClient` (a subclass)
-per accepted socket, the client one :class:`Connection` per established connection.
+Used by both components: the server makes one :class:`Connection` per accepted socket
+(behind its :class:`~morsock.ServerClient` facade), the client one per established
+connection. A connection reaches its component only through the
+:class:`~morsock._owner.ConnectionOwner` it is given.
 
 Threads:
 
@@ -11,15 +13,12 @@ Threads:
 * any thread -- :meth:`Connection.send_frame`, :meth:`Connection.send_sealed`,
   :meth:`Connection.close`;
 * the strand (one pool thread at a time) -- frames and life-cycle markers, passed to the
-  owner's ``_run_item``.
-
-The owner (the component) provides ``_reactor``, ``_pool``, ``_log``, ``_scratch``,
-``_scratch_view``, ``_strand_for``, ``_run_item``, ``_report``, ``_connection_closed``, the
-``on_data_received`` / ``on_data_sent`` attributes and ``_emit_data_event``.
+  owner's ``run_item`` (or taken by the owner's batch runner directly).
 
 Statistics: a connection keeps its own counters, each with a single writer -- the
-received ones are written by the reactor thread only, the sent ones under the send lock
--- so counting takes no lock of its own; the component adds them up.
+received ones are written by the reactor thread only, the sent ones (in its
+:class:`~morsock._send_queue.SendQueue`) under the send lock -- so counting takes no lock
+of its own; the component adds them up.
 """
 
 from __future__ import annotations
@@ -33,29 +32,21 @@ import time
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Callable
 
+from ._receive_backlog import ReceiveBacklog
+from ._send_queue import HEADER_CACHE_MAX, PLAIN_HEADERS, SendQueue, plain_header
 from .enums import ErrorCode
 from .errors import NotConnectedError, ProtocolError, SendBufferFullError
-from .protocol import HEADER, HEADER_SIZE, MAGIC, Frame, FrameDecoder
+from .protocol import Frame, FrameDecoder
 from .reactor import EVENT_READ, EVENT_WRITE, Timer
 
 if TYPE_CHECKING:
-    from ._component import Component
+    from ._owner import ConnectionOwner
     from .crypto import AuthSession
 
-_pack_header = HEADER.pack
-_unpack_header = HEADER.unpack_from
 #: Replies at least this large skip the cork and leave at once with sendmsg (no copy).
 DIRECT_SEND_MIN = 32 * 1024
-#: A strand batch holds at most about this many reply bytes before queueing them.
-HOLD_MAX = 256 * 1024
 #: Most frames sent with one sendmsg (two buffers each; Linux takes at most 1024).
 _SENDMSG_MAX_FRAMES = 256
-#: Headers of plaintext frames with payloads shorter than this are prebuilt: a lookup
-#: costs less than ``HEADER.pack`` for every reply (about 16 against 39 ns). The header
-#: of an *n*-byte payload: ``PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else
-#: HEADER.pack(MAGIC, n, 0)`` (written out where it runs once per reply).
-HEADER_CACHE_MAX = 512
-PLAIN_HEADERS = tuple(_pack_header(MAGIC, n, 0) for n in range(HEADER_CACHE_MAX))
 
 __all__ = ["Connection", "configure_socket", "CONNECTED", "EOF", "DISCONNECTED", "ErrorReport"]
 
@@ -130,8 +121,14 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if no_delay else 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if keep_alive else 0)
-    if not keep_alive:
-        return
+    if keep_alive:
+        _keepalive_timing(sock, keepalive_idle, keepalive_interval, keepalive_count)
+
+
+def _keepalive_timing(sock: socket.socket, keepalive_idle: int, keepalive_interval: int,
+                      keepalive_count: int) -> None:
+    """The keep-alive timing of :func:`configure_socket`, with the options this platform
+    has."""
     if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: unacknowledged data fails in time too
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                         (keepalive_idle + keepalive_interval * keepalive_count) * 1000)
@@ -152,53 +149,39 @@ def configure_socket(sock: socket.socket, *, no_delay: bool, keep_alive: bool,
 def plain_frame(payload: bytes) -> bytes:
     """The plaintext frame of *payload* (``encode_frame(payload)``, with the header looked
     up for short payloads)."""
-    n = len(payload)
-    return (PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else _pack_header(MAGIC, n, 0)) + payload
-
-
-def _frames_sent(out: bytes | bytearray, n: int, head_left: int) -> tuple[int, int]:
-    """For a send queue *out* -- the last *head_left* bytes of one frame, then whole
-    frames -- that just sent its first *n* bytes (fewer than all): how many frames that
-    completed, and how many bytes are left of the frame then in progress."""
-    done = 0
-    pos = head_left
-    if pos:
-        if n < pos:
-            return 0, pos - n
-        done = 1
-    while pos < n:  # a frame (whole, header included) starts at pos
-        end = pos + HEADER_SIZE + _unpack_header(out, pos)[1]
-        if end > n:
-            return done, end - n
-        pos = end
-        done += 1
-    return done, 0
+    return plain_header(len(payload)) + payload
 
 
 class Connection:
-    """I/O state of one connected socket (see the module docstring for threads)."""
+    """I/O state of one connected socket (see the module docstring for threads).
 
-    # Slots keep an idle connection small (10,000 held connections are a benchmark case);
-    # ServerClient adds a __dict__ of its own, so applications may still set attributes.
-    # The first 18 are what a request reads and writes (read, hand-off, reply): kept
-    # together they span 3 cache lines of the object instead of all 5, which counts with
-    # a thousand connections, where a request finds its connection out of the cache.
-    __slots__ = ("_owner", "_sock", "_reading", "_tls", "_decoder", "_strand", "frame_hook",
-                 "last_activity", "partial_since", "bytes_received", "messages_received",
-                 "closing", "_send_lock", "_out", "_cork_owner", "bytes_sent", "messages_sent",
-                 "send_stalled_since",
-                 "peer_ip", "peer_port", "_reactor", "_queued_frames", "_head_left", "_held",
-                 "_held_bytes", "_write_armed", "_broken", "_linger_timer", "_sendmsg",
-                 "_read_wants_write", "peer_certificate", "max_send_buffer", "closed",
-                 "close_code", "session", "established", "max_receive_backlog",
-                 "_rx_log", "_rx_frames", "_rx_bytes", "_rx_done_bytes", "_rx_items",
-                 "_rx_markers", "_paused", "_resume_at", "_resume_asked", "_send_paused", "_runner",
-                 "__weakref__")
+    The owner (:class:`~morsock._owner.ConnectionOwner`) is the only way back to the
+    component. The send queue and its books are a :class:`~morsock._send_queue.SendQueue`
+    (under the send lock); the read back-pressure a
+    :class:`~morsock._receive_backlog.ReceiveBacklog`.
 
-    def __init__(self, owner: Component, sock: socket.socket, *, max_message_size: int,
+    Methods for the owner's strand runner (the thread running this connection's items):
+    :meth:`cork` / :meth:`uncork` around a batch, :meth:`send_plain` for a handler's
+    plaintext reply, :meth:`run_item` for items that are not frames, :meth:`handled`
+    after the batch, ``runner`` set while it runs, :meth:`retire_strand` after the last.
+    """
+
+    # Slots keep an idle connection small (10,000 held connections are a benchmark case).
+    # The first ones are what a request reads and writes (read, hand-off, reply): kept
+    # together they share cache lines of the object.
+    __slots__ = ("_owner", "_events", "_sock", "_reading", "_tls", "_decoder", "_strand",
+                 "_backlog", "frame_hook", "last_activity", "partial_since",
+                 "bytes_received", "messages_received", "closing", "_send_lock", "_out",
+                 "_queue", "runner", "facade",
+                 "peer_ip", "peer_port", "_reactor", "_write_armed", "_broken",
+                 "_linger_timer", "_sendmsg", "_read_wants_write", "peer_certificate",
+                 "closed", "close_code", "session", "established", "__weakref__")
+
+    def __init__(self, owner: ConnectionOwner, sock: socket.socket, *, max_message_size: int,
                  max_send_buffer: int, peer: Any = None) -> None:
         """*peer*: the peer's address as ``accept()`` gave it (else asked of *sock*)."""
         self._owner = owner
+        self._events = owner.events
         self._sock = sock
         try:
             if peer is None:
@@ -207,26 +190,20 @@ class Connection:
             self.peer_port: int = int(peer[1])
         except (OSError, IndexError, TypeError):
             self.peer_ip, self.peer_port = "", 0
-        self._reactor = owner._reactor
+        self._reactor = owner.reactor
         self._decoder = FrameDecoder(max_message_size,
-                                     plain_as_bytes=owner._PLAIN_FRAMES_AS_BYTES)
-        self._strand = owner._strand_for(self)
+                                     plain_as_bytes=owner.plain_frames_as_bytes)
+        #: The object the owner's events pass for this connection (the server's
+        #: ServerClient), set by whoever made it; None for the client component.
+        self.facade: Any = None
         self._send_lock = threading.Lock()
-        self._out = bytearray()
-        # _out holds the rest of one frame (_head_left bytes; 0: none) then whole frames:
-        # _queued_frames of them in all, counted as sent once their last byte leaves.
-        self._queued_frames = 0
-        self._head_left = 0
-        # Plaintext frames held back by the thread that corked the connection, not yet in
-        # _out, as header, payload, header, payload ... (_held_bytes in all). Only that
-        # thread touches them: Server._run_items appends; uncork, or a send or close() by
-        # that thread, moves them to _out (_release_held_locked).
-        self._held: list[bytes] = []
-        self._held_bytes = 0
+        self._queue = SendQueue(max_send_buffer)
+        self._out = self._queue.out  # the same bytearray, for the hot path's emptiness test
+        self._backlog = ReceiveBacklog(owner.max_receive_backlog)
+        self._strand = owner.strand_for(self)
         self._write_armed = False
         self._broken = False            # the socket failed: close without lingering
         self._linger_timer: Timer | None = None  # set while a graceful close drains
-        self._cork_owner: int | None = None  # thread whose sends are held until uncork()
         #: TLS: the socket is an ``ssl.SSLSocket``; byte counts are then the application
         #: bytes passed to/from the TLS layer (record overhead not counted).
         self._tls = tls = isinstance(sock, ssl.SSLSocket)
@@ -241,30 +218,9 @@ class Connection:
                 self.peer_certificate = sock.getpeercert() or None  # type: ignore[attr-defined]
             except (OSError, ValueError):
                 pass
-        self.max_send_buffer = max_send_buffer
-        # Read back-pressure (see _note_posted / handled): frames read and not yet handled
-        # are at most about max_receive_backlog bytes; past it the socket is not read
-        # until the handlers caught up to half of it. The reactor thread writes the _rx_
-        # counters of what it posted and _paused/_resume_at; the strand writes _rx_items
-        # and _rx_markers (every item it ran, and the markers among them).
-        self.max_receive_backlog: int = owner.max_receive_backlog
-        # (frames posted, bytes) at each read whose frames are not all handled yet
-        self._rx_log: list[tuple[int, int]] = []
-        self._rx_frames = 0         # frames posted to the strand, in all
-        self._rx_bytes = 0          # their wire bytes
-        self._rx_done_bytes = 0     # wire bytes of the frames known to be handled
-        self._rx_items = 0          # items the strand ran (frames and markers)
-        self._rx_markers = 0        # life-cycle markers among them
-        self._paused = False        # reading paused: too much read and not yet handled
-        self._resume_at = 0         # ... until this many frames have been handled
-        self._resume_asked = False
-        # Reading paused while the replies queued for the peer pass half of
-        # max_send_buffer (a peer that sends faster than it reads): resumed by the reactor
-        # once the queue drained to a quarter of it.
-        self._send_paused = False
         #: The thread running this connection's items right now (set by the owner's
         #: batch runner), else None.
-        self._runner: int | None = None
+        self.runner: int | None = None
         #: Set once a close has been asked for; nothing is sent or handled after it.
         self.closing = False
         self.closed = False
@@ -275,23 +231,61 @@ class Connection:
         #: Reactor-thread hook that sees decoded frames first (the client's handshake).
         self.frame_hook: Callable[[list[Frame]], list[Frame]] | None = None
         self.bytes_received = 0
-        self.bytes_sent = 0
         self.messages_received = 0
-        self.messages_sent = 0
         self.last_activity = time.monotonic()
         #: monotonic time when the first byte of the frame in progress arrived (or None).
         self.partial_since: float | None = None
-        #: monotonic time a frame was first refused for a full send queue since the peer
-        #: last took any bytes (None: not stalled). The server disconnects a client that
-        #: stays stalled past ``connection_timeout`` (SEND_BUFFER_FULL).
-        self.send_stalled_since: float | None = None
+
+    # -- statistics and limits (any thread) ---------------------------------------------
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes that left for the peer (headers included)."""
+        return self._queue.bytes_sent
+
+    @property
+    def messages_sent(self) -> int:
+        """Frames whose last byte left for the peer."""
+        return self._queue.messages_sent
+
+    @property
+    def max_send_buffer(self) -> int:
+        """Most bytes queued for the peer (``max_send_buffer`` when it connected; a
+        session raises it, see :mod:`morsock._session_link`)."""
+        return self._queue.limit
+
+    @max_send_buffer.setter
+    def max_send_buffer(self, limit: int) -> None:
+        self._queue.limit = limit
+
+    @property
+    def max_receive_backlog(self) -> int:
+        """Most bytes read and not yet handled before reading pauses (API §9)."""
+        return self._backlog.limit
+
+    @property
+    def send_stalled_since(self) -> float | None:
+        """monotonic time a frame was first refused for a full send queue since the peer
+        last took any bytes (None: not stalled). The server disconnects a client that
+        stays stalled past ``connection_timeout`` (SEND_BUFFER_FULL)."""
+        return self._queue.stalled_since
+
+    @property
+    def send_queue_size(self) -> int:
+        """Bytes accepted but not yet handed to the kernel."""
+        return len(self._out)
+
+    @property
+    def receive_backlog(self) -> int:
+        """Wire bytes of the frames read from the peer and not yet handled (exact on the
+        reactor thread; from another thread it may count up to one more read)."""
+        return self._backlog.size
 
     # -- reactor thread ----------------------------------------------------------------
     def start(self, announce: bool = True) -> None:
         """Register with the selector (reactor thread); with *announce*, queue the
         CONNECTED marker (else the owner posts it once the connection is usable)."""
         self._reactor.register(self._sock, EVENT_READ, self._read_callback())
-        if announce and self._owner._marker_wanted(CONNECTED):
+        if announce and self._owner.marker_wanted(CONNECTED):
             self._strand.post(CONNECTED)
         if self._tls:  # bytes that came with the handshake may wait inside the SSL object
             self._reactor.call_soon(self._read_again)
@@ -303,50 +297,34 @@ class Connection:
 
     def on_ready(self, mask: int) -> None:
         """Selector callback: read what is ready, flush what is queued."""
-        if mask & EVENT_READ and self._reading:
+        if mask & EVENT_READ and self._may_read():
             self._read()
-        if mask & EVENT_WRITE and self._read_wants_write and self._reading:
+        if mask & EVENT_WRITE and self._read_wants_write and self._may_read():
             self._read_wants_write = False
             self._update_interest()
             self._read()
         if (mask & EVENT_WRITE or (self._tls and self._write_armed)) and not self.closed:
             self._flush()  # TLS: a write that wanted to read may go on once readable
 
+    def _may_read(self) -> bool:
+        """Whether the peer may be read now: not at its end, not closed, not paused.
+        :meth:`_read` is only called where this holds: while it does not, the socket is
+        not registered for reading (:meth:`_update_interest`), and the other callers ask."""
+        return (self._reading and not self.closed and not self._backlog.paused
+                and not self._queue.reading_paused)
+
     def _read_again(self) -> None:
-        if self._reading and not self.closed:
+        if self._may_read():
             self._read()
 
     def _recv_tls(self) -> int:
-        """Read decrypted bytes into the scratch buffer until the SSL object has no more
+        """Read decrypted bytes into the read buffer until the SSL object has no more
         (or the buffer is full); return how many, 0 at end of stream. Raises
         BlockingIOError when there is nothing now, OSError/ssl.SSLError on failure.
         Reactor thread."""
-        sock = self._sock
-        view = self._owner._scratch_view
-        size = len(view)
-        n = 0
-        again = eof = False
+        view = self._owner.read_view
         with self._send_lock:  # one SSL object: never read and write it concurrently
-            while n < size:
-                try:
-                    m = sock.recv_into(view[n:])
-                except ssl.SSLWantWriteError:
-                    self._read_wants_write = True
-                    break
-                except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    if not n:
-                        raise
-                    again = True  # hand over what came first; the next read raises again
-                    break
-                if not m:
-                    eof = not n
-                    again = bool(n)  # EOF after data: seen again by the next read
-                    break
-                n += m
-            else:
-                again = sock.pending() > 0  # type: ignore[attr-defined]
+            n, again, eof = self._recv_tls_locked(view)
         if self._read_wants_write:
             self._update_interest()
         if again:
@@ -355,147 +333,140 @@ class Connection:
             raise BlockingIOError
         return n
 
+    def _recv_tls_locked(self, view: memoryview) -> tuple[int, bool, bool]:
+        """:meth:`_recv_tls`'s reads: (bytes read, read again soon, end of stream)."""
+        sock = self._sock
+        size = len(view)
+        n = 0
+        while n < size:
+            try:
+                m = sock.recv_into(view[n:])
+            except ssl.SSLWantWriteError:
+                self._read_wants_write = True
+                return n, False, False
+            except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                return n, False, False
+            except OSError:
+                if not n:
+                    raise
+                return n, True, False  # hand over what came first; the next read raises
+            if not m:  # EOF after data: seen again by the next read
+                return n, bool(n), not n
+            n += m
+        return n, sock.pending() > 0, False  # type: ignore[attr-defined]
+
     def _read(self, mask: int = EVENT_READ) -> None:
         """Read once and hand the frames that completed to the strand (reactor thread;
-        also the selector callback while only reading, *mask* then unused)."""
-        if not self._reading or self._paused or self._send_paused:
-            return
-        owner = self._owner
-        scratch = owner._scratch
+        also the selector callback while only reading, *mask* then unused). Only called
+        while :meth:`_may_read`."""
         try:
-            n = self._recv_tls() if self._tls else self._sock.recv_into(scratch)
+            n = self._recv_tls() if self._tls else self._sock.recv_into(self._owner.read_buffer)
         except (BlockingIOError, InterruptedError):
             return
-        except ssl.SSLError as exc:
-            self.close(ErrorCode.TLS_FAILED, f"TLS error on {self.describe()}: {exc}")
-            return
         except OSError as exc:
-            self._broken = True
-            if exc.errno == errno.ETIMEDOUT:  # keep-alive / TCP_USER_TIMEOUT gave up
-                self.close(ErrorCode.TIMEOUT, f"{self.describe()}: connection timed out "
-                           f"(no answer to keep-alive or unacknowledged data): {exc}")
-                return
-            owner._log.info("%s: connection lost: %s", self, exc)
-            self.close()
+            self._read_failed(exc)
             return
         if n == 0:
-            self._stop_reading()
-            if self._strand.is_idle():
-                self.close()  # nothing left to handle: close now, no hand-off
-            else:
-                self._strand.post(EOF)  # close once the frames already queued are handled
+            self._end_of_stream()
             return
         self.last_activity = now = self._reactor.now  # when the poll saw the data
         decoder = self._decoder
         partial = decoder.buffered
         try:
-            frames = decoder.feed_buffer(owner._scratch_view, n)
+            frames = decoder.feed_buffer(self._owner.read_view, n)
         except ProtocolError as exc:
-            self.bytes_received += n
-            if owner.on_data_received is not None:
-                owner._emit_data_event("on_data_received", self, n)
+            self._count_received(n, 0)
             self._refuse(exc)
             return
-        if not decoder._buf:
+        left = decoder.buffered
+        if left:
+            self._frame_started(now, bool(frames))
+        else:
             self.partial_since = None
-        elif frames or self.partial_since is None:
-            if self.partial_since is None:
-                owner._watch()  # its connection_timeout needs watching
-            self.partial_since = now  # the frame in progress started in this chunk
         self.bytes_received += n
         self.messages_received += len(frames)
-        if owner.on_data_received is not None:
-            owner._emit_data_event("on_data_received", self, n)
+        if self._events.on_data_received is not None:
+            self._owner.data_event("on_data_received", self, n)
         if frames:
-            hook = self.frame_hook
-            if hook is not None:
-                frames = hook(frames)
-            if frames:
-                self._note_posted(len(frames), n + partial - decoder.buffered)
-                self._strand.post_many(frames, True)  # from the poll
-                self._check_backlog()
+            self._post_frames(frames, n + partial - left)
+
+    def _count_received(self, n: int, frames: int) -> None:
+        self.bytes_received += n
+        self.messages_received += frames
+        if self._events.on_data_received is not None:
+            self._owner.data_event("on_data_received", self, n)
+
+    def _frame_started(self, now: float, after_frames: bool) -> None:
+        """Reactor thread: a read at *now* ended inside a frame; *after_frames*: whole
+        frames came before it in that read. Marks when the frame in progress started
+        (its ``connection_timeout`` needs watching)."""
+        if self.partial_since is None:
+            self._owner.watch()
+            self.partial_since = now
+        elif after_frames:
+            self.partial_since = now  # the frame in progress started in this chunk
+
+    def _read_failed(self, exc: OSError) -> None:
+        """Reactor thread: reading raised *exc*: close with what it means."""
+        if isinstance(exc, ssl.SSLError):
+            self.close(ErrorCode.TLS_FAILED, f"TLS error on {self.describe()}: {exc}")
+            return
+        self._broken = True
+        if exc.errno == errno.ETIMEDOUT:  # keep-alive / TCP_USER_TIMEOUT gave up
+            self.close(ErrorCode.TIMEOUT, f"{self.describe()}: connection timed out "
+                       f"(no answer to keep-alive or unacknowledged data): {exc}")
+            return
+        self._owner.log.info("%s: connection lost: %s", self, exc)
+        self.close()
+
+    def _end_of_stream(self) -> None:
+        """Reactor thread: the peer closed its side."""
+        self._stop_reading()
+        if self._strand.is_idle():
+            self.close()  # nothing left to handle: close now, no hand-off
+        else:
+            self._strand.post(EOF)  # close once the frames already queued are handled
+
+    def _post_frames(self, frames: list[Any], nbytes: int) -> None:
+        """Reactor thread: hand the *frames* of one read (*nbytes* wire bytes) to the
+        strand, and pause reading if the strand, or the peer's replies, lag too far."""
+        hook = self.frame_hook
+        if hook is not None:
+            frames = hook(frames)
+            if not frames:
+                return
+        count = len(frames)
+        self._strand.post_many(frames, True)  # from the poll (it may keep the list)
+        # Its replies wait (a peer that does not read them): read no more requests for
+        # now. Reactor thread, no lock: only this thread pauses and resumes reading.
+        pause = self._backlog.posted(count, nbytes)
+        if self._out and self._queue.pause_reading():
+            pause = True
+        if pause:
+            self._update_interest()
 
     # -- read back-pressure ------------------------------------------------------------
-    def _note_posted(self, frames: int, nbytes: int) -> None:
-        """Reactor thread: *frames* frames of *nbytes* wire bytes go to the strand."""
-        self._rx_frames += frames
-        self._rx_bytes += nbytes
-        log = self._rx_log
-        if log:  # entries stay only while their frames are unhandled
-            self._forget_handled()
-        log.append((self._rx_frames, self._rx_bytes))
-
-    def _forget_handled(self) -> int:
-        """Reactor thread: drop the log entries whose frames were handled; return the
-        receive backlog."""
-        handled = self._rx_items - self._rx_markers
-        log = self._rx_log
-        done = 0
-        for frames, nbytes in log:
-            if frames > handled:
-                break
-            self._rx_done_bytes = nbytes
-            done += 1
-        if done:
-            del log[:done]
-        return self._rx_bytes - self._rx_done_bytes
-
-    @property
-    def receive_backlog(self) -> int:
-        """Wire bytes of the frames read from the peer and not yet handled (exact on the
-        reactor thread; from another thread it may count up to one more read)."""
-        handled = self._rx_items - self._rx_markers
-        done = self._rx_done_bytes
-        for frames, nbytes in tuple(self._rx_log):  # the reactor may change the list
-            if frames > handled:
-                break
-            done = nbytes
-        return self._rx_bytes - done
-
-    def _check_backlog(self) -> None:
-        """Reactor thread, after posting frames: pause reading while more than
-        ``max_receive_backlog`` bytes wait for the strand (never for one frame alone)."""
-        if len(self._out) > self.max_send_buffer // 2 and not self._send_paused:
-            self._send_paused = True  # its replies wait: read no more requests for now
-            self._update_interest()
-        limit = self.max_receive_backlog
-        if self._rx_bytes - self._rx_done_bytes <= limit or self._forget_handled() <= limit:
-            return
-        half = limit // 2
-        total = self._rx_bytes
-        resume_at = self._rx_frames
-        for frames, nbytes in self._rx_log:  # the first point at or below half of it
-            if total - nbytes <= half:
-                resume_at = frames
-                break
-        self._resume_at = resume_at
-        self._paused = True
-        self._update_interest()
-        if self._rx_items - self._rx_markers >= resume_at:  # the strand caught up meanwhile
-            self._resume_reading()
-
-    def _handled(self, items: int) -> None:
-        """Strand thread: *items* more items ran (frames and markers). Asks the reactor
-        to read again once the handlers caught up to half of ``max_receive_backlog``."""
-        self._rx_items += items
-        if (self._paused and not self._resume_asked
-                and self._rx_items - self._rx_markers >= self._resume_at):
-            self._resume_asked = True
+    def handled(self, items: int) -> None:
+        """Strand: *items* more items ran (frames and markers); once the handlers caught
+        up to half of ``max_receive_backlog``, the reactor reads again."""
+        backlog = self._backlog  # ReceiveBacklog.handled, inline: once per batch
+        backlog.items += items
+        if backlog.paused and backlog.resume_due():
             self._reactor.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
         """Reactor thread: the strand caught up; read again."""
-        self._resume_asked = False
-        if not self._paused:
-            return
-        self._paused = False
-        self._read_on()
+        if self._backlog.resumed():
+            self._read_on()
 
     def _read_on(self) -> None:
         """Reactor thread: a pause ended; read again unless another still holds."""
-        if self._reading and not self.closed and not (self._paused or self._send_paused):
+        if self._reading and not self.closed and not self._read_paused():
             self._update_interest()
             self._reactor.call_soon(self._read_again)  # TLS: bytes may wait in the SSL object
+
+    def _read_paused(self) -> bool:
+        return self._backlog.paused or self._queue.reading_paused
 
     def _refuse(self, exc: ProtocolError) -> None:
         """The peer's bytes broke the framing (reactor thread): close with the error's
@@ -525,7 +496,7 @@ class Connection:
     def _update_interest(self) -> None:
         if self.closed:
             return
-        reading = self._reading and not (self._paused or self._send_paused)
+        reading = self._reading and not self._read_paused()
         events = ((EVENT_READ if reading else 0)
                   | (EVENT_WRITE if self._write_armed or self._read_wants_write else 0))
         if events == EVENT_READ:
@@ -539,20 +510,17 @@ class Connection:
         if self.closed or self._write_armed or not self._out:
             return
         self._write_armed = True
-        if self._reading and not (self._paused or self._send_paused):
-            self._reactor.modify(self._sock, EVENT_READ | EVENT_WRITE, self.on_ready)
-        else:
-            self._reactor.modify(self._sock, EVENT_WRITE, self.on_ready)
+        self._update_interest()
 
     def _flush(self) -> None:
         with self._send_lock:
             sent = self._flush_locked()
             drained = not self._out
-            if self._send_paused and len(self._out) <= self.max_send_buffer // 4:
-                self._send_paused = False
-                self._reactor.call_soon(self._read_on)
-        if sent and self._owner.on_data_sent is not None:
-            self._owner._emit_data_event("on_data_sent", self, sent)
+            resume = self._queue.resume_reading()
+        if resume:
+            self._reactor.call_soon(self._read_on)
+        if sent and self._events.on_data_sent is not None:
+            self._owner.data_event("on_data_sent", self, sent)
         if drained and self._linger_timer is not None:
             self._finish_close()  # a graceful close was waiting for this
         elif drained and self._write_armed:
@@ -580,11 +548,12 @@ class Connection:
         if self.closed:
             return
         with self._send_lock:
-            frames, nbytes = self._queued_frames, len(self._out)
-        self._owner._report(
+            frames, nbytes = self._queue.frames, len(self._out)
+        timeout = self._owner.connection_timeout
+        self._owner.report(
             self, f"{self.describe()}: {frames} frame(s), {nbytes} bytes queued were not "
-                  f"taken by the peer within connection_timeout="
-                  f"{self._owner.connection_timeout:g} s; dropped on close", ErrorCode.TIMEOUT)
+                  f"taken by the peer within connection_timeout={timeout:g} s; dropped on "
+                  f"close", ErrorCode.TIMEOUT)
         self._broken = True
         self._finish_close()
 
@@ -602,46 +571,55 @@ class Connection:
         except (BlockingIOError, InterruptedError) + _TLS_WANT:
             return 0
         except OSError as exc:
-            self._owner._log.info("%s: send failed: %s", self, exc)
+            self._owner.log.info("%s: send failed: %s", self, exc)
             self._reactor.call_soon(self._on_send_error)
             return 0
-        if not n:
-            return 0
-        self.send_stalled_since = None
-        self.bytes_sent += n
-        if n == len(out):
-            out.clear()
-            self.messages_sent += self._queued_frames
-            self._queued_frames = self._head_left = 0
-            return n
-        done, self._head_left = _frames_sent(out, n, self._head_left)
-        del out[:n]
-        self._queued_frames -= done
-        self.messages_sent += done
+        if n:
+            self._queue.took(n)
         return n
 
     def _finish_close(self) -> None:
         """Close the socket and notify the owner. A graceful close (no error code, socket
         healthy) with bytes still queued first lets them drain (:meth:`_start_linger`):
         nothing accepted by :meth:`send_frame` is dropped while the peer reads."""
-        if self.closed:
+        if self.closed or self._linger_first():
             return
-        if self._linger_timer is None:
-            if self._out and not self._broken and self.close_code is None:
-                self._start_linger()
-                return
-        else:
-            self._linger_timer.cancel()
         with self._send_lock:
-            self.closed = True  # under the lock: see _post_in_order
-            if self._out:
-                sent = self._flush_locked()
-                if sent and self._owner.on_data_sent is not None:
-                    self._owner._emit_data_event("on_data_sent", self, sent)
-                if self._out:
-                    self._owner._log.info("%s: closed with %d unsent bytes", self, len(self._out))
-                    self._out.clear()
-        if (self._reading and not (self._paused or self._send_paused)) or self._write_armed:
+            self.closed = True  # under the lock: see post_in_order
+            sent = self._flush_locked() if self._out else 0
+            frames, unsent = self._queue.drop()
+        if sent and self._events.on_data_sent is not None:
+            self._owner.data_event("on_data_sent", self, sent)
+        if unsent:
+            self._owner.log.info("%s: closed with %d unsent bytes", self, unsent)
+        self._close_socket()
+        self._owner.connection_closed(self)
+        self._post_last()
+
+    def _post_last(self) -> None:
+        """Reactor thread, the socket closed: the strand's last item."""
+        if self._owner.marker_wanted(DISCONNECTED) or not self._strand.is_idle():
+            # The last item (also when no on_disconnect wants it but items are still
+            # running): the owner retires the strand once it ran.
+            self._strand.post(DISCONNECTED)
+        else:
+            self.retire_strand()  # nothing more will run: freed without the collector
+
+    def _linger_first(self) -> bool:
+        """Reactor thread, closing: True when a graceful close (no error code, socket
+        healthy) must first let the queue drain (lingering starts now); ends a linger
+        that was under way."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            return False
+        if self._out and not self._broken and self.close_code is None:
+            self._start_linger()
+            return True
+        return False
+
+    def _close_socket(self) -> None:
+        """Reactor thread: unregister and close the socket (TLS: close_notify first)."""
+        if (self._reading and not self._read_paused()) or self._write_armed:
             self._reactor.unregister(self._sock)
         if self._tls:  # best effort close_notify; never waits for the peer's
             with self._send_lock:
@@ -650,13 +628,6 @@ class Connection:
                 except (OSError, ValueError):
                     pass
         self._sock.close()
-        self._owner._connection_closed(self)
-        if self._owner._marker_wanted(DISCONNECTED) or not self._strand.is_idle():
-            # The last item (also when no on_disconnect wants it but items are still
-            # running): the owner retires the strand once it ran.
-            self._strand.post(DISCONNECTED)
-        else:
-            self._strand.retire()  # nothing more will run: freed without the collector
 
     # -- any thread ------------------------------------------------------------------
     def close(self, code: ErrorCode | None = None, message: str = "") -> bool:
@@ -669,7 +640,7 @@ class Connection:
         with self._send_lock:
             if self.closing:
                 return False
-            if self._held and self._cork_owner == get_ident():
+            if self._queue.held and self._queue.corked_by == get_ident():
                 try:  # replies this thread's batch made before closing still leave
                     self._release_held_locked()
                 except (SendBufferFullError, NotConnectedError):
@@ -677,7 +648,7 @@ class Connection:
             self.closing = True
             self.close_code = code
         if code is not None:
-            self._owner._report(self, message, code)
+            self._owner.report(self, message, code)
         if self._reactor.in_thread():
             self._finish_close()
         else:
@@ -692,12 +663,12 @@ class Connection:
         takes the frame). Thread-safe; never blocks on the peer.
         """
         with self._send_lock:
-            if self._out or self._cork_owner is not None or self.closing:
+            if self._out or self._queue.corked_by is not None or self.closing:
                 sent = self._send_locked(frame)
             else:  # the common case, a call less: nothing queued or held
                 sent = self._send_now_locked(frame, 1)
-        if sent and self._owner.on_data_sent is not None:
-            self._owner._emit_data_event("on_data_sent", self, sent)
+        if sent and self._events.on_data_sent is not None:
+            self._owner.data_event("on_data_sent", self, sent)
 
     def send_sealed(self, seal: Callable[[bytes], bytes], data: bytes, size: int) -> None:
         """Like :meth:`send_frame` with ``seal(data)`` built under the send lock, so frames
@@ -708,37 +679,75 @@ class Connection:
         with self._send_lock:
             if self.closing:
                 raise NotConnectedError(f"{self.describe()} is not connected")
-            out = self._out
-            if out and len(out) + size > self.max_send_buffer:
+            if not self._queue.fits(size):
                 raise self._full_locked()
             sent = self._send_locked(seal(data))
-        if sent and self._owner.on_data_sent is not None:
-            self._owner._emit_data_event("on_data_sent", self, sent)
+        if sent and self._events.on_data_sent is not None:
+            self._owner.data_event("on_data_sent", self, sent)
+
+    def send_plain(self, payload: bytes) -> None:
+        """Strand, not corked: send a handler's plaintext reply *payload* (framed here) at
+        once, a large one with ``sendmsg`` (no copy). A reply that does not fit the send
+        queue disconnects the peer (SEND_BUFFER_FULL); one to a closed connection is
+        dropped."""
+        n = len(payload)
+        try:
+            if n >= DIRECT_SEND_MIN and self._sendmsg is not None:
+                self.cork()
+                self._queue.hold(payload)
+                self.uncork()
+            else:  # plain_frame(payload), inline: once per reply
+                self.send_frame((PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
+                                 else plain_header(n)) + payload)
+        except NotConnectedError:
+            pass
+        except SendBufferFullError as exc:
+            self.drop_for_full_queue(exc)
+
+    def release_held(self) -> None:
+        """Strand, corked: the held replies grew large; queue (or send) them now. A reply
+        that does not fit disconnects the peer (SEND_BUFFER_FULL)."""
+        with self._send_lock:
+            if self.closing:
+                self._queue.take_held()
+                return
+            try:
+                sent = self._release_held_locked()
+            except NotConnectedError:
+                return
+            except SendBufferFullError as exc:
+                full: SendBufferFullError | None = exc
+                sent = 0
+            else:
+                full = None
+        if sent and self._events.on_data_sent is not None:
+            self._owner.data_event("on_data_sent", self, sent)
+        if full is not None:
+            self.drop_for_full_queue(full)
 
     def _send_locked(self, frame: bytes) -> int:
         """Send or queue *frame* (under the send lock); count and return the bytes sent."""
         if self.closing:
             raise NotConnectedError(f"{self.describe()} is not connected")
-        out = self._out
-        if out or self._cork_owner == get_ident():
-            if out and len(out) + len(frame) > self.max_send_buffer:
-                raise self._full_locked()
-            sent = 0
-            if self._held and self._cork_owner == get_ident():
-                sent = self._release_held_locked()  # this thread's replies go first
-            out += frame
-            self._queued_frames += 1
-            return sent
-        return self._send_now_locked(frame, 1)
+        queue = self._queue
+        corked_here = queue.corked_by == get_ident()
+        if not self._out and not corked_here:
+            return self._send_now_locked(frame, 1)
+        if not queue.fits(len(frame)):
+            raise self._full_locked()
+        sent = 0
+        if queue.held and corked_here:
+            sent = self._release_held_locked()  # this thread's replies go first
+        queue.push(frame)
+        return sent
 
     def _full_locked(self) -> SendBufferFullError:
         """Under the send lock: a frame does not fit; note the stall, return the error."""
-        if self.send_stalled_since is None:
-            self.send_stalled_since = time.monotonic()
-            self._reactor.call_soon(self._owner._watch)
+        if self._queue.refused(time.monotonic()):
+            self._reactor.call_soon(self._owner.watch)
         return SendBufferFullError(
             f"send buffer of {self.describe()} is full ({len(self._out)} bytes queued, "
-            f"max_send_buffer={self.max_send_buffer})")
+            f"max_send_buffer={self._queue.limit})")
 
     def _send_now_locked(self, data: bytes, frames: int) -> int:
         """Under the send lock, nothing queued: send *data* (*frames* whole frames) now,
@@ -753,19 +762,13 @@ class Connection:
             n = 0
         except OSError as exc:
             raise self._send_failed(exc) from exc
-        if n == len(data):
-            self.bytes_sent += n
-            self.send_stalled_since = None
-            self.messages_sent += frames
+        queue = self._queue
+        if n == len(data):  # SendQueue.sent_whole, inline: once per reply
+            queue.bytes_sent += n
+            queue.stalled_since = None
+            queue.messages_sent += frames
             return n
-        done = 0
-        if n:
-            self.bytes_sent += n
-            self.send_stalled_since = None
-            done, self._head_left = _frames_sent(data, n, 0)
-            self.messages_sent += done
-        self._out += memoryview(data)[n:]
-        self._queued_frames = frames - done
+        queue.sent_part(data, n, frames)
         self._reactor.call_soon(self._arm_write)
         return n
 
@@ -777,50 +780,20 @@ class Connection:
         self._reactor.call_soon(self._finish_close)
         return NotConnectedError(f"{self.describe()}: send failed: {exc}")
 
-    def release_held(self) -> None:
-        """Cork owner, mid-batch: queue (or send) the replies held so far, e.g. once they
-        pass :data:`HOLD_MAX` bytes. Raises SendBufferFullError / NotConnectedError like
-        :meth:`send_frame`."""
-        with self._send_lock:
-            if self.closing:
-                self._held = []
-                self._held_bytes = 0
-                raise NotConnectedError(f"{self.describe()} is not connected")
-            sent = self._release_held_locked()
-        if sent and self._owner.on_data_sent is not None:
-            self._owner._emit_data_event("on_data_sent", self, sent)
-
     def _release_held_locked(self) -> int:
-        """Under the send lock, on the corking thread: frame the held replies and queue
-        them in order -- or, when nothing is queued and they are large, hand them to the
-        kernel at once with one scatter/gather ``sendmsg`` (no copy). Returns the bytes
-        sent. Raises SendBufferFullError at the first reply that does not fit (the rest
-        are dropped: the caller closes the connection), NotConnectedError if the socket
-        failed."""
-        held = self._held
-        size = self._held_bytes
-        self._held = []
-        self._held_bytes = 0
-        out = self._out
-        if (not out and size >= DIRECT_SEND_MIN and self._sendmsg is not None
+        """Under the send lock, on the corking thread: queue the held replies in order --
+        or, when nothing is queued and they are large, hand them to the kernel at once
+        with one scatter/gather ``sendmsg`` (no copy). Returns the bytes sent. Raises
+        SendBufferFullError at the first reply that does not fit (the rest are dropped:
+        the caller closes the connection), NotConnectedError if the socket failed."""
+        queue = self._queue
+        size = queue.held_bytes
+        held = queue.take_held()
+        if (not self._out and size >= DIRECT_SEND_MIN and self._sendmsg is not None
                 and len(held) <= 2 * _SENDMSG_MAX_FRAMES):
             return self._send_frames(held, size)
-        limit = self.max_send_buffer
-        if out and len(out) + size > limit:
-            for index in range(0, len(held), 2):
-                if len(out) + len(held[index + 1]) + HEADER_SIZE > limit:
-                    self._queued_frames += index // 2
-                    if self.send_stalled_since is None:
-                        self.send_stalled_since = time.monotonic()
-                        self._reactor.call_soon(self._owner._watch)
-                    raise SendBufferFullError(
-                        f"send buffer of {self.describe()} is full ({len(out)} bytes queued, "
-                        f"max_send_buffer={limit})")
-                out += held[index]
-                out += held[index + 1]
-        else:
-            out += b"".join(held)
-        self._queued_frames += len(held) // 2
+        if not queue.queue_held(held, size):
+            raise self._full_locked()
         return 0
 
     def _send_frames(self, buffers: list[bytes], size: int) -> int:
@@ -835,132 +808,155 @@ class Connection:
             sent = 0
         except OSError as exc:
             raise self._send_failed(exc) from exc
-        if sent:
-            self.bytes_sent += sent
-            self.send_stalled_since = None
-        frames = len(buffers) // 2
         if sent == size:
-            self.messages_sent += frames
+            self._queue.sent_whole(sent, len(buffers) // 2)
             return sent
-        out = self._out
-        pos = done = 0
-        for index in range(frames):
-            payload = buffers[2 * index + 1]
-            length = len(payload) + HEADER_SIZE
-            if pos + length <= sent:  # this frame left whole
-                pos += length
-                done += 1
-                continue
-            skip = sent - pos  # bytes of this frame that left (0 for the ones after it)
-            if skip <= 0:
-                out += buffers[2 * index]
-                out += payload
-            else:
-                if skip < HEADER_SIZE:
-                    out += buffers[2 * index][skip:]
-                    out += payload
-                else:
-                    out += memoryview(payload)[skip - HEADER_SIZE:]
-                self._head_left = length - skip
-            pos = sent
-        self.messages_sent += done
-        self._queued_frames = frames - done
+        self._queue.sent_part_of(buffers, sent)
         self._reactor.call_soon(self._arm_write)
         return sent
 
-    def cork(self) -> None:
-        """Hold this thread's sends in the queue until :meth:`uncork` (strand batch start):
-        the replies to a batch of frames leave in one ``send``. Other threads' sends are
-        not held, but queue behind what is held, so the wire order stays the call order."""
-        self._cork_owner = get_ident()
+    def cork(self) -> SendQueue:
+        """Strand batch start: until :meth:`uncork`, this thread's sends are held, so the
+        replies to a batch of frames leave in one ``send``. Returns the send queue whose
+        ``held`` list and ``held_bytes`` the batch runner appends its plaintext replies
+        to (:meth:`SendQueue.hold <morsock._send_queue.SendQueue.hold>`'s rule, inline),
+        calling :meth:`release_held` once ``held_bytes`` reaches ``HOLD_MAX``. Other
+        threads' sends are not held, but queue behind what is held, so the wire order
+        stays the call order."""
+        queue = self._queue
+        queue.corked_by = get_ident()
+        return queue
 
     def uncork(self) -> None:
         """End of a strand batch: queue the replies it held, then send the queue at once if
         the kernel takes it. A reply that overflows ``max_send_buffer`` disconnects the
         peer (SEND_BUFFER_FULL), as :meth:`send_frame` would."""
         full: SendBufferFullError | None = None
-        sent = 0
-        pending = False
         lock = self._send_lock
         lock.acquire()  # not ``with``: pool threads only, see workers.Strand._drain
         try:
-            self._cork_owner = None
-            held = self._held
-            if held and not self.closing and not self._out and self._held_bytes < DIRECT_SEND_MIN:
-                # The common case in one go: frame the few replies and send them (what the
-                # kernel does not take is queued, and EVENT_WRITE armed, by _send_now_locked).
-                self._held = []
-                self._held_bytes = 0
+            queue = self._queue
+            queue.corked_by = None
+            held = queue.held
+            if held and not self.closing and not self._out and queue.held_bytes < DIRECT_SEND_MIN:
+                # The common case in one go: frame the few replies and send them (what
+                # the kernel does not take is queued, and EVENT_WRITE armed).
+                data = b"".join(held)  # SendQueue.take_held, inline: once per batch
+                frames = len(held) // 2
+                held.clear()
+                queue.held_bytes = 0
+                pending = False
                 try:
-                    sent = self._send_now_locked(b"".join(held), len(held) // 2)
+                    sent = self._send_now_locked(data, frames)
                 except NotConnectedError:
-                    pass  # the socket failed: it is being closed
+                    sent = 0  # the socket failed: it is being closed
             else:
-                if held:
-                    if self.closing:  # close() from another thread: nothing is sent after it
-                        self._held = []
-                        self._held_bytes = 0
-                    else:
-                        try:
-                            sent = self._release_held_locked()
-                        except SendBufferFullError as exc:
-                            full = exc
-                        except NotConnectedError:
-                            pass  # the socket failed: it is being closed
-                if self._out and not self._write_armed and not self.closing:
-                    sent += self._flush_locked()
-                    pending = bool(self._out)
+                sent, full = self._uncork_locked()
+                pending = bool(self._out) and not self._write_armed and not self.closing
         finally:
             lock.release()
-        if sent and self._owner.on_data_sent is not None:
-            self._owner._emit_data_event("on_data_sent", self, sent)
+        if sent and self._events.on_data_sent is not None:
+            self._owner.data_event("on_data_sent", self, sent)
         if pending:
             self._reactor.call_soon(self._arm_write)
         if full is not None:
             self.drop_for_full_queue(full)
+
+    def _uncork_locked(self) -> tuple[int, SendBufferFullError | None]:
+        """:meth:`uncork`'s other cases: (bytes sent, the error if a reply did not fit)."""
+        sent = 0
+        if self._queue.held:
+            if self.closing:  # close() from another thread: nothing is sent after it
+                self._queue.take_held()
+                return 0, None
+            try:
+                sent = self._release_held_locked()
+            except SendBufferFullError as exc:
+                return 0, exc
+            except NotConnectedError:
+                return 0, None  # the socket failed: it is being closed
+        if self._out and not self._write_armed and not self.closing:
+            sent += self._flush_locked()
+        return sent, None
 
     def drop_for_full_queue(self, exc: SendBufferFullError) -> None:
         """A reply did not fit in the send queue: the peer does not read, so close the
         connection with SEND_BUFFER_FULL (any thread)."""
         self.close(ErrorCode.SEND_BUFFER_FULL, f"{exc}: the peer does not read; disconnected")
 
-    @property
-    def send_queue_size(self) -> int:
-        """Bytes accepted but not yet handed to the kernel."""
-        return len(self._out)
-
     # -- strand ----------------------------------------------------------------------
-    def _run_item(self, item: Any) -> None:
-        if item.__class__ is _CloseAfter:  # EOF, or bad bytes after whole frames
-            self._rx_markers += 1
+    def run_item(self, item: Any) -> None:
+        """Strand: one item -- a life-cycle marker, or a frame for the owner."""
+        cls = item.__class__
+        if cls is _CloseAfter:  # EOF, or bad bytes after whole frames
+            self._backlog.markers += 1
             self.close(item.code, item.message)
             return
-        if item.__class__ is ErrorReport:
-            self._rx_markers += 1
-            self._owner._emit_error(self, item.message, item.code)
+        if cls is ErrorReport:
+            self._backlog.markers += 1
+            self._owner.emit_error(self, item.message, item.code)
             return
         if item is CONNECTED or item is DISCONNECTED:
-            self._rx_markers += 1
+            self._backlog.markers += 1
         elif self.closing:
             return  # frames left behind by a close are dropped, never handled
-        self._owner._run_item(self, item)
+        self._owner.run_item(self, item)
 
     def post(self, item: Any) -> None:
         """Queue *item* on this connection's strand (any thread)."""
         self._strand.post(item)
 
-    def _post_in_order(self, item: Any) -> bool:
+    def retire_strand(self) -> None:
+        """After the DISCONNECTED marker ran (strand), or once closed with nothing left
+        to run (reactor thread): nothing more will be posted. Drops the references back
+        to the owner's side (strand target, facade), so a closed connection and its
+        facade are freed without the garbage collector."""
+        self._strand.retire()
+        self.facade = None
+
+    def post_in_order(self, item: Any) -> bool:
         """Queue *item* to run in this connection's order, before its DISCONNECTED; return
         False when that already ran or is queued (the caller handles *item* itself).
         On the thread now running this connection's items, False too: it is in order
         there already. Any thread."""
-        if self._runner == get_ident():
+        if self.runner == get_ident():
             return False
         with self._send_lock:
             if self.closed:
                 return False
             self._strand.post(item)
             return True
+
+    def adopt(self, other: Connection) -> None:
+        r"""Reactor thread, a session resumed (see :mod:`morsock._session_link`): this
+        connection, closed, takes over the socket and I/O state of *other* -- accepted,
+        not reading anywhere yet -- which is then closed without a trace. This one keeps
+        its strand, facade and read accounting, so its items run on, in order. The caller
+        then starts it."""
+        with self._send_lock, other._send_lock:
+            self._sock = other._sock
+            self.peer_ip, self.peer_port = other.peer_ip, other.peer_port
+            self._tls = other._tls
+            self._sendmsg = other._sendmsg
+            self._decoder = other._decoder
+            self.peer_certificate = other.peer_certificate
+            self._queue, other._queue = other._queue, SendQueue(other._queue.limit)
+            self._out, other._out = self._queue.out, other._queue.out
+            self._write_armed = self._broken = False
+            self._linger_timer = None
+            self.session = other.session
+            self.established = True
+            self.bytes_received = other.bytes_received
+            self.messages_received = other.messages_received
+            self.last_activity = other.last_activity
+            self.partial_since = None
+            self._reading = True
+            self._read_wants_write = False
+            self._backlog.unpause()
+            self.close_code = None
+            self.closed = self.closing = False
+            other.closing = other.closed = True
+            other.frame_hook = None
 
     def describe(self) -> str:
         """``ip:port`` of the peer, for messages."""

@@ -178,32 +178,39 @@ class FrameDecoder:
     def _parse(self, view: memoryview, n: int, frames: list[Any]) -> int:
         """Append the complete frames of view[:n] to *frames*; return bytes consumed."""
         limit = self.max_message_size
-        max_flag = self._max_flag
         append = frames.append
-        wrap_plain = self._wrap_plain
         copied = n <= _COPY_MAX
         src: Any = view[:n].tobytes() if copied else view
-        plain_bytes = copied and not wrap_plain  # plaintext payloads: a slice of src each
+        plain_bytes = copied and not self._wrap_plain  # plaintext payloads: a slice of src each
         start = HEADER_SIZE  # where the payload of the frame at start - HEADER_SIZE begins
         while start <= n:
             magic, size, flag = _unpack_from(src, start - HEADER_SIZE)
             end = start + size
             if plain_bytes and magic == MAGIC and not flag and end <= n and size <= limit:
                 append(src[start:end])  # the commonest frame, checked in one go
-            else:
-                if magic != MAGIC or flag > max_flag or size > limit:
-                    self._check_header(magic, size, flag, frames)
-                if end > n:
-                    self._need = end - start + HEADER_SIZE
-                    return start - HEADER_SIZE
-                payload = src[start:end] if copied else src[start:end].tobytes()
-                if flag or wrap_plain:
-                    append(_new_frame(Frame, (payload, flag)))
-                else:
-                    append(payload)
+            elif not self._take_frame(src, start, end, n, (magic, size, flag), frames):
+                return start - HEADER_SIZE  # the frame at start is incomplete
             start = end + HEADER_SIZE
         self._need = HEADER_SIZE
         return start - HEADER_SIZE
+
+    def _take_frame(self, src: Any, start: int, end: int, n: int,
+                    header: tuple[int, int, int], frames: list[Any]) -> bool:
+        """:meth:`_parse`'s general case: check *header* (raise on a bad one), append
+        the frame whose payload is ``src[start:end]``; False when it is incomplete
+        (*n* bytes in all)."""
+        magic, size, flag = header
+        if magic != MAGIC or flag > self._max_flag or size > self.max_message_size:
+            self._check_header(magic, size, flag, frames)
+        if end > n:
+            self._need = end - start + HEADER_SIZE
+            return False
+        payload = src[start:end] if src.__class__ is bytes else src[start:end].tobytes()
+        if flag or self._wrap_plain:
+            frames.append(_new_frame(Frame, (payload, flag)))
+        else:
+            frames.append(payload)
+        return True
 
     def _check_header(self, magic: int, size: int, flag: int, frames: list[Any]) -> None:
         """Raise the ProtocolError a bad header deserves (see the class docstring)."""

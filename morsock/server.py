@@ -14,12 +14,15 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from threading import get_ident
 from time import perf_counter
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
-from ._session_link import ServerSessions, SessionFrames, is_session_item
+from ._internals import accepter
+from ._send_queue import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS, SendQueue, plain_header
+from ._session_link import ServerSessions, is_session_item
 from ._settings import (
     Setting,
     _boolean,
@@ -30,21 +33,11 @@ from ._settings import (
     _server_host,
 )
 from .cluster import Backplane, split_client_id
-from .connection import (
-    CONNECTED,
-    DIRECT_SEND_MIN,
-    DISCONNECTED,
-    HEADER_CACHE_MAX,
-    HOLD_MAX,
-    PLAIN_HEADERS,
-    Connection,
-    ErrorReport,
-    plain_frame,
-)
+from .connection import CONNECTED, DISCONNECTED, Connection, ErrorReport
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER, HEADER_SIZE, MAGIC, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER_SIZE, Frame
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 from .workers import WorkerPool
@@ -80,37 +73,57 @@ def _select_limited() -> bool:
     return default is selectors.SelectSelector
 
 
-class ServerClient(Connection):
-    """One accepted connection, as the server sees it (Delphi ``TmMServerClient``).
+class ServerClient:
+    """One accepted connection, as the server sees it (Delphi ``TmMServerClient``): a
+    facade over the library's :class:`~morsock.connection.Connection`.
 
     Read-only: ``handle`` (int from 1, never reused by one server), ``peer_ip``,
     ``peer_port`` (the peer's own port), ``connected_at`` (datetime),
     ``last_activity_time`` (datetime), ``bytes_received``, ``bytes_sent``,
     ``messages_received``, ``messages_sent``, ``connected_time`` (seconds),
-    ``connected``, ``peer_certificate`` (over TLS, the peer's verified certificate as
+    ``connected``, ``send_queue_size`` (bytes accepted but not yet taken by the kernel),
+    ``receive_backlog`` (bytes of frames read from the peer and not yet handled),
+    ``peer_certificate`` (over TLS, the peer's verified certificate as
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
-    None without TLS or when the peer sent none). Free for the application:
-    ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs for this
-    client, True when the message it was given arrived encrypted (False otherwise).
-    Methods (any thread): :meth:`send_data`, :meth:`disconnect`. The other methods it
-    inherits from :class:`morsock.connection.Connection` (``send_frame``, ``cork`` ...)
-    are the library's own I/O machinery, not for the application.
+    None without TLS or when the peer sent none), ``session_id`` (API §10). Free for the
+    application: ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs
+    for this client, True when the message it was given arrived encrypted (False
+    otherwise). Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
     """
-
-    def __init__(self, server: Server, sock: socket.socket, handle: int,
-                 peer: Any = None) -> None:
-        super().__init__(server, sock, max_message_size=server.max_message_size,
-                         max_send_buffer=server.max_send_buffer, peer=peer)
-        self.server = server
-        self.handle = handle
-        self._connected_wall = time.time()
-        self._connected_mono = self.last_activity  # time.monotonic(), as Connection took it
-        #: Free slot for the application (Delphi ``CustomData``).
-        self.custom_data: Any = None
 
     #: While ``on_handle_command`` runs for this client: True when the message being
     #: handled arrived encrypted. Written by the handler's own thread around the call.
     message_encrypted: bool = False
+
+    def __init__(self, server: Server, sock: socket.socket, handle: int,
+                 peer: Any = None) -> None:
+        """Made by the server's reactor thread for an accepted socket."""
+        conn = Connection(server._conn_owner, sock, max_message_size=server.max_message_size,
+                          max_send_buffer=server.max_send_buffer, peer=peer)
+        conn.facade = self
+        self._conn = conn
+        self._server = server
+        self.handle = handle
+        self._connected_wall = time.time()
+        self._connected_mono = conn.last_activity  # time.monotonic(), as Connection took it
+        self._closed_mono = 0.0  # set once its socket is closed
+        #: Free slot for the application (Delphi ``CustomData``).
+        self.custom_data: Any = None
+
+    @property
+    def peer_ip(self) -> str:
+        """The peer's IP address."""
+        return self._conn.peer_ip
+
+    @property
+    def peer_port(self) -> int:
+        """The peer's own port."""
+        return self._conn.peer_port
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """Over TLS, the peer's verified certificate (``getpeercert()``), else None."""
+        return self._conn.peer_certificate
 
     @property
     def connected_at(self) -> datetime.datetime:
@@ -120,26 +133,51 @@ class ServerClient(Connection):
     @property
     def connected(self) -> bool:
         """True until the connection starts closing."""
-        return not self.closing
+        return not self._conn.closing
 
     @property
     def connected_time(self) -> float:
         """Seconds since the connection was accepted (frozen once it is closed)."""
-        end = self._closed_mono if self.closed else time.monotonic()
+        closed = self._conn.closed and self._closed_mono  # set just after the close
+        end = self._closed_mono if closed else time.monotonic()
         return end - self._connected_mono
 
     @property
     def last_activity_time(self) -> datetime.datetime:
         """When bytes last arrived from this peer (``connected_at`` if none yet)."""
         return self.connected_at + datetime.timedelta(
-            seconds=max(0.0, self.last_activity - self._connected_mono))
+            seconds=max(0.0, self._conn.last_activity - self._connected_mono))
 
-    _closed_mono = 0.0
+    @property
+    def bytes_received(self) -> int:
+        """Wire bytes received from this peer (headers included)."""
+        return self._conn.bytes_received
 
-    def _finish_close(self) -> None:
-        if not self.closed:
-            self._closed_mono = time.monotonic()
-        super()._finish_close()
+    @property
+    def bytes_sent(self) -> int:
+        """Wire bytes sent to this peer (headers included)."""
+        return self._conn.bytes_sent
+
+    @property
+    def messages_received(self) -> int:
+        """Frames received from this peer."""
+        return self._conn.messages_received
+
+    @property
+    def messages_sent(self) -> int:
+        """Frames sent to this peer (counted once their last byte left)."""
+        return self._conn.messages_sent
+
+    @property
+    def send_queue_size(self) -> int:
+        """Bytes accepted for this peer but not yet taken by the kernel."""
+        return self._conn.send_queue_size
+
+    @property
+    def receive_backlog(self) -> int:
+        """Wire bytes of the frames read from this peer and not yet handled (see
+        ``max_receive_backlog``)."""
+        return self._conn.receive_backlog
 
     def send_data(self, data: Data, encrypted: bool = False) -> None:
         """Send one message to this client. Thread-safe; never blocks on the peer.
@@ -147,29 +185,34 @@ class ServerClient(Connection):
         Raises NotConnectedError once it is disconnected, SendBufferFullError past
         ``max_send_buffer``, CryptoError if ``encrypted`` without a usable key.
         """
-        self.server._send_on(self, data, encrypted)
+        self._server._send_on(self._conn, data, encrypted)
 
     def disconnect(self) -> bool:
         """Close this connection (``on_disconnect`` follows). False if already closing.
         A session's client is told the session is over (it does not resume)."""
-        sessions = self.server._sessions
-        if sessions is not None and sessions.close_session(self):
+        sessions = self._server._sessions
+        if sessions is not None and sessions.close_session(self._conn):
             return True
-        return self.close()
+        return self._conn.close()
 
     @property
     def client_id(self) -> str:
         """``"<node_id>:<handle>"``: names this client across a cluster (API.md §11)."""
-        return f"{self.server.node_id}:{self.handle}"
+        return f"{self._server.node_id}:{self.handle}"
 
     @property
     def session_id(self) -> bytes | None:
         """The id of this client's session (API.md §10), None without one."""
-        sessions = self.server._sessions
-        return sessions.session_id(self) if sessions is not None else None
+        sessions = self._server._sessions
+        return sessions.session_id(self._conn) if sessions is not None else None
 
     def __repr__(self) -> str:
-        return f"<ServerClient #{self.handle} {self.describe()}{' closed' if self.closing else ''}>"
+        closed = " closed" if self._conn.closing else ""
+        return f"<ServerClient #{self.handle} {self._conn.describe()}{closed}>"
+
+
+def _no_handler(sender: Server, client: ServerClient, data: bytes) -> None:
+    """The ``on_handle_command`` of a server that has none: frames get no reply."""
 
 
 class Server(Component):
@@ -180,7 +223,7 @@ class Server(Component):
     :meth:`find_client_by_ip`, :meth:`disconnect_client`, :meth:`disconnect_all_clients`,
     :meth:`clear_statistics`, :meth:`get_server_info`.
 
-    Events you may assign (``sender`` is the server; see the guide, "Events and threads"):
+    Events you may assign (``sender`` is the server; see README "Threads and events"):
     ``on_handle_command(sender, client, data) -> bytes | None`` (runs on a worker; a
     non-empty return is sent back to that client, encrypted when the request was),
     ``on_connect(sender, client)``, ``on_disconnect(sender, client)``,
@@ -293,7 +336,8 @@ class Server(Component):
         self._started_mono = 0.0
         self._sweep_timer: Any = None
         self._zero_stats()
-        self._tally = Tally(self.property_lock, self._clients.values)
+        self._tally = Tally(self.property_lock, self._live_connection_iter)
+        #: The flag of the encrypted frames this server takes (-1: none, no key).
         self._sealed_flag = -1
         self._sessions: ServerSessions | None = None  # while running with resume_window
         super().__init__(settings, events)
@@ -341,7 +385,6 @@ class Server(Component):
                                       leader_follower=True)
                 ctx = self._crypto
                 assert ctx is not None
-                # the flag of the frames _run_sealed opens (-1: none, no key)
                 self._sealed_flag = (FLAG_MORMOT if ctx.mormot is not None else
                                      FLAG_AUTHENTICATED if ctx.authenticated else -1)
                 self._sessions = ServerSessions(self) if self.resume_window > 0 else None
@@ -468,7 +511,7 @@ class Server(Component):
                 handshake.abort()
             self._tls_pending.clear()
             for client in list(self._clients.values()):
-                client.close()
+                client.disconnect()
         finally:
             done.set()
 
@@ -481,55 +524,57 @@ class Server(Component):
 
     # -- reactor thread ----------------------------------------------------------------
     def _on_accept(self, mask: int) -> None:
+        """Reactor thread: the listener is readable; accept what is waiting (a bounded
+        number at a time, so the other sockets are served meanwhile)."""
         listener = self._listener
         if listener is None or self._state is not ServerState.LISTENING:
             return
-        tls = self.ssl_context is not None
-        # socket.accept() without its wrapper, which asks the listener for its family and
-        # type (two enum conversions) and its timeout for every connection.
-        accept = getattr(listener, "_accept", None)
-        family = listener.family
+        accept = accepter(listener)
         for _ in range(64):
             try:
-                if accept is not None:
-                    fd, address = accept()
-                    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-                else:
-                    sock, address = listener.accept()
+                sock, address = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._report(None, f"accept failed: {exc}; pausing accepts for 0.1 s",
-                                 ErrorCode.SERVER_FULL)
-                    self._reactor.unregister(listener)
-                    self._reactor.call_later(0.1, self._resume_accepting)
+                self._accept_failed(listener, exc)
                 return
-            # The limit is read for every connection: a refusal's on_error runs on this
-            # thread, in this loop, and may raise max_connections before the next accept.
-            limit = self._connection_limit()
-            if len(self._clients) + len(self._tls_pending) >= limit:  # only this thread adds
-                sock.close()
-                with self._stats_lock:
-                    self._total_rejected += 1
-                self._report(None, f"connection from {address[0]}:{address[1]} refused: "
-                             f"server full (max_connections={limit})",
-                             ErrorCode.SERVER_FULL)
-                continue
-            try:
-                if _OPTIONS_INHERITED:
-                    sock.setblocking(False)  # the rest came with the listener's options
-                else:
-                    self._configure(sock)
-                if tls:
-                    self._start_tls(sock, address)
-                    continue
-                client = ServerClient(self, sock, next(self._handles), address)
-            except OSError as exc:
-                sock.close()
-                self._log.info("accepted socket from %s failed at once: %s", address, exc)
-                continue
-            self._admit(client)
+            self._accepted(sock, address)
+
+    def _accept_failed(self, listener: socket.socket, exc: OSError) -> None:
+        """Reactor thread: ``accept`` failed; out of descriptors or memory, pause accepts
+        for a moment (the kernel holds the connections meanwhile)."""
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            self._report(None, f"accept failed: {exc}; pausing accepts for 0.1 s",
+                         ErrorCode.SERVER_FULL)
+            self._reactor.unregister(listener)
+            self._reactor.call_later(0.1, self._resume_accepting)
+
+    def _accepted(self, sock: socket.socket, address: Any) -> None:
+        """Reactor thread: admit (or refuse, past ``max_connections``) one accepted socket."""
+        # The limit is read for every connection: a refusal's on_error runs on this
+        # thread, in the accept loop, and may raise max_connections before the next accept.
+        limit = self._connection_limit()
+        if len(self._clients) + len(self._tls_pending) >= limit:  # only this thread adds
+            sock.close()
+            with self._stats_lock:
+                self._total_rejected += 1
+            self._report(None, f"connection from {address[0]}:{address[1]} refused: "
+                         f"server full (max_connections={limit})", ErrorCode.SERVER_FULL)
+            return
+        try:
+            if _OPTIONS_INHERITED:
+                sock.setblocking(False)  # the rest came with the listener's options
+            else:
+                self._configure(sock)
+            if self.ssl_context is not None:
+                self._start_tls(sock, address)
+                return
+            client = ServerClient(self, sock, next(self._handles), address)
+        except OSError as exc:
+            sock.close()
+            self._log.info("accepted socket from %s failed at once: %s", address, exc)
+            return
+        self._admit(client)
 
     def _admit(self, client: ServerClient) -> None:
         """Reactor thread: count *client*, make it visible in ``clients``, start its I/O."""
@@ -546,8 +591,8 @@ class Server(Component):
             self.backplane.client_joined(client.handle, f"{client.peer_ip}:{client.peer_port}")
         sessions = self._sessions
         if sessions is not None:
-            sessions.admit(client)  # on_connect once its first frame tells what it is
-        client.start(announce=sessions is None)
+            sessions.admit(client._conn)  # on_connect once its first frame tells what it is
+        client._conn.start(announce=sessions is None)
 
     def _marker_wanted(self, marker: Any) -> bool:
         # A marker only fires its event: without a handler, it need not go through the
@@ -624,255 +669,235 @@ class Server(Component):
         if self._state is not ServerState.LISTENING:
             return
         now = time.monotonic()
-        frame_limit = self.connection_timeout
         idle_limit = self.idle_timeout
         watching = False
         for client in list(self._clients.values()):
-            if client.closing:
+            conn = client._conn
+            if conn.closing:
                 continue
-            if client.partial_since is not None and now - client.partial_since > frame_limit:
-                client.close(ErrorCode.TIMEOUT,
-                             f"{client.describe()}: frame not completed within "
-                             f"connection_timeout={frame_limit:g} s")
-            elif idle_limit is not None and now - client.last_activity > idle_limit:
-                client.close(ErrorCode.TIMEOUT, f"{client.describe()}: idle for more than "
-                                                f"idle_timeout={idle_limit:g} s")
-            elif (client.send_stalled_since is not None
-                  and now - client.send_stalled_since > frame_limit):
-                client.close(ErrorCode.SEND_BUFFER_FULL,
-                             f"{client.describe()}: does not read; its send queue stayed full "
-                             f"(max_send_buffer={client.max_send_buffer}) for more than "
-                             f"connection_timeout={frame_limit:g} s; disconnected")
+            expired = self._expired(conn, now)
+            if expired is not None:
+                conn.close(*expired)
             else:
                 watching = watching or (idle_limit is not None
-                                        or client.partial_since is not None
-                                        or client.send_stalled_since is not None)
+                                        or conn.partial_since is not None
+                                        or conn.send_stalled_since is not None)
         if watching:
             self._watch()
 
+    def _expired(self, conn: Connection, now: float) -> tuple[ErrorCode, str] | None:
+        """The code and message to close *conn* with if one of its time limits passed."""
+        frame_limit = self.connection_timeout
+        idle_limit = self.idle_timeout
+        if conn.partial_since is not None and now - conn.partial_since > frame_limit:
+            return ErrorCode.TIMEOUT, (f"{conn.describe()}: frame not completed within "
+                                       f"connection_timeout={frame_limit:g} s")
+        if idle_limit is not None and now - conn.last_activity > idle_limit:
+            return ErrorCode.TIMEOUT, (f"{conn.describe()}: idle for more than "
+                                       f"idle_timeout={idle_limit:g} s")
+        stalled = conn.send_stalled_since
+        if stalled is not None and now - stalled > frame_limit:
+            return ErrorCode.SEND_BUFFER_FULL, (
+                f"{conn.describe()}: does not read; its send queue stayed full "
+                f"(max_send_buffer={conn.max_send_buffer}) for more than "
+                f"connection_timeout={frame_limit:g} s; disconnected")
+        return None
+
+    def _live_connection_iter(self) -> Iterator[Connection]:
+        """The live connections (under ``property_lock``, for the tally)."""
+        return (client._conn for client in self._clients.values())
+
     def _live_connections(self) -> list[Connection]:
         with self.property_lock:
-            return list(self._clients.values())
+            return list(self._live_connection_iter())
 
     def _connection_closed(self, conn: Connection) -> None:
-        assert isinstance(conn, ServerClient)
+        client: ServerClient = conn.facade
+        client._closed_mono = time.monotonic()
         if self._sessions is not None:
             self._sessions.connection_closed(conn)
         with self.property_lock:
-            if self._clients.pop(conn.handle, None) is not None:
+            if self._clients.pop(client.handle, None) is not None:
                 self._tally.closed(conn)  # closed: nothing is read or sent any more
                 if self.backplane is not None:
-                    self.backplane.client_left(conn.handle)
+                    self.backplane.client_left(client.handle)
             if not self._clients:
                 self._no_clients.notify_all()
         if self._log_levels.get(logging.INFO) is not False:
-            self._log.info("client #%d %s:%d disconnected", conn.handle, conn.peer_ip,
+            self._log.info("client #%d %s:%d disconnected", client.handle, conn.peer_ip,
                            conn.peer_port)
 
     # -- strand (worker thread) ----------------------------------------------------------
     def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        conn._runner = get_ident()
+        """Strand batch runner (a pool thread): *conn*'s items in order, through
+        :meth:`_handle_items`. A batch of several is corked: its plaintext replies are
+        held and leave in one ``send`` at the end (or once they pass ``HOLD_MAX``); a
+        batch of one, the commonest, replies at once."""
+        conn.runner = get_ident()
         try:
-            self._handle_batch(conn, items)
+            handler = self.on_handle_command
+            debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
+            if debug or (debug is None and self._debug()):
+                handler = self._logged(handler)
+            observer = self._observer
+            if observer is None or handler is None:
+                handler = timed = handler or _no_handler
+                done = None
+            else:  # plaintext runs timed as a whole (done), other calls one by one (timed)
+                timed = self._observed(handler)  # type: ignore[assignment]
+                done = observer.handler_done
+            plain = None if self.require_encryption else bytes  # items handled as they are
+            if len(items) == 1:  # the commonest batch: its reply leaves at once, uncorked
+                self._handle_items(conn, items, handler, timed, done, plain, None)
+                return
+            queue = conn.cork()
+            try:
+                self._handle_items(conn, items, handler, timed, done, plain, queue)
+            finally:
+                conn.uncork()
         finally:
-            conn._runner = None
-            conn._handled(len(items))  # read back-pressure: the strand caught up this far
+            conn.runner = None
+            conn.handled(len(items))  # read back-pressure: the strand caught up this far
 
-    def _handle_batch(self, conn: Connection, items: list[Any]) -> None:
-        # The hot path: plaintext frames to a handler that returns bytes. Encrypted frames
-        # of this server's profile take _run_sealed; anything else (markers, other
-        # replies, debug logging, frames needing a handshake) takes _run_item.
-        # With metrics (_observer), a run of plaintext frames handled back to back is
-        # timed as a whole (its handler calls and the queuing of their replies) and
-        # recorded once as that many calls; every other handler call is timed alone by
-        # _call_handler. Errors reports and other items are outside both.
-        handler = self.on_handle_command
-        observer = self._observer
-        debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
-        fast = handler is not None and not self.require_encryption and not (
-            self._debug() if debug is None else debug)
-        if fast and len(items) == 1:
-            # One frame, the commonest batch: its reply leaves at once (there is nothing
-            # to cork it with), but for a large plaintext one (sendmsg, no copy).
-            item = items[0]
-            if item.__class__ is bytes:  # plaintext
+    def _handle_items(self, conn: Connection, items: list[Any], handler: Callable[..., Any],
+                      timed: Callable[..., Any], done: Callable[[float, int], None] | None,
+                      plain: Any, queue: SendQueue | None) -> None:
+        """Strand: the one path of a frame -- open it, call the handler, send its reply.
+
+        Items of class *plain* are plaintext payloads to hand over as they are (None
+        under ``require_encryption``) and go to *handler*; others go through
+        :meth:`_open_item` first and then to *timed*. With metrics (*done* not None),
+        *timed* records each call itself, and each run of plaintext frames handled back
+        to back is timed as a whole (its handler calls and the queuing of their replies)
+        and recorded once as that many calls. A plaintext ``bytes`` reply to a plaintext
+        frame is held in *queue* (corked, see :meth:`Connection.cork`) or, without one,
+        sent at once (:meth:`Connection.send_plain`); any other reply goes to
+        :meth:`_reply`. Never raises."""
+        client = conn.facade
+        hold = None if queue is None else queue.held.append
+        data: bytes
+        calls = 0  # plaintext frames of the current timed run
+        start = 0.0
+        for item in items:
+            if item.__class__ is plain:  # the payload of a plaintext frame
                 if conn.closing:
-                    return
-                start = perf_counter() if observer is not None else 0.0
-                try:
-                    reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
-                except Exception as exc:
-                    if observer is not None:
-                        observer.shard.handler_done(perf_counter() - start)
-                    self._handler_failed("on_handle_command", exc, (conn,))
-                    return
-                if observer is not None:
-                    observer.shard.handler_done(perf_counter() - start)
-                if reply.__class__ is bytes:
-                    n = len(reply)
-                    if n >= DIRECT_SEND_MIN:  # large: uncork sends it with sendmsg, no copy
-                        conn.cork()
-                        conn._held += (HEADER.pack(MAGIC, n, 0), reply)
-                        conn._held_bytes += n + HEADER_SIZE
-                        conn.uncork()
-                    elif n:
-                        try:
-                            conn.send_frame(plain_frame(reply))
-                        except NotConnectedError:
-                            pass
-                        except SendBufferFullError as exc:
-                            conn.drop_for_full_queue(exc)
-                elif reply:
-                    self._reply(conn, reply, False)
-                return
-            if (item.__class__ is Frame and item[1] == self._sealed_flag
-                    and not conn.closing and (conn.session is not None
-                                              or item[1] == FLAG_MORMOT)):
-                self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
-                return
-            if item.__class__ is SessionFrames and not conn.closing:
-                item.run(conn)  # one read of a session: its replies leave at once
-                return
-        conn.cork()
-        calls = 0  # plaintext frames handled since start (timed together)
-        start = perf_counter() if observer is not None else 0.0
-        try:
-            for item in items:
-                if fast and item.__class__ is bytes and not conn.closing:  # plaintext frame
+                    continue  # frames left behind by a close are dropped, never handled
+                if done is not None:
+                    if not calls:
+                        start = perf_counter()
                     calls += 1
-                    try:
-                        reply = handler(self, conn, item)  # type: ignore[misc,arg-type]
-                    except Exception as exc:
-                        if observer is not None:
-                            observer.shard.handler_done(perf_counter() - start, calls)
-                            calls = 0
-                        self._handler_failed("on_handle_command", exc, (conn,))
-                        if observer is not None:
-                            start = perf_counter()
-                        continue
-                    if reply.__class__ is bytes:
-                        # held: sent by uncork, with the rest of the batch
-                        n = len(reply)
-                        if not n:
-                            continue
-                        held = conn._held
-                        held.append(PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX
-                                    else HEADER.pack(MAGIC, n, 0))
-                        held.append(reply)
-                        conn._held_bytes += n + HEADER_SIZE
-                        if conn._held_bytes < HOLD_MAX:
-                            continue
-                        try:
-                            conn.release_held()
-                            continue
-                        except NotConnectedError:
-                            continue
-                        except SendBufferFullError as exc:
-                            conn.drop_for_full_queue(exc)
-                            continue
-                    if reply:
-                        self._reply(conn, reply, False)
+                try:
+                    reply = handler(self, client, item)
+                except Exception as exc:
+                    self._handler_failed("on_handle_command", exc, (client,))
                     continue
-                if observer is not None and calls:  # the run of plaintext frames ends
-                    observer.shard.handler_done(perf_counter() - start, calls)
-                    calls = 0
-                if (fast and item.__class__ is Frame and item[1] == self._sealed_flag
-                        and not conn.closing and (conn.session is not None
-                                                  or item[1] == FLAG_MORMOT)):
-                    self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
-                else:
-                    try:
-                        conn._run_item(item)
-                    except Exception:
-                        self._log.exception("unhandled error handling %r on %s", item, conn)
-                if observer is not None:
-                    start = perf_counter()
-        finally:
-            if observer is not None and calls:
-                observer.shard.handler_done(perf_counter() - start, calls)
-            conn.uncork()
-
-    def _run_sealed(self, conn: Connection, payload: bytes,
-                    handler: Callable[[Server, ServerClient, bytes], Any]) -> None:
-        """_handle_frame for an encrypted frame of this server's profile, once the
-        AUTHENTICATED handshake is done: open it, call *handler*, seal its bytes reply
-        (corked: it leaves with the batch). Strand thread."""
-        session = conn.session
-        try:
-            if session is None:
-                data = self._crypto.mormot.decrypt(payload)  # type: ignore[union-attr]
+                flag = 0
             else:
-                data = session.open(payload)
-        except CryptoError as exc:
-            conn.close(exc.code or ErrorCode.DECRYPT_FAILED,
-                       f"frame from {conn.describe()} rejected: {exc}")
-            return
-        conn.message_encrypted = True  # type: ignore[attr-defined]
-        try:
-            reply = self._call_handler(handler, conn, data)
-        finally:
-            conn.message_encrypted = False  # type: ignore[attr-defined]
-        if reply:
-            self._reply(conn, reply, True)
+                if calls:  # the run of plaintext frames ends here
+                    done(perf_counter() - start, calls)  # type: ignore[misc]
+                    calls = 0
+                opened = self._open_item(conn, item)
+                if opened is None or conn.closing:
+                    continue
+                data, flag = opened
+                try:
+                    if flag:
+                        reply = self._call_encrypted(timed, client, data)
+                    else:
+                        reply = timed(self, client, data)
+                except Exception as exc:
+                    self._handler_failed("on_handle_command", exc, (client,))
+                    continue
+            if not reply:
+                continue
+            if reply.__class__ is not bytes or flag:
+                self._reply(conn, reply, flag != 0)  # corked: sent with the batch
+            elif hold is None:
+                conn.send_plain(reply)
+            else:  # held: SendQueue.hold, inline (once per reply)
+                n = len(reply)
+                hold(PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else plain_header(n))
+                hold(reply)
+                queue.held_bytes += n + HEADER_SIZE  # type: ignore[union-attr]
+                if queue.held_bytes >= HOLD_MAX:  # type: ignore[union-attr]
+                    conn.release_held()
+        if calls:
+            done(perf_counter() - start, calls)  # type: ignore[misc]
 
-    def _call_handler(self, handler: Callable[[Server, ServerClient, bytes], Any],
-                      conn: Connection, data: bytes) -> Any:
-        """``handler(self, conn, data)``; None when it raised (reported as
-        HANDLER_EXCEPTION). Timed for the metrics when they are on. Strand thread."""
+    def _logged(self, handler: Callable[..., Any] | None) -> Callable[..., Any] | None:
+        """*handler* that first logs each message at DEBUG (while the logger takes them)."""
+        if handler is None:
+            return None
+        log = self._log
+        sealed_flag = self._sealed_flag
+
+        def logged(sender: Server, client: ServerClient, data: bytes) -> Any:
+            log.debug("client #%d: %d-byte message (flag %d)", client.handle, len(data),
+                      sealed_flag if client.message_encrypted else 0)
+            return handler(sender, client, data)
+        return logged
+
+    def _call_encrypted(self, handler: Callable[..., Any], client: ServerClient,
+                        data: bytes) -> Any:
+        """Strand: ``handler(self, client, data)`` for a message that arrived encrypted,
+        with ``client.message_encrypted`` set meanwhile."""
+        client.message_encrypted = True
+        try:
+            return handler(self, client, data)
+        finally:
+            client.message_encrypted = False
+
+    def _call_handler(self, handler: Callable[..., Any], conn: Connection, data: bytes) -> Any:
+        """Strand (the session link): ``handler(self, client, data)`` for *conn*'s client;
+        None when it raised (reported as HANDLER_EXCEPTION)."""
         observer = self._observer
         start = perf_counter() if observer is not None else 0.0
         try:
-            reply = handler(self, conn, data)  # type: ignore[arg-type]
+            return handler(self, conn.facade, data)
         except Exception as exc:
-            if observer is not None:
-                observer.shard.handler_done(perf_counter() - start)
-            self._handler_failed("on_handle_command", exc, (conn,))
+            self._handler_failed("on_handle_command", exc, (conn.facade,))
             return None
-        if observer is not None:
-            observer.shard.handler_done(perf_counter() - start)
-        return reply
+        finally:
+            if observer is not None:
+                observer.handler_done(perf_counter() - start)
+
+    def _open_item(self, conn: Connection, item: Any) -> tuple[bytes, int] | None:
+        """Strand: the data and flag of a frame that needs opening (encrypted, or any
+        under ``require_encryption``); None when there is nothing to handle: the frame
+        was consumed (handshake) or refused, or *item* is a life-cycle marker, which
+        this runs."""
+        cls = item.__class__
+        if cls is not bytes and cls is not Frame:
+            self._run_marker(conn, item)
+            return None
+        frame = item if cls is Frame else Frame(item, 0)
+        if conn.closing:
+            return None
+        opened = self._open_frame(conn, frame)
+        return None if opened is None else (opened, frame.flag)
+
+    def _run_marker(self, conn: Connection, item: Any) -> None:
+        try:
+            conn.run_item(item)
+        except Exception:
+            self._log.exception("unhandled error handling %r on %s", item, conn)
 
     def _run_item(self, conn: Connection, item: Any) -> None:
+        """Strand, from :meth:`Connection.run_item`: a life-cycle marker."""
         if item is CONNECTED:
-            self._emit("on_connect", conn)
+            self._emit("on_connect", conn.facade)
         elif item is DISCONNECTED:
             sessions = self._sessions
-            if sessions is not None and not sessions.disconnect_marker(conn):  # type: ignore[arg-type]
+            if sessions is not None and not sessions.disconnect_marker(conn):
                 return  # its session lives on: on_disconnect once it ends
-            self._emit("on_disconnect", conn)
-            conn._strand.retire()  # the last item: freed without the collector
-        elif item.__class__ is bytes:  # the payload of a plaintext frame
-            self._handle_frame(conn, Frame(item, 0))
+            self._emit("on_disconnect", conn.facade)
+            conn.retire_strand()  # the last item: freed without the collector
         elif is_session_item(item):
             item.run(conn)
-        else:
-            self._handle_frame(conn, item)
-
-    def _handle_frame(self, conn: Connection, frame: Frame) -> None:
-        flag = frame.flag
-        if flag == 0 and not self.require_encryption:
-            data = frame.payload
-        else:
-            opened = self._open_frame(conn, frame)
-            if opened is None:
-                return
-            data = opened
-        handler = self.on_handle_command
-        if handler is None:
-            return
-        if self._debug():
-            self._log.debug("client #%d: %d-byte message (flag %d)", conn.handle,  # type: ignore[attr-defined]
-                            len(data), flag)
-        if flag == 0:
-            reply = self._call_handler(handler, conn, data)
-        else:
-            conn.message_encrypted = True  # type: ignore[attr-defined]
-            try:
-                reply = self._call_handler(handler, conn, data)
-            finally:
-                conn.message_encrypted = False  # type: ignore[attr-defined]
-        if reply:
-            self._reply(conn, reply, flag != 0)  # corked by the strand: sent at batch end
+        else:  # a frame: the batch runner takes them itself, this is for completeness
+            handler = self._observed(self.on_handle_command) or _no_handler
+            plain = None if self.require_encryption else bytes
+            self._handle_items(conn, [item], handler, handler, None, plain, None)
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake
@@ -898,7 +923,7 @@ class Server(Component):
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
         """Report ``on_error(client, ..., HANDLER_EXCEPTION)``; *client* is the event's
         first argument when that is a client (on_connect, on_handle_command ...), else None."""
-        conn = args[0] if args and isinstance(args[0], Connection) else None
+        conn = args[0] if args and isinstance(args[0], ServerClient) else None
         observer = self._observer
         if observer is not None:
             observer.error(ErrorCode.HANDLER_EXCEPTION)
@@ -914,14 +939,15 @@ class Server(Component):
         if observer is not None:
             observer.error(code)
         self._log.error("%s (code %d)", message, code)
-        if conn is None or not conn._post_in_order(ErrorReport(message, code)):
-            if conn is not None and conn.closed and conn._runner != get_ident():
-                conn = None  # its on_disconnect is queued or done: not tied to it any more
-            self._emit("on_error", conn, message, code)
+        if conn is None or not conn.post_in_order(ErrorReport(message, code)):
+            client = None if conn is None else conn.facade
+            if conn is not None and conn.closed and conn.runner != get_ident():
+                client = None  # its on_disconnect is queued or done: not tied to it any more
+            self._emit("on_error", client, message, code)
 
     def _emit_error(self, conn: Connection, message: str, code: int) -> None:
         """Strand: an :class:`ErrorReport` of *conn* comes up in its order."""
-        self._emit("on_error", conn, message, code)
+        self._emit("on_error", conn.facade, message, code)
 
     def _send_on(self, conn: Connection, data: Data, encrypted: bool) -> None:
         sessions = self._sessions
@@ -938,7 +964,7 @@ class Server(Component):
         self._total_rejected = 0
 
     def _emit_data_event(self, name: str, conn: Connection, nbytes: int) -> None:
-        self._emit(name, conn, nbytes)
+        self._emit(name, conn.facade, nbytes)
 
     @property
     def client_count(self) -> int:
@@ -1048,7 +1074,7 @@ class Server(Component):
 
     def disconnect_all_clients(self) -> int:
         """Disconnect every client; return how many were disconnected."""
-        return sum(1 for client in self.clients.values() if client.close())
+        return sum(1 for client in self.clients.values() if client.disconnect())
 
     def broadcast_data(self, data: Data, encrypted: bool = False) -> int:
         """Queue *data* for every connected client; return for how many it was queued.
@@ -1131,13 +1157,13 @@ class Server(Component):
         count = 0
         for client in self.clients.values():
             try:
-                self._send_on(client, payload, encrypted)
+                self._send_on(client._conn, payload, encrypted)
             except NotConnectedError:
                 continue
             except (SendBufferFullError, CryptoError) as exc:
                 if isinstance(exc, CryptoError) and not (self._crypto and self._crypto.enabled):
                     raise
-                self._report(client, f"broadcast to {client.describe()} skipped: {exc}",
+                self._report(client._conn, f"broadcast to {client._conn.describe()} skipped: {exc}",
                              exc.code or ErrorCode.SEND_BUFFER_FULL)
                 continue
             count += 1

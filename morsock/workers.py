@@ -1,32 +1,55 @@
 """The worker pool and strands: where user handlers run.
 
-A :class:`Strand` is a per-connection FIFO of work items that runs its items in order, a
-list at a time, on whichever pool thread picks it up: frames of one connection are
-handled sequentially while different connections run in parallel. Producers call
-:meth:`Strand.post` (any thread) or :meth:`Strand.post_many` (the thread polling a
-reactor); the strand schedules itself on the :class:`WorkerPool` when it goes from idle
-to busy. No lock is held while its items run.
+Contract
+--------
 
-Given a reactor, the pool runs it **leader/follower** style (as mORMot's reader threads
-do): the pool threads take turns holding the *poll role*. The leader runs one
-:meth:`~morsock.reactor.Reactor.poll_once` -- reading, decoding and scheduling the
-strands that became ready, which it collects in a list of its own -- then publishes them
-in one go, leaves the poll role free and runs them itself, in order, before it polls
-again: one ``select`` per batch, as a single-threaded reactor does, on the thread that
-already holds the data, so a request costs no thread hand-off of its own. When handlers
-are slow on average (> :data:`SLOW_STRAND`) the leader wakes a follower, which takes the
-poll role at once (and may take strands of the batch); when they are fast, waking one
-would cost more than the handler. Then one idle follower, the standby, looks every
-:data:`WATCHDOG` seconds whether the poll role has been left free that long (a handler
-that blocks) and takes it if so: a handler that blocks delays other connections' I/O by
-at most about twice that. While strands wait, a leader only harvests I/O that is already
-there (a zero-timeout poll), so a busy server alternates between reading and handling
-instead of blocking in ``select``.
+* A :class:`Strand` is one connection's FIFO of work items. Its items run **in the order
+  they were posted, one batch at a time, never on two threads at once**, and no pool lock
+  is held while they run: frames of one connection are handled sequentially while
+  different connections' strands run in parallel on the pool's threads.
+* Producers: :meth:`Strand.post` (any thread) and :meth:`Strand.post_many` (only the
+  thread polling a reactor; its list is handed over). A strand schedules itself on its
+  :class:`WorkerPool` when it goes from idle to busy; :meth:`Strand.is_idle` says whether
+  anything is queued or running.
+* A batch runner must not raise; one that does is logged and the rest of that batch is
+  lost (the components' runners catch handler exceptions themselves).
+* :meth:`WorkerPool.shutdown` runs every strand already scheduled, then joins the threads.
+* An idle pool sleeps: with no traffic, every thread waits on the pool's condition
+  without a timeout (API §9).
 
-Whether waking followers for slow strands pays is measured, not assumed (see
-:class:`SpreadPolicy`): strands that wait on I/O or run long GIL-free C calls run faster
-side by side, but strands made of Python and short C calls only pass the GIL back and
-forth, and run slower than on one thread.
+How it is done (five mechanisms, each needed by a measured case; see
+benchmarks/README.rst "Worker threads that measure whether spreading pays")
+---------------------------------------------------------------------------------
+
+1. **Poll role (leader/follower).** Given a reactor, the pool threads take turns holding
+   the poll role, as mORMot's reader threads do: there is no reactor thread. The leader
+   runs one :meth:`~morsock.reactor.Reactor.poll_once` (read, decode, schedule), leaves
+   the poll role free, then runs what it scheduled before it polls again: one ``select``
+   per batch, on the thread that already holds the data, so a request costs no thread
+   hand-off. While strands wait, the leader's poll does not block (a zero timeout).
+2. **Harvest.** Strands scheduled by the leader inside its poll go to a list of its own
+   (:attr:`WorkerPool._harvest`, no lock) and are published to the ready queue in one go
+   when the poll returns.
+3. **Lock-free first batch.** The post that schedules an idle strand puts its items in
+   ``Strand._first``, which only the thread that drains the strand reads: the first batch
+   costs no second lock. Later posts go to ``Strand._items`` under the strand's lock.
+4. **Standby watch.** A leader running a handler that blocks must not hold up the other
+   connections' I/O. It woke nobody when it left the poll role, so one idle thread at a
+   time, the standby, waits at most :data:`WATCHDOG` and takes the poll role if it has
+   been left free that long. A watch that finds the leader still inside the same poll
+   (no traffic at all) makes the pool *quiet*: every idle thread then waits untimed
+   until the leader leaves a poll with traffic, which wakes them all.
+5. **Spreading.** When strands are slow on average (> :data:`SLOW_STRAND`), the leader
+   wakes a follower at once, which takes the poll role (and may take strands of the
+   batch). Whether that pays depends on the handlers: strands that wait on I/O or run
+   long GIL-free C calls run faster side by side; strands made of Python and short C
+   calls only pass the GIL back and forth and cost more CPU than on one thread. So
+   :class:`SpreadPolicy` measures it, by turns, and the leader spreads only while it
+   says so.
+
+Threads: a strand's items run on pool threads only; the pool lock (``_cv``) guards the
+ready queue, the idle count, the poll role and the watch state; ``_strand_time`` (a
+moving average of a batch's run time) is written by the threads that ran batches.
 """
 
 from __future__ import annotations
@@ -35,23 +58,27 @@ import logging
 import threading
 import time
 from collections import deque
-from threading import get_ident
 from time import perf_counter, process_time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 if TYPE_CHECKING:
     from .reactor import Reactor
 
 __all__ = ["WorkerPool", "Strand", "each"]
 
-#: One idle follower (the standby) looks at the poll role this often: a leader that went
-#: on to run a handler that blocks is relieved of polling within this time, even with no
-#: hand-off. Each look costs a GIL hand-off, so it is rare.
+#: What :meth:`WorkerPool._next_task` returns to the thread that takes the poll role (a
+#: sentinel, never run).
+_POLL_ROLE: Strand = cast("Strand", object())
+#: What :meth:`WorkerPool._ready_task` returns when there is nothing to do yet.
+_NOTHING: Strand = cast("Strand", object())
+
+#: Seconds: while there is traffic, one idle follower (the standby) looks at the poll role
+#: this often; a leader that went on to run a handler that blocks is relieved of polling
+#: within this time. Each look costs a GIL hand-off, so it is rare.
 WATCHDOG = 0.05
-#: A leader hands the poll role over at once (waking a follower) when strands take longer
-#: than this on average; for faster handlers the wake-up would cost more than it saves.
-#: Decrypting and encrypting a 64 KiB message takes about 0.15-0.25 ms, mostly in
-#: pycryptodome calls that release the GIL: above this, so a second thread helps.
+#: Seconds: a leader hands the poll role over at once (waking a follower) when strands
+#: take longer than this on average (and :class:`SpreadPolicy` finds that it pays); for
+#: faster strands the wake-up would cost more than it saves.
 SLOW_STRAND = 0.0001
 #: How :class:`SpreadPolicy` measures whether waking followers pays: windows of this
 #: many seconds with and without, the better holding for SPREAD_HOLD seconds; the window
@@ -70,9 +97,9 @@ class SpreadPolicy:
     measured by turns, since it depends on the handlers and on the machine.
 
     Strands that wait on I/O, or run long GIL-free C calls (CBC over big buffers), run
-    faster side by side. Strands made of Python and short C calls (CTR or GCM over 64 KiB:
-    calls of 16-18 us, where waking a thread on another CPU of this VM takes 20-40 us)
-    only pass the GIL back and forth, and run slower and cost more CPU than on one thread.
+    faster side by side. Strands made of Python and C calls shorter than a thread
+    wake-up (CTR or GCM over 64 KiB) only pass the GIL back and forth, and run slower and
+    cost more CPU than on one thread.
 
     So the pool runs in cycles: a window of :data:`SPREAD_WINDOW` seconds spreading, one
     not spreading, then the better of the two for :data:`SPREAD_HOLD` seconds (twice as
@@ -114,32 +141,12 @@ class SpreadPolicy:
             return
         cpu = self._cpu_clock()
         span = now - self._start
-        items = self._items
-        busy = cpu - self._start_cpu >= SPREAD_BUSY_CPU * span  # the CPU kept busy
         phase = self._phase
         if phase == _SPREADING:
-            if busy and items >= SPREAD_MIN_ITEMS:
-                self._with = (items / span, (cpu - self._start_cpu) / items)
-                self._next(_ALONE, SPREAD_WINDOW, now, cpu)
-            else:
-                self._next(_HOLD_ON, self._hold, now, cpu)
+            self._after_spreading(now, cpu, span)
         elif phase == _ALONE:
-            rate, cost = self._with
-            alone = (items >= SPREAD_MIN_ITEMS and items / span >= rate
-                     and (cpu - self._start_cpu) / items <= cost * 0.9)
-            # the same answer again: hold it twice as long (each window not spreading
-            # costs a workload that needs spreading a tenth of a second of it)
-            self._hold = (min(self._hold * 2, SPREAD_HOLD_MAX) if alone == self._alone
-                          else SPREAD_HOLD)
-            self._alone = alone
-            self._alone_rate = items / span
-            if alone:
-                self._hold_end = now + self._hold  # checked every window until then
-                self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)
-            else:
-                self._next(_HOLD_ON, self._hold, now, cpu)
-        elif phase == _HOLD_OFF and now < self._hold_end and busy and (
-                items / span >= self._alone_rate * 0.5):
+            self._after_alone(now, cpu, span)
+        elif phase == _HOLD_OFF and now < self._hold_end and self._still_alone(cpu, span):
             self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)  # still busy: go on alone
         else:
             # A hold is over; or one thread alone no longer keeps the CPU busy, or does
@@ -148,6 +155,41 @@ class SpreadPolicy:
             if phase == _HOLD_OFF and now < self._hold_end:
                 self._hold = SPREAD_HOLD
             self._next(_SPREADING, SPREAD_WINDOW, now, cpu)
+
+    def _busy(self, cpu: float, span: float) -> bool:
+        """Whether the process kept the CPU busy through the phase."""
+        return cpu - self._start_cpu >= SPREAD_BUSY_CPU * span
+
+    def _after_spreading(self, now: float, cpu: float, span: float) -> None:
+        """The window spreading ended: measure one alone next, if it is worth trying."""
+        items = self._items
+        if self._busy(cpu, span) and items >= SPREAD_MIN_ITEMS:
+            self._with = (items / span, (cpu - self._start_cpu) / items)
+            self._next(_ALONE, SPREAD_WINDOW, now, cpu)
+        else:
+            self._next(_HOLD_ON, self._hold, now, cpu)
+
+    def _after_alone(self, now: float, cpu: float, span: float) -> None:
+        """The window alone ended: hold the better of the two."""
+        items = self._items
+        rate, cost = self._with
+        alone = (items >= SPREAD_MIN_ITEMS and items / span >= rate
+                 and (cpu - self._start_cpu) / items <= cost * 0.9)
+        # the same answer again: hold it twice as long (each window not spreading
+        # costs a workload that needs spreading a tenth of a second of it)
+        self._hold = (min(self._hold * 2, SPREAD_HOLD_MAX) if alone == self._alone
+                      else SPREAD_HOLD)
+        self._alone = alone
+        self._alone_rate = items / span
+        if alone:
+            self._hold_end = now + self._hold  # checked every window until then
+            self._next(_HOLD_OFF, SPREAD_WINDOW, now, cpu)
+        else:
+            self._next(_HOLD_ON, self._hold, now, cpu)
+
+    def _still_alone(self, cpu: float, span: float) -> bool:
+        """In a hold alone: the CPU stays busy and the rate holds up (half of it)."""
+        return self._busy(cpu, span) and self._items / span >= self._alone_rate * 0.5
 
     def _next(self, phase: int, length: float, now: float, cpu: float) -> None:
         self._phase = phase
@@ -254,11 +296,10 @@ class Strand:
                         run_batch(target, items)
                 except Exception:
                     self._pool._log.exception("unhandled error in %s", self._pool.name)
-            # acquire/release, not ``with``: a ``with`` block costs about twice as much
-            # (115 against 61 ns on CPython 3.11), and this runs once or twice a request.
-            # Only where no KeyboardInterrupt can strike -- pool and reactor threads, never
-            # the main thread -- since one raised between acquire() and ``try`` (CPython
-            # checks for signals as a call returns) would leave the lock held for good.
+            # acquire/release, not ``with`` (cheaper, and this runs once or twice a
+            # request). Rule: only where no KeyboardInterrupt can strike -- pool and
+            # reactor threads, never the main thread -- since one raised between
+            # acquire() and ``try`` would leave the lock held for good.
             lock.acquire()
             try:
                 items = self._items
@@ -342,7 +383,7 @@ class WorkerPool:
 
     def _schedule(self, strand: Strand) -> None:
         reactor = self._reactor
-        if reactor is not None and reactor._leader == get_ident():
+        if reactor is not None and reactor.in_thread():
             # The leader, inside poll_once: it publishes what it harvested in one go when
             # the poll returns, then runs it itself (see _lead).
             self._harvest.append(strand)
@@ -353,58 +394,99 @@ class WorkerPool:
                 self._cv.notify()
 
     def _work(self) -> None:
-        cv = self._cv
-        ready = self._ready
-        reactor = self._reactor
-        policy = self._policy
+        """A pool thread: take the poll role when it is free, else a ready strand, else
+        wait; until the pool stops and nothing is left to run."""
         ran: tuple[float, int] | None = None  # the last run: _note_run
         while True:
-            strand: Strand | None = None
-            with cv:
+            with self._cv:
                 if ran is not None:
                     self._note_run(ran)
-                    ran = None
-                watching = False
-                while True:
-                    if (watching and not self._stopping
-                            and time.monotonic() - self._released_at < WATCHDOG):
-                        pass  # the watch found the leader cycling normally: back to sleep
-                    elif self._poll_free and not self._stopping:
-                        self._poll_free = False
-                        break
-                    elif ready:
-                        strand = ready.popleft()
-                        if ready and self._idle and (reactor is None or (
-                                self._strand_time > SLOW_STRAND and policy.spread)):
-                            cv.notify()
-                        break
-                    elif self._stopping:
-                        return
-                    self._idle += 1
-                    if reactor is not None and not self._standby and not self._quiet:
-                        # One idle thread at a time keeps watch (see WATCHDOG): it steps in
-                        # only if the poll role has been left free that long (a handler
-                        # blocks); the others sleep until notified. A watch that finds the
-                        # leader still in the same poll (no traffic) ends the watching:
-                        # an idle pool sleeps until the leader leaves its poll.
-                        self._standby = True
-                        seen = self._released_at
-                        watching = not cv.wait(WATCHDOG)
-                        self._standby = False
-                        if watching and self._released_at == seen and not self._poll_free:
-                            self._quiet = True
-                    else:
-                        cv.wait()
-                        watching = False
-                    self._idle -= 1
-            if strand is None:
-                ran = self._lead()
-            else:
-                start = perf_counter()
-                items = strand._drain()
-                end = perf_counter()
-                self._strand_time += (end - start - self._strand_time) * 0.125
-                ran = (end, items)
+                task = self._next_task()
+            if task is None:
+                return
+            ran = self._lead() if task is _POLL_ROLE else self._run_strand(task)
+
+    def _next_task(self) -> Strand | None:
+        """Under the pool lock: :data:`_POLL_ROLE` (this thread now leads), a ready strand,
+        or None once stopping with nothing ready; waits until one of them."""
+        while True:
+            task = self._ready_task()
+            if task is not _NOTHING:
+                return task
+            while self._wait():
+                pass  # the watch found the leader cycling normally: watch again
+
+    def _ready_task(self) -> Strand | None:
+        """Under the pool lock: what :meth:`_next_task` returns if there is one now, else
+        :data:`_NOTHING`."""
+        ready = self._ready
+        if self._poll_free and not self._stopping:
+            self._poll_free = False
+            return _POLL_ROLE
+        if ready:
+            strand = ready.popleft()
+            if ready and self._idle and self._spreading():
+                self._cv.notify()
+            return strand
+        return None if self._stopping else _NOTHING
+
+    def _spreading(self) -> bool:
+        """Under the pool lock: whether another ready strand should wake an idle thread
+        (always without a reactor; with one, while strands are slow and it pays)."""
+        return self._reactor is None or (self._strand_time > SLOW_STRAND
+                                         and self._policy.spread)
+
+    def _wait(self) -> bool:
+        """Under the pool lock, idle: wait to be notified -- as the standby (one idle
+        thread at a time, while the pool is not quiet), for at most :data:`WATCHDOG`.
+        Returns True when a standby's watch timed out while the poll role is in use or
+        was left free less than :data:`WATCHDOG` ago (the leader cycles normally: the
+        caller watches again); False when there may be something to do. A watch that
+        finds the leader still inside the same poll (no traffic) makes the pool quiet:
+        idle threads then sleep until the leader leaves a poll with traffic (see
+        :meth:`_release_poll_role`)."""
+        self._idle += 1
+        try:
+            if self._reactor is None or self._standby or self._quiet:
+                self._cv.wait()
+                return False
+            self._standby = True
+            seen = self._released_at
+            timed_out = not self._cv.wait(WATCHDOG)
+            self._standby = False
+            if not timed_out or self._stopping:
+                return False
+            if self._released_at == seen and not self._poll_free:
+                self._quiet = True
+            return time.monotonic() - self._released_at < WATCHDOG
+        finally:
+            self._idle -= 1
+
+    def _run_strand(self, strand: Strand) -> tuple[float, int]:
+        """Run *strand*'s items (no lock held); returns the run for :meth:`_note_run`."""
+        start = perf_counter()
+        items = strand._drain()
+        end = perf_counter()
+        self._strand_time += (end - start - self._strand_time) * 0.125
+        return (end, items)
+
+    def _release_poll_role(self) -> int:
+        """Under the pool lock, after the leader's poll: leave the poll role free, publish
+        the harvest; returns how many strands are ready."""
+        self._poll_free = True
+        self._released_at = time.monotonic()
+        cv = self._cv
+        if self._quiet:  # the first poll with traffic after a quiet spell
+            self._quiet = False
+            cv.notify_all()  # the watch resumes (and a follower may take the poll)
+        harvest = self._harvest
+        ready = self._ready
+        if harvest:
+            ready.extend(harvest)
+            harvest.clear()
+        if ready and self._idle and self._spreading():
+            cv.notify()  # slow handlers: a follower takes the poll role at once
+        return len(ready)
 
     def _note_run(self, ran: tuple[float, int]) -> None:
         """Under the pool lock, after a thread ran strands: *ran* is (when it ended,
@@ -426,21 +508,10 @@ class WorkerPool:
             reactor.poll_once(0.0 if ready else None)
         except Exception:
             self._log.exception("%s: error in the reactor loop", self.name)
-        harvest = self._harvest
         with cv:
-            self._poll_free = True
-            self._released_at = time.monotonic()
-            if self._quiet:  # the first poll with traffic after a quiet spell
-                self._quiet = False
-                cv.notify_all()  # the watch resumes (and a follower may take the poll)
-            if harvest:
-                ready.extend(harvest)
-                harvest.clear()
-            count = len(ready)
+            count = self._release_poll_role()
             if not count:
                 return None
-            if self._idle and self._strand_time > SLOW_STRAND and self._policy.spread:
-                cv.notify()  # slow handlers: a follower takes the poll role at once
         # Run this batch without the pool lock (deque pops are atomic); a follower may
         # take some of it meanwhile.
         popleft = ready.popleft

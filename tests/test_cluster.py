@@ -156,7 +156,7 @@ def test_encrypted_broadcast_is_sealed_by_each_node_for_its_clients(redis_url: s
         bystander = Receiver(plain.server.port)
         try:
             wait_until(lambda: a.server.cluster_client_count == 2)
-            wait_until(lambda: all(c.session is not None for c in b.server.clients.values()),
+            wait_until(lambda: all(c._conn.session is not None for c in b.server.clients.values()),
                        what="the AUTHENTICATED handshake")
             a.server.broadcast_data(b"secret news", encrypted=True)
             remote.got.wait_count("data", 1)

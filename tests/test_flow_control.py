@@ -100,8 +100,8 @@ def test_the_backlog_bookkeeping_stays_small_while_handlers_keep_up() -> None:
                 assert client.request(b"%d" % i) == b"%d" % i
             with server.property_lock:
                 [sc] = server.clients.values()
-            assert len(sc._rx_log) <= 2, "one entry per read was kept"
-            assert len(client._conn._rx_log) <= 2
+            assert sc._conn._backlog.entries() <= 2, "one entry per read was kept"
+            assert client._conn._backlog.entries() <= 2
 
 
 def test_a_pipelining_client_is_slowed_down_not_dropped() -> None:

@@ -90,7 +90,7 @@ def test_keepalive_settings_are_applied_to_both_ends() -> None:
                     keepalive_count=5) as client:
             assert client.request(b"ka") == b"ka"
             sc = _only_client(server)
-            for sock, (idle, intvl, cnt) in ((sc._sock, (7, 3, 4)),
+            for sock, (idle, intvl, cnt) in ((sc._conn._sock, (7, 3, 4)),
                                              (client._conn._sock, (2, 1, 5))):  # type: ignore[union-attr]
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
                 assert _sockopt(sock, socket.IPPROTO_TCP, "TCP_KEEPIDLE") in (idle, None)
@@ -108,10 +108,10 @@ def test_keep_alive_and_no_delay_off_are_applied() -> None:
     with running_server(keep_alive=False, no_delay=False) as server:
         with RawPeer.to(server) as peer:
             assert peer.request(b"x") == b"x"
-            sock = _only_client(server)._sock  # the accepted socket, server side
+            sock = _only_client(server)._conn._sock  # the accepted socket, server side
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-            sock = _only_client(server)._sock
+            sock = _only_client(server)._conn._sock
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
             if hasattr(socket, "TCP_USER_TIMEOUT"):

@@ -12,42 +12,12 @@ import pytest
 
 from morsock import Client, ErrorCode
 
-from morsock.connection import (
-    DIRECT_SEND_MIN,
-    HEADER_CACHE_MAX,
-    HOLD_MAX,
-    PLAIN_HEADERS,
-    _frames_sent,
-    plain_frame,
-)
+from morsock._send_queue import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS
+from morsock.connection import DIRECT_SEND_MIN, plain_frame
 from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
 from helpers import Recorder, frame_size, wait_until
-
-
-def _model_frames_sent(lengths: List[int], head_left: int, n: int) -> tuple:
-    """Byte-by-byte model of _frames_sent: a queue of the *head_left* last bytes of one
-    frame, then whole frames of *lengths* (wire lengths)."""
-    spans = [(-1, head_left)] if head_left else []  # the head began leaving earlier
-    pos = head_left
-    for length in lengths:
-        spans.append((pos, pos + length))
-        pos += length
-    done = sum(1 for _, end in spans if end <= n)
-    # bytes left of the frame that *started* leaving but did not finish (0: none)
-    left = next((end - n for start, end in spans if start < n < end), 0)
-    return done, left
-
-
-def test_frames_sent_matches_a_byte_model_at_every_cut() -> None:
-    payloads = [b"", b"a", b"x" * 17, b"y" * 300]
-    frames = b"".join(encode_frame(p) for p in payloads)
-    lengths = [frame_size(len(p)) for p in payloads]
-    for head_left in (0, 1, 5, 12):
-        out = bytearray(b"\xee" * head_left + frames)  # the head's bytes are never parsed
-        for n in range(len(out)):  # fewer than all, as the caller guarantees
-            assert _frames_sent(out, n, head_left) == _model_frames_sent(lengths, head_left, n)
 
 
 def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -> None:
@@ -65,7 +35,7 @@ def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -
             wait_until(lambda: server.client_count == 1, what="the peer to connect")
             client = next(iter(server.clients.values()))
             # and a small send buffer on the server's side (white box: its socket)
-            client._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            client._conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
             sock.sendall(b"".join(encode_frame(p) for p in payloads))
             decoder = FrameDecoder(1 << 20)
             got: List[bytes] = []
@@ -164,63 +134,6 @@ def test_replies_past_hold_max_go_out_before_the_batch_ends() -> None:
             assert client.bytes_sent == len(payloads) * (size + HEADER_SIZE)
 
 
-class _StubReactor:
-    def call_soon(self, fn: Any, *args: Any) -> None:
-        pass  # arming EVENT_WRITE: not needed here
-
-
-class _StubOwner:
-    """Just what a Connection reads of its component."""
-
-    _PLAIN_FRAMES_AS_BYTES = True
-    on_data_sent = on_data_received = None
-    max_receive_backlog = 1 << 20
-
-    def _watch(self) -> None:
-        pass  # no time limits to watch here
-
-    def __init__(self) -> None:
-        self._reactor = _StubReactor()
-
-    def _strand_for(self, conn: Any) -> None:
-        return None
-
-
-def test_a_partial_sendmsg_queues_exactly_the_rest_at_every_cut() -> None:
-    from morsock.connection import Connection
-
-    payloads = [b"a" * 20, b"b", b"c" * 5, b"d" * 40]
-    stream = b"".join(encode_frame(p) for p in payloads)
-    lengths = [frame_size(len(p)) for p in payloads]
-    left, right = socket.socketpair()
-    try:
-        conn = Connection(_StubOwner(), left, max_message_size=1 << 20,  # type: ignore[arg-type]
-                          max_send_buffer=1 << 20, peer=("stub", 0))
-        for cut in range(len(stream)):
-            conn._out.clear()
-            conn._head_left = conn._queued_frames = conn.messages_sent = conn.bytes_sent = 0
-            conn._sendmsg = lambda buffers, cut=cut: cut  # the kernel takes *cut* bytes
-            buffers = [part for p in payloads for part in (encode_frame(p)[:9], p)]
-            assert conn._send_frames(buffers, len(stream)) == cut
-            assert bytes(conn._out) == stream[cut:]
-            assert (conn.messages_sent, conn._head_left) == _model_frames_sent(lengths, 0, cut)
-            assert conn.messages_sent + conn._queued_frames == len(payloads)
-            assert conn.bytes_sent == cut
-            # and the queue's own accounting agrees when the rest leaves in pieces
-            total = conn.messages_sent
-            while conn._out:
-                n = min(7, len(conn._out))
-                done, conn._head_left = ((conn._queued_frames, 0) if n == len(conn._out) else
-                                         _frames_sent(conn._out, n, conn._head_left))
-                del conn._out[:n]
-                conn._queued_frames -= done
-                total += done
-            assert total == len(payloads) and conn._queued_frames == 0
-    finally:
-        left.close()
-        right.close()
-
-
 @pytest.mark.parametrize("profile", ["MORMOT", "AUTHENTICATED"])
 def test_encrypted_requests_get_every_kind_of_handler_outcome(profile: str) -> None:
     """The server's lean path for encrypted frames: a bytes reply, a str reply, no reply,
@@ -253,41 +166,3 @@ def test_encrypted_requests_get_every_kind_of_handler_outcome(profile: str) -> N
         # take the difference below 2 for good).
         wait_until(lambda: server.total_messages_received - server.total_messages_sent == 2,
                    what="the last reply counted")
-
-
-def test_held_replies_that_overflow_the_queue_count_only_the_frames_queued() -> None:
-    """A batch's held replies meet a full queue: those that fit are queued and counted
-    (one frame each), the first that does not fit raises, and once the queue drains the
-    frames the peer got are exactly the ones counted as sent."""
-    from morsock.connection import Connection
-    from morsock.errors import SendBufferFullError
-
-    queued = [b"q" * 30, b"r" * 30]  # already waiting for the peer
-    held = [b"a" * 10, b"b" * 10, b"c" * 10]
-    limit = sum(frame_size(len(p)) for p in queued + held[:2])  # room for a and b only
-    left, right = socket.socketpair()
-    try:
-        right.settimeout(10)
-        conn = Connection(_StubOwner(), left, max_message_size=1 << 20,  # type: ignore[arg-type]
-                          max_send_buffer=limit, peer=("stub", 0))
-        conn._out += b"".join(encode_frame(p) for p in queued)
-        conn._queued_frames = len(queued)
-        for p in held:
-            conn._held += (encode_frame(p)[:HEADER_SIZE], p)
-            conn._held_bytes += frame_size(len(p))
-        with pytest.raises(SendBufferFullError):
-            conn.release_held()
-        assert bytes(conn._out) == b"".join(encode_frame(p) for p in queued + held[:2])
-        assert conn._held == [] and conn._held_bytes == 0
-        with conn._send_lock:
-            assert conn._flush_locked() == limit
-        decoder = FrameDecoder(1 << 20)
-        got: List[bytes] = []
-        while len(got) < 4:
-            got += [frame.payload for frame in decoder.feed(right.recv(4096))]
-        assert got == queued + held[:2]
-        assert conn.messages_sent == len(got) and conn._queued_frames == 0
-        assert conn.bytes_sent == limit
-    finally:
-        left.close()
-        right.close()

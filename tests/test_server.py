@@ -541,7 +541,7 @@ def test_a_client_that_closes_while_its_handler_runs_is_freed_without_the_collec
                     peer.send_raw(encode_frame(b"hold on"))
                     wait_until(lambda: len(clients) == 1, what="the handler runs")
                 # the peer is gone; the strand is still busy with its frame
-                wait_until(lambda: not clients[0]()._reading,  # type: ignore[union-attr]
+                wait_until(lambda: not clients[0]()._conn._reading,  # type: ignore[union-attr]
                            what="the server read the EOF")
                 release.set()
                 wait_until(lambda: clients[0]() is None, what="the closed client freed")
