@@ -43,7 +43,8 @@ Sequence numbers and acknowledgements
     Each direction numbers its application messages 1, 2, 3 ... across every connection
     of the session (never sent: the n-th message is number n). A raw flag-0 frame and a
     DATA, REQUEST or REPLY record are messages; control records are not. An *ack* is the
-    count of the peer's messages this side has delivered to its application (cumulative;
+    count of the peer's messages this side has delivered to its application (with
+    ``ack_when_handled``, the components' choice: whose handler returned; cumulative;
     never decreases; never more than the peer has sent). It rides on any record this side
     sends (``type | 0x80``), or alone in an ACK record: at once when 64 messages or a
     quarter of the peer's announced window (bytes of message payload) are unacknowledged,
@@ -176,8 +177,11 @@ _ENDED = "ENDED"
 # --------------------------------------------------------------------------- the wire
 
 def _put_varint(out: bytearray, value: int) -> None:
-    if value < 0x80:   # the common case: one byte
+    if value < 0x80:   # the common cases: one byte, two bytes
         out.append(value)
+        return
+    if value < 0x4000:
+        out += bytes(((value & 0x7F) | 0x80, value >> 7))
         return
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -191,8 +195,13 @@ def _malformed(what: str) -> ProtocolError:
 
 def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Return (value, position after it); ProtocolError if truncated or over 64 bits."""
-    if pos < len(buf) and buf[pos] < 0x80:   # the common case: one byte
-        return buf[pos], pos + 1
+    if pos + 1 < len(buf):   # the common cases: one byte, two bytes
+        first = buf[pos]
+        if first < 0x80:
+            return first, pos + 1
+        second = buf[pos + 1]
+        if second < 0x80:
+            return (first & 0x7F) | (second << 7), pos + 2
     result = shift = 0
     while True:
         if pos >= len(buf):
@@ -349,10 +358,13 @@ class Session:
                  "_bound", "_state", "_channel", "_unacked", "_next_seq", "_acked",
                  "_sent_upto", "_buffered", "_delivered", "_ack_sent", "_ack_bytes",
                  "_ack_deadline", "_peer_window", "_next_rid", "_pending", "_max_rid_seen",
-                 "_resume_window", "_detached_at", "_out")
+                 "_resume_window", "_detached_at", "_out", "ack_when_handled", "_unhandled")
 
-    def __init__(self, *, client: bool, max_send_buffer: int, ack_delay: float = 0.1
-                 ) -> None:
+    def __init__(self, *, client: bool, max_send_buffer: int, ack_delay: float = 0.1,
+                 ack_when_handled: bool = False) -> None:
+        """*ack_when_handled*: acknowledge a message only once :meth:`handled` says its
+        handler returned (a process that dies in between then gets it back), instead of
+        on delivery."""
         if max_send_buffer < 1:
             raise ValueError(f"max_send_buffer must be >= 1, got {max_send_buffer}")
         if not ack_delay > 0:
@@ -360,6 +372,8 @@ class Session:
         self._client = client
         self.max_send_buffer = max_send_buffer
         self.ack_delay = ack_delay
+        self.ack_when_handled = ack_when_handled
+        self._unhandled = 0   # delivered messages whose handler has not returned yet
         self._next_rid = 1
         self._resume_window = 0.0
         self._out: list[bytes] = []
@@ -370,6 +384,7 @@ class Session:
 
     def _reset(self, session_id: bytes | None, secret: bytes | None, bound: bool) -> None:
         """Start the counters of a new session (or of none yet: client)."""
+        self._unhandled = 0
         self.session_id: bytes | None = session_id
         self._secret = secret
         self._bound = bound
@@ -532,7 +547,7 @@ class Session:
         assert channel is not None
         self._sent_upto = seq
         kind = _REQUEST if message.request_id else _REPLY if message.reply_to else _DATA
-        ack = self._delivered > self._ack_sent
+        ack = self._delivered - self._unhandled > self._ack_sent
         if kind == _DATA and not message.encrypted and not (ack and channel.binding is None):
             self._out.append(encode_frame(message.data, FLAG_PLAIN))
             return
@@ -548,18 +563,35 @@ class Session:
         else:
             self._out.append(encode_frame(record, FLAG_SESSION))
 
-    def _put_ack(self, record: bytearray) -> None:
-        _put_varint(record, self._delivered)
-        self._ack_sent = self._delivered
+    def _put_ack(self, record: bytearray, final: bool = False) -> None:
+        """Append the ack: what was handled (never less than an ack already sent);
+        *final* (GOING_AWAY): everything delivered, handled or about to be."""
+        value = self._delivered if final else self._delivered - self._unhandled
+        if value < self._ack_sent:
+            value = self._ack_sent
+        _put_varint(record, value)
+        self._ack_sent = value
         self._ack_bytes = 0
         self._ack_deadline = None
+
+    def handled(self, now: float) -> None:
+        """``ack_when_handled``: the handler of one delivered message (Message or
+        LateReply, in delivery order) returned; its acknowledgement may go."""
+        if self._unhandled:
+            self._unhandled -= 1
+            if self._state != _OPEN:
+                return
+            if self._delivered - self._unhandled - self._ack_sent >= ACK_EVERY:
+                self._send_control(_ACK)   # queued: the caller writes data_to_send()
+            elif self._ack_deadline is None:
+                self._ack_deadline = now + self.ack_delay
 
     def _send_control(self, kind: int) -> None:
         """Queue an ACK or GOING_AWAY (sealed on a bound channel)."""
         channel = self._channel
         assert channel is not None
         record = bytearray((kind | _WITH_ACK,))
-        self._put_ack(record)
+        self._put_ack(record, final=kind == _GOING_AWAY)
         if channel.binding is not None:
             self._out.append(channel.seal(bytes(record)))
         else:
@@ -631,6 +663,20 @@ class Session:
         if not record:
             raise _malformed("empty")
         kind_byte = record[0]
+        if (kind_byte == _REQUEST | _WITH_ACK and not unauthenticated and not self._client
+                and self._state == _OPEN):
+            # The commonest record on a server: a request with its ack (the rules below,
+            # in the order that applies to it).
+            peer_ack, pos = _get_varint(record, 1)
+            rid, pos = _get_varint(record, pos)
+            if rid == 0:
+                raise _malformed("request id 0")
+            self._on_ack(peer_ack)
+            if rid > self._max_rid_seen:
+                self._max_rid_seen = rid
+            body = record[pos:]
+            self._count_delivery(len(body), now)
+            return [_new_message(Message, (body, encrypted, rid, 0))]
         kind = kind_byte & ~_WITH_ACK
         if kind not in _KINDS:
             raise _malformed(f"unknown record type 0x{kind_byte:02X}")
@@ -688,8 +734,10 @@ class Session:
 
     def _count_delivery(self, size: int, now: float) -> None:
         self._delivered += 1
+        if self.ack_when_handled:
+            self._unhandled += 1
         self._ack_bytes += size
-        if (self._delivered - self._ack_sent >= ACK_EVERY
+        if (self._delivered - self._unhandled - self._ack_sent >= ACK_EVERY
                 or self._ack_bytes >= self._peer_window // 4):
             self._send_control(_ACK)
         elif self._ack_deadline is None:
@@ -793,6 +841,13 @@ class Session:
         self._detached_at = None
         return SessionEnded(sid, lost, unanswered, graceful, reason)
 
+    def _end_unstarted(self, reason: str) -> SessionEnded:
+        """Client, no session yet: hand back what was queued for one (never sent)."""
+        lost = tuple(message for _, message, _ in self._unacked)
+        self._pending.clear()
+        self._reset(None, None, False)
+        return SessionEnded(b"", lost, (), True, reason)
+
     def _lose(self, reason: str) -> SessionEnded:
         """Client: the session cannot resume; hand back what was not acknowledged."""
         return self._end(reason, graceful=False)
@@ -809,15 +864,17 @@ class SessionTable:
     has another flag is a session-less peer and never reaches this table.
     """
 
-    __slots__ = ("resume_window", "max_send_buffer", "ack_delay", "_sessions", "_expiry")
+    __slots__ = ("resume_window", "max_send_buffer", "ack_delay", "ack_when_handled",
+                 "_sessions", "_expiry")
 
-    def __init__(self, resume_window: float, max_send_buffer: int, ack_delay: float = 0.1
-                 ) -> None:
+    def __init__(self, resume_window: float, max_send_buffer: int, ack_delay: float = 0.1,
+                 ack_when_handled: bool = False) -> None:
         if not resume_window > 0:
             raise ValueError(f"resume_window must be > 0, got {resume_window}")
         self.resume_window = resume_window
         self.max_send_buffer = max_send_buffer
         self.ack_delay = ack_delay
+        self.ack_when_handled = ack_when_handled
         self._sessions: dict[bytes, Session] = {}
         self._expiry: dict[bytes, float] = {}
 
@@ -895,7 +952,7 @@ class SessionTable:
         secret = (_bound_secret(binding, sid) if binding is not None
                   else os.urandom(PROOF_SIZE))
         session = Session(client=False, max_send_buffer=self.max_send_buffer,
-                          ack_delay=self.ack_delay)
+                          ack_delay=self.ack_delay, ack_when_handled=self.ack_when_handled)
         session._reset(sid, secret, binding is not None)
         session._channel = channel
         session._peer_window = max(1, window)

@@ -199,7 +199,7 @@ class ClientLink:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self.session = Session(client=True, max_send_buffer=client.max_send_buffer,
-                               ack_delay=ACK_DELAY)
+                               ack_delay=ACK_DELAY, ack_when_handled=True)
         self._conn: Connection | None = None   # the connection of the current HELLO
         self._token: _Token | None = None
         self._open = False                     # the WELCOME came on _conn
@@ -337,12 +337,26 @@ class ClientLink:
             conn.close(bad.code or ErrorCode.INVALID_PROTOCOL,
                        f"session frame from {conn.describe()} rejected: {bad}")
 
+    def _handled(self) -> None:
+        """A delivered message was handled: its acknowledgement may go."""
+        with self._lock:
+            self.session.handled(time.monotonic())
+            self._write_out()
+
+    def _write_out(self) -> None:
+        """Under the lock: write what the session queued, if it is open."""
+        if (self.session.has_output and self._open and self._token is not None
+                and self._conn is not None):
+            _write(self._token, self._conn, self.session.frames_to_send())
+
     def _dispatch(self, conn: Connection, event: Any) -> None:
         client = self._client
         if event.__class__ is Message:
             if event.reply_to:
                 with self._lock:
                     waiter = self._waiters.pop(event.reply_to, None)
+                    self.session.handled(time.monotonic())
+                    self._write_out()
                 if waiter is not None:
                     waiter.reply = event.data
                     waiter.event.set()
@@ -351,12 +365,16 @@ class ClientLink:
             if client._observer is not None:
                 handler = client._observed(handler)
             if handler is None:
+                if not event.reply_to:
+                    self._handled()
                 return
             try:
                 reply = handler(client, event.data)
             except Exception as exc:
                 client._handler_failed("on_handle_command", exc)
-                return
+                reply = None
+            if not event.reply_to:
+                self._handled()
             if reply:
                 try:
                     self.send(_as_message(reply), event.encrypted)
@@ -364,6 +382,7 @@ class ClientLink:
                     client._report(conn, f"reply to {conn.describe()} not sent: {exc}",
                                    getattr(exc, "code", None) or ErrorCode.HANDLER_EXCEPTION)
         elif isinstance(event, LateReply):
+            self._handled()
             _log.warning("session %s: the reply to request %d came after it timed out; "
                          "dropped", self.session_id_hex(), event.request_id)
         else:
@@ -394,7 +413,8 @@ class ClientLink:
             waiter.event.set()
         if lost or not (end.graceful or leaving):
             client._report_ordered(
-                f"session {end.session_id.hex()} lost ({end.reason}): {len(lost)} "
+                f"session {end.session_id.hex() or '(not started)'} lost ({end.reason}): "
+                f"{len(lost)} "
                 f"message(s) not acknowledged by the server, handed back "
                 f"(take_unacknowledged())", ErrorCode.SESSION_LOST)
         if announced:
@@ -450,7 +470,14 @@ class ClientLink:
         back (:meth:`take_unacknowledged`)."""
         with self._lock:
             self._leaving = True
-            events = self.session.going_away(time.monotonic())
+            session = self.session
+            if session.session_id is None and session.unacknowledged:
+                # queued for a session that never started: they were never sent
+                events: list[Any] = [session._end_unstarted(
+                    "disconnect() before a session started")]
+                self._events(events)
+                return
+            events = session.going_away(time.monotonic())
             if self._open and self._token is not None and self._conn is not None:
                 _write(self._token, self._conn, self.session.frames_to_send())
                 deadline = time.monotonic() + timeout
@@ -526,7 +553,8 @@ class ServerSessions:
         self._server = server
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._table = SessionTable(server.resume_window, server.max_send_buffer, ACK_DELAY)
+        self._table = SessionTable(server.resume_window, server.max_send_buffer, ACK_DELAY,
+                                   ack_when_handled=True)
         self._entries: dict[ServerClient, _Entry] = {}
         self._by_sid: dict[bytes, _Entry] = {}
         self._pending: dict[ServerClient, _Pending] = {}
@@ -730,10 +758,12 @@ class ServerSessions:
                 with self._lock:
                     self._end(entry, event)
             return
-        handler = server.on_handle_command
-        if server._observer is not None:
-            handler = server._observed(handler)
+        handler = server.on_handle_command   # timed by _call_handler for the metrics
+        session = entry.session
         if handler is None:
+            with self._lock:
+                session.handled(time.monotonic())
+                self._flush(entry)
             return
         client = entry.client
         if event.encrypted:
@@ -744,19 +774,20 @@ class ServerSessions:
                 client.message_encrypted = False
         else:
             reply = server._call_handler(handler, client, event.data)
-        if not reply:
-            return
-        if reply.__class__ is bytes:
+        data = b""
+        if reply and reply.__class__ is bytes:
             data = reply
-        else:
+        elif reply:
             try:
                 data = _as_message(reply)
             except TypeError as exc:
                 server._report(entry.client, f"reply to {conn.describe()} not sent: {exc}",
                                ErrorCode.HANDLER_EXCEPTION)
-                return
         with self._lock:
-            if entry.ended:
+            # acknowledged only now that its handler returned (the reply carries it)
+            session.handled(time.monotonic())
+            if entry.ended or not data:
+                self._flush(entry)
                 return
             try:
                 if event.request_id:
@@ -896,6 +927,9 @@ class ServerSessions:
             for pending in self._pending.values():
                 if pending.timer is not None:
                     pending.timer.cancel()
+        posted = threading.Event()   # the on_disconnect markers are posted (FIFO) ...
+        self._server._reactor.call_soon(posted.set)
+        posted.wait(10)              # ... before the pool is shut down
 
     # -- the end of a session ----------------------------------------------------------
     def _end(self, entry: _Entry, end: SessionEnded) -> None:
@@ -922,12 +956,20 @@ class ServerSessions:
             else:
                 self._server._report(client, message, ErrorCode.SESSION_LOST)
         if client.closed:
-            if entry.disconnects <= 0:
-                entry.disconnects += 1
-                client._strand.post(DISCONNECTED)
+            # decided on the reactor thread, where a close runs whole (closed, counted,
+            # its DISCONNECTED posted): exactly one DISCONNECTED fires on_disconnect
+            self._server._reactor.call_soon(self._last_disconnect, entry)
         elif not client.closing:
             client.close()
         self._changed.notify_all()
+
+    def _last_disconnect(self, entry: _Entry) -> None:
+        """Reactor thread: the ended session's connection is closed; unless one of its
+        DISCONNECTED markers is still to run (it fires on_disconnect), post one."""
+        with self._lock:
+            if entry.disconnects <= 0 and entry.client in self._entries:
+                entry.disconnects += 1
+                entry.client._strand.post(DISCONNECTED)
 
     # -- timers (reactor thread, armed from any) -------------------------------------------
     def _arm(self, entry: _Entry) -> None:

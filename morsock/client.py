@@ -372,10 +372,12 @@ class Client(Component):
         is this (the helper of a disconnect() asked from a handler)."""
         with self._life_lock:
             reactor, pool = self._reactor, self._pool
-            if reactor is None or (run is not None and run is not pool):
-                return  # not running, or that run is over since the handler asked
+            if run is not None and run is not pool:
+                return  # that run is over since the handler asked
             if self._session_link is not None and run is None:
                 self._session_link.leave(min(self.connection_timeout, 2.0))
+            if reactor is None:
+                return
             self._stopping = True
             try:
                 stopped = threading.Event()

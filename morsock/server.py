@@ -19,7 +19,7 @@ from time import perf_counter
 from typing import Any, Callable
 
 from ._component import Component, Data, Tally, as_bytes
-from ._session_link import ServerSessions, is_session_item
+from ._session_link import ServerSessions, SessionFrames, is_session_item
 from ._settings import (
     Setting,
     _boolean,
@@ -729,6 +729,9 @@ class Server(Component):
                     and not conn.closing and (conn.session is not None
                                               or item[1] == FLAG_MORMOT)):
                 self._run_sealed(conn, item[0], handler)  # type: ignore[arg-type]
+                return
+            if item.__class__ is SessionFrames and not conn.closing:
+                item.run(conn)  # one read of a session: its replies leave at once
                 return
         conn.cork()
         calls = 0  # plaintext frames handled since start (timed together)

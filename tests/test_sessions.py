@@ -87,8 +87,11 @@ def test_session_in_every_profile(profile: Any) -> None:
     at_server, at_client = Stream(), Stream()
     srec = Recorder()
 
+    flags: List[bool] = []
+
     def handle(server: Server, client: Any, data: bytes) -> bytes | None:
         at_server.add(data)
+        flags.append(client.message_encrypted)
         if data.startswith(b"req"):
             return b"re:" + data
         client.send_data(b"push:" + data, encrypted=name in ("authenticated", "mormot"))
@@ -108,6 +111,8 @@ def test_session_in_every_profile(profile: Any) -> None:
             assert client.request(b"req-1", TIMEOUT, encrypted=encrypted) == b"re:req-1"
             assert at_server.wait(21) == tagged(b"m", 20) + [b"req-1"]
             assert at_client.wait(20) == [b"push:" + d for d in tagged(b"m", 20)]
+            # ServerClient.message_encrypted tells the handler how each message came
+            assert flags == [encrypted and i % 2 == 0 for i in range(20)] + [encrypted]
 
 
 def test_resumable_client_fails_connect_on_a_server_without_sessions() -> None:
@@ -528,7 +533,8 @@ def test_killed_server_every_unacknowledged_message_reported() -> None:
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
-    def spawn(port: int) -> Tuple[subprocess.Popen, List[str], threading.Event, int]:
+    def spawn(port: int) -> Tuple[subprocess.Popen, List[str], threading.Event, int,
+                                  threading.Thread]:
         proc = subprocess.Popen([sys.executable, "-c", _SERVER_CHILD, str(port)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 env=env)
@@ -544,11 +550,12 @@ def test_killed_server_every_unacknowledged_message_reported() -> None:
                 lines.append(line.strip())
                 if len(lines) >= 200:
                     enough.set()
-        threading.Thread(target=read, daemon=True).start()
-        return proc, lines, enough, int(first.split()[1])
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        return proc, lines, enough, int(first.split()[1]), reader
 
     crec = Recorder()
-    proc, received, enough, port = spawn(0)
+    proc, received, enough, port, reader = spawn(0)
     client = Client(LOCAL, port, resumable=True, auto_reconnect=True,
                     reconnect_strategy="FIXED_INTERVAL", reconnect_interval=100,
                     reconnect_max_attempts=0, on_error=crec.handler("on_error"))
@@ -562,6 +569,7 @@ def test_killed_server_every_unacknowledged_message_reported() -> None:
                 assert enough.wait(TIMEOUT)
                 proc.kill()
                 proc.wait(TIMEOUT)
+                reader.join(TIMEOUT)   # everything the dead server wrote is read
         second = spawn(port)
         crec.wait_for(lambda ev: any(e[0] == "on_error" and e[2] == ErrorCode.SESSION_LOST
                                      for e in ev), 2 * TIMEOUT)
@@ -633,3 +641,110 @@ def test_server_reports_messages_of_a_session_that_expired() -> None:
                 lost = [e for e in srec.named("on_error") if e[3] == ErrorCode.SESSION_LOST]
                 assert len(lost) == 1 and lost[0][1] is face and "4 message(s)" in lost[0][2]
                 assert srec.count("on_disconnect") == 1
+
+
+def test_server_stop_fires_on_disconnect_of_a_waiting_session() -> None:
+    """A session whose client is away when the server stops: its on_disconnect fires
+    (once) before stop() returns."""
+    srec = Recorder()
+    server = Server(0, LOCAL, resume_window=30, on_connect=srec.handler("on_connect"),
+                    on_disconnect=srec.handler("on_disconnect"))
+    server.start()
+    try:
+        with CutProxy(server.port) as proxy:
+            client = Client(LOCAL, proxy.port, resumable=True)
+            with client:
+                (_, face), = srec.wait_count("on_connect", 1)
+                proxy.refusing = True
+                proxy.cut("reset")
+                wait_until(lambda: not face.connected, what="the server saw the drop")
+                assert srec.count("on_disconnect") == 0
+                server.stop()
+                assert srec.count("on_disconnect") == 1
+    finally:
+        server.stop()
+
+
+def test_messages_queued_for_a_session_that_never_started_are_handed_back() -> None:
+    """A resumable client that never reached its server: disconnect() hands back what
+    send_data queued (it was never sent), with on_error(SESSION_LOST)."""
+    crec = Recorder()
+    with running_server() as server:   # speaks no sessions: connect() fails
+        client = Client(LOCAL, server.port, resumable=True, connection_timeout=3,
+                        on_error=crec.handler("on_error"))
+        client.send_data(b"one")
+        client.send_data(b"two", encrypted=False)
+        with pytest.raises(ConnectError):
+            client.connect()
+        client.disconnect()
+        assert [m.data for m in client.take_unacknowledged()] == [b"one", b"two"]
+        assert any(e[2] == ErrorCode.SESSION_LOST and "2 message(s)" in e[1]
+                   for e in crec.named("on_error"))
+        never = Client(LOCAL, server.port, resumable=True)
+        never.send_data(b"three")
+        never.disconnect()   # no thread ever ran
+        assert [m.data for m in never.take_unacknowledged()] == [b"three"]
+
+
+def test_session_handlers_are_timed_once_for_the_metrics() -> None:
+    """With metrics on, every message of a session is one handler duration sample."""
+    from prometheus_client import CollectorRegistry
+
+    from morsock.metrics import register
+    registry = CollectorRegistry()
+    with running_server(resume_window=5) as server:
+        reg = register(server, registry)
+        try:
+            with Client(LOCAL, server.port, resumable=True) as client:
+                for i in range(20):
+                    assert client.request(b"%d" % i, TIMEOUT) == b"%d" % i
+            count = registry.get_sample_value("morsock_handler_duration_seconds_count",
+                                              {"name": "server"})
+        finally:
+            reg.unregister()
+    assert count == 20
+
+
+def test_acknowledgements_empty_the_resend_buffers_when_idle() -> None:
+    """Nothing flows back: the receiver's timed acknowledgement still frees the sender's
+    resend buffer (both directions)."""
+    at_server, at_client = Stream(), Stream()
+    srec = Recorder()
+    with running_server(lambda s, c, d: at_server.add(d), resume_window=5,
+                        on_connect=srec.handler("on_connect")) as server:
+        with Client(LOCAL, server.port, resumable=True,
+                    on_handle_command=lambda c, d: at_client.add(d)) as client:
+            (_, face), = srec.wait_count("on_connect", 1)
+            for data in tagged(b"x", 3):
+                client.send_data(data)
+                face.send_data(data)
+            at_server.wait(3)
+            at_client.wait(3)
+            link = client._session_link
+            entry = server._sessions._entries[face]  # type: ignore[union-attr]
+            assert link is not None
+            wait_until(lambda: link.session.unacknowledged == 0, what="client acked")
+            wait_until(lambda: entry.session.unacknowledged == 0, what="server acked")
+            assert link.session.buffered_bytes == 0 and entry.session.buffered_bytes == 0
+
+
+def test_a_message_is_acknowledged_only_once_its_handler_returned() -> None:
+    """While the server's handler still runs, the client keeps the message (a server that
+    died now would hand it back); once it returned, the acknowledgement frees it."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(server: Server, client: Any, data: bytes) -> None:
+        entered.set()
+        release.wait(TIMEOUT)
+
+    with running_server(slow, resume_window=5) as server:
+        with Client(LOCAL, server.port, resumable=True) as client:
+            link = client._session_link
+            assert link is not None
+            client.send_data(b"slow work")
+            assert entered.wait(TIMEOUT)
+            client.send_data(b"probe")   # any frame back would carry an ack by now
+            assert not release.wait(0.3)  # several ack delays pass, the handler runs on
+            assert link.session.unacknowledged == 2
+            release.set()
+            wait_until(lambda: link.session.unacknowledged == 0, what="acknowledged")

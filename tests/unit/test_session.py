@@ -545,3 +545,30 @@ def test_garbage_from_the_peer_is_a_clear_error_never_a_crash(payload, flag, pro
 def test_session_lost_is_a_new_negative_code():
     codes = [c.value for c in ErrorCode]
     assert ErrorCode.SESSION_LOST < 0 and codes.count(ErrorCode.SESSION_LOST) == 1
+
+
+def test_ack_when_handled_waits_for_the_handler() -> None:
+    """With ack_when_handled, a delivered message is acknowledged only after handled():
+    a process that dies while its handler runs gets it back from the peer."""
+    client = Session(client=True, max_send_buffer=1 << 20, ack_when_handled=True)
+    table = SessionTable(WINDOW, 1 << 20, ack_delay=0.1, ack_when_handled=True)
+    c_chan, s_chan = channels("plain")
+    c_dec, s_dec = FrameDecoder(session_frames=True), FrameDecoder(session_frames=True)
+    client.connection_made(c_chan, 0.0)
+    server, _ = table.accept(s_dec.feed(client.data_to_send())[0], s_chan, 0.0)
+    for frame in c_dec.feed(server.data_to_send()):
+        client.receive(frame, 0.0)
+    client.send(b"work", False, 0.0)
+    events = [e for f in s_dec.feed(client.data_to_send()) for e in server.receive(f, 0.0)]
+    assert [e.data for e in events] == [b"work"]
+    server.poll(1.0)                       # the ack is due, but the handler still runs
+    for frame in c_dec.feed(server.data_to_send()):
+        client.receive(frame, 1.0)
+    assert client.unacknowledged == 1
+    server.handled(1.0)
+    deadline = server.next_deadline()
+    assert deadline is not None
+    server.poll(deadline)
+    for frame in c_dec.feed(server.data_to_send()):
+        client.receive(frame, deadline)
+    assert client.unacknowledged == 0
