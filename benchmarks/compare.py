@@ -83,8 +83,10 @@ def log(*args: Any) -> None:
 
 
 # -- building and machine ---------------------------------------------------------------
-def build_loadgen(cc: str = "cc") -> str:
-    """benchmarks/loadgen.c compiled (once per source version) into WORK; its path."""
+def build_loadgen(cc: str | None = None) -> str:
+    """benchmarks/loadgen.c compiled (once per source version) into WORK with *cc*
+    (default: ``$CC``, else ``cc``); its path. Exits with a message without a compiler."""
+    cc = cc or os.environ.get("CC") or "cc"
     source = os.path.join(HERE, "loadgen.c")
     with open(source, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
@@ -92,7 +94,14 @@ def build_loadgen(cc: str = "cc") -> str:
     if not os.path.exists(binary):
         os.makedirs(WORK, exist_ok=True)
         partial = f"{binary}.{os.getpid()}"
-        subprocess.run([cc, "-O2", "-o", partial, source], check=True)
+        try:
+            subprocess.run([cc, "-O2", "-o", partial, source], check=True)
+        except FileNotFoundError:
+            raise SystemExit(f"compare.py builds its load generator with a C compiler: "
+                             f"{cc!r} was not found (install one, or set CC)") from None
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(f"{cc} could not build {source} (exit status "
+                             f"{exc.returncode})") from None
         os.replace(partial, binary)
     return binary
 
