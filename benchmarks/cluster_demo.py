@@ -339,12 +339,19 @@ def tree_cpu(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def loadgen_cpu() -> float:
+    """CPU seconds of the waited-for children of this process (the load generator runs)."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def multicore_part(args: argparse.Namespace, tmp: Path) -> None:
     from redis_server import RedisServer
     loadgen = loadgen_binary()
     rs = RedisServer()
     rs.start()
-    rows: Dict[int, List[Tuple[float, float]]] = {1: [], 2: []}
+    rows: Dict[int, List[Tuple[float, float, float, float]]] = {1: [], 2: []}
     try:
         for rnd in range(args.mc_rounds):
             for nproc in ((1, 2) if rnd % 2 == 0 else (2, 1)):
@@ -363,6 +370,7 @@ def multicore_part(args: argparse.Namespace, tmp: Path) -> None:
                     port = port_file.read_text().strip()
                     time.sleep(0.5)
                     cpu0 = tree_cpu(proc.pid)
+                    lg0 = loadgen_cpu()
                     t0 = time.monotonic()
                     out = subprocess.run([loadgen, "echo", "-H", "127.0.0.1", "-p", port,
                                           "-c", "64", "-d", "1", "-s", "64",
@@ -370,9 +378,11 @@ def multicore_part(args: argparse.Namespace, tmp: Path) -> None:
                                          capture_output=True, text=True, check=True).stdout
                     wall = time.monotonic() - t0
                     cpu = tree_cpu(proc.pid) - cpu0
+                    lg = loadgen_cpu() - lg0
                     kv = dict(item.split("=", 1) for item in out.split())
                     reqs = int(kv["requests_total"])
-                    rows[nproc].append((reqs / wall, cpu / max(reqs, 1) * 1e6))
+                    rows[nproc].append((reqs / wall, cpu / max(reqs, 1) * 1e6,
+                                        100 * cpu / wall, 100 * lg / wall))
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(30)
@@ -380,12 +390,13 @@ def multicore_part(args: argparse.Namespace, tmp: Path) -> None:
         rs.close()
     print(f"multi-core, loadgen echo -c 64 -d 1 -s 64, {args.mc_secs} s x {args.mc_rounds} "
           f"interleaved rounds, loadgen unpinned, servers with --redis:")
-    print(f"  {'':14}{'req/s':>12}{'server CPU us/req':>20}   per round (req/s, us/req)")
+    print(f"  {'':14}{'req/s':>9}{'srv us/req':>11}{'srv CPU%':>9}{'loadgen CPU%':>13}"
+          f"   per round (req/s, us/req)")
     for nproc in (1, 2):
-        rps = sum(r for r, _ in rows[nproc]) / len(rows[nproc])
-        us = sum(u for _, u in rows[nproc]) / len(rows[nproc])
-        each = ", ".join(f"({r:.0f}, {u:.1f})" for r, u in rows[nproc])
-        print(f"  --processes {nproc}{rps:12.0f}{us:20.1f}   {each}")
+        n = len(rows[nproc])
+        rps, us, srv, lg = (sum(row[k] for row in rows[nproc]) / n for k in range(4))
+        each = ", ".join(f"({row[0]:.0f}, {row[1]:.1f})" for row in rows[nproc])
+        print(f"  --processes {nproc}{rps:9.0f}{us:11.1f}{srv:9.0f}{lg:13.0f}   {each}")
     print(f"  machine: {os.cpu_count()} CPUs")
 
 
@@ -401,6 +412,7 @@ def main() -> int:
     parser.add_argument("--stream", type=int, default=300,
                         help="broadcasts in the Redis-restart stream (5 ms apart)")
     parser.add_argument("--skip-multicore", action="store_true")
+    parser.add_argument("--only-multicore", action="store_true")
     parser.add_argument("--mc-secs", type=int, default=4)
     parser.add_argument("--mc-rounds", type=int, default=2)
     args = parser.parse_args()
@@ -409,7 +421,8 @@ def main() -> int:
     raise_nofile()
     import tempfile
     with tempfile.TemporaryDirectory(prefix="morsock-cluster-demo-") as tmp:
-        cluster_part(args, Path(tmp))
+        if not args.only_multicore:
+            cluster_part(args, Path(tmp))
         if not args.skip_multicore:
             multicore_part(args, Path(tmp))
     return 0

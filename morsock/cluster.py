@@ -364,6 +364,11 @@ class RedisBackplane(Backplane):
             thread.start()
 
     def detach(self, server: Server) -> None:
+        if threading.current_thread() in self._threads:
+            # stop() from a handler of one of our reports: that thread cannot join itself
+            threading.Thread(target=self.detach, args=(server,), daemon=True,
+                             name=f"morsock-cluster-detach-{self.node_id}").start()
+            return
         with self._cond:
             if self._server is not server:
                 return

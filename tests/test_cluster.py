@@ -420,6 +420,25 @@ def test_pending_messages_are_reported_when_the_server_stops(channel: str) -> No
     assert ErrorCode.CLUSTER_UNDELIVERED in node.codes()
 
 
+def test_stop_from_an_on_error_of_the_backplane(channel: str) -> None:
+    """on_error runs on a backplane thread here: stopping the server from it works."""
+    from redis_server import free_port
+    stopped = threading.Event()
+    node = Node(f"redis://127.0.0.1:{free_port()}/0", channel, "selfstop")
+
+    def on_error(server: Any, client: Any, message: str, code: int) -> None:
+        if code == ErrorCode.CLUSTER_UNAVAILABLE:
+            server.stop()
+            stopped.set()
+
+    node.server.on_error = on_error
+    node.server.start()
+    assert stopped.wait(TIMEOUT)
+    wait_until(lambda: node.server.state is morsock.ServerState.DISCONNECTED)
+    wait_until(lambda: not node.backplane.connected and node.backplane._server is None,
+               what="the backplane detached")
+
+
 def test_settings_are_checked(redis_url: str) -> None:
     with pytest.raises(ValueError, match="node_ttl"):
         RedisBackplane(redis_url, heartbeat_interval=2.0, node_ttl=3.0)
