@@ -451,8 +451,13 @@ def plot(rows: list[dict[str, Any]], servers: Sequence[str], outdir: str, title:
         mine = [r for r in rows if r["scenario"].startswith(key + "=")]
         xs = sorted({r[key] for r in mine})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
-        for ax, metric, ylabel in ((axes[0], "us_per_req", "server CPU per request (µs)"),
-                                   (axes[1], "rss_per_conn_kb", "server RSS per connection (KiB)")):
+        panels = ((axes[0], "us_per_req", "server CPU per request (µs)",
+                   "CPU time per request"),
+                  (axes[1], "rss_per_conn_kb", "server RSS per connection (KiB)",
+                   "memory per connection\n(RSS counts 4 KiB pages: a small growth is "
+                   "mostly rounding)"))
+        for ax, metric, ylabel, caption in panels:
+            values = []
             for i, name in enumerate(servers):
                 points = []
                 for x in xs:
@@ -462,19 +467,25 @@ def plot(rows: list[dict[str, Any]], servers: Sequence[str], outdir: str, title:
                         points.append((x, value))
                 if not points:
                     continue
+                values += [p[1] for p in points]
                 color, marker = styles.get(name, (f"C{i + 3}", "D"))
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker,
                         color=color, label=name, linewidth=2, markersize=7)
             ax.set_xscale("log")
-            ax.set_yscale("log")
             ax.xaxis.set_major_locator(FixedLocator(xs))
             ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos, f=labeller: f(v)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+            if values and max(values) / min(values) > 20:  # orders of magnitude: log
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+                ax.grid(True, which="minor", axis="y", alpha=0.12)
+            else:  # a narrow range reads best on a linear axis from 0
+                ax.set_ylim(bottom=0, top=max(values or [1]) * 1.15)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
+            ax.set_title(caption, fontsize=9)
             ax.grid(True, which="major", alpha=0.35)
-            ax.grid(True, which="minor", axis="y", alpha=0.12)
             ax.legend()
         fig.suptitle(title, fontsize=10)
         path = os.path.join(outdir, filename)
@@ -530,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("--replot needs --plots DIR")
         with open(args.replot) as f:
             saved = json.load(f)
-        for path in plot(saved["rows"], saved["servers"], args.plots, saved["machine"]):
+        for path in plot(saved["rows"], saved["servers"], args.plots,
+                         f"{saved['machine']} — lower is better"):
             print(path)
         return 0
 
@@ -572,7 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.json or os.path.join(WORK, f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"machine": header, "servers": names, "rows": rows}, f, indent=1)
+        json.dump({"machine": where, "settings": header, "servers": names, "rows": rows},
+                  f, indent=1)
     log(f"measurements: {path}")
     return 0 if all(r.get("ok") for r in rows) else 1
 

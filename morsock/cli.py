@@ -683,8 +683,10 @@ def _watch(server: Server, stop: threading.Event, status: StatusLine | None) -> 
 # -- client ----------------------------------------------------------------------------
 
 class ErrorPrinter:
-    """Prints ``error: TEXT`` on stderr once per distinct text: the client's ``on_error``
-    and the exception that follows it often say the same thing. Thread-safe."""
+    """Prints ``error: TEXT`` on stderr, once per error: the client's ``on_error`` and the
+    exception of the call it failed often tell the same thing (one may quote the other),
+    so a text that contains, or is contained in, one already printed is skipped.
+    Thread-safe."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
@@ -693,7 +695,7 @@ class ErrorPrinter:
 
     def __call__(self, text: str) -> None:
         with self.lock:
-            if text in self.printed:
+            if any(text in done or done in text for done in self.printed):
                 return
             self.printed.add(text)
             print(f"error: {text}", file=self.stream, flush=True)

@@ -9,9 +9,10 @@ cluster. docs/guide/cluster.rst is the user's guide; this docstring is the wire 
 Redis layout (every key starts with the backplane's *channel*, written ``C``):
 
 * ``C:nodes`` -- SET of the node ids that announced themselves.
-* ``C:node:<id>`` -- a node's heartbeat: a STRING (JSON: ``pid``, ``host``, ``seq``: the
-  last sequence number it gave each stream) set with a TTL of ``node_ttl`` and refreshed
-  every ``heartbeat_interval``. A node whose heartbeat expired is dead.
+* ``C:node:<id>`` -- a node's heartbeat: a STRING (JSON: ``pid``, ``host``, ``run``,
+  ``seq``: the last sequence number of that run Redis confirmed, per stream) set with a
+  TTL of ``node_ttl`` and refreshed every ``heartbeat_interval``. A node whose heartbeat
+  expired is dead.
 * ``C:presence:<id>`` -- HASH ``handle -> "ip:port"`` of the node's clients, with the
   same TTL (refreshed with the heartbeat), rebuilt whole after every reconnect.
 * ``C:epoch`` -- a random token set once; a node that finds it changed or missing
@@ -23,8 +24,9 @@ Stream entry fields: ``k`` kind (``b`` broadcast, ``j`` join, ``l`` leave on ``C
 ``s`` send_to, ``d`` disconnect, ``n`` a send_to its node could not deliver, ``x`` wake
 up on an inbox), ``o`` origin node id, ``q`` the origin's sequence number in that stream
 (1, 2, ... per origin and stream; not on ``j``/``l``/``x``), ``h`` client handle, ``e``
-``1`` if the payload is to be sent encrypted, ``p`` payload, ``c`` client id and ``r``
-reason (``n`` only).
+``1`` if the payload is to be sent encrypted, ``p`` payload, ``i`` the origin's run (a
+random token per start: a restarted node numbers from 1 again), ``c`` client id and
+``r`` reason (``n`` only).
 
 Delivery rule: messages go out in order through one connection per node and are read
 by each node from the last entry id it saw, so a Redis reconnect resumes where it
@@ -294,12 +296,14 @@ class RedisBackplane(Backplane):
         self._view_mono = 0.0
         self._seq: dict[bytes, int] = {}  # last sequence number given, per stream
         self._written: dict[bytes, int] = {}  # last one Redis confirmed, per stream
-        self._seen: dict[tuple[bytes, str], int] = {}
+        # last sequence number handled, per (stream, origin node, origin's run)
+        self._seen: dict[tuple[bytes, str, str], int] = {}
+        self._run = uuid.uuid4().hex[:8]  # this attach: a restarted node numbers from 1
         self._seen_lock = threading.Lock()
         self._read_from: dict[bytes, bytes] = {}
         self._epoch: bytes | None = None
         self._drained_mono = 0.0  # start of the last XREAD that returned all it could
-        self._announced: list[tuple[float, str, bytes, int]] = []
+        self._announced: list[tuple[float, str, str, bytes, int]] = []
         self._threads: list[threading.Thread] = []
         self._writer_client: Any = None
         self._reader_client: Any = None
@@ -413,6 +417,7 @@ class RedisBackplane(Backplane):
 
     def _enqueue(self, item: _Outgoing) -> bool:
         item.fields[b"o"] = self.node_id.encode()
+        item.fields[b"i"] = self._run.encode()
         with self._cond:
             if self._server is None or self._stopping:
                 reason = "the server is not running"
@@ -589,7 +594,7 @@ class RedisBackplane(Backplane):
         return bytes(token or b"")
 
     def _heartbeat_value(self) -> str:
-        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run": self._run,
                            "seq": {k.decode(): v for k, v in self._written.items()}})
 
     def _resync(self) -> None:
@@ -689,13 +694,14 @@ class RedisBackplane(Backplane):
 
     def _note_announced(self, now: float, node: str, beat: bytes) -> None:
         try:
-            seqs = json.loads(beat).get("seq", {})
+            value = json.loads(beat)
+            seqs, run = value.get("seq", {}), str(value.get("run", ""))
         except (ValueError, AttributeError):
             return
         for stream in (self._all, self._inbox):
             seq = seqs.get(stream.decode())
             if isinstance(seq, int):
-                self._announced.append((now, node, stream, seq))
+                self._announced.append((now, node, run, stream, seq))
 
     def _check_announced(self) -> None:
         """Sequence numbers a heartbeat announced before the reader last read all it
@@ -703,15 +709,15 @@ class RedisBackplane(Backplane):
         drained = self._drained_mono
         later = []
         for entry in self._announced:
-            when, node, stream, seq = entry
+            when, node, run, stream, seq = entry
             if when >= drained:
                 later.append(entry)
                 continue
             with self._seen_lock:
-                seen = self._seen.get((stream, node))
+                seen = self._seen.get((stream, node, run))
                 if seen is None or seq <= seen:
                     continue
-                self._seen[(stream, node)] = seq
+                self._seen[(stream, node, run)] = seq
             self._report_gap(node, stream, seen + 1, seq, "the last messages of a stream")
         self._announced = later[-4 * max(1, len(self._view)):]
 
@@ -793,7 +799,7 @@ class RedisBackplane(Backplane):
         if origin == self.node_id and stream == self._all:
             return  # our own broadcast: our clients had it already
         seq = int(fields.get(b"q", b"0"))
-        key = (stream, origin)
+        key = (stream, origin, fields.get(b"i", b"").decode(errors="replace"))
         with self._seen_lock:
             last = self._seen.get(key)
             if last is not None and seq <= last:

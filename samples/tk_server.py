@@ -606,8 +606,9 @@ class ServerApp:
         self.refresh()
 
     def _on_disconnect(self, server: morsock.Server, client: morsock.ServerClient) -> None:
-        self.log(f"Client #{client.handle} disconnected ({client.messages_received} messages, "
-                 f"{client.connected_time:.1f} s)")
+        n = client.messages_received
+        self.log(f"Client #{client.handle} disconnected after {client.connected_time:.1f} s "
+                 f"({n:,} message{'' if n == 1 else 's'} received)")
         self.refresh()
 
     def _on_error(self, server: morsock.Server, client: Optional[morsock.ServerClient],

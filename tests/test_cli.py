@@ -351,3 +351,16 @@ def test_the_client_prints_a_refused_connection_once() -> None:
     # Asked for, the library's log is shown as well.
     assert verbose.returncode == 1
     assert " ERROR morsock: " in verbose.stderr and lines[0] in verbose.stderr.splitlines()
+
+
+def test_the_client_prints_a_refused_profile_once() -> None:
+    """A MORMOT client against an AUTHENTICATED server: the failed request and the
+    client's on_error tell the same story; it is printed once."""
+    with morsock.Server(0, "127.0.0.1", encryption_key="k",
+                        on_handle_command=lambda s, c, d: d) as server:
+        result = run(["client", "--port", str(server.port), "--key", "k", "--profile",
+                      "mormot", "--encrypted", "x"])
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "MORMOT" in lines[0]

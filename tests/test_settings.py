@@ -51,6 +51,7 @@ SERVER: List[Tuple[str, Any, type]] = COMMON + [
     ("backlog", 0, V), ("backlog", False, T),
     ("resume_window", -1, V), ("resume_window", math.nan, V), ("resume_window", "30", T),
     ("resume_window", True, T),
+    ("backplane", "redis://127.0.0.1:6379", T), ("backplane", object(), T),
 ]
 CLIENT: List[Tuple[str, Any, type]] = COMMON + [
     ("host", 3434, T), ("host", None, T), ("host", "", V), ("host", "3434", V),

@@ -677,7 +677,7 @@ def test_tk_server_logs_server_stopped_after_the_disconnects(root: Any) -> None:
         pump_until(root, lambda: "Server stopped" in app.log_text(), "the stop line")
         lines = app.log_text().splitlines()
         stopped = next(i for i, line in enumerate(lines) if "Server stopped" in line)
-        gone = [i for i, line in enumerate(lines) if "disconnected (" in line]
+        gone = [i for i, line in enumerate(lines) if " disconnected after " in line]
         assert len(gone) == 2 and max(gone) < stopped == len(lines) - 1, lines
     finally:
         for client in clients:
