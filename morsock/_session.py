@@ -358,7 +358,8 @@ class Session:
                  "_bound", "_state", "_channel", "_unacked", "_next_seq", "_acked",
                  "_sent_upto", "_buffered", "_delivered", "_ack_sent", "_ack_bytes",
                  "_ack_deadline", "_peer_window", "_next_rid", "_pending", "_max_rid_seen",
-                 "_resume_window", "_detached_at", "_out", "ack_when_handled", "_unhandled")
+                 "_resume_window", "_detached_at", "_out", "ack_when_handled", "_unhandled",
+                 "_skip", "_resume_sent")
 
     def __init__(self, *, client: bool, max_send_buffer: int, ack_delay: float = 0.1,
                  ack_when_handled: bool = False) -> None:
@@ -385,6 +386,8 @@ class Session:
     def _reset(self, session_id: bytes | None, secret: bytes | None, bound: bool) -> None:
         """Start the counters of a new session (or of none yet: client)."""
         self._unhandled = 0
+        self._skip = 0          # resent messages to drop: delivered, not yet handled
+        self._resume_sent = 0   # the resume point this side told the peer
         self.session_id: bytes | None = session_id
         self._secret = secret
         self._bound = bound
@@ -465,7 +468,7 @@ class Session:
         record.append(len(sid) if sid is not None else 0)
         if sid is not None:
             record += sid
-        _put_varint(record, self._delivered if sid is not None else 0)
+        _put_varint(record, self._take_resume_point() if sid is not None else 0)
         binding = channel.binding
         if binding is not None:
             key = self._secret if sid is not None else binding
@@ -653,6 +656,9 @@ class Session:
         channel = self._channel
         assert channel is not None
         if flag == FLAG_PLAIN:
+            if self._skip:
+                self._skip -= 1   # delivered before the resume, its handler runs
+                return []
             return self._deliver(_new_message(Message, (frame.payload, False, 0, 0)), now)
         if flag == FLAG_SESSION:
             return self._record(frame.payload, False, channel.binding is not None, now)
@@ -672,6 +678,9 @@ class Session:
             if rid == 0:
                 raise _malformed("request id 0")
             self._on_ack(peer_ack)
+            if self._skip:
+                self._skip -= 1   # delivered before the resume, its handler runs
+                return []
             if rid > self._max_rid_seen:
                 self._max_rid_seen = rid
             body = record[pos:]
@@ -711,6 +720,9 @@ class Session:
             return self._on_going_away()
         if self._state == _CLOSING:
             return []   # past our final ack: the peer gets it back
+        if self._skip:
+            self._skip -= 1   # delivered before the resume, its handler runs
+            return []
         body = record[pos:]
         if kind == _REPLY:
             if rid >= self._next_rid:
@@ -814,12 +826,23 @@ class Session:
         events.append(SessionStarted(bytes(sid), bool(resumed)))
         return events
 
+    def _take_resume_point(self) -> int:
+        """The resume point to tell the peer: the messages handled (acknowledgeable).
+        Those delivered after it whose handlers still run come again: the first
+        ``_skip`` messages received are dropped."""
+        point = self._delivered - self._unhandled
+        if point < self._ack_sent:
+            point = self._ack_sent
+        self._skip = self._delivered - point
+        self._resume_sent = point
+        return point
+
     def _open(self, resume_from: int, now: float) -> None:
         """Open on the current channel; resend every message after *resume_from*."""
         self._state = _OPEN
         self._detached_at = None
         # the hello exchange told the peer our resume point: an ack
-        self._ack_sent = self._delivered
+        self._ack_sent = self._resume_sent
         self._ack_bytes = 0
         self._ack_deadline = None
         for seq, message, _ in self._unacked:
@@ -971,7 +994,7 @@ class SessionTable:
         _put_varint(record, round(self.resume_window * 1000))
         record.append(1 if resumed else 0)
         record += sid
-        _put_varint(record, session._delivered)
+        _put_varint(record, session._take_resume_point())
         binding = channel.binding
         if binding is not None:
             record += _proof(secret, _LABEL_WELCOME, binding, record)

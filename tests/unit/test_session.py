@@ -572,3 +572,42 @@ def test_ack_when_handled_waits_for_the_handler() -> None:
     for frame in c_dec.feed(server.data_to_send()):
         client.receive(frame, deadline)
     assert client.unacknowledged == 0
+
+
+def test_resume_while_a_handler_runs_delivers_it_once() -> None:
+    """ack_when_handled: a message delivered but still in its handler when the connection
+    drops is not counted in the resume point, so the peer keeps (and resends) it; the
+    resent copy is dropped, not delivered twice."""
+    client = Session(client=True, max_send_buffer=1 << 20, ack_when_handled=True)
+    table = SessionTable(WINDOW, 1 << 20, ack_delay=0.1, ack_when_handled=True)
+
+    def connect() -> tuple:
+        c_chan, s_chan = channels("plain")
+        c_dec, s_dec = FrameDecoder(session_frames=True), FrameDecoder(session_frames=True)
+        client.connection_made(c_chan, 0.0)
+        server, _ = table.accept(s_dec.feed(client.data_to_send())[0], s_chan, 0.0)
+        for frame in c_dec.feed(server.data_to_send()):
+            client.receive(frame, 0.0)
+        return server, c_chan, s_chan, c_dec, s_dec
+
+    server, c_chan, s_chan, c_dec, s_dec = connect()
+    client.send(b"slow", False, 0.0)
+    client.send(b"next", False, 0.0)
+    wire = client.data_to_send()
+    delivered = [e for f in s_dec.feed(wire) for e in server.receive(f, 0.0)]
+    assert [e.data for e in delivered] == [b"slow", b"next"]
+    server.handled(0.0)                      # "slow" returned; "next" still runs
+    table.connection_lost(server, s_chan, 0.0)
+    client.connection_lost(c_chan, 0.0)
+    again, c_chan, s_chan, c_dec, s_dec = connect()   # resumes: the point is 1
+    assert again is server
+    assert client.unacknowledged == 1       # "next" is kept: its handler did not return
+    resent = [e for f in s_dec.feed(client.data_to_send()) for e in server.receive(f, 0.0)]
+    assert resent == []                      # the copy is dropped: delivered once
+    server.handled(0.0)
+    deadline = server.next_deadline()
+    assert deadline is not None
+    server.poll(deadline)
+    for frame in c_dec.feed(server.data_to_send()):
+        client.receive(frame, deadline)
+    assert client.unacknowledged == 0
