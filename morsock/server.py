@@ -775,6 +775,7 @@ class Server(Component):
         :meth:`_reply`. Never raises."""
         client = conn.facade
         hold = None if queue is None else queue.held.append
+        limit = self.max_message_size  # a larger reply is refused by _reply, reported
         data: bytes
         calls = 0  # plaintext frames of the current timed run
         start = 0.0
@@ -810,7 +811,7 @@ class Server(Component):
                     continue
             if not reply:
                 continue
-            if reply.__class__ is not bytes or flag:
+            if reply.__class__ is not bytes or flag or len(reply) > limit:
                 self._reply(conn, reply, flag != 0)  # corked: sent with the batch
             elif hold is None:
                 conn.send_plain(reply)

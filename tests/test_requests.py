@@ -244,6 +244,32 @@ def test_oversize_payload_is_refused_locally_on_both_sides(profile: Optional[str
         assert client.connected and rec.named("error") == []
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_an_oversize_handler_reply_is_reported_not_sent(batch: int) -> None:
+    """A handler's plaintext reply over max_message_size (alone, or in a batch of
+    several) is refused at the server and reported there (MESSAGE_TOO_LARGE); the
+    connection goes on and the replies that fit still come."""
+    limit = 1000
+    rec = Recorder()
+    got = Recorder()
+
+    def handle(server: Any, client: Any, data: bytes) -> bytes:
+        return b"z" * (limit + 1) if data == b"big" else data
+
+    with running_server(handle, max_message_size=limit,
+                        on_error=rec.handler("error")) as server, \
+            Client(LOCAL, server.port, on_handle_command=got.handler("reply")) as client:
+        for i in range(batch - 1):
+            client.send_data(b"%d" % i)
+        client.send_data(b"big")
+        client.send_data(b"last")
+        replies = got.wait_count("reply", batch)
+        assert [r[-1] for r in replies] == [b"%d" % i for i in range(batch - 1)] + [b"last"]
+        (error,) = rec.wait_count("error", 1)
+        assert error[-1] == ErrorCode.MESSAGE_TOO_LARGE and "max_message_size" in error[-2]
+        assert client.connected
+
+
 def test_request_from_a_client_handler_still_fails_at_once() -> None:
     """The order rules do not change the rule for a client's own threads."""
     rec = Recorder()
