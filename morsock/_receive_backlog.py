@@ -26,8 +26,10 @@ class ReceiveBacklog:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        # (frames posted in all, their bytes in all) after each read whose frames are not
-        # all handled yet: an entry is forgotten once its frames are.
+        # (frames posted in all, their bytes in all) after each read but the last whose
+        # frames are not all handled yet (the last read's point is the totals
+        # themselves): an entry is forgotten once its frames are. Empty while the
+        # handlers keep up, so a read then costs a few additions.
         # A list, not a deque: an empty deque costs a 64-slot block per connection.
         self._log: list[tuple[int, int]] = []
         self._frames = 0          # frames posted, in all
@@ -48,18 +50,25 @@ class ReceiveBacklog:
         thread; from another thread it may count up to one more read). Any thread: it
         changes nothing."""
         handled = self.items - self.markers
+        total = self._bytes
+        if handled >= self._frames:
+            return 0
         done = self._done_bytes
         for frames, nbytes in tuple(self._log):  # the reactor thread may change the list
             if frames > handled:
                 break
             done = nbytes
-        return self._bytes - done
+        return total - done
 
     def _forget_handled(self) -> int:
         """Reactor thread: drop the entries whose frames were handled; return the
         backlog."""
         handled = self.items - self.markers
         log = self._log
+        if handled >= self._frames:  # all of it
+            self._done_bytes = self._bytes
+            del log[:]
+            return 0
         done = 0
         for frames, nbytes in log:
             if frames > handled:
@@ -74,17 +83,21 @@ class ReceiveBacklog:
         """Reactor thread: one read posted *frames* frames of *nbytes* wire bytes to the
         strand. Returns True when reading must pause now (the caller stops reading until
         :meth:`resumed`)."""
+        if self.items - self.markers >= self._frames:  # every earlier read handled
+            self._done_bytes = self._bytes
+            if self._log:
+                del self._log[:]
+        else:  # the previous read's point is remembered until its frames are handled
+            self._log.append((self._frames, self._bytes))
+            self._forget_handled()
         self._frames += frames
         self._bytes += nbytes
-        if self._log:
-            self._forget_handled()
-        self._log.append((self._frames, self._bytes))
         limit = self.limit
         if self._bytes - self._done_bytes <= limit or self._forget_handled() <= limit:
             return False
         half = limit // 2
         total = self._bytes
-        resume_at = self._frames
+        resume_at = self._frames  # at the latest: once this read's frames are handled
         for frames_then, bytes_then in self._log:  # the first point at or below half of it
             if total - bytes_then <= half:
                 resume_at = frames_then
@@ -130,4 +143,4 @@ class ReceiveBacklog:
     def entries(self) -> int:
         """How many reads are remembered (their frames not all handled): bounded by the
         backlog, never by the connection's age."""
-        return len(self._log)
+        return len(self._log) + (self.items - self.markers < self._frames)

@@ -387,8 +387,18 @@ class Connection:
         self.messages_received += len(frames)
         if self._events.on_data_received is not None:
             self._owner.data_event("on_data_received", self, n)
-        if frames:
-            self._post_frames(frames, n + partial - left)
+        if frames:  # to the strand; pause reading if it, or the peer's replies, lag too far
+            hook = self.frame_hook
+            if hook is not None:
+                frames = hook(frames)
+                if not frames:
+                    return
+            self._strand.post_many(frames, True)  # from the poll (it may keep the list)
+            pause = self._backlog.posted(len(frames), n + partial - left)
+            if self._out and self._queue.pause_reading():
+                pause = True
+            if pause:
+                self._update_interest()
 
     def _count_received(self, n: int, frames: int) -> None:
         self.bytes_received += n
@@ -426,24 +436,6 @@ class Connection:
             self.close()  # nothing left to handle: close now, no hand-off
         else:
             self._strand.post(EOF)  # close once the frames already queued are handled
-
-    def _post_frames(self, frames: list[Any], nbytes: int) -> None:
-        """Reactor thread: hand the *frames* of one read (*nbytes* wire bytes) to the
-        strand, and pause reading if the strand, or the peer's replies, lag too far."""
-        hook = self.frame_hook
-        if hook is not None:
-            frames = hook(frames)
-            if not frames:
-                return
-        count = len(frames)
-        self._strand.post_many(frames, True)  # from the poll (it may keep the list)
-        # Its replies wait (a peer that does not read them): read no more requests for
-        # now. Reactor thread, no lock: only this thread pauses and resumes reading.
-        pause = self._backlog.posted(count, nbytes)
-        if self._out and self._queue.pause_reading():
-            pause = True
-        if pause:
-            self._update_interest()
 
     # -- read back-pressure ------------------------------------------------------------
     def handled(self, items: int) -> None:
