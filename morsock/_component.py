@@ -268,6 +268,8 @@ class Component:
     #: ``_observer.error(code)`` wherever ``on_error`` is reported; while it is None the
     #: hot path pays an ``is not None`` check.
     _observer: Any = None
+    #: (handler, observer, the handler timed for it): see _observed
+    _timed: tuple[Any, Any, Callable[..., Any]] | None = None
     #: The time base of the reactor's timers (a test sets a VirtualClock on an instance
     #: before it starts, and moves it itself).
     _clock: Callable[[], float] = staticmethod(time.monotonic)
@@ -348,19 +350,24 @@ class Component:
                                 self._reactor if leader_follower else None)
 
     def _observed(self, handler: Callable[..., Any] | None) -> Callable[..., Any] | None:
-        """*handler* (``on_handle_command``) timed for ``_observer.handler_done``; itself
-        when there is no observer or no handler. Strand thread."""
+        """*handler* (``on_handle_command``) timed for the observer, each call recorded
+        into the calling thread's shard; itself when there is no observer or no handler.
+        Made once per handler and observer, then reused (any strand thread)."""
         observer = self._observer
         if observer is None or handler is None:
             return handler
-        done = observer.handler_done
+        made = self._timed
+        if made is not None and made[0] is handler and made[1] is observer:
+            return made[2]
+        shard = observer.shard  # a threading.local: the calling thread's recorder
 
         def timed(*args: Any) -> Any:
             start = perf_counter()
             try:
                 return handler(*args)
             finally:
-                done(perf_counter() - start)
+                shard.handler_done(perf_counter() - start)
+        self._timed = (handler, observer, timed)
         return timed
 
     def _emit(self, name: str, *args: Any) -> None:

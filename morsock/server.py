@@ -741,18 +741,17 @@ class Server(Component):
                 handler = self._logged(handler)
             observer = self._observer
             if observer is None or handler is None:
-                handler = timed = handler or _no_handler
+                handler = handler or _no_handler
                 done = None
-            else:  # plaintext runs timed as a whole (done), other calls one by one (timed)
-                timed = self._observed(handler)  # type: ignore[assignment]
-                done = observer.handler_done
+            else:  # plaintext runs timed as a whole (done), other calls one by one
+                done = observer.shard.handler_done
             plain = None if self.require_encryption else bytes  # items handled as they are
             if len(items) == 1:  # the commonest batch: its reply leaves at once, uncorked
-                self._handle_items(conn, items, handler, timed, done, plain, None)
+                self._handle_items(conn, items, handler, done, plain, None)
                 return
             queue = conn.cork()
             try:
-                self._handle_items(conn, items, handler, timed, done, plain, queue)
+                self._handle_items(conn, items, handler, done, plain, queue)
             finally:
                 conn.uncork()
         finally:
@@ -760,18 +759,19 @@ class Server(Component):
             conn.handled(len(items))  # read back-pressure: the strand caught up this far
 
     def _handle_items(self, conn: Connection, items: list[Any], handler: Callable[..., Any],
-                      timed: Callable[..., Any], done: Callable[[float, int], None] | None,
-                      plain: Any, queue: SendQueue | None) -> None:
+                      done: Callable[[float, int], None] | None, plain: Any,
+                      queue: SendQueue | None) -> None:
         """Strand: the one path of a frame -- open it, call the handler, send its reply.
 
         Items of class *plain* are plaintext payloads to hand over as they are (None
         under ``require_encryption``) and go to *handler*; others go through
-        :meth:`_open_item` first and then to *timed*. With metrics (*done* not None),
-        *timed* records each call itself, and each run of plaintext frames handled back
-        to back is timed as a whole (its handler calls and the queuing of their replies)
-        and recorded once as that many calls. A plaintext ``bytes`` reply to a plaintext
-        frame is held in *queue* (corked, see :meth:`Connection.cork`) or, without one,
-        sent at once (:meth:`Connection.send_plain`); any other reply goes to
+        :meth:`_open_item` first. With metrics (*done* not None, the thread's
+        ``handler_done``), each run of plaintext frames handled back to back is timed as
+        a whole (its handler calls and the queuing of their replies) and recorded once as
+        that many calls; any other call is timed alone (:meth:`_observed`). A plaintext
+        ``bytes`` reply to a plaintext frame is held in *queue* (corked, see
+        :meth:`Connection.cork`) or, without one, sent at once
+        (:meth:`Connection.send_plain`); any other reply goes to
         :meth:`_reply`. Never raises."""
         client = conn.facade
         hold = None if queue is None else queue.held.append
@@ -801,11 +801,12 @@ class Server(Component):
                 if opened is None or conn.closing:
                     continue
                 data, flag = opened
+                call = handler if done is None else self._observed(handler)
                 try:
                     if flag:
-                        reply = self._call_encrypted(timed, client, data)
+                        reply = self._call_encrypted(call, client, data)  # type: ignore[arg-type]
                     else:
-                        reply = timed(self, client, data)
+                        reply = call(self, client, data)  # type: ignore[misc]
                 except Exception as exc:
                     self._handler_failed("on_handle_command", exc, (client,))
                     continue
@@ -898,7 +899,7 @@ class Server(Component):
         else:  # a frame: the batch runner takes them itself, this is for completeness
             handler = self._observed(self.on_handle_command) or _no_handler
             plain = None if self.require_encryption else bytes
-            self._handle_items(conn, [item], handler, handler, None, plain, None)
+            self._handle_items(conn, [item], handler, None, plain, None)
 
     def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
         from .crypto import server_handshake
