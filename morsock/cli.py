@@ -37,7 +37,9 @@ from .enums import AESMode, EncryptionProfile, KeySize
 from .errors import MorsockError
 from .server import Server
 
-__all__ = ["main"]  # the rest serves the command line and its tests, not applications
+#: The rest serves the command line, its tests and the samples (``human_bytes``, ``hms``),
+#: not applications.
+__all__ = ["main"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -166,7 +166,7 @@ class Connection:
     after the batch, ``runner`` set while it runs, :meth:`retire_strand` after the last.
     """
 
-    # Slots keep an idle connection small (10,000 held connections are a benchmark case).
+    # Slots keep an idle connection small: a server may hold many thousands of them.
     # The first ones are what a request reads and writes (read, hand-off, reply): kept
     # together they share cache lines of the object.
     __slots__ = ("_owner", "_events", "_sock", "_reading", "_tls", "_decoder", "_strand",

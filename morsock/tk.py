@@ -39,6 +39,17 @@ __all__ = ["attach", "TkPump", "LogView"]
 _log = logging.getLogger("morsock")
 
 
+def _cancel_after(widget: tkinter.Misc, after_id: str | None) -> None:
+    """Cancel *widget*'s pending ``after`` callback *after_id* (None: there is none).
+    Tk thread; a widget already destroyed has nothing left to cancel (no error)."""
+    if after_id is None:
+        return
+    try:
+        widget.after_cancel(after_id)
+    except tkinter.TclError:
+        pass
+
+
 class TkPump:
     """Drains an :class:`~morsock.EventQueue` from a Tk widget's ``after`` loop.
 
@@ -106,11 +117,7 @@ class TkPump:
             return
         self._active = False
         after_id, self._after_id = self._after_id, None
-        if after_id is not None:
-            try:
-                self.root.after_cancel(after_id)
-            except tkinter.TclError:
-                pass
+        _cancel_after(self.root, after_id)
         bind_id, self._bind_id = self._bind_id, None
         if bind_id is not None:
             self._unbind_destroy(bind_id)
@@ -276,11 +283,7 @@ class LogView:
         """Stop the timer (the widget goes with its parent). Idempotent; Tk thread."""
         self._closed = True
         timer, self._timer = self._timer, None
-        if timer is not None:
-            try:
-                self.text.after_cancel(timer)
-            except tkinter.TclError:
-                pass
+        _cancel_after(self.text, timer)
 
     def _on_resize(self, event: Any) -> None:
         if self._follow:

@@ -30,28 +30,13 @@ from typing import Any, List, Optional
 
 import morsock
 import morsock.tk
+from morsock.cli import hms, human_bytes
 
 LOG_LINES = 1000
 #: The smallest window in which every control stays visible.
 MIN_SIZE = (700, 450)
 #: How much of a message the log shows.
 PREVIEW_CHARS = 120
-
-
-def human_bytes(n: int) -> str:
-    """``1234`` -> ``"1.2 KiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def hms(seconds: float) -> str:
-    """``3725`` -> ``"01:02:05"``."""
-    seconds = int(seconds)
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def preview(data: bytes) -> str:

@@ -37,6 +37,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import morsock
 import morsock.tk
+from morsock.cli import hms, human_bytes
 
 try:  # optional: the metrics extra
     from prometheus_client import CollectorRegistry
@@ -53,22 +54,6 @@ MIN_SIZE = (700, 450)
 CHART_SECONDS = 60
 #: How much of a message the log shows.
 PREVIEW_CHARS = 120
-
-
-def human_bytes(n: float) -> str:
-    """``1234`` -> ``"1.2 KiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def hms(seconds: float) -> str:
-    """``3725`` -> ``"01:02:05"``."""
-    seconds = int(seconds)
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def human_seconds(seconds: Optional[float]) -> str:

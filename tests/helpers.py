@@ -1,5 +1,6 @@
 """Shared helpers of the component tests: an event recorder, bounded waits, a free port,
-and the interop vectors with an independent (hand-rolled) MORMOT-profile decoder."""
+the interop vectors with an independent (hand-rolled) MORMOT-profile decoder, and child
+processes (``python ARGS``) read line by line."""
 
 from __future__ import annotations
 
@@ -8,13 +9,20 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import re
+import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+import pytest
 from Crypto.Cipher import AES
 
 #: Default bound of every wait in these tests (generous: the machine is shared).
@@ -226,3 +234,109 @@ def vector_decrypt(mode: str, payload: bytes, key: Optional[bytes] = None) -> by
     if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
         raise ValueError("invalid padding")
     return padded[:-pad]
+
+
+# -- child processes -------------------------------------------------------------------------
+
+#: The repository root: the working directory of every child process.
+ROOT = Path(__file__).resolve().parent.parent
+#: Bound of every subprocess wait (a child starts an interpreter: slower than a thread).
+CHILD_WAIT = 60.0
+CHILD_ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+
+
+def run_python(args: List[str], **kwargs: Any) -> "subprocess.CompletedProcess[str]":
+    """``python ARGS`` in :data:`ROOT` to its end (at most :data:`CHILD_WAIT` unless
+    *timeout* is given), stdout and stderr captured as text."""
+    kwargs.setdefault("timeout", CHILD_WAIT)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=CHILD_ENV, **kwargs)
+
+
+class Child:
+    """``python ARGS`` running in :data:`ROOT`, its stdout lines read by a thread.
+
+    stdin is ``/dev/null`` and stderr a pipe unless *stdin* / *stderr* say otherwise
+    (other keywords go to :class:`subprocess.Popen`). :meth:`close` kills and reaps it.
+    """
+
+    def __init__(self, args: List[str], **kwargs: Any) -> None:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                                     text=True, cwd=ROOT, env=CHILD_ENV, **kwargs)
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.out: List[str] = []
+        self._reader = threading.Thread(target=self._read, name="child-stdout-reader")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.out.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def expect(self, pattern: str, timeout: float = CHILD_WAIT) -> "re.Match[str]":
+        """The first coming stdout line that matches *pattern* (earlier lines are skipped);
+        fails the test if none comes within *timeout* or the process ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} within {timeout} s: {self.out}")
+            if line is None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                pytest.fail(f"process ended before {pattern!r}: {self.out} {err}")
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        """Send *sig* (SIGINT: what Ctrl+C sends), wait for the exit; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(CHILD_WAIT)
+
+    def interrupt(self) -> "tuple[int, str, str]":
+        """SIGINT, then ``(exit code, all of stdout, stderr)``."""
+        code = self.stop(signal.SIGINT)
+        self._reader.join(CHILD_WAIT)
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        return code, "".join(self.out), err
+
+    def close(self) -> None:
+        """Kill if still running, reap, join the reader, close the pipes (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(CHILD_WAIT)
+        self._reader.join(CHILD_WAIT)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextlib.contextmanager
+def child(args: List[str], **kwargs: Any) -> Iterator[Child]:
+    """A :class:`Child` closed (killed if need be, and reaped) when the block ends."""
+    proc = Child(args, **kwargs)
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+def read_terminal(master: int, pattern: str, seen: str = "",
+                  timeout: float = CHILD_WAIT) -> str:
+    """Read the pty *master* until *seen* plus what was read matches *pattern*; return
+    all of it. Fails the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, seen):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"no {pattern!r} on the terminal: {seen!r}")
+        ready, _, _ = select.select([master], [], [], left)
+        if ready:
+            seen += os.read(master, 4096).decode(errors="replace")
+    return seen

@@ -6,99 +6,37 @@ Every child is killed and reaped in a ``finally`` block; every wait is bounded.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, ContextManager, List
 
 import pytest
+from helpers import CHILD_ENV, CHILD_WAIT, ROOT, Child, read_terminal, run_python
+from helpers import child as run_child
 
 import morsock
 from morsock.protocol import HEADER_SIZE
 
-ROOT = Path(__file__).resolve().parent.parent
-WAIT = 60.0  # bound of every subprocess wait: a shared 2-core machine can be slow
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+WAIT = CHILD_WAIT
+
 BANNER = r"^morsock server listening on 127\.0\.0\.1:(\d+); "
 SUMMARY = (r"^morsock server stopped after \d\d:\d\d:\d\d: (\d+) client\(s\) served, "
            r"(\d+) message\(s\) received \(([^)]*)\), (\d+) sent \(([^)]*)\)$")
 
 
 def run(args: List[str], **kwargs: Any) -> "subprocess.CompletedProcess[str]":
-    kwargs.setdefault("timeout", WAIT)
-    return subprocess.run([sys.executable, "-m", "morsock", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=ENV, **kwargs)
+    """``python -m morsock ARGS`` to its end."""
+    return run_python(["-m", "morsock", *args], **kwargs)
 
 
-class Child:
-    """``python -m morsock ARGS`` running, its stdout lines read by a thread."""
-
-    def __init__(self, args: List[str], stdin: Any = subprocess.DEVNULL,
-                 stderr: Any = subprocess.PIPE) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "morsock", *args],
-                                     stdout=subprocess.PIPE, stdin=stdin, stderr=stderr,
-                                     text=True, cwd=ROOT, env=ENV)
-        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        self.out: List[str] = []
-        self._reader = threading.Thread(target=self._read, name="cli-stdout-reader")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.out.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def expect(self, pattern: str, timeout: float = WAIT) -> "re.Match[str]":
-        """The first coming stdout line that matches *pattern*."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern!r} within {timeout} s: {self.out}")
-            if line is None:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                pytest.fail(f"process ended before {pattern!r}: {self.out} {err}")
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def interrupt(self) -> "tuple[int, str, str]":
-        """SIGINT (what Ctrl+C sends), then ``(exit code, rest of stdout, stderr)``."""
-        self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(WAIT)
-        self._reader.join(WAIT)
-        err = self.proc.stderr.read() if self.proc.stderr else ""
-        return code, "".join(self.out), err
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(WAIT)
-        self._reader.join(WAIT)
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-@contextlib.contextmanager
-def child(args: List[str], **kwargs: Any) -> Iterator[Child]:
-    proc = Child(args, **kwargs)
-    try:
-        yield proc
-    finally:
-        proc.close()
+def child(args: List[str], **kwargs: Any) -> ContextManager[Child]:
+    """``python -m morsock ARGS`` running (closed when the block ends)."""
+    return run_child(["-m", "morsock", *args], **kwargs)
 
 
 def server_args(*extra: str) -> List[str]:
@@ -200,7 +138,7 @@ def test_a_reader_that_went_away_is_no_error() -> None:
     clean stop."""
     proc = subprocess.Popen([sys.executable, "-m", "morsock", *server_args()],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=ENV)
+                            cwd=ROOT, env=CHILD_ENV)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         assert re.match(BANNER, proc.stdout.readline())  # bounded by the wait below
@@ -253,30 +191,20 @@ def render(line: str) -> str:
 def test_log_records_never_land_on_the_status_line() -> None:
     master, slave = os.openpty()
     seen = ""
-
-    def read_until(pattern: str) -> None:
-        nonlocal seen
-        deadline = time.monotonic() + WAIT
-        while not re.search(pattern, seen):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"no {pattern!r} on the terminal: {seen!r}")
-            ready, _, _ = select.select([master], [], [], left)
-            if ready:
-                seen += os.read(master, 4096).decode(errors="replace")
-
     try:
         with child(server_args(), stderr=slave) as server:
             os.close(slave)
             slave = -1
             port = int(server.expect(BANNER)[1])
-            read_until(r"clients +0 \| +\d+ msg/s")  # the status line is up
+            # the status line is up
+            seen = read_terminal(master, r"clients +0 \| +\d+ msg/s", seen)
             with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as bad:
                 bad.sendall(b"this is not a morsock frame")  # logged at ERROR
                 bad.settimeout(WAIT)
                 assert bad.recv(100) == b""  # the server closed it
-            read_until(r"ERROR morsock: [^\n]*\n")
-            read_until(r"ERROR morsock: [^\n]*\n.*clients +\d+ \|")  # drawn again below
+            seen = read_terminal(master, r"ERROR morsock: [^\n]*\n", seen)
+            # the status line drawn again below
+            seen = read_terminal(master, r"ERROR morsock: [^\n]*\n.*clients +\d+ \|", seen)
             assert server.interrupt()[0] == 0
     finally:
         if slave != -1:

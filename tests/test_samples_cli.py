@@ -5,97 +5,25 @@ Each child process is killed and reaped in a ``finally`` block, and every wait i
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
 import os
 import queue
 import re
-import select
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, List
 
 import pytest
+from helpers import CHILD_WAIT, ROOT, Child, child, read_terminal, run_python
 
 import morsock
 from morsock.demo import run_demo
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "samples").glob("*.py"))
-WAIT = 60.0  # bound of every subprocess wait: a shared 2-core machine can be slow
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-
-
-def run(args: List[str], **kwargs: Any) -> "subprocess.CompletedProcess[str]":
-    kwargs.setdefault("timeout", WAIT)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, **kwargs)
-
-
-class Child:
-    """A long-running child process whose stdout lines are read by a thread."""
-
-    def __init__(self, args: List[str], **kwargs: Any) -> None:
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        self.proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True, cwd=ROOT, env=ENV,
-                                     **kwargs)
-        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        self.out: List[str] = []
-        self._reader = threading.Thread(target=self._read, name="child-stdout-reader")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.out.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def expect(self, pattern: str, timeout: float = WAIT) -> "re.Match[str]":
-        """The first coming stdout line that matches *pattern* (earlier lines are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern!r} within {timeout} s: {self.out}")
-            if line is None:
-                pytest.fail(f"process ended before {pattern!r}: {self.out} "
-                            f"{self.proc.stderr.read() if self.proc.stderr else ''}")
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def stop(self, sig: int = signal.SIGINT) -> int:
-        """Send *sig*, wait for the exit; return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(WAIT)
-
-    def close(self) -> None:
-        """Kill if still running, reap, join the reader, close the pipes (idempotent)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(WAIT)
-        self._reader.join(WAIT)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-@contextlib.contextmanager
-def child(args: List[str], **kwargs: Any) -> Iterator[Child]:
-    proc = Child(args, **kwargs)
-    try:
-        yield proc
-    finally:
-        proc.close()
+WAIT = CHILD_WAIT
+run = run_python
 
 
 def wait_for_file(path: Path, proc: Child, timeout: float = WAIT) -> str:
@@ -278,15 +206,8 @@ def test_cli_server_shows_a_live_status_line_on_a_terminal(tmp_path: Path) -> No
             slave = -1
             port = wait_for_file(port_file, server)
             assert run(["-m", "morsock", "client", "--port", port, "ping"]).returncode == 0
-            seen = ""
-            deadline = time.monotonic() + WAIT
-            while not re.search(r"clients +\d+ \| +\d+ msg/s \| +[\d.]+ MB/s \| up +\d+ s", seen):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(f"no status line on the terminal: {seen!r}")
-                ready, _, _ = select.select([master], [], [], left)
-                if ready:
-                    seen += os.read(master, 4096).decode(errors="replace")
+            seen = read_terminal(
+                master, r"clients +\d+ \| +\d+ msg/s \| +[\d.]+ MB/s \| up +\d+ s")
             server.expect(rf"^morsock server listening on 127\.0\.0\.1:{port}; .*; "
                           r"Ctrl\+C to stop$")  # the banner: on stdout
             assert "\r" in seen  # the line is rewritten in place

@@ -7,6 +7,7 @@ the machine: ``apt-get install xvfb``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import os
@@ -110,6 +111,19 @@ def pump_until(window: Any, condition: Callable[[], bool], what: str,
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         window.update()
         time.sleep(0.002)  # one GUI loop tick; the condition is what we wait for
+
+
+@contextlib.contextmanager
+def server_app(root: Any, **kwargs: Any) -> Iterator[Any]:
+    """samples/tk_server.py's ``ServerApp`` in *root* on 127.0.0.1, any free port, with an
+    event queue of its own; closed when the block ends."""
+    tk_server = load_sample("tk_server")
+    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue(),
+                              **kwargs)
+    try:
+        yield app
+    finally:
+        app.close()
 
 
 def load_sample(name: str) -> Any:
@@ -335,10 +349,7 @@ def test_tk_server_form_shows_clients_and_statistics(root: Any) -> None:
 
 
 def test_tk_server_form_encrypted_broadcast_and_bad_settings(root: Any) -> None:
-    tk_server = load_sample("tk_server")
-    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", key="k", mode="GCM",
-                              profile="MORMOT", event_queue=morsock.EventQueue())
-    try:
+    with server_app(root, key="k", mode="GCM", profile="MORMOT") as app:
         app.port_var.set("not a port")
         assert app.start() is False
         assert "Cannot start" in app.log_text()
@@ -360,8 +371,6 @@ def test_tk_server_form_encrypted_broadcast_and_bad_settings(root: Any) -> None:
             assert app.broadcast("secret news", encrypted=True) == 1
             assert arrived.wait(WAIT)
         assert replies == [b"secret news"]
-    finally:
-        app.close()
 
 
 # -- samples/tk_client.py ------------------------------------------------------------------
@@ -441,10 +450,8 @@ def stamp_of(log: str, text: str) -> datetime.datetime:
 
 
 def test_tk_server_log_coalesces_a_flood_and_keeps_up(root: Any) -> None:
-    tk_server = load_sample("tk_server")
-    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
     total = 20_000
-    try:
+    with server_app(root) as app:
         assert app.start()
         with morsock.Client("127.0.0.1", app.server.port) as client:
             for n in range(total):
@@ -466,14 +473,10 @@ def test_tk_server_log_coalesces_a_flood_and_keeps_up(root: Any) -> None:
             # ... and it kept up: everything accounted for soon after it was handled.
             assert time.monotonic() - handled_at < 10.0
             assert len(app.queue) < 100  # the event queue did not fill with log lines
-    finally:
-        app.close()
 
 
 def test_tk_server_log_stamps_a_line_when_the_message_arrives(root: Any) -> None:
-    tk_server = load_sample("tk_server")
-    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
-    try:
+    with server_app(root) as app:
         assert app.start()
         with morsock.Client("127.0.0.1", app.server.port) as client:
             before = datetime.datetime.now()
@@ -491,8 +494,6 @@ def test_tk_server_log_stamps_a_line_when_the_message_arrives(root: Any) -> None
         assert before - datetime.timedelta(milliseconds=5) <= stamp <= handled, \
             (before, stamp, handled)
         assert drawn - stamp > datetime.timedelta(seconds=1.4)
-    finally:
-        app.close()
 
 
 def test_log_view_counts_past_the_burst_in_order_with_the_events(root: Any) -> None:
@@ -576,9 +577,7 @@ def test_tk_forms_show_every_control_at_their_minimum_size(root: Any, sample: st
 
 
 def test_tk_server_form_explains_a_bad_port(root: Any) -> None:
-    tk_server = load_sample("tk_server")
-    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
-    try:
+    with server_app(root) as app:
         app.port_var.set("abc")
         assert app.start() is False
         assert ("Cannot start: the port must be a whole number from 0 to 65535 "
@@ -590,8 +589,6 @@ def test_tk_server_form_explains_a_bad_port(root: Any) -> None:
         app.port_var.set("0")
         assert app.start()
         assert str(app.port_entry.cget("style")) == "TEntry"
-    finally:
-        app.close()
 
 
 def test_tk_client_form_explains_a_bad_port_and_applies_the_key_size(root: Any) -> None:
@@ -687,10 +684,7 @@ def test_tk_server_logs_server_stopped_after_the_disconnects(root: Any) -> None:
 
 @pytest.mark.parametrize("profile", ["AUTHENTICATED", "MORMOT"])
 def test_tk_server_marks_encrypted_messages(root: Any, profile: str) -> None:
-    tk_server = load_sample("tk_server")
-    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", key="k", profile=profile,
-                              event_queue=morsock.EventQueue())
-    try:
+    with server_app(root, key="k", profile=profile) as app:
         assert app.start()
         with morsock.Client("127.0.0.1", app.server.port, encryption_key="k",
                             encryption_profile=profile) as client:
@@ -700,15 +694,11 @@ def test_tk_server_marks_encrypted_messages(root: Any, profile: str) -> None:
         log = app.log_text()
         assert "#1 says (encrypted): sealed" in log
         assert "#1 says: open" in log
-    finally:
-        app.close()
 
 
 def test_tk_server_metrics_panel_shows_the_prometheus_figures(root: Any) -> None:
     pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
-    tk_server = load_sample("tk_server")
-    app = tk_server.ServerApp(root, port=0, host="127.0.0.1", event_queue=morsock.EventQueue())
-    try:
+    with server_app(root) as app:
         assert app.figures.available
         assert app.start()
         with morsock.Client("127.0.0.1", app.server.port) as client:
@@ -740,8 +730,6 @@ def test_tk_server_metrics_panel_shows_the_prometheus_figures(root: Any) -> None
         pump_until(root, lambda: app.metrics_text()["received"].startswith("4 msg"),
                    "the panel to refresh by itself")
         pump_until(root, lambda: len(app.chart.history) >= 1, "a point in the rate chart")
-    finally:
-        app.close()
 
 
 def test_tk_server_metrics_panel_without_prometheus_client(root: Any) -> None:

@@ -3,7 +3,7 @@ morsock/_receive_backlog.py): no sockets, no threads, no clock."""
 
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List
 
 import pytest
 
@@ -69,37 +69,37 @@ def test_an_empty_queue_takes_any_frame_and_a_full_one_refuses_without_changing(
     assert queue.stalled_since is None
 
 
-def test_a_partial_direct_send_queues_exactly_the_rest_at_every_cut() -> None:
-    payloads = [b"a" * 20, b"b", b"c" * 5, b"d" * 40]
-    stream = b"".join(encode_frame(p) for p in payloads)
-    lengths = [_wire(p) for p in payloads]
-    for cut in range(len(stream)):
-        queue = SendQueue(limit=1 << 20)
-        queue.sent_part(stream, cut, len(payloads))
-        assert bytes(queue.out) == stream[cut:]
-        assert (queue.messages_sent, queue.head_left) == _model_frames_sent(lengths, 0, cut)
-        assert queue.messages_sent + queue.frames == len(payloads)
-        assert queue.bytes_sent == cut
-        assert stream[:cut] + _drain(queue, 7) == stream
-        assert queue.messages_sent == len(payloads) and queue.frames == 0
-        assert queue.bytes_sent == len(stream)
+PARTIAL_PAYLOADS = [b"a" * 20, b"b", b"c" * 5, b"d" * 40]
+PARTIAL_STREAM = b"".join(encode_frame(p) for p in PARTIAL_PAYLOADS)
 
 
-def test_a_partial_sendmsg_queues_exactly_the_rest_at_every_cut() -> None:
-    payloads = [b"a" * 20, b"b", b"c" * 5, b"d" * 40]
-    stream = b"".join(encode_frame(p) for p in payloads)
-    lengths = [_wire(p) for p in payloads]
-    buffers = [part for p in payloads for part in (encode_frame(p)[:HEADER_SIZE], p)]
+def _direct_send_cut(queue: SendQueue, cut: int) -> None:
+    queue.sent_part(PARTIAL_STREAM, cut, len(PARTIAL_PAYLOADS))
+
+
+def _sendmsg_cut(queue: SendQueue, cut: int) -> None:
+    buffers = [part for p in PARTIAL_PAYLOADS
+               for part in (encode_frame(p)[:HEADER_SIZE], p)]
+    queue.sent_part_of(buffers, cut)
+
+
+@pytest.mark.parametrize("send_part", [_direct_send_cut, _sendmsg_cut],
+                         ids=["direct send", "sendmsg"])
+def test_a_partial_send_queues_exactly_the_rest_at_every_cut(
+        send_part: Callable[[SendQueue, int], None]) -> None:
+    stream = PARTIAL_STREAM
+    lengths = [_wire(p) for p in PARTIAL_PAYLOADS]
     for cut in range(len(stream)):
         queue = SendQueue(limit=1 << 20)
-        queue.sent_part_of(buffers, cut)
+        send_part(queue, cut)
         assert bytes(queue.out) == stream[cut:]
         assert (queue.messages_sent, queue.head_left) == _model_frames_sent(lengths, 0, cut)
-        assert queue.messages_sent + queue.frames == len(payloads)
+        assert queue.messages_sent + queue.frames == len(PARTIAL_PAYLOADS)
         assert queue.bytes_sent == cut
         # and the queue's own accounting agrees when the rest leaves in pieces
         assert stream[:cut] + _drain(queue, 7) == stream
-        assert queue.messages_sent == len(payloads) and queue.frames == 0
+        assert queue.messages_sent == len(PARTIAL_PAYLOADS) and queue.frames == 0
+        assert queue.bytes_sent == len(stream)
 
 
 def test_held_replies_leave_in_order_behind_what_was_queued() -> None:
