@@ -17,7 +17,7 @@ from morsock.crypto import REFUSAL_MAGIC, ClientHandshake, refusal_frame
 from morsock.protocol import FLAG_AUTHENTICATED, FrameDecoder
 from morsock.testing import RawPeer, running_server
 
-from helpers import Recorder, log_lines
+from helpers import Recorder, log_lines, wait_until
 
 LOCAL = "127.0.0.1"
 KEY = "handshake errors key"
@@ -64,7 +64,8 @@ def test_refused_handshake_tells_the_client_why(server_settings: Dict[str, Any],
         assert __import__("re").search(expected, str(error)), str(error)
         (_, _, message, code), = srec.wait_count("error", 1)  # the server's log still says it
         assert code == ErrorCode.AUTHENTICATION_FAILED
-        assert server.client_count == 0
+        # on_error comes first, then the reactor closes the socket (Connection.close)
+        wait_until(lambda: server.client_count == 0, what="the refused client removed")
 
 
 def test_wrong_key_is_named_on_the_client() -> None:
