@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ._component import Component, Data, Tally, as_bytes
 from ._internals import accepter
 from ._send_queue import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS, SendQueue, plain_header
-from ._session_link import ServerSessions, is_session_item
+from ._session_link import ServerSessions, SessionFrames, is_session_item
 from ._settings import (
     Setting,
     _boolean,
@@ -869,6 +869,13 @@ class Server(Component):
         was consumed (handshake) or refused, or *item* is a life-cycle marker, which
         this runs."""
         cls = item.__class__
+        if cls is SessionFrames:  # one read of a session: it delivers (and replies) itself
+            if not conn.closing:
+                try:
+                    item.run(conn)
+                except Exception:
+                    self._log.exception("unhandled error handling %r on %s", item, conn)
+            return None
         if cls is not bytes and cls is not Frame:
             self._run_marker(conn, item)
             return None
