@@ -16,7 +16,7 @@ server`` (the morsock of this checkout, installed or not) and
 Scenario by scenario, each server runs in turn on a fresh process (interleaved, so that
 every server meets each scenario under the same machine state). With two CPUs or more,
 the server is pinned to one and the load generator to another. For each run it reads the
-server's CPU time (utime + stime of all its threads, ``/proc/PID/stat``) before and after
+server's CPU time (all its threads, ``/proc/PID/task/*/schedstat``) before and after
 the load and samples its resident memory (``VmRSS``) every 50 ms. It prints one table:
 per scenario and server the request rate, latency, server CPU per request and peak RSS,
 and their ratios to the reference (``asyncio``). Server CPU per request is the steadiest
@@ -131,7 +131,20 @@ def raise_fd_limit() -> None:
 
 # -- /proc ------------------------------------------------------------------------------
 def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of every thread of *pid* so far, or None once it is gone."""
+    """CPU time of every thread of *pid* so far, or None once it is gone: the sum of its
+    threads' ``/proc/PID/task/TID/schedstat`` (nanoseconds, so a short run is measured
+    too), else utime + stime of ``/proc/PID/stat`` (clock ticks)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:  # that thread just ended
+                continue
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -374,10 +387,10 @@ def paired_ratio(rows: list[dict[str, Any]], server: str, scenario: str, key: st
     """The median over rounds of (server's *key* / the reference's) in the same round."""
     by_round: dict[int, dict[str, float]] = {}
     for r in rows:
-        if r["scenario"] == scenario and r.get("ok") and r.get(key):
+        if r["scenario"] == scenario and r.get("ok") and r.get(key) is not None:
             by_round.setdefault(r["round"], {})[r["server"]] = r[key]
     ratios = [v[server] / v[reference] for v in by_round.values()
-              if server in v and reference in v]
+              if server in v and v.get(reference)]
     return statistics.median(ratios) if ratios else None
 
 
