@@ -810,14 +810,18 @@ class Server(Component):
                 except Exception as exc:
                     self._handler_failed("on_handle_command", exc, (client,))
                     continue
-            if not reply:
+            if reply.__class__ is not bytes or flag:
+                if reply:
+                    self._reply(conn, reply, flag != 0)  # corked: sent with the batch
                 continue
-            if reply.__class__ is not bytes or flag or len(reply) > limit:
-                self._reply(conn, reply, flag != 0)  # corked: sent with the batch
+            n = len(reply)
+            if not n:
+                continue
+            if n > limit:
+                self._reply(conn, reply, False)  # refused there, and reported
             elif hold is None:
                 conn.send_plain(reply)
             else:  # held: SendQueue.hold, inline (once per reply)
-                n = len(reply)
                 hold(PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else plain_header(n))
                 hold(reply)
                 queue.held_bytes += n + HEADER_SIZE  # type: ignore[union-attr]
