@@ -155,6 +155,23 @@ def test_a_reader_that_went_away_is_no_error() -> None:
             proc.stderr.close()
 
 
+@pytest.fixture
+def sigint_not_ignored() -> Iterator[None]:
+    """Children start with SIGINT at its default, so Ctrl+C raises KeyboardInterrupt in
+    them: a process inherits an ignored SIGINT (as pytest has when started with ``&``
+    from a non-interactive shell), and Python then leaves it ignored in the CLI client.
+    This process's own handler is not inherited across exec: children get the default."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.usefixtures("sigint_not_ignored")
 def test_sigint_ends_the_client_without_a_traceback() -> None:
     with child(server_args()) as server:
         port = server.expect(BANNER)[1]
