@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, ContextManager, List
+from typing import Any, ContextManager, Iterator, List
 
 import pytest
 from helpers import CHILD_ENV, CHILD_WAIT, ROOT, Child, read_terminal, run_python
