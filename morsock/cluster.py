@@ -61,6 +61,9 @@ __all__ = ["Backplane", "RedisBackplane", "Undelivered", "split_client_id"]
 
 #: Most stream entries written in one pipeline, or read by one XREAD.
 _BATCH = 512
+#: Entries of the duplicate check (per stream, node and run) kept before those of nodes
+#: that left the view are dropped.
+_SEEN_MAX = 4096
 
 
 def split_client_id(client_id: str) -> tuple[str, int]:
@@ -694,7 +697,8 @@ class RedisBackplane(Backplane):
             self._log.info("cluster: node %s joined", node)
         for node in sorted(old - set(view)):
             self._log.info("cluster: node %s left (heartbeat expired or it stopped)", node)
-            self._forget(node)
+        if len(self._seen) > _SEEN_MAX:
+            self._forget_all_but(set(view))
         self._check_announced()
 
     def _note_announced(self, now: float, node: str, beat: bytes) -> None:
@@ -726,9 +730,13 @@ class RedisBackplane(Backplane):
             self._report_gap(node, stream, seen + 1, seq, "the last messages of a stream")
         self._announced = later[-4 * max(1, len(self._view)):]
 
-    def _forget(self, node: str) -> None:
+    def _forget_all_but(self, alive: set[str]) -> None:
+        """Drop the last sequence numbers seen from nodes not in *alive*. Only done past
+        _SEEN_MAX entries: a node that merely looks gone (Redis lost its data and the
+        heartbeats with it) may still resend a message it published before, and its
+        entry is what drops that copy."""
         with self._seen_lock:
-            for key in [k for k in self._seen if k[1] == node]:
+            for key in [k for k in self._seen if k[1] not in alive]:
                 del self._seen[key]
 
     def _leave(self) -> None:

@@ -531,3 +531,28 @@ def test_cli_refuses_a_bad_redis_url() -> None:
                           timeout=60)
     assert done.returncode == 2
     assert "redis" in done.stderr.lower()
+
+
+def test_a_message_resent_by_a_node_that_looked_gone_is_not_delivered_twice(
+        redis_url: str, channel: str) -> None:
+    """A publish retried after a Redis reconnect may come again after the other nodes
+    saw its node leave their view (Redis lost its data and the heartbeats with it): the
+    duplicate check must still drop it."""
+    with cluster(redis_url, channel, 2) as nodes, receivers(nodes[1:], 1) as by_node:
+        sender, other = nodes
+        [receiver] = by_node[other.backplane.node_id]
+        sender.server.broadcast_data(b"one")
+        receiver.got.wait_count("data", 1)
+        r = redis.Redis.from_url(redis_url)
+        try:
+            [(_, fields)] = [(i, f) for i, f in r.xrange(other.backplane._all)
+                             if f.get(b"k") == b"b" and f.get(b"p") == b"one"]
+        finally:
+            r.close()
+        sender.server.stop()  # it leaves the others' view
+        wait_until(lambda: other.server.cluster_nodes == [other.backplane.node_id],
+                   what="the sender gone from the view")
+        other.backplane._dispatch(other.backplane._all, fields)  # its retried copy
+        other.server.broadcast_data(b"marker")
+        receiver.got.wait_count("data", 2)
+        assert receiver.payloads() == [b"one", b"marker"]
