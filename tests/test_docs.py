@@ -230,3 +230,13 @@ def test_settings_page_is_generated_and_current():
     page = (ROOT / "docs" / "guide" / "settings.rst").read_text(encoding="utf-8")
     assert page == expected, "stale: run python docs/gen_settings.py"
     assert re.search(r"\* - ``thread_pool_size``\n     - ``4``\n", page)
+
+
+def test_docstrings_and_comments_stand_on_their_own():
+    """No file of the package cites the maintainers' API.md, which users do not have."""
+    citing = [f"{path.relative_to(PACKAGE)}:{number}"
+              for path in sorted(PACKAGE.rglob("*")) if path.is_file() and path.suffix != ".pyc"
+              for number, line in enumerate(
+                  path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+              if "API.md" in line or "API §" in line]
+    assert citing == [], f"cite a docs/ page or state the rule instead: {citing}"
