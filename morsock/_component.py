@@ -201,7 +201,7 @@ class ComponentLink:
 class Component:
     """Base of Server and Client (see their docstrings for the public surface)."""
 
-    # Settings both components have (API §3/§4).
+    # Settings both components have.
     connection_timeout: Setting[float] = Setting(
         10.0, _seconds, live=True,
         doc="Seconds: the bound of a connect attempt (client), of a TLS handshake, and of a "

@@ -68,7 +68,7 @@ class ConnectionOwner(Protocol):
 
     @property
     def max_receive_backlog(self) -> int:
-        """The read back-pressure limit of a new connection (API §9)."""
+        """The read back-pressure limit of a new connection (docs/guide/flow_control.rst)."""
 
     def strand_for(self, conn: Connection) -> StrandLike:
         """The strand that runs *conn*'s items in order."""

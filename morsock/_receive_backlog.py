@@ -1,4 +1,5 @@
-"""Read back-pressure of one connection (API §9 ``max_receive_backlog``): a pure object.
+"""Read back-pressure of one connection (``max_receive_backlog``): a pure object
+(docs/guide/flow_control.rst).
 
 The reactor thread reads frames from the peer and posts them to the connection's strand;
 a pool thread handles them later. :class:`ReceiveBacklog` counts the wire bytes of the

@@ -18,7 +18,8 @@ kernel, and counts what left:
   checks :meth:`fits` *before* it seals a frame, so a refused frame uses up no sequence
   number. ``stalled_since`` remembers when a frame was first refused since the peer last
   took a byte (the caller's clock, passed to :meth:`refused`).
-* send back-pressure (API §9): while more than half of ``limit`` waits in ``out``, the
+* send back-pressure (docs/guide/flow_control.rst):
+  while more than half of ``limit`` waits in ``out``, the
   connection stops reading the peer (:meth:`pause_reading`) until it drained to a quarter
   of it (:meth:`resume_reading`) -- a peer that sends requests faster than it reads the
   replies is slowed down by TCP instead of being dropped.
@@ -228,7 +229,7 @@ class SendQueue:
         self.take_held()
         return dropped
 
-    # -- send back-pressure (API §9) ----------------------------------------------------
+    # -- send back-pressure (docs/guide/flow_control.rst) -----------------------------------------
     def pause_reading(self) -> bool:
         """True when reading the peer must pause now: more than half of ``limit`` waits
         (and it was not paused yet)."""

@@ -1,4 +1,4 @@
-"""Sessions: acknowledged, resumable delivery between morsock peers (API.md §10).
+"""Sessions: acknowledged, resumable delivery between morsock peers (docs/guide/sessions.rst).
 
 Sans-I/O like :mod:`morsock.protocol` and :mod:`morsock.crypto`: frames in, events and
 bytes out; no sockets, no threads, no clock (every call that needs the time is given
@@ -15,7 +15,7 @@ Opt-in, morsock peers only
     handler as data and answers, if at all, with something that is not a WELCOME: in both
     cases the resumable client's connect fails (ConnectError).
 
-Frames (the 9-byte header of API.md §2 is unchanged)
+Frames (the 9-byte frame header is unchanged)
     Inside a session every frame of the connection is one of:
 
     * flag 0, raw payload: one application message, exactly as today (no request id, no

@@ -1,4 +1,4 @@
-"""The components' side of sessions (API.md §10): pumps the sans-I/O core of
+"""The components' side of sessions (docs/guide/sessions.rst): pumps the sans-I/O core of
 :mod:`morsock._session` with real connections, threads and a clock.
 
 One object per component: :class:`ClientLink` (a ``Client(resumable=True)``) and

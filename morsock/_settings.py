@@ -38,6 +38,7 @@ class Setting(property, Generic[T]):
         self.default = default
         self.convert = convert
         self.live = live
+        self.doc = doc  # the description alone (docs/gen_settings.py tabulates it)
         self.name = ""
         self._key = ""
         shown = (f"{type(default).__name__}.{default.name}" if isinstance(default, Enum)

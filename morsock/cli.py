@@ -198,7 +198,7 @@ def tls_context(args: argparse.Namespace, server: bool) -> ssl.SSLContext | None
     return ctx
 
 
-# -- cluster: --redis, --processes (API.md §11) -------------------------------------------
+# -- cluster: --redis, --processes (docs/guide/cluster.rst) ---------------------------------------
 #: Set by the parent of ``--processes N`` for each worker it starts:
 #: ``"<index>:<parent pid>:<port>:<port file>"``.
 _WORKER_ENV = "MORSOCK_CLUSTER_WORKER"

@@ -919,7 +919,7 @@ class Client(Component):
         self._feed(life.ResetAttempts())
         done.set()
 
-    # -- sessions (API.md §10) ---------------------------------------------------------------
+    # -- sessions (docs/guide/sessions.rst) -------------------------------------------------------
     def _link(self) -> ClientLink | None:
         """The session link of a resumable client (made on first use), else None."""
         link = self._session_link

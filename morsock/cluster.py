@@ -1,4 +1,4 @@
-"""Cluster backplane (API.md §11): several servers act as one through Redis.
+"""Cluster backplane (docs/guide/cluster.rst): several servers act as one through Redis.
 
 A node is one :class:`~morsock.Server` given a :class:`RedisBackplane`. Its clients are
 named cluster-wide by ``ServerClient.client_id`` (``"<node_id>:<handle>"``);

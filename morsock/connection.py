@@ -259,7 +259,7 @@ class Connection:
 
     @property
     def max_receive_backlog(self) -> int:
-        """Most bytes read and not yet handled before reading pauses (API §9)."""
+        """Most bytes read and not yet handled before reading pauses."""
         return self._backlog.limit
 
     @property

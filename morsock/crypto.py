@@ -1,4 +1,4 @@
-"""Per-message AES encryption of frame payloads (API.md §2): two profiles.
+"""Per-message AES encryption of frame payloads (docs/guide/encryption.rst): two profiles.
 
 Sans-I/O like :mod:`morsock.protocol`: bytes in, bytes out, no sockets, no threads.
 Every primitive comes from pycryptodome (AES) or the standard library (PBKDF2, HMAC);

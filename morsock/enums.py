@@ -1,4 +1,4 @@
-"""Enumerations of the public contract (API.md §1 and §6).
+"""Enumerations of the public contract.
 
 Every enum that a setting takes also accepts its name as a string, case-insensitively,
 and the Delphi spelling with its prefix (``"amCBC"``, ``"rsBackoff"``): use
@@ -152,9 +152,10 @@ class ErrorCode(enum.IntEnum):
     * ``CONNECTION_LOST`` -- the connection dropped under a pending operation; a
       client also reports it when the way the server closed tells why (a TLS server,
       an encrypted frame it could not decrypt).
-    * ``SESSION_LOST`` -- a session (API.md §10) could not be resumed (its window passed,
+    * ``SESSION_LOST`` -- a session (docs/guide/sessions.rst)
+      could not be resumed (its window passed,
       the server restarted): the messages it had not acknowledged are handed back.
-    * ``CLUSTER_UNAVAILABLE`` -- a cluster backplane (API.md §11) lost its Redis
+    * ``CLUSTER_UNAVAILABLE`` -- a cluster backplane (docs/guide/cluster.rst) lost its Redis
       connection (it retries) or gave up retrying.
     * ``CLUSTER_UNDELIVERED`` -- cluster messages (broadcasts, ``send_to``,
       ``disconnect_client``) that did not reach another node: the report says how many.

@@ -1,7 +1,7 @@
 """Prometheus metrics of servers and clients (optional extra ``morsock[metrics]``).
 
 :func:`register` exposes a :class:`~morsock.Server`'s or :class:`~morsock.Client`'s
-statistics through ``prometheus_client`` (API.md §12). The counters and gauges are read
+statistics through ``prometheus_client`` (docs/guide/metrics.rst). The counters and gauges are read
 from the component's own exact statistics when the registry is scraped (no work per
 message); the handler-duration histogram and the error counter are fed by an
 :class:`Observer` the component calls on its hot path.

@@ -1,4 +1,4 @@
-"""The frame codec: pure, no sockets (API.md §2).
+"""The frame codec: pure, no sockets (docs/guide/encryption.rst).
 
 A frame is a 9-byte header followed by ``size`` payload bytes::
 

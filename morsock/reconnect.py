@@ -1,4 +1,4 @@
-"""Pure reconnection policy of :class:`~morsock.Client` (API.md §4, "Reconnection").
+"""Pure reconnection policy of :class:`~morsock.Client` (docs/guide/reconnection.rst).
 
 No sockets, no threads, no sleeping: :class:`ReconnectPolicy` only counts failed attempts
 and computes delays, so it is tested in virtual time (:class:`VirtualClock`).

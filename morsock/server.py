@@ -85,7 +85,8 @@ class ServerClient:
     ``receive_backlog`` (bytes of frames read from the peer and not yet handled),
     ``peer_certificate`` (over TLS, the peer's verified certificate as
     ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
-    None without TLS or when the peer sent none), ``session_id`` (API §10). Free for the
+    None without TLS or when the peer sent none), ``session_id``
+    (docs/guide/sessions.rst). Free for the
     application: ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs
     for this client, True when the message it was given arrived encrypted (False
     otherwise). Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
@@ -197,12 +198,12 @@ class ServerClient:
 
     @property
     def client_id(self) -> str:
-        """``"<node_id>:<handle>"``: names this client across a cluster (API.md §11)."""
+        """``"<node_id>:<handle>"``: names this client across a cluster (docs/guide/cluster.rst)."""
         return f"{self._server.node_id}:{self.handle}"
 
     @property
     def session_id(self) -> bytes | None:
-        """The id of this client's session (API.md §10), None without one."""
+        """The id of this client's session (docs/guide/sessions.rst), None without one."""
         sessions = self._server._sessions
         return sessions.session_id(self._conn) if sessions is not None else None
 
@@ -284,7 +285,7 @@ class Server(Component):
     backplane: Setting[Backplane | None] = Setting(
         None, _backplane, doc="A cluster backplane (morsock.cluster.RedisBackplane): "
                               "broadcasts, send_to and counts then cover every server "
-                              "of the cluster (API.md §11).")
+                              "of the cluster (docs/guide/cluster.rst).")
     resume_window: Setting[float] = Setting(
         0.0, _non_negative_seconds,
         doc="Seconds a dropped session stays resumable (0: no sessions): a resumable "
@@ -1105,7 +1106,7 @@ class Server(Component):
         bp.publish_broadcast(payload, encrypted)  # first: the other nodes start at once
         return self._broadcast_local(payload, encrypted)
 
-    # -- cluster (API.md §11) ------------------------------------------------------------
+    # -- cluster (docs/guide/cluster.rst) ---------------------------------------------------------
     @property
     def node_id(self) -> str:
         """This server's node id: its backplane's, else one of its own (random)."""

@@ -1,4 +1,4 @@
-"""Tkinter bridge: run morsock events on the Tk thread (API.md §5).
+"""Tkinter bridge: run morsock events on the Tk thread (docs/guide/tk.rst).
 
 Create the components with ``events_use_main_thread=True`` and call :func:`attach` once,
 on the Tk thread, after creating the root window::

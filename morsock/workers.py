@@ -15,7 +15,7 @@ Contract
   lost (the components' runners catch handler exceptions themselves).
 * :meth:`WorkerPool.shutdown` runs every strand already scheduled, then joins the threads.
 * An idle pool sleeps: with no traffic, every thread waits on the pool's condition
-  without a timeout (API §9).
+  without a timeout (docs/guide/flow_control.rst).
 
 How it is done (five mechanisms, each needed by a measured case; see
 benchmarks/README.rst "Worker threads that measure whether spreading pays")

@@ -218,3 +218,25 @@ def test_readme_is_short():
     lines = (ROOT / "README.rst").read_text(encoding="utf-8").splitlines()
     assert len(lines) < README_MAX_LINES, (
         f"README.rst has {len(lines)} lines; the manual belongs in docs/")
+
+
+def test_settings_page_is_generated_and_current():
+    """docs/guide/settings.rst is what docs/gen_settings.py writes from the settings now."""
+    spec = importlib.util.spec_from_file_location("gen_settings", ROOT / "docs" / "gen_settings.py")
+    assert spec is not None and spec.loader is not None
+    gen_settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_settings)
+    expected = gen_settings.render()
+    page = (ROOT / "docs" / "guide" / "settings.rst").read_text(encoding="utf-8")
+    assert page == expected, "stale: run python docs/gen_settings.py"
+    assert re.search(r"\* - ``thread_pool_size``\n     - ``4``\n", page)
+
+
+def test_docstrings_and_comments_stand_on_their_own():
+    """No file of the package cites the maintainers' API.md, which users do not have."""
+    citing = [f"{path.relative_to(PACKAGE)}:{number}"
+              for path in sorted(PACKAGE.rglob("*")) if path.is_file() and path.suffix != ".pyc"
+              for number, line in enumerate(
+                  path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+              if "API.md" in line or "API §" in line]
+    assert citing == [], f"cite a docs/ page or state the rule instead: {citing}"
