@@ -5,8 +5,6 @@ then works. Skipped, saying why, where the binaries are not present."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -16,25 +14,12 @@ import pytest
 
 from morsock import Client, ConnectError, ErrorCode
 
+from delphi import LOCAL, delphi_bin
 from helpers import Recorder
 
-LOCAL = "127.0.0.1"
+__all__ = ["delphi_bin"]
+
 KEY = "clé delphi"
-DELPHI_BIN = Path(os.environ.get(
-    "MORSOCK_DELPHI_BIN",
-    Path(__file__).resolve().parents[2] / "shared" / "delphi_peer" / "bin"))
-
-
-@pytest.fixture(scope="module")
-def delphi_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The original's programs, copied out of the read-only tree (they write beside
-    themselves)."""
-    if not (DELPHI_BIN / "mm_echo_server").exists():
-        pytest.skip(f"no Delphi peer at {DELPHI_BIN} (set MORSOCK_DELPHI_BIN)")
-    d = tmp_path_factory.mktemp("delphi")
-    for name in ("mm_client", "mm_echo_server"):
-        shutil.copy2(DELPHI_BIN / name, d / name)
-    return d
 
 
 def _free_port() -> int:
