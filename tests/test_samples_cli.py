@@ -93,6 +93,8 @@ def test_echo_samples_encrypted(profile: str) -> None:
         assert result.returncode == 0, result.stderr
         assert "(AES-256-GCM" in result.stdout.splitlines()[0]
         assert result.stdout.splitlines()[1:3] == ["Echo: secret", "Echo: words"]
+        # the stats count the two application messages, not the handshake frames
+        assert "[stats] sent 2 msg | received 2 replies | 2/2 answered" in result.stdout
         wrong = run(["samples/echo_client.py", "--port", port, "--key", "wrong key",
                      "--mode", "GCM", "--profile", profile, "--timeout", "3", "x"])
         assert wrong.returncode == 1
