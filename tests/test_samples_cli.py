@@ -237,6 +237,13 @@ def test_cli_demo_passes_and_reports_every_step() -> None:
         assert any(topic in line for line in steps), topic
     assert re.match(r"^morsock demo: all 7 steps OK \([\d.]+ s\)$", lines[-1])
     assert result.stderr == ""
+    # the broadcast line's numbers add up: every connected client is accounted for
+    counts = re.search(r"broadcast to all (\d+) connected clients \((\d+) from the earlier "
+                       r"steps \+ (\d+) new\); each of the (\d+) new ones received it",
+                       result.stdout)
+    assert counts is not None, result.stdout
+    total, earlier, new, received = map(int, counts.groups())
+    assert total == earlier + new and new == received
 
 
 def test_cli_demo_quiet_prints_only_the_verdict() -> None:
