@@ -218,3 +218,15 @@ def test_readme_is_short():
     lines = (ROOT / "README.rst").read_text(encoding="utf-8").splitlines()
     assert len(lines) < README_MAX_LINES, (
         f"README.rst has {len(lines)} lines; the manual belongs in docs/")
+
+
+def test_the_thread_of_on_handle_command_is_said_once_and_linked() -> None:
+    guide = ROOT / "docs" / "guide"
+    events = (guide / "events.rst").read_text()
+    assert events.count(".. _handle-command-thread:") == 1
+    assert "on_handle_command never runs on your thread" in events
+    for page in ("components.rst", "client_lifecycle.rst", "reconnection.rst"):
+        text = (guide / page).read_text()
+        assert ":ref:`handle-command-thread`" in text, page
+        # no page may claim that every handler runs on the application's thread
+        assert "the handlers run on your thread" not in text, page
