@@ -148,6 +148,31 @@ def test_chat_sample_between_a_console_client_and_another_client() -> None:
         room.stop()
 
 
+def test_chat_client_keeps_its_nick_after_a_reconnect() -> None:
+    import subprocess
+    chat = load_chat()
+    room = chat.ChatServer("127.0.0.1", 0, verbose=False)
+    room.start()
+    alice = Child(["samples/chat.py", "client", "--port", str(room.server.port),
+                   "--name", "alice"], stdin=subprocess.PIPE)
+    try:
+        alice.expect(r"^\* welcome alice")
+        assert alice.proc.stdin is not None
+        alice.proc.stdin.write("/nick al\n")
+        alice.proc.stdin.flush()
+        alice.expect(r"^\* you are now al$")
+        assert room.server.disconnect_all_clients() == 1  # the server drops the client
+        alice.expect(r"^\* connection lost, reconnecting")
+        alice.expect(r"^\* welcome al;")  # the reconnection announced the new nick
+        names = [room.nick(c) for c in room.server.clients.values()]
+        assert names == ["al"]
+        alice.proc.stdin.close()
+        assert alice.proc.wait(WAIT) == 0
+    finally:
+        alice.close()
+        room.stop()
+
+
 def test_chat_server_process_relays_between_clients() -> None:
     with child(["samples/chat.py", "server", "--host", "127.0.0.1", "--port", "0"]) as server:
         port = server.expect(r"^chat server listening on 127\.0\.0\.1:(\d+)")[1]
