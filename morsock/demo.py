@@ -151,7 +151,9 @@ class _Tour:
         _check(queued == connected, f"queued for {queued} clients, {connected} connected")
         _check(all_in.wait(WAIT), f"only {len(received)} of {listeners} listeners got it")
         _check(set(received.values()) == {b"Hello everybody"}, f"got {received!r}")
-        return f"sent to {queued} clients; all {listeners} listeners received it"
+        earlier = queued - listeners
+        return (f"broadcast to all {queued} connected clients ({earlier} from the earlier "
+                f"steps + {listeners} new); each of the {listeners} new ones received it")
 
     def reconnect(self) -> str:
         connects: list[float] = []

@@ -132,11 +132,14 @@ def run_client(args: argparse.Namespace) -> int:
     left = threading.Event()
     quitting = threading.Event()
     welcomed = threading.Event()
+    # The nickname the server last confirmed: a reconnection announces this one, not
+    # --name, so a /nick survives a lost connection.
+    nickname = [args.name]
 
     def on_connect(client: morsock.Client) -> None:
-        # Runs on the client's worker thread, after connect() has returned: the main
+        # Runs after connect() has returned, and again after every reconnection: the main
         # thread waits for the welcome before it sends lines, so the name comes first.
-        client.send_data(f"/nick {args.name}", encrypted=encrypted)
+        client.send_data(f"/nick {nickname[0]}", encrypted=encrypted)
 
     def on_disconnect(client: morsock.Client) -> None:
         if quitting.is_set():
@@ -149,6 +152,8 @@ def run_client(args: argparse.Namespace) -> int:
         print(text, flush=True)
         if text.startswith("* welcome "):
             welcomed.set()
+        elif text.startswith("* you are now "):
+            nickname[0] = text[len("* you are now "):]
 
     def on_error(client: morsock.Client, message: str, code: int) -> None:
         if code == morsock.ErrorCode.MAX_RECONNECT_ATTEMPTS:

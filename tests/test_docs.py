@@ -240,3 +240,13 @@ def test_docstrings_and_comments_stand_on_their_own():
                   path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
               if "API.md" in line or "API §" in line]
     assert citing == [], f"cite a docs/ page or state the rule instead: {citing}"
+def test_the_thread_of_on_handle_command_is_said_once_and_linked() -> None:
+    guide = ROOT / "docs" / "guide"
+    events = (guide / "events.rst").read_text()
+    assert events.count(".. _handle-command-thread:") == 1
+    assert "on_handle_command never runs on your thread" in events
+    for page in ("components.rst", "client_lifecycle.rst", "reconnection.rst"):
+        text = (guide / page).read_text()
+        assert "<handle-command-thread>`" in text, page
+        # no page may claim that every handler runs on the application's thread
+        assert "the handlers run on your thread" not in text, page

@@ -93,6 +93,8 @@ def test_echo_samples_encrypted(profile: str) -> None:
         assert result.returncode == 0, result.stderr
         assert "(AES-256-GCM" in result.stdout.splitlines()[0]
         assert result.stdout.splitlines()[1:3] == ["Echo: secret", "Echo: words"]
+        # the stats count the two application messages, not the handshake frames
+        assert "[stats] sent 2 msg | received 2 replies | 2/2 answered" in result.stdout
         wrong = run(["samples/echo_client.py", "--port", port, "--key", "wrong key",
                      "--mode", "GCM", "--profile", profile, "--timeout", "3", "x"])
         assert wrong.returncode == 1
@@ -143,6 +145,31 @@ def test_chat_sample_between_a_console_client_and_another_client() -> None:
                        "* al left"]
     finally:
         bob.disconnect()
+        room.stop()
+
+
+def test_chat_client_keeps_its_nick_after_a_reconnect() -> None:
+    import subprocess
+    chat = load_chat()
+    room = chat.ChatServer("127.0.0.1", 0, verbose=False)
+    room.start()
+    alice = Child(["samples/chat.py", "client", "--port", str(room.server.port),
+                   "--name", "alice"], stdin=subprocess.PIPE)
+    try:
+        alice.expect(r"^\* welcome alice")
+        assert alice.proc.stdin is not None
+        alice.proc.stdin.write("/nick al\n")
+        alice.proc.stdin.flush()
+        alice.expect(r"^\* you are now al$")
+        assert room.server.disconnect_all_clients() == 1  # the server drops the client
+        alice.expect(r"^\* connection lost, reconnecting")
+        alice.expect(r"^\* welcome al;")  # the reconnection announced the new nick
+        names = [room.nick(c) for c in room.server.clients.values()]
+        assert names == ["al"]
+        alice.proc.stdin.close()
+        assert alice.proc.wait(WAIT) == 0
+    finally:
+        alice.close()
         room.stop()
 
 
@@ -235,6 +262,13 @@ def test_cli_demo_passes_and_reports_every_step() -> None:
         assert any(topic in line for line in steps), topic
     assert re.match(r"^morsock demo: all 7 steps OK \([\d.]+ s\)$", lines[-1])
     assert result.stderr == ""
+    # the broadcast line's numbers add up: every connected client is accounted for
+    counts = re.search(r"broadcast to all (\d+) connected clients \((\d+) from the earlier "
+                       r"steps \+ (\d+) new\); each of the (\d+) new ones received it",
+                       result.stdout)
+    assert counts is not None, result.stdout
+    total, earlier, new, received = map(int, counts.groups())
+    assert total == earlier + new and new == received
 
 
 def test_cli_demo_quiet_prints_only_the_verdict() -> None:

@@ -2,10 +2,11 @@
 
 * :func:`running_server` -- a started :class:`~morsock.Server` on 127.0.0.1 and a free port,
   stopped (with every thread joined) when the ``with`` block ends.
-* :class:`RawPeer` -- a blocking socket that speaks the frame format byte by byte: send a
-  frame or raw bytes, expect a frame, expect the connection to close.
+* :class:`RawPeer` -- a blocking socket that speaks the frame format byte by byte:
+  ``send_frame``, ``send_raw``, ``recv_frame``, ``frames``, ``request`` and
+  ``expect_close``; ``RawPeer.to(server)`` connects to a running server.
 * A pytest plugin (entry point ``morsock``) exposes them as the fixtures
-  ``morsock_server_factory`` and ``raw_peer_factory``.
+  ``morsock_server_factory`` and ``raw_peer_factory`` (which takes a server or a port).
 """
 
 from __future__ import annotations
