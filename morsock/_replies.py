@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from .errors import NotConnectedError, RequestTimeout
 
-__all__ = ["ReplyOrder", "LATE"]
+__all__ = ["ReplyOrder", "LATE", "Waiter"]
 
 
 class _Late:
@@ -59,8 +59,9 @@ class _Late:
 LATE: Any = _Late()
 
 
-class _Waiter:
-    """One waiting request: *event* is set once *reply* or *error* is."""
+class Waiter:
+    """One waiting request: *event* is set once *reply* or *error* is (also a session's
+    requests, matched by id in morsock._session_link)."""
 
     __slots__ = ("event", "reply", "error")
 
@@ -81,7 +82,7 @@ class ReplyOrder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._in_step = threading.Condition(self._lock)
-        self._ledger: deque[Any] = deque()  # _Waiter or LATE, in send order
+        self._ledger: deque[Any] = deque()  # Waiter or LATE, in send order
         self._conn: Any = None              # the connection the ledger belongs to
         self._out_of_step = False
         self._pushed = 0  # places ever taken on this connection's ledger
@@ -99,7 +100,7 @@ class ReplyOrder:
         before RequestTimeout is raised.
         """
         deadline = time.monotonic() + timeout
-        waiter = _Waiter()
+        waiter = Waiter()
         with self._lock:
             if self._conn is not conn:
                 self._adopt(conn)
@@ -172,7 +173,7 @@ class ReplyOrder:
         self._conn = conn
         self._in_step.notify_all()  # requests held for the old connection fail
 
-    def _give_up(self, waiter: _Waiter) -> None:
+    def _give_up(self, waiter: Waiter) -> None:
         """Under the lock: *waiter* timed out; it keeps its place as LATE (rule 2 for the
         ones behind it)."""
         ledger = self._ledger

@@ -35,6 +35,7 @@ import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._component import as_bytes
+from ._replies import Waiter
 from ._session import (
     Channel,
     LateReply,
@@ -172,17 +173,6 @@ def _as_message(data: Any) -> bytes:
     return as_bytes(data)
 
 
-class _Waiter:
-    """One pending request of a session."""
-
-    __slots__ = ("event", "reply", "error")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: bytes | None = None
-        self.error: BaseException | None = None
-
-
 # ----------------------------------------------------------------------------- client
 
 class ClientLink:
@@ -205,7 +195,7 @@ class ClientLink:
         self._open = False                     # the WELCOME came on _conn
         self._announce = False                 # on_connect is due (a new session)
         self._announced = False                # on_connect fired; on_disconnect due
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, Waiter] = {}
         self._unacked: list[Unacknowledged] = []
         self._timer: Timer | None = None
         self._timer_at: float | None = None
@@ -436,7 +426,7 @@ class ClientLink:
     def request(self, data: bytes, timeout: float, encrypted: bool) -> bytes:
         """Client.request inside a session: matched by request id."""
         self._check_key(encrypted)
-        waiter = _Waiter()
+        waiter = Waiter()
         with self._lock:
             try:
                 rid = self.session.request(data, encrypted, time.monotonic())
