@@ -7,6 +7,7 @@ programs are not present (``MORSOCK_DELPHI_BIN``)."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -90,6 +91,19 @@ def test_encrypted_sizes_to_delphi_server(server_factory, size: int) -> None:  #
         assert client.request(data, encrypted=True, timeout=30) == b"Echo: " + data
 
 
+def _wait_listed(server: DelphiPeer, timeout: float = 20.0) -> None:
+    """Wait until the Delphi server's ``clients`` command lists a client; fails after
+    *timeout* seconds."""
+    server.expect(r"^EV connect h=\d+", timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        server.command("clients")
+        if server.expect(r"^CLIENTS").string.split()[1:]:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Delphi server listed no client within {timeout} s")
+
+
 def test_client_reconnects_after_delphi_server_kicks_it(server_factory) -> None:  # type: ignore[no-untyped-def]
     server = server_factory(key_args(KEY, "CBC", 256) + ["--reply", "encrypted"])
     rec = Recorder()
@@ -97,8 +111,15 @@ def test_client_reconnects_after_delphi_server_kicks_it(server_factory) -> None:
                  reconnect_strategy="immediate", on_connect=rec.handler("connect"),
                  on_disconnect=rec.handler("disconnect")) as client:
         assert client.request(b"before", encrypted=True, timeout=10) == b"Echo: before"
+        # kick only once the original lists the client, so kickall has someone to kick
+        _wait_listed(server)
         server.command("kickall")
-        rec.wait_count("disconnect", 1, timeout=20)
+        server.expect(r"^OK kickall")
+        server.expect(r"^EV disconnect h=\d+")
+        try:
+            rec.wait_count("disconnect", 1, timeout=20)
+        except AssertionError as exc:
+            pytest.fail(f"{exc}; the Delphi server printed: {''.join(server.out)[-2000:]}")
         rec.wait_count("connect", 2, timeout=20)
         assert client.request(b"after", encrypted=True, timeout=10) == b"Echo: after"
 
