@@ -17,12 +17,14 @@ from typing import List, Optional
 
 import pytest
 
+from helpers import scaled
+
 LOCAL = "127.0.0.1"
 DELPHI_BIN = Path(os.environ.get(
     "MORSOCK_DELPHI_BIN",
     Path(__file__).resolve().parents[2] / "shared" / "delphi_peer" / "bin"))
 #: Bound of every wait on a Delphi program's output.
-PEER_WAIT = 30.0
+PEER_WAIT = scaled(30.0)
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,23 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from Crypto.Cipher import AES
 
+#: Every bound of a wait in these tests is multiplied by this factor, read from the
+#: environment variable ``MORSOCK_TEST_TIMEOUT_FACTOR`` (default 1; raise it on a slow
+#: machine). Waits end as soon as their condition holds, so a larger factor only makes a
+#: failing test take longer to fail.
+TIMEOUT_FACTOR = float(os.environ.get("MORSOCK_TEST_TIMEOUT_FACTOR", "1") or "1")
+if not TIMEOUT_FACTOR > 0:
+    raise ValueError("MORSOCK_TEST_TIMEOUT_FACTOR must be a number above 0, "
+                     f"not {os.environ.get('MORSOCK_TEST_TIMEOUT_FACTOR')!r}")
+
+
+def scaled(seconds: float) -> float:
+    """*seconds* times :data:`TIMEOUT_FACTOR`: the bound to give a wait."""
+    return seconds * TIMEOUT_FACTOR
+
+
 #: Default bound of every wait in these tests (generous: the machine is shared).
-TIMEOUT = 10.0
+TIMEOUT = scaled(10.0)
 
 
 class Recorder:
@@ -40,12 +55,28 @@ class Recorder:
     def __init__(self) -> None:
         self.events: List[Tuple[Any, ...]] = []
         self._cond = threading.Condition()
+        #: Callables run with each recorded event, after it is recorded, on the thread
+        #: that recorded it.
+        self.hooks: List[Callable[[Tuple[Any, ...]], None]] = []
+
+    @property
+    def cond(self) -> threading.Condition:
+        """The condition guarding :attr:`events` (hold it to read them consistently)."""
+        return self._cond
 
     def add(self, *item: Any) -> None:
-        """Record one event (any thread)."""
+        """Record one event (any thread), then run :attr:`hooks` with it."""
         with self._cond:
             self.events.append(item)
             self._cond.notify_all()
+        for hook in list(self.hooks):
+            hook(item)
+
+    def holds(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+        """Wait until ``predicate()`` (evaluated under :attr:`cond`) is true; return
+        whether it became true within *timeout* seconds (no exception)."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
 
     def handler(self, name: str, result: Any = None,
                 thread: bool = False) -> Callable[..., Any]:
@@ -241,7 +272,7 @@ def vector_decrypt(mode: str, payload: bytes, key: Optional[bytes] = None) -> by
 #: The repository root: the working directory of every child process.
 ROOT = Path(__file__).resolve().parent.parent
 #: Bound of every subprocess wait (a child starts an interpreter: slower than a thread).
-CHILD_WAIT = 60.0
+CHILD_WAIT = scaled(60.0)
 CHILD_ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
 
 

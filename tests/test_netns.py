@@ -28,7 +28,9 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-CHILD_TIMEOUT = 180
+from helpers import scaled
+
+CHILD_TIMEOUT = scaled(180)
 # keep-alive settings of the half-open scenario: dead after about 1 + 1 * 2 = 3 s
 KA_IDLE, KA_INTERVAL, KA_COUNT = 1, 1, 2
 KA_BOUND = KA_IDLE + KA_INTERVAL * KA_COUNT

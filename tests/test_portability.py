@@ -26,10 +26,10 @@ import morsock.server
 from morsock import ErrorCode
 from morsock.testing import RawPeer, running_server
 
-from helpers import Recorder
+from helpers import Recorder, scaled
 
 CHILD = Path(__file__).resolve().parent / "portability_child.py"
-CHILD_TIMEOUT = 240.0  # bound of the subprocess: a shared 2-core machine can be slow
+CHILD_TIMEOUT = scaled(240.0)  # bound of the subprocess: a shared 2-core machine can be slow
 
 
 def test_library_runs_without_posix_only_names(tmp_path: Path) -> None:

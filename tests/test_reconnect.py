@@ -31,16 +31,14 @@ from morsock import (Client, ClientState, ConnectError, ErrorCode, NotConnectedE
 from morsock.reconnect import VirtualClock
 from morsock.testing import running_server
 
-WAIT = 15.0        # generous bound for anything that must happen (2 cores, parallel runs)
+from helpers import Recorder, scaled
+
+WAIT = scaled(15.0)  # generous bound for anything that must happen (2 cores, parallel runs)
 
 
-class Recorder:
-    """Collects a client's events, in the client's single event order, with timestamps."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.events: List[Tuple[float, str, Any]] = []
-        self.hooks: List[Callable[[str, Any], None]] = []
+class ClientRecorder(Recorder):
+    """The shared :class:`helpers.Recorder` attached to one client's events, each
+    recorded as ``(kind, detail, monotonic time)`` in the client's single event order."""
 
     def attach(self, client: Client) -> Client:
         client.on_connect = lambda c: self._add("connect", None)
@@ -50,57 +48,53 @@ class Recorder:
         return client
 
     def _add(self, kind: str, detail: Any) -> None:
-        with self.cond:
-            self.events.append((time.monotonic(), kind, detail))
-            self.cond.notify_all()
-        for hook in list(self.hooks):
-            hook(kind, detail)
+        self.add(kind, detail, time.monotonic())
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-        with self.cond:
-            return self.cond.wait_for(predicate, timeout)
+    def wait_for(self, predicate: Callable[[], bool],  # type: ignore[override]
+                 timeout: float = WAIT) -> bool:
+        """Whether ``predicate()`` became true within *timeout* (see ``holds``)."""
+        return self.holds(predicate, timeout)
 
     def count(self, kind: str) -> int:
-        with self.cond:
-            return sum(1 for _, k, _ in self.events if k == kind)
+        return len(self.named(kind))
+
+    def details(self, kind: str) -> List[Any]:
+        """The details of the events of *kind*, in order."""
+        return [e[1] for e in self.named(kind)]
 
     def codes(self) -> List[int]:
-        with self.cond:
-            return [d[0] for _, k, d in self.events if k == "error"]
+        return [d[0] for d in self.details("error")]
 
     def states(self) -> List[ClientState]:
-        with self.cond:
-            return [d[1] for _, k, d in self.events if k == "state"]
+        return [d[1] for d in self.details("state")]
 
     def kinds(self, start: int = 0) -> List[str]:
         """Compact trace from event *start*: ``connect``, ``S:CONNECTED``, ``E:3`` ..."""
-        with self.cond:
-            out = []
-            for _, kind, detail in self.events[start:]:
-                if kind == "state":
-                    out.append(f"S:{detail[1].name}")
-                elif kind == "error":
-                    out.append(f"E:{detail[0]}")
-                else:
-                    out.append(kind)
-            return out
+        out = []
+        for kind, detail, _ in self.snapshot()[start:]:
+            if kind == "state":
+                out.append(f"S:{detail[1].name}")
+            elif kind == "error":
+                out.append(f"E:{detail[0]}")
+            else:
+                out.append(kind)
+        return out
 
     def __len__(self) -> int:
-        with self.cond:
-            return len(self.events)
+        return len(self.snapshot())
 
     def quiet_for(self, seconds: float) -> bool:
         """True if no event at all arrives within *seconds* (an event that must NOT fire)."""
         n = len(self)
-        return not self.wait_for(lambda: len(self.events) > n, seconds)
+        return not self.holds(lambda: len(self.events) > n, seconds)
 
 
 @contextlib.contextmanager
-def client_of(**settings: Any) -> Iterator[Tuple[Client, Recorder]]:
+def client_of(**settings: Any) -> Iterator[Tuple[Client, ClientRecorder]]:
     """A Client on 127.0.0.1 with a Recorder attached; always disconnected at the end."""
     settings.setdefault("host", "127.0.0.1")
     client = Client(**settings)
-    recorder = Recorder()
+    recorder = ClientRecorder()
     recorder.attach(client)
     try:
         yield client, recorder
@@ -181,7 +175,7 @@ def drop_all(server: morsock.Server) -> int:
     return server.disconnect_all_clients()
 
 
-def connect_and_settle(client: Client, rec: Recorder) -> None:
+def connect_and_settle(client: Client, rec: ClientRecorder) -> None:
     """connect(), then wait until its on_connect ran (events trail connect() a little)."""
     before = rec.count("connect")
     client.connect()
@@ -298,7 +292,7 @@ def test_name_resolution_failure_feeds_the_loop() -> None:
         assert "no-such-host.invalid" in str(error)
         assert rec.wait_for(lambda: ErrorCode.MAX_RECONNECT_ATTEMPTS in rec.codes()), rec.kinds()
         assert rec.codes() == [-1, 1, 2, -99]
-        messages = [d[1] for _, k, d in rec.events if k == "error"]
+        messages = [d[1] for d in rec.details("error")]
         assert all("no-such-host.invalid" in m for m in messages[:3]), messages
 
 
@@ -404,8 +398,8 @@ def test_reconnect_gaps_in_virtual_time(strategy: ReconnectStrategy, interval: i
             reconnect_max_interval=400) as (client, rec):
         client._clock = clock
         starts: List[float] = []
-        rec.hooks.append(lambda kind, detail: kind == "state" and
-                         detail[1] is ClientState.CONNECTING and starts.append(clock()))
+        rec.hooks.append(lambda event: event[0] == "state" and
+                         event[1][1] is ClientState.CONNECTING and starts.append(clock()))
         connect_expecting_failure(client)
         gaps = []
         for n in range(1, 6):
@@ -437,9 +431,8 @@ def test_immediate_and_fixed_interval_gaps() -> None:
                 reconnect_strategy=strategy, reconnect_interval=interval) as (client, rec):
             connect_expecting_failure(client)
             assert rec.wait_for(lambda: -99 in rec.codes()), rec.kinds()
-            with rec.cond:
-                starts = [t for t, k, d in rec.events
-                          if k == "state" and d[1] is ClientState.CONNECTING]
+            starts = [t for kind, d, t in rec.snapshot()
+                      if kind == "state" and d[1] is ClientState.CONNECTING]
             gaps = [b - a for a, b in zip(starts, starts[1:])]
             assert len(gaps) == 3
             assert all(0.6 * nominal <= g <= 1.4 * nominal + 0.05 for g in gaps), gaps
@@ -479,8 +472,8 @@ def test_disconnect_from_on_error_handler_stops_retrying() -> None:
             reconnect_strategy=ReconnectStrategy.IMMEDIATE) as (client, rec):
         stopped = threading.Event()
 
-        def on_error(kind: str, detail: Any) -> None:
-            if kind == "error" and detail[0] == 1:
+        def on_error(event: Tuple[Any, ...]) -> None:
+            if event[0] == "error" and event[1][0] == 1:
                 client.disconnect()                       # from the client's own thread
                 stopped.set()
 
@@ -624,7 +617,7 @@ def test_events_through_main_thread_queue_keep_the_order() -> None:
             port=server.port, auto_reconnect=True, events_use_main_thread=True,
             event_queue=queue, reconnect_strategy=ReconnectStrategy.IMMEDIATE) as (client, rec):
         threads = set()
-        rec.hooks.append(lambda kind, detail: threads.add(threading.current_thread()))
+        rec.hooks.append(lambda event: threads.add(threading.current_thread()))
         client.connect()
         assert drop_all(server) == 1
         deadline = time.monotonic() + WAIT
@@ -719,9 +712,8 @@ def test_connected_time_and_attempts_stay_truthful() -> None:
         assert client.reconnect_attempts >= 2
         server.start()
         assert rec.wait_for(lambda: rec.count("connect") == 2), rec.kinds()
-        with rec.cond:
-            connected_at = [t for t, k, d in rec.events
-                            if k == "state" and d[1] is ClientState.CONNECTED][-1]
+        connected_at = [t for kind, d, t in rec.snapshot()
+                        if kind == "state" and d[1] is ClientState.CONNECTED][-1]
         assert client.reconnect_attempts == 0
         assert client.connected_time <= time.monotonic() - connected_at + 0.5   # new clock
         first = client.connected_time
@@ -734,8 +726,8 @@ def test_reconnect_from_on_error_handler_after_giving_up() -> None:
             reconnect_strategy=ReconnectStrategy.IMMEDIATE) as (client, rec):
         outcome: List[Any] = []
 
-        def on_give_up(kind: str, detail: Any) -> None:
-            if kind == "error" and detail[0] == ErrorCode.MAX_RECONNECT_ATTEMPTS:
+        def on_give_up(event: Tuple[Any, ...]) -> None:
+            if event[0] == "error" and event[1][0] == ErrorCode.MAX_RECONNECT_ATTEMPTS:
                 server.start()
                 try:
                     client.reconnect()                    # on the client's own worker

@@ -30,10 +30,10 @@ import morsock  # noqa: E402
 import morsock.tk  # noqa: E402
 from morsock.testing import running_server  # noqa: E402
 
-from helpers import wait_until  # noqa: E402
+from helpers import scaled, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-WAIT = 15.0  # generous bound of every wait: the machine is shared
+WAIT = scaled(15.0)  # generous bound of every wait: the machine is shared
 
 
 def _tk_works() -> bool:
