@@ -777,7 +777,6 @@ class Server(Component):
         client = conn.facade
         hold = None if queue is None else queue.held.append
         limit = self.max_message_size  # a larger reply is refused by _reply, reported
-        data: bytes
         calls = 0  # plaintext frames of the current timed run
         start = 0.0
         for item in items:
@@ -798,19 +797,10 @@ class Server(Component):
                 if calls:  # the run of plaintext frames ends here
                     done(perf_counter() - start, calls)  # type: ignore[misc]
                     calls = 0
-                opened = self._open_item(conn, item)
-                if opened is None or conn.closing:
+                answer = self._handle_sealed(conn, item, handler, done)
+                if answer is None:
                     continue
-                data, flag = opened
-                call = handler if done is None else self._observed(handler)
-                try:
-                    if flag:
-                        reply = self._call_encrypted(call, client, data)  # type: ignore[arg-type]
-                    else:
-                        reply = call(self, client, data)  # type: ignore[misc]
-                except Exception as exc:
-                    self._handler_failed("on_handle_command", exc, (client,))
-                    continue
+                reply, flag = answer
             if reply.__class__ is not bytes or flag:
                 if reply:
                     self._reply(conn, reply, flag != 0)  # corked: sent with the batch
@@ -830,6 +820,26 @@ class Server(Component):
                     conn.release_held()
         if calls:
             done(perf_counter() - start, calls)  # type: ignore[misc]
+
+    def _handle_sealed(self, conn: Connection, item: Any, handler: Callable[..., Any],
+                       done: Callable[[float, int], None] | None) -> tuple[Any, int] | None:
+        """Strand (:meth:`_handle_items`): an item that is not a plaintext payload, opened
+        (:meth:`_open_item`) and handed to *handler*, timed alone when *done* is set
+        (metrics). Returns ``(reply, flag)``; None when the item was refused, the
+        connection is closing or the handler raised (reported). Never raises."""
+        opened = self._open_item(conn, item)
+        if opened is None or conn.closing:
+            return None
+        data, flag = opened
+        call = handler if done is None else self._observed(handler)
+        client = conn.facade
+        try:
+            if flag:
+                return self._call_encrypted(call, client, data), flag  # type: ignore[arg-type]
+            return call(self, client, data), flag  # type: ignore[misc]
+        except Exception as exc:
+            self._handler_failed("on_handle_command", exc, (client,))
+            return None
 
     def _logged(self, handler: Callable[..., Any] | None) -> Callable[..., Any] | None:
         """*handler* that first logs each message at DEBUG (while the logger takes them)."""
