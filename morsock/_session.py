@@ -159,6 +159,9 @@ ACK_EVERY = 64
 _HELLO, _WELCOME, _ACK, _GOING_AWAY = 1, 2, 3, 4
 _DATA, _REQUEST, _REPLY = 8, 9, 10
 _WITH_ACK = 0x80
+_REQUEST_ACK = _REQUEST | _WITH_ACK
+_REQUEST_ACK_BYTE = bytes((_REQUEST_ACK,))
+_REPLY_ACK_BYTE = bytes((_REPLY | _WITH_ACK,))
 _KINDS = frozenset((_HELLO, _WELCOME, _ACK, _GOING_AWAY, _DATA, _REQUEST, _REPLY))
 _CONTROL = frozenset((_ACK, _GOING_AWAY))
 _LABEL_SECRET = b"morsock session v1 secret"
@@ -669,22 +672,9 @@ class Session:
         if not record:
             raise _malformed("empty")
         kind_byte = record[0]
-        if (kind_byte == _REQUEST | _WITH_ACK and not unauthenticated and not self._client
-                and self._state == _OPEN):
-            # The commonest record on a server: a request with its ack (the rules below,
-            # in the order that applies to it).
-            peer_ack, pos = _get_varint(record, 1)
-            rid, pos = _get_varint(record, pos)
-            if rid == 0:
-                raise _malformed("request id 0")
-            self._on_ack(peer_ack)
-            if self._skip:
-                self._skip -= 1   # delivered before the resume, its handler runs
-                return []
-            if rid > self._max_rid_seen:
-                self._max_rid_seen = rid
-            body = record[pos:]
-            self._count_delivery(len(body), now)
+        if (kind_byte == _REQUEST_ACK and not unauthenticated and not self._client
+                and self._state == _OPEN and not self._skip):
+            rid, body = self._take_request(record, now)   # the commonest, on a server
             return [_new_message(Message, (body, encrypted, rid, 0))]
         kind = kind_byte & ~_WITH_ACK
         if kind not in _KINDS:
@@ -737,6 +727,62 @@ class Session:
                 self._max_rid_seen = rid
             return self._deliver(_new_message(Message, (body, encrypted, rid, 0)), now)
         return self._deliver(_new_message(Message, (body, encrypted, 0, 0)), now)
+
+    # -- the server's commonest exchange, in two calls -------------------------------------
+    def take_request(self, record: bytes, now: float) -> tuple[int, bytes] | None:
+        """Server: :meth:`receive` of the commonest frame -- a plaintext (flag 3) REQUEST
+        with its ack, on an open session over an unbound channel -- returning ``(request
+        id, body)``, the Message that :meth:`receive` would deliver. None for any other
+        record or session state: nothing changed, call :meth:`receive`. Raises as
+        :meth:`receive`."""
+        channel = self._channel
+        if (record[:1] != _REQUEST_ACK_BYTE or self._client or self._state != _OPEN
+                or self._skip or channel is None or channel.binding is not None):
+            return None
+        return self._take_request(record, now)
+
+    def _take_request(self, record: bytes, now: float) -> tuple[int, bytes]:
+        """A REQUEST-with-ack record on an open session with nothing to skip: the rules of
+        :meth:`_record`, in the order that applies to it."""
+        peer_ack, pos = _get_varint(record, 1)
+        rid, pos = _get_varint(record, pos)
+        if rid == 0:
+            raise _malformed("request id 0")
+        self._on_ack(peer_ack)
+        if rid > self._max_rid_seen:
+            self._max_rid_seen = rid
+        body = record[pos:]
+        self._count_delivery(len(body), now)
+        return rid, body
+
+    def reply_frame(self, request_id: int, data: bytes) -> bytes | None:
+        """Server, ``ack_when_handled``: :meth:`handled` then a plaintext :meth:`reply`,
+        in the commonest case -- an open session over an unbound channel, the reply
+        carrying a new ack, room in the resend buffer -- returning the reply's frame to
+        write (nothing is queued in :meth:`frames_to_send`). None in any other case:
+        nothing changed, call those two."""
+        size = len(data)
+        channel = self._channel
+        ack = self._delivered - self._unhandled + 1
+        if (self._state != _OPEN or self._client or not self._unhandled
+                or ack <= self._ack_sent or channel is None or channel.binding is not None
+                or not 0 < request_id <= self._max_rid_seen
+                or (self._buffered and self._buffered + size > self.max_send_buffer)):
+            return None
+        self._unhandled -= 1
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._sent_upto = seq
+        self._unacked.append((seq, _new_message(Message, (data, False, 0, request_id)), size))
+        self._buffered += size
+        self._ack_sent = ack
+        self._ack_bytes = 0
+        self._ack_deadline = None
+        record = bytearray(_REPLY_ACK_BYTE)
+        _put_varint(record, ack)
+        _put_varint(record, request_id)
+        record += data
+        return encode_frame(record, FLAG_SESSION)
 
     def _deliver(self, message: Message, now: float) -> list[Event]:
         if self._state == _CLOSING:

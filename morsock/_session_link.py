@@ -711,6 +711,8 @@ class ServerSessions:
         entry = self._entries.get(conn)
         if entry is None or entry.token is not token:
             return
+        if len(frames) == 1 and self._handle_request(entry, conn, token, frames[0]):
+            return
         events: list[Any] = []
         bad: MorsockError | None = None
         session = entry.session
@@ -741,55 +743,94 @@ class ServerSessions:
             conn.close(bad.code or ErrorCode.INVALID_PROTOCOL,
                        f"session frame from {conn.describe()} rejected: {bad}")
 
+    def _handle_request(self, entry: _Entry, conn: Connection, token: _Token,
+                        frame: Any) -> bool:
+        """:meth:`handle` of the commonest read: one plaintext request
+        (:meth:`Session.take_request`), answered through :meth:`_answer`. False when
+        *frame* is anything else (nothing changed); True when it was handled, dropped or
+        refused."""
+        if frame.__class__ is bytes or frame.flag != FLAG_SESSION:
+            return False
+        session = entry.session
+        with self._lock:
+            if entry.token is not token or entry.ended:
+                return True
+            try:
+                taken = session.take_request(frame.payload, time.monotonic())
+            except (ProtocolError, CryptoError) as exc:
+                bad: MorsockError | None = exc
+            else:
+                if taken is None:
+                    return False
+                bad = None
+                if session._out:   # an ACK that could not wait
+                    self._flush(entry)
+        if bad is not None:
+            conn.close(bad.code or ErrorCode.INVALID_PROTOCOL,
+                       f"session frame from {conn.describe()} rejected: {bad}")
+            return True
+        self._answer(entry, conn, taken[1], False, taken[0])  # type: ignore[index]
+        if session._ack_deadline is not None:
+            with self._lock:
+                self._arm(entry)
+        return True
+
     def _dispatch(self, entry: _Entry, conn: Connection, event: Any) -> None:
+        if event.__class__ is Message:
+            self._answer(entry, conn, event.data, event.encrypted, event.request_id)
+        elif isinstance(event, SessionEnded):
+            with self._lock:
+                self._end(entry, event)
+
+    def _answer(self, entry: _Entry, conn: Connection, data: bytes, encrypted: bool,
+                request_id: int) -> None:
+        """Strand: a delivered message through the server's handler; acknowledged once the
+        handler returned, its reply (to *request_id*, if not 0) sent in the session."""
         server = self._server
-        if event.__class__ is not Message:
-            if isinstance(event, SessionEnded):
-                with self._lock:
-                    self._end(entry, event)
-            return
         handler = server.on_handle_command   # timed by _call_handler for the metrics
         session = entry.session
-        if handler is None:
-            with self._lock:
-                session.handled(time.monotonic())
-                self._flush(entry)
-            return
-        client = entry.client
-        if event.encrypted:
-            client.facade.message_encrypted = True
+        reply: Any = None
+        if handler is not None and encrypted:
+            entry.client.facade.message_encrypted = True
             try:
-                reply = server._call_handler(handler, client, event.data)
+                reply = server._call_handler(handler, entry.client, data)
             finally:
-                client.facade.message_encrypted = False
-        else:
-            reply = server._call_handler(handler, client, event.data)
-        data = b""
-        if reply and reply.__class__ is bytes:
-            data = reply
-        elif reply:
+                entry.client.facade.message_encrypted = False
+        elif handler is not None:
+            reply = server._call_handler(handler, entry.client, data)
+        if reply and reply.__class__ is not bytes:
             try:
-                data = _as_message(reply)
+                reply = _as_message(reply)
             except TypeError as exc:
                 server._report(entry.client, f"reply to {conn.describe()} not sent: {exc}",
                                ErrorCode.HANDLER_EXCEPTION)
+                reply = None
         with self._lock:
+            writer = entry.writer
+            if (reply and request_id and not encrypted and writer is not None
+                    and not entry.ended):
+                frame = session.reply_frame(request_id, reply)
+                if frame is not None:
+                    _write(entry.token, writer, [frame])
+                    return
             # acknowledged only now that its handler returned (the reply carries it)
             session.handled(time.monotonic())
-            if entry.ended or not data:
-                self._flush(entry)
-                return
-            try:
-                if event.request_id:
-                    entry.session.reply(event.request_id, data, event.encrypted,
-                                        time.monotonic())
-                else:
-                    entry.session.send(data, event.encrypted, time.monotonic())
-            except (MorsockError, ValueError) as exc:
-                server._report(entry.client, f"reply to {conn.describe()} not sent: {exc}",
-                               getattr(exc, "code", None) or ErrorCode.SEND_BUFFER_FULL)
-                return
+            if reply and not entry.ended:
+                self._reply_locked(entry, conn, reply, encrypted, request_id)
             self._flush(entry)
+
+    def _reply_locked(self, entry: _Entry, conn: Connection, data: bytes, encrypted: bool,
+                      request_id: int) -> None:
+        """Under the lock: the handler's reply into the session (queued for _flush); a
+        refused one is reported."""
+        try:
+            if request_id:
+                entry.session.reply(request_id, data, encrypted, time.monotonic())
+            else:
+                entry.session.send(data, encrypted, time.monotonic())
+        except (MorsockError, ValueError) as exc:
+            self._server._report(entry.client, f"reply to {conn.describe()} not sent: {exc}",
+                                 getattr(exc, "code", None) or ErrorCode.SEND_BUFFER_FULL)
 
     def disconnect_marker(self, conn: Connection) -> bool:
         """Server._run_item, DISCONNECTED of *conn*: True when on_disconnect fires now (and

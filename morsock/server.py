@@ -736,6 +736,9 @@ class Server(Component):
         batch of one, the commonest, replies at once."""
         conn.runner = get_ident()
         try:
+            if items[0].__class__ is SessionFrames and len(items) == 1:
+                self._run_session_item(conn, items[0])  # it delivers and replies itself
+                return
             handler = self.on_handle_command
             debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
             if debug or (debug is None and self._debug()):
@@ -878,18 +881,23 @@ class Server(Component):
             if observer is not None:
                 observer.handler_done(perf_counter() - start)
 
+    def _run_session_item(self, conn: Connection, item: SessionFrames) -> None:
+        """Strand: one read of a session connection, which delivers (and replies) itself;
+        logs what it raises."""
+        if not conn.closing:
+            try:
+                item.run(conn)
+            except Exception:
+                self._log.exception("unhandled error handling %r on %s", item, conn)
+
     def _open_item(self, conn: Connection, item: Any) -> tuple[bytes, int] | None:
         """Strand: the data and flag of a frame that needs opening (encrypted, or any
         under ``require_encryption``); None when there is nothing to handle: the frame
         was consumed (handshake) or refused, or *item* is a life-cycle marker, which
         this runs."""
         cls = item.__class__
-        if cls is SessionFrames:  # one read of a session: it delivers (and replies) itself
-            if not conn.closing:
-                try:
-                    item.run(conn)
-                except Exception:
-                    self._log.exception("unhandled error handling %r on %s", item, conn)
+        if cls is SessionFrames:
+            self._run_session_item(conn, item)
             return None
         if cls is not bytes and cls is not Frame:
             self._run_marker(conn, item)
