@@ -15,29 +15,9 @@ Opt-in, morsock peers only
     handler as data and answers, if at all, with something that is not a WELCOME: in both
     cases the resumable client's connect fails (ConnectError).
 
-Frames (the 9-byte frame header is unchanged)
-    Inside a session every frame of the connection is one of:
-
-    * flag 0, raw payload: one application message, exactly as today (no request id, no
-      acknowledgement). Its bytes are those of a connection without sessions.
-    * flag 3 (``FLAG_SESSION``), payload = one *record* in plaintext.
-    * flag 1 or 2 (the connection's encryption profile): the plaintext sealed in the
-      frame is one *record* (the record's bytes are what gets encrypted).
-
-    ::
-
-        record  = type (1) || [ack (varint) if type & 0x80] || fields || body
-        type    = kind | 0x80 when an ack follows; bits 0x70 are zero
-        varint  = unsigned LEB128, at most 10 bytes (values < 2**64)
-
-        kind  name        fields                 body          counts as a message
-        1     HELLO       see below (flag 3 only, the client's first frame)
-        2     WELCOME     see below (flag 3 only, the server's answer)
-        3     ACK         (the ack is always present: type 0x83)            no
-        4     GOING_AWAY  (ack always present: type 0x84)                   no
-        8     DATA        --                     the message   yes
-        9     REQUEST     request id (varint)    the message   yes (client -> server)
-        10    REPLY       request id (varint)    the message   yes (server -> client)
+Wire format
+    The records, the HELLO and WELCOME and what protects a resume:
+    :mod:`morsock._session_wire`.
 
 Sequence numbers and acknowledgements
     Each direction numbers its application messages 1, 2, 3 ... across every connection
@@ -56,58 +36,6 @@ Sequence numbers and acknowledgements
     ``max_send_buffer`` bytes of payload: past it a send raises SendBufferFullError
     (back-pressure, nothing is dropped); a message is always accepted into an empty one.
     While there is no connection, sends go into the same buffer.
-
-Hello and resume
-    ::
-
-        HELLO   = 01 || version (1) = 01 || caps (varint) || window (varint)
-                  || sid_len (1: 0 = new session, 16 = resume) || session id (sid_len)
-                  || delivered (varint) || proof (0 or 32)
-        WELCOME = 02 || version (1) = 01 || caps (varint) || window (varint)
-                  || resume_window_ms (varint) || status (1: 0 = new, 1 = resumed)
-                  || session id (16) || delivered (varint) || proof (0 or 32)
-
-    ``caps``: bit 0 request ids, bit 1 GOING_AWAY (version 1 peers set both; unknown bits
-    are ignored). ``window``: the sender's ``max_send_buffer``. ``delivered``: the count of
-    the peer's messages this side delivered (the resume point; 0 for a new session).
-
-    On resume each side drops from its resend buffer what the other says it delivered and
-    sends the rest, in order, first on the new connection: the server right after its
-    WELCOME, the client once it has the WELCOME (it sends nothing else before it). Each
-    side resends from exactly the peer's resume point, so no message arrives twice; a
-    resume point outside [acknowledged, sent] is a protocol error. An unknown or expired
-    session id gets a WELCOME of a *new* session: the client then reports the old one lost
-    (SESSION_LOST) and hands back every message it had not seen acknowledged.
-
-What protects resumption (``binding``: a 32-byte secret both ends of one TCP connection
-share and nobody else knows)
-    AUTHENTICATED profile: ``binding`` = ``AuthSession.binding`` (k_export of that
-    connection's handshake, see :mod:`morsock.crypto`). The session secret is never sent::
-
-        secret = HMAC-SHA256(binding of the connection that created it,
-                             b"morsock session v1 secret" || session id)
-        HELLO proof   = HMAC-SHA256(K, b"morsock session v1 hello" || binding || HELLO
-                        before the proof), K = binding (new) or secret (resume)
-        WELCOME proof = HMAC-SHA256(secret, b"morsock session v1 welcome" || binding ||
-                        WELCOME before the proof)
-
-    So a resume needs the secret, which needs the key and the creating connection's
-    handshake: someone who saw the session id (or even the whole first connection without
-    the key) cannot take the session over, and a recorded HELLO fails on any other
-    connection (another binding). A wrong proof closes that connection with
-    AUTHENTICATION_FAILED and leaves the session as it was. On such a connection ACK,
-    GOING_AWAY and piggybacked acks are accepted only inside flag-2 frames (a flag-3 frame
-    carrying one is AUTHENTICATION_FAILED), so acknowledgements cannot be forged;
-    plaintext messages stay as unauthenticated as plaintext is without sessions. A
-    session created on an AUTHENTICATED connection resumes only on one.
-
-    Plain, MORMOT and TLS connections have no binding: the WELCOME of a new session
-    carries a random 32-byte secret as its proof and a resume HELLO presents it (compared
-    in constant time); WELCOME of a resume and HELLO of a new session have no proof. Over
-    TLS the secret is as confidential as everything else in the TLS channel; in plaintext
-    and MORMOT (whose frames are unauthenticated and replayable) it only stops an off-path
-    guess of 128 + 256 random bits: whoever can read the stream can resume the session,
-    as they can already read and inject its messages.
 
 Ordering with the handshakes
     TCP connect -> TLS handshake (if any) -> AUTHENTICATED ClientHello/ServerHello (if
@@ -132,14 +60,41 @@ from __future__ import annotations
 import hmac
 import os
 from collections import deque
-from typing import TYPE_CHECKING, Callable, NamedTuple, Union
+from typing import NamedTuple, Union
 
+from ._session_wire import (
+    ACK,
+    ACK_EVERY,
+    CAPS,
+    CONTROL,
+    DATA,
+    GOING_AWAY,
+    HELLO,
+    KINDS,
+    LABEL_HELLO,
+    LABEL_WELCOME,
+    PROOF_SIZE,
+    REPLY,
+    REPLY_ACK_BYTE,
+    REQUEST,
+    REQUEST_ACK,
+    REQUEST_ACK_BYTE,
+    SESSION_ID_SIZE,
+    VERSION,
+    WELCOME,
+    WITH_ACK,
+    Channel,
+    bound_secret,
+    get_varint,
+    make_proof,
+    malformed,
+    parse_hello,
+    parse_welcome,
+    put_varint,
+)
 from .enums import ErrorCode
 from .errors import CryptoError, ProtocolError, SendBufferFullError
 from .protocol import FLAG_PLAIN, FLAG_SESSION, Frame, encode_frame
-
-if TYPE_CHECKING:
-    from .crypto import AuthSession, MormotCipher
 
 __all__ = [
     "Channel", "Message", "LateReply", "SessionStarted", "SessionEnded", "Event",
@@ -147,142 +102,12 @@ __all__ = [
     "ACK_EVERY",
 ]
 
-VERSION = 1
-CAP_REQUEST_IDS = 1
-CAP_GOING_AWAY = 2
-CAPS = CAP_REQUEST_IDS | CAP_GOING_AWAY
-SESSION_ID_SIZE = 16
-PROOF_SIZE = 32
-#: An ack goes out at once when this many delivered messages are unacknowledged.
-ACK_EVERY = 64
-
-_HELLO, _WELCOME, _ACK, _GOING_AWAY = 1, 2, 3, 4
-_DATA, _REQUEST, _REPLY = 8, 9, 10
-_WITH_ACK = 0x80
-_REQUEST_ACK = _REQUEST | _WITH_ACK
-_REQUEST_ACK_BYTE = bytes((_REQUEST_ACK,))
-_REPLY_ACK_BYTE = bytes((_REPLY | _WITH_ACK,))
-_KINDS = frozenset((_HELLO, _WELCOME, _ACK, _GOING_AWAY, _DATA, _REQUEST, _REPLY))
-_CONTROL = frozenset((_ACK, _GOING_AWAY))
-_LABEL_SECRET = b"morsock session v1 secret"
-_LABEL_HELLO = b"morsock session v1 hello"
-_LABEL_WELCOME = b"morsock session v1 welcome"
-_VARINT_MAX = (1 << 64) - 1
-
 # Session states
 _DETACHED = "DETACHED"   # no connection (yet, or since a drop)
 _HELLO_SENT = "HELLO"    # client: HELLO sent, waiting for the WELCOME
 _OPEN = "OPEN"
 _CLOSING = "CLOSING"     # GOING_AWAY sent, waiting for the peer's
 _ENDED = "ENDED"
-
-
-# --------------------------------------------------------------------------- the wire
-
-def _put_varint(out: bytearray, value: int) -> None:
-    if value < 0x80:   # the common cases: one byte, two bytes
-        out.append(value)
-        return
-    if value < 0x4000:
-        out += bytes(((value & 0x7F) | 0x80, value >> 7))
-        return
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-
-
-def _malformed(what: str) -> ProtocolError:
-    return ProtocolError(f"malformed session record: {what}", ErrorCode.INVALID_PROTOCOL)
-
-
-def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """Return (value, position after it); ProtocolError if truncated or over 64 bits."""
-    if pos + 1 < len(buf):   # the common cases: one byte, two bytes
-        first = buf[pos]
-        if first < 0x80:
-            return first, pos + 1
-        second = buf[pos + 1]
-        if second < 0x80:
-            return (first & 0x7F) | (second << 7), pos + 2
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise _malformed("truncated number")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if result > _VARINT_MAX:
-                raise _malformed("number over 64 bits")
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise _malformed("number over 64 bits")
-
-
-def _proof(key: bytes, label: bytes, binding: bytes, record: bytes | bytearray) -> bytes:
-    return hmac.digest(key, label + binding + bytes(record), "sha256")
-
-
-def _bound_secret(binding: bytes, session_id: bytes) -> bytes:
-    return hmac.digest(binding, _LABEL_SECRET + session_id, "sha256")
-
-
-class Channel:
-    """One TCP connection as the session layer sees it: how it seals and opens encrypted
-    records, and its binding (API of the module docstring). Made by the shell for each
-    connection and never reused (AUTHENTICATED keys are per connection). Not
-    thread-safe: used under the session's lock."""
-
-    __slots__ = ("flag", "binding", "_seal", "_open")
-
-    def __init__(self, flag: int = FLAG_PLAIN, seal: Callable[[bytes], bytes] | None = None,
-                 open_: Callable[[bytes], bytes] | None = None,
-                 binding: bytes | None = None) -> None:
-        """*seal*: plaintext -> complete frame; *open_*: payload -> plaintext, for frames of
-        *flag*; *binding*: see the module docstring. Prefer the class methods."""
-        self.flag = flag
-        self.binding = binding
-        self._seal = seal
-        self._open = open_
-
-    @classmethod
-    def plain(cls) -> Channel:
-        """A connection without per-message encryption (plaintext or TLS)."""
-        return cls()
-
-    @classmethod
-    def authenticated(cls, auth: AuthSession) -> Channel:
-        """A connection after its AUTHENTICATED handshake (flag 2, bound to it)."""
-        return cls(2, auth.seal, auth.open, auth.binding)
-
-    @classmethod
-    def mormot(cls, cipher: MormotCipher) -> Channel:
-        """A connection with a MORMOT-profile key (flag 1, no binding)."""
-        def seal(plaintext: bytes) -> bytes:
-            return encode_frame(cipher.encrypt(plaintext), 1)
-
-        def open_(payload: bytes) -> bytes:
-            return bytes(cipher.decrypt(payload))
-        return cls(1, seal, open_)
-
-    def seal(self, record: bytes) -> bytes:
-        """The complete encrypted frame of *record*; CryptoError without a key."""
-        if self._seal is None:
-            raise CryptoError("encrypted=True but this connection has no encryption key",
-                              ErrorCode.ENCRYPTION_REQUIRED)
-        return self._seal(record)
-
-    def open(self, frame: Frame) -> bytes:
-        """The record sealed in *frame*; CryptoError if it is not this channel's profile
-        or fails to decrypt/authenticate."""
-        if self._open is None or frame.flag != self.flag:
-            code = (ErrorCode.AUTHENTICATION_FAILED if frame.flag == 2
-                    else ErrorCode.DECRYPT_FAILED)
-            raise CryptoError(f"encrypted frame (flag {frame.flag}) that this connection "
-                              "has no key for", code)
-        return self._open(frame.payload)
 
 
 # ---------------------------------------------------------------------------- events
@@ -464,19 +289,19 @@ class Session:
                                      "another encryption profile"))
         self._channel = channel
         self._state = _HELLO_SENT
-        record = bytearray((_HELLO, VERSION))
-        _put_varint(record, CAPS)
-        _put_varint(record, self.max_send_buffer)
+        record = bytearray((HELLO, VERSION))
+        put_varint(record, CAPS)
+        put_varint(record, self.max_send_buffer)
         sid = self.session_id
         record.append(len(sid) if sid is not None else 0)
         if sid is not None:
             record += sid
-        _put_varint(record, self._take_resume_point() if sid is not None else 0)
+        put_varint(record, self._take_resume_point() if sid is not None else 0)
         binding = channel.binding
         if binding is not None:
             key = self._secret if sid is not None else binding
             assert key is not None
-            record += _proof(key, _LABEL_HELLO, binding, record)
+            record += make_proof(key, LABEL_HELLO, binding, record)
         elif sid is not None:
             assert self._secret is not None
             record += self._secret
@@ -552,17 +377,17 @@ class Session:
         channel = self._channel
         assert channel is not None
         self._sent_upto = seq
-        kind = _REQUEST if message.request_id else _REPLY if message.reply_to else _DATA
+        kind = REQUEST if message.request_id else REPLY if message.reply_to else DATA
         ack = self._delivered - self._unhandled > self._ack_sent
-        if kind == _DATA and not message.encrypted and not (ack and channel.binding is None):
+        if kind == DATA and not message.encrypted and not (ack and channel.binding is None):
             self._out.append(encode_frame(message.data, FLAG_PLAIN))
             return
         piggyback = ack and (message.encrypted or channel.binding is None)
-        record = bytearray((kind | _WITH_ACK if piggyback else kind,))
+        record = bytearray((kind | WITH_ACK if piggyback else kind,))
         if piggyback:
             self._put_ack(record)
-        if kind != _DATA:
-            _put_varint(record, message.request_id or message.reply_to)
+        if kind != DATA:
+            put_varint(record, message.request_id or message.reply_to)
         record += message.data
         if message.encrypted:
             self._out.append(channel.seal(bytes(record)))
@@ -575,7 +400,7 @@ class Session:
         value = self._delivered if final else self._delivered - self._unhandled
         if value < self._ack_sent:
             value = self._ack_sent
-        _put_varint(record, value)
+        put_varint(record, value)
         self._ack_sent = value
         self._ack_bytes = 0
         self._ack_deadline = None
@@ -588,7 +413,7 @@ class Session:
             if self._state != _OPEN:
                 return
             if self._delivered - self._unhandled - self._ack_sent >= ACK_EVERY:
-                self._send_control(_ACK)   # queued: the caller writes data_to_send()
+                self._send_control(ACK)   # queued: the caller writes data_to_send()
             elif self._ack_deadline is None:
                 self._ack_deadline = now + self.ack_delay
 
@@ -596,8 +421,8 @@ class Session:
         """Queue an ACK or GOING_AWAY (sealed on a bound channel)."""
         channel = self._channel
         assert channel is not None
-        record = bytearray((kind | _WITH_ACK,))
-        self._put_ack(record, final=kind == _GOING_AWAY)
+        record = bytearray((kind | WITH_ACK,))
+        self._put_ack(record, final=kind == GOING_AWAY)
         if channel.binding is not None:
             self._out.append(channel.seal(bytes(record)))
         else:
@@ -619,7 +444,7 @@ class Session:
         connection past the server's resume window, the session's end (SESSION_LOST)."""
         if self._state == _OPEN:
             if self._ack_deadline is not None and now >= self._ack_deadline:
-                self._send_control(_ACK)
+                self._send_control(ACK)
             return []
         deadline = self.next_deadline()
         if deadline is not None and now >= deadline:
@@ -632,7 +457,7 @@ class Session:
         nothing more, wait for the peer's. Without an open connection the session ends at
         once (not gracefully: what the peer delivered is unknown)."""
         if self._state == _OPEN:
-            self._send_control(_GOING_AWAY)
+            self._send_control(GOING_AWAY)
             self._state = _CLOSING
             return []
         if self._state in (_DETACHED, _HELLO_SENT) and self.session_id is not None:
@@ -649,7 +474,7 @@ class Session:
         state = self._state
         flag = frame.flag
         if state == _HELLO_SENT:
-            if flag != FLAG_SESSION or not frame.payload or frame.payload[0] != _WELCOME:
+            if flag != FLAG_SESSION or not frame.payload or frame.payload[0] != WELCOME:
                 raise ProtocolError("the server did not answer the session hello (is it "
                                     "a morsock server with resume_window > 0?)",
                                     ErrorCode.INVALID_PROTOCOL)
@@ -670,59 +495,68 @@ class Session:
     def _record(self, record: bytes, encrypted: bool, unauthenticated: bool, now: float
                 ) -> list[Event]:
         if not record:
-            raise _malformed("empty")
-        kind_byte = record[0]
-        if (kind_byte == _REQUEST_ACK and not unauthenticated and not self._client
+            raise malformed("empty")
+        if (record[0] == REQUEST_ACK and not unauthenticated and not self._client
                 and self._state == _OPEN and not self._skip):
             rid, body = self._take_request(record, now)   # the commonest, on a server
             return [_new_message(Message, (body, encrypted, rid, 0))]
-        kind = kind_byte & ~_WITH_ACK
-        if kind not in _KINDS:
-            raise _malformed(f"unknown record type 0x{kind_byte:02X}")
-        if kind in (_HELLO, _WELCOME):
-            raise _malformed("a second hello")
-        pos = 1
-        ack = None
-        if kind_byte & _WITH_ACK:
-            ack, pos = _get_varint(record, pos)
-        elif kind in _CONTROL:
-            raise _malformed("control record without its ack")
-        if unauthenticated and (ack is not None or kind in _CONTROL):
-            raise CryptoError("an acknowledgement in a plaintext frame on an AUTHENTICATED "
-                              "session (only sealed frames may carry one)",
-                              ErrorCode.AUTHENTICATION_FAILED)
-        rid = 0
-        if kind in (_REQUEST, _REPLY):
-            rid, pos = _get_varint(record, pos)
-            if rid == 0:
-                raise _malformed("request id 0")
-            if (kind == _REQUEST) == self._client:
-                raise _malformed("a request from the server or a reply from the client")
-        elif kind == _DATA:
-            pass
-        elif pos != len(record):
-            raise _malformed("bytes after a control record")
+        kind, ack, rid, pos = self._parse(record, unauthenticated)
         if ack is not None:
             self._on_ack(ack)
-        if kind == _ACK:
+        if kind == ACK:
             return []
-        if kind == _GOING_AWAY:
+        if kind == GOING_AWAY:
             return self._on_going_away()
         if self._state == _CLOSING:
             return []   # past our final ack: the peer gets it back
         if self._skip:
             self._skip -= 1   # delivered before the resume, its handler runs
             return []
-        body = record[pos:]
-        if kind == _REPLY:
+        return self._message(kind, rid, record[pos:], encrypted, now)
+
+    def _parse(self, record: bytes, unauthenticated: bool) -> tuple[int, int | None, int, int]:
+        """The header of a record after the handshake: ``(kind, ack or None, request id
+        or 0, where the body starts)``; ProtocolError (CryptoError: an ack in a plaintext
+        frame of a bound session) for a record that breaks the rules."""
+        kind_byte = record[0]
+        kind = kind_byte & ~WITH_ACK
+        if kind not in KINDS:
+            raise malformed(f"unknown record type 0x{kind_byte:02X}")
+        if kind in (HELLO, WELCOME):
+            raise malformed("a second hello")
+        pos = 1
+        ack = None
+        if kind_byte & WITH_ACK:
+            ack, pos = get_varint(record, pos)
+        elif kind in CONTROL:
+            raise malformed("control record without its ack")
+        if unauthenticated and (ack is not None or kind in CONTROL):
+            raise CryptoError("an acknowledgement in a plaintext frame on an AUTHENTICATED "
+                              "session (only sealed frames may carry one)",
+                              ErrorCode.AUTHENTICATION_FAILED)
+        rid = 0
+        if kind in (REQUEST, REPLY):
+            rid, pos = get_varint(record, pos)
+            if rid == 0:
+                raise malformed("request id 0")
+            if (kind == REQUEST) == self._client:
+                raise malformed("a request from the server or a reply from the client")
+        elif kind != DATA and pos != len(record):
+            raise malformed("bytes after a control record")
+        return kind, ack, rid, pos
+
+    def _message(self, kind: int, rid: int, body: bytes, encrypted: bool, now: float
+                 ) -> list[Event]:
+        """The event of a DATA, REQUEST or REPLY record to deliver (its ack applied)."""
+        if kind == REPLY:
             if rid >= self._next_rid:
-                raise _malformed(f"reply to request {rid}, which was never sent")
+                raise malformed(f"reply to request {rid}, which was never sent")
             if rid not in self._pending:
                 self._count_delivery(len(body), now)
                 return [LateReply(rid, body, encrypted)]
             self._pending.discard(rid)
             return self._deliver(_new_message(Message, (body, encrypted, 0, rid)), now)
-        if kind == _REQUEST:
+        if kind == REQUEST:
             if rid > self._max_rid_seen:
                 self._max_rid_seen = rid
             return self._deliver(_new_message(Message, (body, encrypted, rid, 0)), now)
@@ -736,7 +570,7 @@ class Session:
         record or session state: nothing changed, call :meth:`receive`. Raises as
         :meth:`receive`."""
         channel = self._channel
-        if (record[:1] != _REQUEST_ACK_BYTE or self._client or self._state != _OPEN
+        if (record[:1] != REQUEST_ACK_BYTE or self._client or self._state != _OPEN
                 or self._skip or channel is None or channel.binding is not None):
             return None
         return self._take_request(record, now)
@@ -744,10 +578,10 @@ class Session:
     def _take_request(self, record: bytes, now: float) -> tuple[int, bytes]:
         """A REQUEST-with-ack record on an open session with nothing to skip: the rules of
         :meth:`_record`, in the order that applies to it."""
-        peer_ack, pos = _get_varint(record, 1)
-        rid, pos = _get_varint(record, pos)
+        peer_ack, pos = get_varint(record, 1)
+        rid, pos = get_varint(record, pos)
         if rid == 0:
-            raise _malformed("request id 0")
+            raise malformed("request id 0")
         self._on_ack(peer_ack)
         if rid > self._max_rid_seen:
             self._max_rid_seen = rid
@@ -778,9 +612,9 @@ class Session:
         self._ack_sent = ack
         self._ack_bytes = 0
         self._ack_deadline = None
-        record = bytearray(_REPLY_ACK_BYTE)
-        _put_varint(record, ack)
-        _put_varint(record, request_id)
+        record = bytearray(REPLY_ACK_BYTE)
+        put_varint(record, ack)
+        put_varint(record, request_id)
         record += data
         return encode_frame(record, FLAG_SESSION)
 
@@ -797,13 +631,13 @@ class Session:
         self._ack_bytes += size
         if (self._delivered - self._unhandled - self._ack_sent >= ACK_EVERY
                 or self._ack_bytes >= self._peer_window // 4):
-            self._send_control(_ACK)
+            self._send_control(ACK)
         elif self._ack_deadline is None:
             self._ack_deadline = now + self.ack_delay
 
     def _on_ack(self, ack: int) -> None:
         if not self._acked <= ack <= self._sent_upto:
-            raise _malformed(f"acknowledgement {ack} outside {self._acked}.."
+            raise malformed(f"acknowledgement {ack} outside {self._acked}.."
                              f"{self._sent_upto}")
         unacked = self._unacked
         while unacked and unacked[0][0] <= ack:
@@ -813,52 +647,29 @@ class Session:
 
     def _on_going_away(self) -> list[Event]:
         if self._state == _OPEN:
-            self._send_control(_GOING_AWAY)
+            self._send_control(GOING_AWAY)
         return [self._end("the peer ended the session (going away)", graceful=True)]
 
     # -- hello ---------------------------------------------------------------------------
     def _on_welcome(self, record: bytes, now: float) -> list[Event]:
         channel = self._channel
         assert channel is not None
-        version = record[1] if len(record) > 1 else None
-        if version != VERSION:
-            raise _malformed(f"WELCOME of version {version}")
-        _caps, pos = _get_varint(record, 2)
-        window, pos = _get_varint(record, pos)
-        resume_ms, pos = _get_varint(record, pos)
-        if pos + 1 + SESSION_ID_SIZE > len(record):
-            raise _malformed("truncated WELCOME")
-        resumed = record[pos]
-        sid = record[pos + 1:pos + 1 + SESSION_ID_SIZE]
-        delivered, pos = _get_varint(record, pos + 1 + SESSION_ID_SIZE)
-        if resumed > 1:
-            raise _malformed(f"WELCOME status {resumed}")
+        window, resume_ms, resumed, sid, delivered, pos = parse_welcome(record)
         binding = channel.binding
         asked = self.session_id
         if resumed and (asked is None or sid != asked):
-            raise _malformed("WELCOME resumes a session that was not asked for")
-        proof = record[pos:]
-        if binding is not None:
-            secret = self._secret if resumed else _bound_secret(binding, sid)
-            assert secret is not None
-            expected = _proof(secret, _LABEL_WELCOME, binding, record[:pos])
-            if len(proof) != PROOF_SIZE or not hmac.compare_digest(proof, expected):
-                raise CryptoError("the server's session WELCOME failed its proof",
-                                  ErrorCode.AUTHENTICATION_FAILED)
-        elif len(proof) != (0 if resumed else PROOF_SIZE):
-            raise _malformed("WELCOME proof of the wrong length")
-        else:
-            secret = self._secret if resumed else proof
+            raise malformed("WELCOME resumes a session that was not asked for")
+        secret = self._welcome_secret(record, pos, sid, bool(resumed), binding)
         events: list[Event] = []
         if resumed:
             if not self._acked <= delivered <= self._next_seq - 1:
-                raise _malformed(f"resume point {delivered} outside {self._acked}.."
+                raise malformed(f"resume point {delivered} outside {self._acked}.."
                                  f"{self._next_seq - 1}")
             self._sent_upto = self._next_seq - 1   # the ack check's upper bound
             self._on_ack(delivered)
         else:
             if delivered:
-                raise _malformed("a new session that already delivered messages")
+                raise malformed("a new session that already delivered messages")
             if asked is not None:
                 events.append(self._lose("the server does not know the session (its "
                                          "resume window passed or it restarted)"))
@@ -871,6 +682,27 @@ class Session:
         self._open(self._acked, now)
         events.append(SessionStarted(bytes(sid), bool(resumed)))
         return events
+
+    def _welcome_secret(self, record: bytes, signed: int, sid: bytes, resumed: bool,
+                        binding: bytes | None) -> bytes:
+        """The session's secret after the WELCOME *record* (its proof starts at
+        *signed*): checked against the channel's *binding* when bound (CryptoError,
+        AUTHENTICATION_FAILED, if wrong), else the proof itself for a new session."""
+        proof = record[signed:]
+        if binding is not None:
+            secret = self._secret if resumed else bound_secret(binding, sid)
+            assert secret is not None
+            expected = make_proof(secret, LABEL_WELCOME, binding, record[:signed])
+            if len(proof) != PROOF_SIZE or not hmac.compare_digest(proof, expected):
+                raise CryptoError("the server's session WELCOME failed its proof",
+                                  ErrorCode.AUTHENTICATION_FAILED)
+            return secret
+        if len(proof) != (0 if resumed else PROOF_SIZE):
+            raise malformed("WELCOME proof of the wrong length")
+        if resumed:
+            assert self._secret is not None
+            return self._secret
+        return proof
 
     def _take_resume_point(self) -> int:
         """The resume point to tell the peer: the messages handled (acknowledgeable).
@@ -924,6 +756,29 @@ class Session:
 
 # --------------------------------------------------------------------------- the table
 
+def _check_hello_proof(session: Session | None, sid: bytes, binding: bytes | None,
+                       signed: bytes, proof: bytes) -> None:
+    """CryptoError (AUTHENTICATION_FAILED) unless *proof* is right for a HELLO whose
+    bytes before it are *signed*: the resumed *session*'s secret (bound to the channel's
+    *binding*, if any), or for a new session (no *sid*) the binding alone. An unknown
+    *sid* (no *session*) has no secret left to check against."""
+    if session is not None:
+        secret = session._secret
+        assert secret is not None
+        expected = (make_proof(secret, LABEL_HELLO, binding, signed) if binding is not None
+                    else secret)
+        if session._bound != (binding is not None) or not hmac.compare_digest(
+                proof, expected):
+            raise CryptoError("session resume refused: its proof does not match "
+                              "(not the session's owner)", ErrorCode.AUTHENTICATION_FAILED)
+    elif not sid:
+        expected = (make_proof(binding, LABEL_HELLO, binding, signed)
+                    if binding is not None else b"")
+        if not hmac.compare_digest(proof, expected):
+            raise CryptoError("session HELLO failed its proof",
+                              ErrorCode.AUTHENTICATION_FAILED)
+
+
 class SessionTable:
     """The server's sessions, by id, with their expiry ``resume_window`` seconds after
     their connection dropped.
@@ -961,47 +816,19 @@ class SessionTable:
         the session is left as it was.
         """
         record = frame.payload
-        if frame.flag != FLAG_SESSION or len(record) < 2 or record[0] != _HELLO:
-            raise _malformed("the first session frame is not a HELLO")
-        if record[1] != VERSION:
-            raise _malformed(f"HELLO of version {record[1]}")
-        _caps, pos = _get_varint(record, 2)
-        window, pos = _get_varint(record, pos)
-        sid_len = record[pos] if pos < len(record) else -1
-        if sid_len not in (0, SESSION_ID_SIZE):
-            raise _malformed(f"session id of {sid_len} bytes")
-        sid = bytes(record[pos + 1:pos + 1 + sid_len])
-        if len(sid) != sid_len:
-            raise _malformed("truncated HELLO")
-        delivered, pos = _get_varint(record, pos + 1 + sid_len)
-        proof = bytes(record[pos:])
-        binding = channel.binding
+        if frame.flag != FLAG_SESSION or len(record) < 2 or record[0] != HELLO:
+            raise malformed("the first session frame is not a HELLO")
+        window, sid, delivered, signed = parse_hello(record)
+        proof = bytes(record[signed:])
         session = self._sessions.get(sid) if sid else None
         if session is not None and (session.ended or now >= self._expiry.get(sid, now + 1)):
             session = None   # expire() reports it
-        if session is not None:
-            secret = session._secret
-            assert secret is not None
-            if binding is not None:
-                expected = _proof(secret, _LABEL_HELLO, binding, record[:pos])
-            else:
-                expected = secret
-            if session._bound != (binding is not None) or not hmac.compare_digest(
-                    proof, expected):
-                raise CryptoError("session resume refused: its proof does not match "
-                                  "(not the session's owner)",
-                                  ErrorCode.AUTHENTICATION_FAILED)
-        elif not sid:
-            expected = (_proof(binding, _LABEL_HELLO, binding, record[:pos])
-                        if binding is not None else b"")
-            if not hmac.compare_digest(proof, expected):
-                raise CryptoError("session HELLO failed its proof",
-                                  ErrorCode.AUTHENTICATION_FAILED)
+        _check_hello_proof(session, sid, channel.binding, record[:signed], proof)
         # an unknown id: its proof cannot be checked (the secret is gone); a new session
         if session is None:
             return self._new_session(channel, window, now), False
         if not session._acked <= delivered <= session._next_seq - 1:
-            raise _malformed(f"resume point {delivered} outside {session._acked}.."
+            raise malformed(f"resume point {delivered} outside {session._acked}.."
                              f"{session._next_seq - 1}")
         self._expiry.pop(sid, None)
         session._channel = channel
@@ -1018,7 +845,7 @@ class SessionTable:
         while sid in self._sessions:   # pragma: no cover - 2**-128
             sid = os.urandom(SESSION_ID_SIZE)
         binding = channel.binding
-        secret = (_bound_secret(binding, sid) if binding is not None
+        secret = (bound_secret(binding, sid) if binding is not None
                   else os.urandom(PROOF_SIZE))
         session = Session(client=False, max_send_buffer=self.max_send_buffer,
                           ack_delay=self.ack_delay, ack_when_handled=self.ack_when_handled)
@@ -1034,16 +861,16 @@ class SessionTable:
         sid = session.session_id
         secret = session._secret
         assert sid is not None and secret is not None
-        record = bytearray((_WELCOME, VERSION))
-        _put_varint(record, CAPS)
-        _put_varint(record, self.max_send_buffer)
-        _put_varint(record, round(self.resume_window * 1000))
+        record = bytearray((WELCOME, VERSION))
+        put_varint(record, CAPS)
+        put_varint(record, self.max_send_buffer)
+        put_varint(record, round(self.resume_window * 1000))
         record.append(1 if resumed else 0)
         record += sid
-        _put_varint(record, session._take_resume_point())
+        put_varint(record, session._take_resume_point())
         binding = channel.binding
         if binding is not None:
-            record += _proof(secret, _LABEL_WELCOME, binding, record)
+            record += make_proof(secret, LABEL_WELCOME, binding, record)
         elif not resumed:
             record += secret
         return encode_frame(record, FLAG_SESSION)

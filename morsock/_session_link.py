@@ -722,14 +722,9 @@ class ServerSessions:
             receive = session.receive
             now = time.monotonic()
             try:
-                if len(frames) == 1:   # the common case
-                    frame = frames[0]
-                    events = receive(Frame(frame, 0) if frame.__class__ is bytes else frame,
-                                     now)
-                else:
-                    for frame in frames:
-                        events += receive(Frame(frame, 0) if frame.__class__ is bytes
-                                          else frame, now)
+                for frame in frames:
+                    events += receive(Frame(frame, 0) if frame.__class__ is bytes else frame,
+                                      now)
             except (ProtocolError, CryptoError) as exc:
                 bad = exc
             if session._out:
