@@ -14,6 +14,9 @@ import socket
 import time
 from typing import Any
 
+#: Most stream entries written in one pipeline, or read by one XREAD.
+BATCH = 512
+
 #: Entry kinds (field ``k``).
 BROADCAST, JOIN, LEAVE = b"b", b"j", b"l"
 SEND, DISCONNECT, UNDELIVERABLE, WAKE = b"s", b"d", b"n", b"x"

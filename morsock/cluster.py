@@ -50,19 +50,17 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from . import _cluster_wire as wire
+from ._cluster_reader import StreamReader
 from ._cluster_seq import SeqLedger
-from ._cluster_wire import Entry, Outgoing
+from ._cluster_wire import Outgoing
 from .enums import ErrorCode, ReconnectStrategy
-from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
+from .errors import MorsockError
 from .reconnect import ReconnectPolicy
 
 if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["Backplane", "RedisBackplane", "Undelivered", "split_client_id"]
-
-#: Most stream entries written in one pipeline, or read by one XREAD.
-_BATCH = 512
 
 
 def split_client_id(client_id: str) -> tuple[str, int]:
@@ -272,8 +270,7 @@ class RedisBackplane(Backplane):
         self._written: dict[bytes, int] = {}  # last one Redis confirmed, per stream
         self._ledger = SeqLedger()  # duplicates and gaps of what the reader handles
         self._run = uuid.uuid4().hex[:8]  # this attach: a restarted node numbers from 1
-        self._read_from: dict[bytes, bytes] = {}
-        self._epoch: bytes | None = None
+        self._reader = StreamReader(self)
         self._threads: list[threading.Thread] = []
         self._writer_client: Any = None
         self._reader_client: Any = None
@@ -326,7 +323,7 @@ class RedisBackplane(Backplane):
         self._reader_client = redis.Redis.from_url(
             self.url, socket_timeout=self.socket_timeout + self.heartbeat_interval,
             **self._connect_kwargs)
-        for target, role in ((self._write_loop, "writer"), (self._read_loop, "reader")):
+        for target, role in ((self._write_loop, "writer"), (self._reader.run, "reader")):
             thread = threading.Thread(target=target, daemon=True,
                                       name=f"morsock-cluster-{role}-{self.node_id}")
             self._threads.append(thread)
@@ -442,8 +439,20 @@ class RedisBackplane(Backplane):
         count = last - first + 1
         reason = (f"{count} message(s) from node {origin} (sequence {first}..{last} of "
                   f"{stream.decode(errors='replace')}) were lost in Redis ({why})")
+        self._report_incoming("message", origin, count, None, reason)
+
+    def _report_incoming(self, kind: str, origin: str, count: int, payload: bytes | None,
+                         reason: str) -> None:
+        """Messages from *origin* that did not reach this node's clients: one on_error,
+        one report."""
         self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
-        self._notify([Undelivered("incoming", "message", origin, None, count, None, reason)])
+        self._notify([Undelivered("incoming", kind, origin, None, count, payload, reason)])
+
+    def _request_refresh(self) -> None:
+        """Ask the writer for a heartbeat and a new view now (any thread)."""
+        with self._cond:
+            self._refresh_wanted = True
+            self._cond.notify()
 
     def _mark_down(self, role: str, exc: BaseException) -> None:
         with self._cond:
@@ -555,7 +564,7 @@ class RedisBackplane(Backplane):
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch = [self._outbox.popleft() for _ in range(min(_BATCH, len(self._outbox)))]
+            batch = [self._outbox.popleft() for _ in range(min(wire.BATCH, len(self._outbox)))]
             ops, self._presence_ops = self._presence_ops, []
             return batch, ops, self._stopping
 
@@ -570,19 +579,9 @@ class RedisBackplane(Backplane):
                                    f"pending_timeout={self.pending_timeout:g} s")
 
     def _first_setup(self) -> None:
-        """The reader's starting point: the epoch and the streams' current ends, taken
-        before this node announces itself (so it misses nothing sent to it after)."""
-        r = self._writer_client
-        self._epoch = self._current_epoch(r)
-        for stream in (self._all, self._inbox):
-            last = r.xrevrange(stream, count=1)
-            self._read_from[stream] = last[0][0] if last else b"0-0"
+        """The reader's starting point, taken before this node announces itself."""
+        self._reader.start_from(self._writer_client)
         self._setup_done.set()
-
-    def _current_epoch(self, r: Any) -> bytes:
-        r.set(self._keys.epoch, uuid.uuid4().hex, nx=True)
-        token = r.get(self._keys.epoch)
-        return bytes(token or b"")
 
     def _heartbeat_value(self) -> str:
         return wire.heartbeat_value(self._run, self._written)
@@ -711,117 +710,3 @@ class RedisBackplane(Backplane):
             pipe.execute()
         except self._errors as exc:
             self._log.warning("cluster: could not leave the cluster cleanly: %s", exc)
-
-    # -- reader thread -------------------------------------------------------------------
-    def _read_loop(self) -> None:
-        policy = self._policy()
-        self._setup_done.wait()
-        ready = True
-        r = self._reader_client
-        # One XREAD waits at most a heartbeat (a stop wakes it at once): the heartbeat
-        # check (SeqLedger.overdue) needs a read that started after a heartbeat arrived.
-        block_ms = max(1, int(self.heartbeat_interval * 1000))
-        while not self._stopping:
-            try:
-                if not ready:
-                    self._after_reconnect(r)
-                    ready = True
-                    policy.reset()
-                    self._mark_up("reader")
-                started = time.monotonic()
-                reply = r.xread(dict(self._read_from), count=_BATCH, block=block_ms)
-            except self._errors as exc:
-                ready = False
-                if self._stopping or not self._retry_wait(policy, "reader", exc):
-                    break
-                continue
-            got = 0
-            for stream, entries in reply or ():
-                got = max(got, len(entries))
-                for entry_id, fields in entries:
-                    self._read_from[bytes(stream)] = entry_id
-                    try:
-                        self._dispatch(bytes(stream), fields)
-                    except Exception:
-                        self._log.exception("cluster: error handling a message from Redis")
-            if got < _BATCH:
-                self._ledger.drained_mono = started
-
-    def _after_reconnect(self, r: Any) -> None:
-        epoch = self._current_epoch(r)
-        if epoch != self._epoch:
-            self._log.warning("cluster: Redis lost its data (a restart without persistence?): "
-                              "reading its streams from their start")
-            for stream in self._read_from:
-                self._read_from[stream] = b"0-0"
-            self._epoch = epoch
-            with self._cond:
-                self._refresh_wanted = True
-                self._cond.notify()
-
-    def _dispatch(self, stream: bytes, fields: dict[bytes, bytes]) -> None:
-        """Handle one entry read from *stream* (reader thread; raises what a malformed
-        entry or the server raises, and the reader logs it)."""
-        entry = Entry(fields)
-        kind, origin = entry.kind, entry.origin
-        if kind in wire.CONTROL:
-            if kind != wire.WAKE and origin != self.node_id:
-                with self._cond:
-                    self._refresh_wanted = True
-                    self._cond.notify()
-            return
-        if origin == self.node_id and stream == self._all:
-            return  # our own broadcast: our clients had it already
-        seq = entry.seq
-        missing = self._ledger.accept((stream, origin, entry.run), seq)
-        if missing is None:
-            return  # a publish retried after a reconnect: already handled
-        if missing:
-            self._report_gap(origin, stream, missing.start, seq - 1, "a gap in the stream")
-        server = self._server
-        if server is not None:
-            self._handle(server, stream, entry)
-
-    def _handle(self, server: Server, stream: bytes, entry: Entry) -> None:
-        """A new message of *entry*'s kind for *server* (reader thread)."""
-        kind, origin, payload = entry.kind, entry.origin, entry.payload
-        if kind == wire.BROADCAST:
-            self._broadcast_in(server, origin, payload, entry.encrypted)
-        elif kind == wire.SEND:
-            self._deliver(server, origin, entry.handle, payload, entry.encrypted)
-        elif kind == wire.DISCONNECT:
-            server.disconnect_client(entry.handle)
-        elif kind == wire.UNDELIVERABLE:
-            target = entry.target
-            self._report_lost([Outgoing(stream, {}, "send_to", origin, target, payload)],
-                              f"send_to {target}: {entry.reason}")
-
-    def _broadcast_in(self, server: Server, origin: str, payload: bytes,
-                      encrypted: bool) -> None:
-        """Another node's broadcast for this node's clients; a failure is reported here."""
-        try:
-            server._broadcast_local(payload, encrypted)
-        except MorsockError as exc:  # no key here for it, or over max_message_size
-            reason = f"broadcast from node {origin} not delivered on {self.node_id}: {exc}"
-            self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
-            self._notify([Undelivered("incoming", "broadcast", origin, None, 1, payload,
-                                      reason)])
-
-    def _deliver(self, server: Server, origin: str, handle: int, payload: bytes,
-                 encrypted: bool) -> None:
-        """A send_to for one of this node's clients; a failure goes back to its origin."""
-        client = server.find_client(handle)
-        if client is None:
-            reason = f"no client {handle} on node {self.node_id} (disconnected)"
-        else:
-            try:
-                client.send_data(payload, encrypted)
-                return
-            except NotConnectedError:
-                reason = f"client {client.client_id} disconnected"
-            except (SendBufferFullError, CryptoError, ValueError) as exc:
-                reason = f"client {client.client_id} refused it: {exc}"
-        self._log.info("cluster: send_to from %s not delivered: %s", origin, reason)
-        fields = wire.undeliverable_fields(f"{self.node_id}:{handle}", reason, payload)
-        self._enqueue(Outgoing(self._keys.inbox(origin), fields, "send_to report", origin,
-                               None, None))
