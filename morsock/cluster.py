@@ -50,6 +50,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from . import _cluster_wire as wire
+from ._cluster_membership import Membership
 from ._cluster_reader import StreamReader
 from ._cluster_seq import SeqLedger
 from ._cluster_wire import Outgoing
@@ -264,8 +265,7 @@ class RedisBackplane(Backplane):
         self._refresh_wanted = False
         self._gave_up = False
         self._down: set[str] = set()
-        self._view: dict[str, int] = {}
-        self._view_mono = 0.0
+        self._members = Membership(self)
         self._seq: dict[bytes, int] = {}  # last sequence number given, per stream
         self._written: dict[bytes, int] = {}  # last one Redis confirmed, per stream
         self._ledger = SeqLedger()  # duplicates and gaps of what the reader handles
@@ -298,17 +298,12 @@ class RedisBackplane(Backplane):
         """Block until this node has announced itself in Redis (True) or *timeout*."""
         return self._joined.wait(timeout)
 
-    def _live_view(self) -> dict[str, int]:
-        if time.monotonic() - self._view_mono > 2 * self.node_ttl:
-            return {}  # not refreshed for long: nothing known about the others
-        return self._view
-
     def cluster_client_count(self, local: int) -> int:
-        view = self._live_view()
+        view = self._members.live_view()
         return local + sum(count for node, count in view.items() if node != self.node_id)
 
     def cluster_nodes(self) -> list[str]:
-        return sorted(set(self._live_view()) | {self.node_id})
+        return sorted(set(self._members.live_view()) | {self.node_id})
 
     # -- life cycle ----------------------------------------------------------------------
     def attach(self, server: Server) -> None:
@@ -374,14 +369,14 @@ class RedisBackplane(Backplane):
                                "broadcast", None, None, payload))
 
     def route_send(self, node: str, handle: int, payload: bytes, encrypted: bool) -> bool:
-        if node not in self._live_view():
+        if node not in self._members.live_view():
             return False
         return self._enqueue(Outgoing(self._keys.inbox(node),
                                       wire.send_fields(handle, payload, encrypted),
                                       "send_to", node, f"{node}:{handle}", payload))
 
     def route_disconnect(self, node: str, handle: int) -> bool:
-        if node not in self._live_view():
+        if node not in self._members.live_view():
             return False
         return self._enqueue(Outgoing(self._keys.inbox(node), wire.disconnect_fields(handle),
                                       "disconnect", node, f"{node}:{handle}", None))
@@ -517,7 +512,7 @@ class RedisBackplane(Backplane):
                     break
                 continue
             if stopping and not self._outbox:
-                self._leave()
+                self._members.leave(self._writer_client)
                 return
         with self._cond:
             left = list(self._outbox)
@@ -587,26 +582,14 @@ class RedisBackplane(Backplane):
         return wire.heartbeat_value(self._run, self._written)
 
     def _resync(self) -> None:
-        """(Re)announce this node: heartbeat, node set, the whole presence hash, join."""
+        """(Re)announce this node with the whole presence hash (writer thread)."""
         with self._cond:
             self._presence_ops.clear()  # the snapshot below covers them
         server = self._server
         assert server is not None
         presence = {str(c.handle): f"{c.peer_ip}:{c.peer_port}"
                     for c in server.clients.values() if c.connected}
-        ttl = int(self.node_ttl * 1000)
-        key = self._keys.presence(self.node_id)
-        pipe = self._writer_client.pipeline(transaction=True)
-        pipe.set(self._keys.heartbeat(self.node_id), self._heartbeat_value(), px=ttl)
-        pipe.sadd(self._keys.nodes, self.node_id)
-        pipe.delete(key)
-        if presence:
-            pipe.hset(key, mapping=presence)
-            pipe.pexpire(key, ttl)
-        pipe.xadd(self._all, wire.control_fields(wire.JOIN, self.node_id),
-                  maxlen=self.stream_length, approximate=True)
-        pipe.execute()
-        self._refresh_view()
+        self._members.announce(self._writer_client, self._heartbeat_value(), presence)
 
     def _push(self, batch: list[Outgoing], ops: list[tuple[int, str | None]]) -> None:
         pipe = self._writer_client.pipeline(transaction=False)
@@ -633,80 +616,7 @@ class RedisBackplane(Backplane):
             written[item.stream] = item.seq
 
     def _beat(self) -> None:
-        ttl = int(self.node_ttl * 1000)
-        pipe = self._writer_client.pipeline(transaction=False)
-        pipe.set(self._keys.heartbeat(self.node_id), self._heartbeat_value(), px=ttl, get=True)
-        pipe.sadd(self._keys.nodes, self.node_id)
-        pipe.pexpire(self._keys.presence(self.node_id), ttl)
-        pipe.pexpire(self._inbox, int(max(60.0, 10 * self.node_ttl) * 1000))
-        previous = pipe.execute()[0]
-        if previous is None:  # expired (a stall) or Redis lost its data: announce again
+        if not self._members.beat(self._writer_client, self._heartbeat_value()):
             self._log.warning("cluster: node %s's heartbeat had expired; announcing it again",
                               self.node_id)
             self._resync()
-            return
-        self._refresh_view()
-
-    def _refresh_view(self) -> None:
-        r = self._writer_client
-        members = sorted(m.decode() for m in r.smembers(self._keys.nodes))
-        pipe = r.pipeline(transaction=False)
-        for node in members:
-            pipe.get(self._keys.heartbeat(node))
-            pipe.hlen(self._keys.presence(node))
-        replies = pipe.execute()
-        view: dict[str, int] = {}
-        dead = []
-        now = time.monotonic()
-        for index, node in enumerate(members):
-            beat, count = replies[2 * index], replies[2 * index + 1]
-            if beat is None:
-                dead.append(node)
-                continue
-            view[node] = int(count)
-            if node != self.node_id:
-                self._note_announced(now, node, beat)
-        if dead:
-            pipe = r.pipeline(transaction=False)
-            for node in dead:
-                pipe.srem(self._keys.nodes, node)
-                pipe.delete(self._keys.presence(node))
-            pipe.execute()
-        old = set(self._view)
-        self._view, self._view_mono = view, now
-        for node in sorted(set(view) - old - {self.node_id}):
-            self._log.info("cluster: node %s joined", node)
-        for node in sorted(old - set(view)):
-            self._log.info("cluster: node %s left (heartbeat expired or it stopped)", node)
-        self._ledger.trim(set(view))
-        self._check_announced()
-
-    def _note_announced(self, now: float, node: str, beat: bytes) -> None:
-        parsed = wire.parse_heartbeat(beat)
-        if parsed is None:
-            return
-        run, seqs = parsed
-        for stream in (self._all, self._inbox):
-            seq = seqs.get(stream.decode())
-            if isinstance(seq, int):
-                self._ledger.announce(now, node, run, stream, seq)
-
-    def _check_announced(self) -> None:
-        """Report what heartbeats announced and the reader never saw (lost in Redis)."""
-        for node, stream, first, last in self._ledger.overdue(4 * max(1, len(self._view))):
-            self._report_gap(node, stream, first, last, "the last messages of a stream")
-
-    def _leave(self) -> None:
-        """Clean stop: tell the others, remove this node's keys, wake the reader."""
-        pipe = self._writer_client.pipeline(transaction=False)
-        pipe.srem(self._keys.nodes, self.node_id)
-        pipe.delete(self._keys.heartbeat(self.node_id), self._keys.presence(self.node_id))
-        # the leave goes after the removals: a refresh it causes sees this node gone
-        pipe.xadd(self._all, wire.control_fields(wire.LEAVE, self.node_id),
-                  maxlen=self.stream_length, approximate=True)
-        pipe.xadd(self._inbox, wire.control_fields(wire.WAKE, self.node_id))
-        pipe.pexpire(self._inbox, 5000)
-        try:
-            pipe.execute()
-        except self._errors as exc:
-            self._log.warning("cluster: could not leave the cluster cleanly: %s", exc)
