@@ -36,6 +36,11 @@ trimming) as ``CLUSTER_UNDELIVERED``; it also compares the sequence numbers that
 heartbeats announce with what it read, so losing the last messages of a stream is
 reported too. What a node cannot hand to Redis within ``pending_timeout`` is reported
 by that node. Nothing is dropped without a report.
+
+Code: this module holds the public names, the settings, the writer thread and the
+reports; its private parts are ``_cluster_wire`` (this format), ``_cluster_seq``
+(duplicates and gaps), ``_cluster_reader`` (the reader thread) and
+``_cluster_membership`` (heartbeat, presence, the view of the cluster).
 """
 
 from __future__ import annotations
@@ -616,6 +621,7 @@ class RedisBackplane(Backplane):
             written[item.stream] = item.seq
 
     def _beat(self) -> None:
+        """Heartbeat and view (writer thread); announce again if the heartbeat expired."""
         if not self._members.beat(self._writer_client, self._heartbeat_value()):
             self._log.warning("cluster: node %s's heartbeat had expired; announcing it again",
                               self.node_id)
