@@ -172,20 +172,28 @@ def _load_cas(ctx: ssl.SSLContext, cafile: str) -> None:
 def tls_context(args: argparse.Namespace, server: bool) -> ssl.SSLContext | None:
     """The ``ssl.SSLContext`` the TLS flags ask for (None: no TLS). Raises ValueError,
     naming the flag and the file, for inconsistent flags or unusable files."""
-    if server:
-        if not args.certfile:
-            if args.keyfile or args.cafile or args.require_client_cert:
-                raise ValueError("--keyfile, --cafile and --require-client-cert need --certfile")
-            return None
-        if args.require_client_cert and not args.cafile:
-            raise ValueError("--require-client-cert needs --cafile (the CA of the client "
-                             "certificates)")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        _load_chain(ctx, args.certfile, args.keyfile)
-        if args.cafile:
-            _load_cas(ctx, args.cafile)
-            ctx.verify_mode = ssl.CERT_REQUIRED if args.require_client_cert else ssl.CERT_OPTIONAL
-        return ctx
+    return _server_tls_context(args) if server else _client_tls_context(args)
+
+
+def _server_tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """:func:`tls_context` for the server command (same contract)."""
+    if not args.certfile:
+        if args.keyfile or args.cafile or args.require_client_cert:
+            raise ValueError("--keyfile, --cafile and --require-client-cert need --certfile")
+        return None
+    if args.require_client_cert and not args.cafile:
+        raise ValueError("--require-client-cert needs --cafile (the CA of the client "
+                         "certificates)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _load_chain(ctx, args.certfile, args.keyfile)
+    if args.cafile:
+        _load_cas(ctx, args.cafile)
+        ctx.verify_mode = ssl.CERT_REQUIRED if args.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _client_tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """:func:`tls_context` for the client command (same contract)."""
     if not (args.tls or args.cafile or args.certfile):
         if args.keyfile:
             raise ValueError("--keyfile needs --certfile")
@@ -252,8 +260,39 @@ def _run_processes(args: argparse.Namespace) -> int:
     """``--processes N``: reserve the port, start N workers (this same command line) on
     it, and stop them all on SIGINT/SIGTERM or when one of them exits. Returns the exit
     code (0 after a requested stop)."""
-    import subprocess
+    import shutil
     import tempfile
+    refused = _processes_refused(args)
+    if refused is not None:
+        return refused
+    stop = threading.Event()
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
+    # Bound, never listening: holds the port (and its SO_REUSEPORT group) for the workers.
+    holder = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    workdir = tempfile.mkdtemp(prefix="morsock-workers-")
+    workers: list[Any] = []
+    try:
+        try:
+            holder.bind((args.host, args.port))
+        except OSError as exc:
+            print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+            return 1
+        port = holder.getsockname()[1]
+        files = [os.path.join(workdir, f"port-{i}") for i in range(args.processes)]
+        _start_workers(args, port, files, workers)
+        return _supervise_workers(args, port, files, workers, stop)
+    finally:
+        _stop_workers(workers)
+        holder.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _processes_refused(args: argparse.Namespace) -> int | None:
+    """Exit code 2, said on stderr, if ``--processes`` cannot run as asked; else None
+    (with a warning on stderr when there is no --redis)."""
     if args.processes < 1:
         print("error: --processes must be >= 1", file=sys.stderr)
         return 2
@@ -264,60 +303,61 @@ def _run_processes(args: argparse.Namespace) -> int:
     if not args.redis:
         print("warning: --processes without --redis: each process broadcasts to its own "
               "clients only", file=sys.stderr)
-    stop = threading.Event()
-    for name in ("SIGINT", "SIGTERM"):
-        signal.signal(getattr(signal, name), lambda signum, frame: stop.set())
-    # Bound, never listening: holds the port (and its SO_REUSEPORT group) for the workers.
-    holder = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    workdir = tempfile.mkdtemp(prefix="morsock-workers-")
-    workers: list[Any] = []
-    status = 0
-    try:
-        try:
-            holder.bind((args.host, args.port))
-        except OSError as exc:
-            print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+    return None
+
+
+def _start_workers(args: argparse.Namespace, port: int, files: list[str],
+                   workers: list[Any]) -> None:
+    """Start one worker per port file, appending each to *workers* as it starts (so the
+    caller stops those already started if a later one fails to start)."""
+    import subprocess
+    for index, port_file in enumerate(files):
+        env = dict(os.environ)
+        env[_WORKER_ENV] = f"{index}:{os.getpid()}:{port}:{port_file}"
+        # stdout: this process's own first line says where they listen
+        workers.append(subprocess.Popen([sys.executable, "-m", "morsock", *args.argv],
+                                        env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL))
+
+
+def _supervise_workers(args: argparse.Namespace, port: int, files: list[str],
+                       workers: list[Any], stop: threading.Event) -> int:
+    """Wait for *stop* (0) or a worker's exit (1, said on stderr); announce once, when
+    every worker has written its port file."""
+    announced = False
+    while not stop.wait(0.1 if not announced else 1.0):
+        if any(w.poll() is not None for w in workers) and not stop.is_set():
+            print("error: a worker process exited; stopping the others", file=sys.stderr)
             return 1
-        port = holder.getsockname()[1]
-        files = [os.path.join(workdir, f"port-{i}") for i in range(args.processes)]
-        for index, port_file in enumerate(files):
-            env = dict(os.environ)
-            env[_WORKER_ENV] = f"{index}:{os.getpid()}:{port}:{port_file}"
-            # stdout: this process's own first line says where they listen
-            workers.append(subprocess.Popen([sys.executable, "-m", "morsock", *args.argv],
-                                            env=env, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL))
-        announced = False
-        while not stop.wait(0.1 if not announced else 1.0):
-            if any(w.poll() is not None for w in workers) and not stop.is_set():
-                print("error: a worker process exited; stopping the others", file=sys.stderr)
-                status = 1
-                break
-            if not announced and all(os.path.exists(f) for f in files):
-                announced = True
-                if args.port_file:
-                    with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
-                        f.write(f"{port}\n")
-                    os.replace(args.port_file + ".tmp", args.port_file)
-                print(f"{args.processes} server processes listening on {args.host}:{port}"
-                      f"{' (cluster ' + args.redis_channel + ')' if args.redis else ''}; "
-                      f"Ctrl+C to stop", flush=True)
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-        holder.close()
-        import shutil
-        shutil.rmtree(workdir, ignore_errors=True)
-    return status
+        if not announced and all(os.path.exists(f) for f in files):
+            announced = True
+            _announce_workers(args, port)
+    return 0
+
+
+def _announce_workers(args: argparse.Namespace, port: int) -> None:
+    """Write --port-file (atomically) and print the line saying where the workers listen."""
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w", encoding="ascii") as f:
+            f.write(f"{port}\n")
+        os.replace(args.port_file + ".tmp", args.port_file)
+    print(f"{args.processes} server processes listening on {args.host}:{port}"
+          f"{' (cluster ' + args.redis_channel + ')' if args.redis else ''}; "
+          f"Ctrl+C to stop", flush=True)
+
+
+def _stop_workers(workers: list[Any]) -> None:
+    """Terminate the workers still running and reap them all (kill after 30 s)."""
+    import subprocess
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    for worker in workers:
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 # -- the parser ------------------------------------------------------------------------

@@ -36,11 +36,15 @@ trimming) as ``CLUSTER_UNDELIVERED``; it also compares the sequence numbers that
 heartbeats announce with what it read, so losing the last messages of a stream is
 reported too. What a node cannot hand to Redis within ``pending_timeout`` is reported
 by that node. Nothing is dropped without a report.
+
+Code: this module holds the public names, the settings, the writer thread and the
+reports; its private parts are ``_cluster_wire`` (this format), ``_cluster_seq``
+(duplicates and gaps), ``_cluster_reader`` (the reader thread) and
+``_cluster_membership`` (heartbeat, presence, the view of the cluster).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -50,20 +54,19 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+from . import _cluster_wire as wire
+from ._cluster_membership import Membership
+from ._cluster_reader import StreamReader
+from ._cluster_seq import SeqLedger
+from ._cluster_wire import Outgoing
 from .enums import ErrorCode, ReconnectStrategy
-from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
+from .errors import MorsockError
 from .reconnect import ReconnectPolicy
 
 if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["Backplane", "RedisBackplane", "Undelivered", "split_client_id"]
-
-#: Most stream entries written in one pipeline, or read by one XREAD.
-_BATCH = 512
-#: Entries of the duplicate check (per stream, node and run) kept before those of nodes
-#: that left the view are dropped.
-_SEEN_MAX = 4096
 
 
 def split_client_id(client_id: str) -> tuple[str, int]:
@@ -145,23 +148,6 @@ class Backplane:
     def cluster_nodes(self) -> list[str]:
         """Ids of the live nodes, this one included, sorted."""
         raise NotImplementedError
-
-
-class _Outgoing:
-    """One message waiting for the writer thread."""
-
-    __slots__ = ("stream", "fields", "since", "kind", "node", "target", "payload", "seq")
-
-    def __init__(self, stream: bytes, fields: dict[bytes, bytes], kind: str,
-                 node: str | None, target: str | None, payload: bytes | None) -> None:
-        self.stream = stream
-        self.fields = fields
-        self.since = time.monotonic()
-        self.kind = kind
-        self.node = node
-        self.target = target
-        self.payload = payload
-        self.seq = 0  # given by the writer when first sent (kept for a retry)
 
 
 def _positive(name: str, value: Any) -> float:
@@ -257,11 +243,9 @@ class RedisBackplane(Backplane):
         self._redis = redis
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._connect_kwargs = self._client_kwargs(url)  # ValueError for a bad URL
-        prefix = self.channel
-        self._all = f"{prefix}:all".encode()
-        self._nodes_key = f"{prefix}:nodes"
-        self._epoch_key = f"{prefix}:epoch"
-        self._inbox = self._inbox_of(self.node_id)
+        self._keys = wire.Keys(self.channel)
+        self._all = self._keys.all
+        self._inbox = self._keys.inbox(self.node_id)
         self._server: Server | None = None
         self._cond = threading.Condition()
         self._reset()
@@ -275,18 +259,9 @@ class RedisBackplane(Backplane):
                 "retry": Retry(NoBackoff(), 0),  # the reconnect policy retries, not redis-py
                 "health_check_interval": 0}
 
-    def _inbox_of(self, node: str) -> bytes:
-        return f"{self.channel}:inbox:{node}".encode()
-
-    def _heartbeat_key(self, node: str) -> str:
-        return f"{self.channel}:node:{node}"
-
-    def _presence_key(self, node: str) -> str:
-        return f"{self.channel}:presence:{node}"
-
     def _reset(self) -> None:
         """The run state (attach() starts from it)."""
-        self._outbox: deque[_Outgoing] = deque()
+        self._outbox: deque[Outgoing] = deque()
         self._presence_ops: list[tuple[int, str | None]] = []
         self._stopping = False
         self._stop_event = threading.Event()
@@ -295,18 +270,12 @@ class RedisBackplane(Backplane):
         self._refresh_wanted = False
         self._gave_up = False
         self._down: set[str] = set()
-        self._view: dict[str, int] = {}
-        self._view_mono = 0.0
+        self._members = Membership(self)
         self._seq: dict[bytes, int] = {}  # last sequence number given, per stream
         self._written: dict[bytes, int] = {}  # last one Redis confirmed, per stream
-        # last sequence number handled, per (stream, origin node, origin's run)
-        self._seen: dict[tuple[bytes, str, str], int] = {}
+        self._ledger = SeqLedger()  # duplicates and gaps of what the reader handles
         self._run = uuid.uuid4().hex[:8]  # this attach: a restarted node numbers from 1
-        self._seen_lock = threading.Lock()
-        self._read_from: dict[bytes, bytes] = {}
-        self._epoch: bytes | None = None
-        self._drained_mono = 0.0  # start of the last XREAD that returned all it could
-        self._announced: list[tuple[float, str, str, bytes, int]] = []
+        self._reader = StreamReader(self)
         self._threads: list[threading.Thread] = []
         self._writer_client: Any = None
         self._reader_client: Any = None
@@ -334,17 +303,12 @@ class RedisBackplane(Backplane):
         """Block until this node has announced itself in Redis (True) or *timeout*."""
         return self._joined.wait(timeout)
 
-    def _live_view(self) -> dict[str, int]:
-        if time.monotonic() - self._view_mono > 2 * self.node_ttl:
-            return {}  # not refreshed for long: nothing known about the others
-        return self._view
-
     def cluster_client_count(self, local: int) -> int:
-        view = self._live_view()
+        view = self._members.live_view()
         return local + sum(count for node, count in view.items() if node != self.node_id)
 
     def cluster_nodes(self) -> list[str]:
-        return sorted(set(self._live_view()) | {self.node_id})
+        return sorted(set(self._members.live_view()) | {self.node_id})
 
     # -- life cycle ----------------------------------------------------------------------
     def attach(self, server: Server) -> None:
@@ -359,7 +323,7 @@ class RedisBackplane(Backplane):
         self._reader_client = redis.Redis.from_url(
             self.url, socket_timeout=self.socket_timeout + self.heartbeat_interval,
             **self._connect_kwargs)
-        for target, role in ((self._write_loop, "writer"), (self._read_loop, "reader")):
+        for target, role in ((self._write_loop, "writer"), (self._reader.run, "reader")):
             thread = threading.Thread(target=target, daemon=True,
                                       name=f"morsock-cluster-{role}-{self.node_id}")
             self._threads.append(thread)
@@ -406,26 +370,24 @@ class RedisBackplane(Backplane):
             self._cond.notify()
 
     def publish_broadcast(self, payload: bytes, encrypted: bool) -> None:
-        self._enqueue(_Outgoing(self._all, {b"k": b"b", b"e": b"1" if encrypted else b"0",
-                                            b"p": payload}, "broadcast", None, None, payload))
+        self._enqueue(Outgoing(self._all, wire.broadcast_fields(payload, encrypted),
+                               "broadcast", None, None, payload))
 
     def route_send(self, node: str, handle: int, payload: bytes, encrypted: bool) -> bool:
-        if node not in self._live_view():
+        if node not in self._members.live_view():
             return False
-        return self._enqueue(_Outgoing(
-            self._inbox_of(node), {b"k": b"s", b"h": b"%d" % handle,
-                                   b"e": b"1" if encrypted else b"0", b"p": payload},
-            "send_to", node, f"{node}:{handle}", payload))
+        return self._enqueue(Outgoing(self._keys.inbox(node),
+                                      wire.send_fields(handle, payload, encrypted),
+                                      "send_to", node, f"{node}:{handle}", payload))
 
     def route_disconnect(self, node: str, handle: int) -> bool:
-        if node not in self._live_view():
+        if node not in self._members.live_view():
             return False
-        return self._enqueue(_Outgoing(self._inbox_of(node), {b"k": b"d", b"h": b"%d" % handle},
-                                       "disconnect", node, f"{node}:{handle}", None))
+        return self._enqueue(Outgoing(self._keys.inbox(node), wire.disconnect_fields(handle),
+                                      "disconnect", node, f"{node}:{handle}", None))
 
-    def _enqueue(self, item: _Outgoing) -> bool:
-        item.fields[b"o"] = self.node_id.encode()
-        item.fields[b"i"] = self._run.encode()
+    def _enqueue(self, item: Outgoing) -> bool:
+        wire.stamp(item.fields, self.node_id, self._run)
         with self._cond:
             if self._server is None or self._stopping:
                 reason = "the server is not running"
@@ -459,7 +421,7 @@ class RedisBackplane(Backplane):
             except Exception:
                 self._log.exception("cluster: on_undelivered handler raised")
 
-    def _report_lost(self, items: list[_Outgoing], reason: str) -> None:
+    def _report_lost(self, items: list[Outgoing], reason: str) -> None:
         """Outgoing messages that will not be sent: one on_error, one report each."""
         if not items:
             return
@@ -477,8 +439,20 @@ class RedisBackplane(Backplane):
         count = last - first + 1
         reason = (f"{count} message(s) from node {origin} (sequence {first}..{last} of "
                   f"{stream.decode(errors='replace')}) were lost in Redis ({why})")
+        self._report_incoming("message", origin, count, None, reason)
+
+    def _report_incoming(self, kind: str, origin: str, count: int, payload: bytes | None,
+                         reason: str) -> None:
+        """Messages from *origin* that did not reach this node's clients: one on_error,
+        one report."""
         self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
-        self._notify([Undelivered("incoming", "message", origin, None, count, None, reason)])
+        self._notify([Undelivered("incoming", kind, origin, None, count, payload, reason)])
+
+    def _request_refresh(self) -> None:
+        """Ask the writer for a heartbeat and a new view now (any thread)."""
+        with self._cond:
+            self._refresh_wanted = True
+            self._cond.notify()
 
     def _mark_down(self, role: str, exc: BaseException) -> None:
         with self._cond:
@@ -524,29 +498,17 @@ class RedisBackplane(Backplane):
             if not up:
                 if self._stopping:
                     break
-                try:
-                    if not self._setup_done.is_set():
-                        self._first_setup()
-                    self._resync()
-                except self._errors as exc:
-                    if not self._retry_wait(policy, "writer", exc):
-                        break
-                    self._expire_pending()
+                connected = self._connect_writer(policy)
+                if connected is None:
+                    break
+                if not connected:
                     continue
                 up = True
-                policy.reset()
-                self._mark_up("writer")
-                self._joined.set()
                 next_beat = time.monotonic() + self.heartbeat_interval
                 self._expire_pending()
             batch, ops, stopping = self._take_work(next_beat)
             try:
-                if batch or ops:
-                    self._push(batch, ops)
-                if time.monotonic() >= next_beat or self._refresh_wanted:
-                    self._refresh_wanted = False
-                    self._beat()
-                    next_beat = time.monotonic() + self.heartbeat_interval
+                next_beat = self._write(batch, ops, next_beat)
             except self._errors as exc:
                 with self._cond:
                     self._outbox.extendleft(reversed(batch))  # resent, same sequence numbers
@@ -555,7 +517,7 @@ class RedisBackplane(Backplane):
                     break
                 continue
             if stopping and not self._outbox:
-                self._leave()
+                self._members.leave(self._writer_client)
                 return
         with self._cond:
             left = list(self._outbox)
@@ -563,7 +525,37 @@ class RedisBackplane(Backplane):
         self._report_lost(left, "Redis was unreachable when the server stopped"
                           if self._stopping else "Redis is unreachable")
 
-    def _take_work(self, next_beat: float) -> tuple[list[_Outgoing], list[tuple[int, str | None]],
+    def _connect_writer(self, policy: ReconnectPolicy) -> bool | None:
+        """(Re)join through the writer's connection (writer thread): True once joined;
+        False after a failure and the policy's wait; None to give up (or on stop)."""
+        try:
+            if not self._setup_done.is_set():
+                self._first_setup()
+            self._resync()
+        except self._errors as exc:
+            if not self._retry_wait(policy, "writer", exc):
+                return None
+            self._expire_pending()
+            return False
+        policy.reset()
+        self._mark_up("writer")
+        self._joined.set()
+        return True
+
+    def _write(self, batch: list[Outgoing], ops: list[tuple[int, str | None]],
+               next_beat: float) -> float:
+        """Write *batch* and *ops*, then the heartbeat if due or a refresh is wanted
+        (writer thread). Returns when the next heartbeat is due; raises the Redis
+        errors (the caller queues *batch* again)."""
+        if batch or ops:
+            self._push(batch, ops)
+        if time.monotonic() >= next_beat or self._refresh_wanted:
+            self._refresh_wanted = False
+            self._beat()
+            return time.monotonic() + self.heartbeat_interval
+        return next_beat
+
+    def _take_work(self, next_beat: float) -> tuple[list[Outgoing], list[tuple[int, str | None]],
                                                     bool]:
         with self._cond:
             while not (self._outbox or self._presence_ops or self._stopping
@@ -572,7 +564,7 @@ class RedisBackplane(Backplane):
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch = [self._outbox.popleft() for _ in range(min(_BATCH, len(self._outbox)))]
+            batch = [self._outbox.popleft() for _ in range(min(wire.BATCH, len(self._outbox)))]
             ops, self._presence_ops = self._presence_ops, []
             return batch, ops, self._stopping
 
@@ -587,49 +579,26 @@ class RedisBackplane(Backplane):
                                    f"pending_timeout={self.pending_timeout:g} s")
 
     def _first_setup(self) -> None:
-        """The reader's starting point: the epoch and the streams' current ends, taken
-        before this node announces itself (so it misses nothing sent to it after)."""
-        r = self._writer_client
-        self._epoch = self._current_epoch(r)
-        for stream in (self._all, self._inbox):
-            last = r.xrevrange(stream, count=1)
-            self._read_from[stream] = last[0][0] if last else b"0-0"
+        """The reader's starting point, taken before this node announces itself."""
+        self._reader.start_from(self._writer_client)
         self._setup_done.set()
 
-    def _current_epoch(self, r: Any) -> bytes:
-        r.set(self._epoch_key, uuid.uuid4().hex, nx=True)
-        token = r.get(self._epoch_key)
-        return bytes(token or b"")
-
     def _heartbeat_value(self) -> str:
-        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run": self._run,
-                           "seq": {k.decode(): v for k, v in self._written.items()}})
+        return wire.heartbeat_value(self._run, self._written)
 
     def _resync(self) -> None:
-        """(Re)announce this node: heartbeat, node set, the whole presence hash, join."""
+        """(Re)announce this node with the whole presence hash (writer thread)."""
         with self._cond:
             self._presence_ops.clear()  # the snapshot below covers them
         server = self._server
         assert server is not None
         presence = {str(c.handle): f"{c.peer_ip}:{c.peer_port}"
                     for c in server.clients.values() if c.connected}
-        ttl = int(self.node_ttl * 1000)
-        key = self._presence_key(self.node_id)
-        pipe = self._writer_client.pipeline(transaction=True)
-        pipe.set(self._heartbeat_key(self.node_id), self._heartbeat_value(), px=ttl)
-        pipe.sadd(self._nodes_key, self.node_id)
-        pipe.delete(key)
-        if presence:
-            pipe.hset(key, mapping=presence)
-            pipe.pexpire(key, ttl)
-        pipe.xadd(self._all, {b"k": b"j", b"o": self.node_id.encode()},
-                  maxlen=self.stream_length, approximate=True)
-        pipe.execute()
-        self._refresh_view()
+        self._members.announce(self._writer_client, self._heartbeat_value(), presence)
 
-    def _push(self, batch: list[_Outgoing], ops: list[tuple[int, str | None]]) -> None:
+    def _push(self, batch: list[Outgoing], ops: list[tuple[int, str | None]]) -> None:
         pipe = self._writer_client.pipeline(transaction=False)
-        key = self._presence_key(self.node_id)
+        key = self._keys.presence(self.node_id)
         for handle, address in ops:
             if address is None:
                 pipe.hdel(key, str(handle))
@@ -642,7 +611,7 @@ class RedisBackplane(Backplane):
             if not item.seq:
                 item.seq = self._seq.get(item.stream, 0) + 1
                 self._seq[item.stream] = item.seq
-                item.fields[b"q"] = b"%d" % item.seq
+                wire.number(item.fields, item.seq)
             pipe.xadd(item.stream, item.fields, maxlen=self.stream_length, approximate=True)
             if item.stream != self._all:
                 pipe.pexpire(item.stream, inbox_ttl)
@@ -652,212 +621,8 @@ class RedisBackplane(Backplane):
             written[item.stream] = item.seq
 
     def _beat(self) -> None:
-        ttl = int(self.node_ttl * 1000)
-        pipe = self._writer_client.pipeline(transaction=False)
-        pipe.set(self._heartbeat_key(self.node_id), self._heartbeat_value(), px=ttl, get=True)
-        pipe.sadd(self._nodes_key, self.node_id)
-        pipe.pexpire(self._presence_key(self.node_id), ttl)
-        pipe.pexpire(self._inbox, int(max(60.0, 10 * self.node_ttl) * 1000))
-        previous = pipe.execute()[0]
-        if previous is None:  # expired (a stall) or Redis lost its data: announce again
+        """Heartbeat and view (writer thread); announce again if the heartbeat expired."""
+        if not self._members.beat(self._writer_client, self._heartbeat_value()):
             self._log.warning("cluster: node %s's heartbeat had expired; announcing it again",
                               self.node_id)
             self._resync()
-            return
-        self._refresh_view()
-
-    def _refresh_view(self) -> None:
-        r = self._writer_client
-        members = sorted(m.decode() for m in r.smembers(self._nodes_key))
-        pipe = r.pipeline(transaction=False)
-        for node in members:
-            pipe.get(self._heartbeat_key(node))
-            pipe.hlen(self._presence_key(node))
-        replies = pipe.execute()
-        view: dict[str, int] = {}
-        dead = []
-        now = time.monotonic()
-        for index, node in enumerate(members):
-            beat, count = replies[2 * index], replies[2 * index + 1]
-            if beat is None:
-                dead.append(node)
-                continue
-            view[node] = int(count)
-            if node != self.node_id:
-                self._note_announced(now, node, beat)
-        if dead:
-            pipe = r.pipeline(transaction=False)
-            for node in dead:
-                pipe.srem(self._nodes_key, node)
-                pipe.delete(self._presence_key(node))
-            pipe.execute()
-        old = set(self._view)
-        self._view, self._view_mono = view, now
-        for node in sorted(set(view) - old - {self.node_id}):
-            self._log.info("cluster: node %s joined", node)
-        for node in sorted(old - set(view)):
-            self._log.info("cluster: node %s left (heartbeat expired or it stopped)", node)
-        if len(self._seen) > _SEEN_MAX:
-            self._forget_all_but(set(view))
-        self._check_announced()
-
-    def _note_announced(self, now: float, node: str, beat: bytes) -> None:
-        try:
-            value = json.loads(beat)
-            seqs, run = value.get("seq", {}), str(value.get("run", ""))
-        except (ValueError, AttributeError):
-            return
-        for stream in (self._all, self._inbox):
-            seq = seqs.get(stream.decode())
-            if isinstance(seq, int):
-                self._announced.append((now, node, run, stream, seq))
-
-    def _check_announced(self) -> None:
-        """Sequence numbers a heartbeat announced before the reader last read all it
-        could, and that it still has not seen: those messages were lost."""
-        drained = self._drained_mono
-        later = []
-        for entry in self._announced:
-            when, node, run, stream, seq = entry
-            if when >= drained:
-                later.append(entry)
-                continue
-            with self._seen_lock:
-                seen = self._seen.get((stream, node, run))
-                if seen is None or seq <= seen:
-                    continue
-                self._seen[(stream, node, run)] = seq
-            self._report_gap(node, stream, seen + 1, seq, "the last messages of a stream")
-        self._announced = later[-4 * max(1, len(self._view)):]
-
-    def _forget_all_but(self, alive: set[str]) -> None:
-        """Drop the last sequence numbers seen from nodes not in *alive*. Only done past
-        _SEEN_MAX entries: a node that merely looks gone (Redis lost its data and the
-        heartbeats with it) may still resend a message it published before, and its
-        entry is what drops that copy."""
-        with self._seen_lock:
-            for key in [k for k in self._seen if k[1] not in alive]:
-                del self._seen[key]
-
-    def _leave(self) -> None:
-        """Clean stop: tell the others, remove this node's keys, wake the reader."""
-        pipe = self._writer_client.pipeline(transaction=False)
-        pipe.srem(self._nodes_key, self.node_id)
-        pipe.delete(self._heartbeat_key(self.node_id), self._presence_key(self.node_id))
-        pipe.xadd(self._all, {b"k": b"l", b"o": self.node_id.encode()},  # after: a refresh
-                  maxlen=self.stream_length, approximate=True)          # it causes sees us gone
-        pipe.xadd(self._inbox, {b"k": b"x", b"o": self.node_id.encode()})
-        pipe.pexpire(self._inbox, 5000)
-        try:
-            pipe.execute()
-        except self._errors as exc:
-            self._log.warning("cluster: could not leave the cluster cleanly: %s", exc)
-
-    # -- reader thread -------------------------------------------------------------------
-    def _read_loop(self) -> None:
-        policy = self._policy()
-        self._setup_done.wait()
-        ready = True
-        r = self._reader_client
-        # One XREAD waits at most a heartbeat (a stop wakes it at once): the heartbeat
-        # check (_check_announced) needs a read that started after a heartbeat arrived.
-        block_ms = max(1, int(self.heartbeat_interval * 1000))
-        while not self._stopping:
-            try:
-                if not ready:
-                    self._after_reconnect(r)
-                    ready = True
-                    policy.reset()
-                    self._mark_up("reader")
-                started = time.monotonic()
-                reply = r.xread(dict(self._read_from), count=_BATCH, block=block_ms)
-            except self._errors as exc:
-                ready = False
-                if self._stopping or not self._retry_wait(policy, "reader", exc):
-                    break
-                continue
-            got = 0
-            for stream, entries in reply or ():
-                got = max(got, len(entries))
-                for entry_id, fields in entries:
-                    self._read_from[bytes(stream)] = entry_id
-                    try:
-                        self._dispatch(bytes(stream), fields)
-                    except Exception:
-                        self._log.exception("cluster: error handling a message from Redis")
-            if got < _BATCH:
-                self._drained_mono = started
-
-    def _after_reconnect(self, r: Any) -> None:
-        epoch = self._current_epoch(r)
-        if epoch != self._epoch:
-            self._log.warning("cluster: Redis lost its data (a restart without persistence?): "
-                              "reading its streams from their start")
-            for stream in self._read_from:
-                self._read_from[stream] = b"0-0"
-            self._epoch = epoch
-            with self._cond:
-                self._refresh_wanted = True
-                self._cond.notify()
-
-    def _dispatch(self, stream: bytes, fields: dict[bytes, bytes]) -> None:
-        kind = fields.get(b"k")
-        origin = fields.get(b"o", b"").decode(errors="replace")
-        if kind in (b"j", b"l", b"x"):
-            if kind != b"x" and origin != self.node_id:
-                with self._cond:
-                    self._refresh_wanted = True
-                    self._cond.notify()
-            return
-        if origin == self.node_id and stream == self._all:
-            return  # our own broadcast: our clients had it already
-        seq = int(fields.get(b"q", b"0"))
-        key = (stream, origin, fields.get(b"i", b"").decode(errors="replace"))
-        with self._seen_lock:
-            last = self._seen.get(key)
-            if last is not None and seq <= last:
-                return  # a publish retried after a reconnect: already handled
-            self._seen[key] = seq
-        if last is not None and seq > last + 1:
-            self._report_gap(origin, stream, last + 1, seq - 1, "a gap in the stream")
-        server = self._server
-        if server is None:
-            return
-        payload = fields.get(b"p", b"")
-        encrypted = fields.get(b"e") == b"1"
-        if kind == b"b":
-            try:
-                server._broadcast_local(payload, encrypted)
-            except MorsockError as exc:  # no key here for it, or over max_message_size
-                reason = f"broadcast from node {origin} not delivered on {self.node_id}: {exc}"
-                self._report(f"cluster: {reason}", ErrorCode.CLUSTER_UNDELIVERED)
-                self._notify([Undelivered("incoming", "broadcast", origin, None, 1, payload,
-                                          reason)])
-        elif kind == b"s":
-            self._deliver(server, origin, int(fields[b"h"]), payload, encrypted)
-        elif kind == b"d":
-            server.disconnect_client(int(fields[b"h"]))
-        elif kind == b"n":
-            target = fields.get(b"c", b"").decode(errors="replace")
-            reason = fields.get(b"r", b"").decode(errors="replace")
-            self._report_lost([_Outgoing(stream, {}, "send_to", origin, target, payload)],
-                              f"send_to {target}: {reason}")
-
-    def _deliver(self, server: Server, origin: str, handle: int, payload: bytes,
-                 encrypted: bool) -> None:
-        """A send_to for one of this node's clients; a failure goes back to its origin."""
-        client = server.find_client(handle)
-        if client is None:
-            reason = f"no client {handle} on node {self.node_id} (disconnected)"
-        else:
-            try:
-                client.send_data(payload, encrypted)
-                return
-            except NotConnectedError:
-                reason = f"client {client.client_id} disconnected"
-            except (SendBufferFullError, CryptoError, ValueError) as exc:
-                reason = f"client {client.client_id} refused it: {exc}"
-        self._log.info("cluster: send_to from %s not delivered: %s", origin, reason)
-        self._enqueue(_Outgoing(self._inbox_of(origin), {
-            b"k": b"n", b"c": f"{self.node_id}:{handle}".encode(), b"r": reason.encode(),
-            b"p": payload}, "send_to report", origin, None, None))

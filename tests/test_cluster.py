@@ -552,7 +552,7 @@ def test_a_message_resent_by_a_node_that_looked_gone_is_not_delivered_twice(
         sender.server.stop()  # it leaves the others' view
         wait_until(lambda: other.server.cluster_nodes == [other.backplane.node_id],
                    what="the sender gone from the view")
-        other.backplane._dispatch(other.backplane._all, fields)  # its retried copy
+        other.backplane._reader.dispatch(other.backplane._all, fields)  # its retried copy
         other.server.broadcast_data(b"marker")
         receiver.got.wait_count("data", 2)
         assert receiver.payloads() == [b"one", b"marker"]
