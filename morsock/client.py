@@ -494,9 +494,8 @@ class Client(ClientActions):
         owner = self._replies.deliver(conn, data)
         if owner is True:
             return
-        if owner is LATE and self._debug():
-            self._log.debug("%d-byte late reply to a request that timed out: passed to "
-                            "on_handle_command", len(data))
+        if owner is LATE:
+            self._late_reply(data)
         handler = self.on_handle_command
         if self._observer is not None:
             handler = self._observed(handler)
@@ -509,6 +508,13 @@ class Client(ClientActions):
             return
         if reply:
             self._reply(conn, reply, frame.flag != 0)
+
+    def _late_reply(self, data: bytes) -> None:
+        """Strand: *data* is the late reply of a request that timed out; it goes on to
+        ``on_handle_command`` (noted at DEBUG)."""
+        if self._debug():
+            self._log.debug("%d-byte late reply to a request that timed out: passed to "
+                            "on_handle_command", len(data))
 
     def _fail_waiters(self, conn: Connection, why: str = "") -> None:
         self._replies.reset(conn, why)
@@ -540,9 +546,7 @@ class Client(ClientActions):
             return (f"{where} reset the connection after our first message without sending "
                     f"anything: a server that uses TLS does this to a client without "
                     f"ssl_context (give the client one if the server uses TLS)")
-        sealed = self._sealed_out
-        if (sealed is not None and sealed[0] is conn and self._sealed_in is not conn
-                and conn.messages_received == sealed[1]):
+        if self._sealed_unanswered(conn):
             return (f"{where} closed the connection after our encrypted message without "
                     f"sending anything back: a morsock server does this with a frame it cannot "
                     f"decrypt. Give both sides the same encryption_key, encryption_mode, "
@@ -550,6 +554,13 @@ class Client(ClientActions):
                     f"{self.encryption_info}; a morsock server in its default "
                     f"AUTHENTICATED profile refuses MORMOT frames)")
         return ""
+
+    def _sealed_unanswered(self, conn: Connection) -> bool:
+        """Reactor thread: whether our last encrypted frame went on *conn* and the peer
+        sent nothing after it, nor any encrypted frame before it."""
+        sealed = self._sealed_out
+        return (sealed is not None and sealed[0] is conn and self._sealed_in is not conn
+                and conn.messages_received == sealed[1])
 
     # -- sending ---------------------------------------------------------------------------
     def _live_connection(self) -> Connection:
