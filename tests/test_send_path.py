@@ -13,7 +13,7 @@ import pytest
 from morsock import Client, ErrorCode
 
 from morsock._send_queue import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS
-from morsock.connection import DIRECT_SEND_MIN, plain_frame
+from morsock._connection_send import DIRECT_SEND_MIN, plain_frame
 from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
