@@ -15,7 +15,7 @@ from morsock import Client, ConnectError, ErrorCode, SendBufferFullError, Server
 from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
 
-from helpers import TIMEOUT, Recorder, wait_until
+from helpers import TIMEOUT, Recorder, scaled, wait_until
 from session_proxy import CutProxy
 
 LOCAL = "127.0.0.1"
@@ -468,7 +468,7 @@ def test_delphi_client_on_a_session_server(delphi_bin: Path, encrypted: bool) ->
         proc = subprocess.run(
             [str(delphi_bin / "mm_client"), "--host", LOCAL, "--port", str(server.port), *args],
             input=f"connect 5000\nsend {int(encrypted)} {b'hello'.hex()}\nwait 2 8000\n"
-                  "disconnect\nquit\n", capture_output=True, text=True, timeout=60)
+                  "disconnect\nquit\n", capture_output=True, text=True, timeout=scaled(60))
         got = [line.split("hex=")[1] for line in proc.stdout.splitlines()
                if line.startswith("RECV")]
         assert sorted(got) == sorted([b"welcome".hex(), b"Echo: hello".hex()]), proc.stdout
@@ -499,7 +499,7 @@ def test_resumable_client_refused_by_a_delphi_server(delphi_bin: Path) -> None:
         assert proc.stdin is not None
         proc.stdin.write("quit\n")
         proc.stdin.close()
-        proc.wait(20)
+        proc.wait(scaled(20))
         proc.stdout.close()  # type: ignore[union-attr]
 
 

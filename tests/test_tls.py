@@ -29,7 +29,7 @@ from morsock import (Client, ConnectError, EncryptionProfile, ErrorCode, NotConn
 from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
-from helpers import TIMEOUT, Recorder, free_port, wait_until
+from helpers import TIMEOUT, Recorder, free_port, scaled, wait_until
 
 LOCAL = "127.0.0.1"
 BIG = 300 * 1024
@@ -39,7 +39,7 @@ BIG = 300 * 1024
 
 def _openssl(directory: Path, *args: str) -> None:
     result = subprocess.run(["openssl", *args], cwd=directory, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=scaled(60))
     assert result.returncode == 0, f"openssl {' '.join(args)} failed:\n{result.stderr}"
 
 
@@ -127,7 +127,7 @@ def test_round_trip_with_300k_message_and_statistics(pki: Path) -> None:
         with client:
             assert client.request(b"hello over TLS") == b"hello over TLS"
             big = os.urandom(BIG)
-            assert client.request(big, timeout=30) == big
+            assert client.request(big, timeout=scaled(30)) == big
             (sc,) = server.clients.values()
             assert sc.peer_certificate is None  # the client sent no certificate
             assert sc.messages_received == 2
@@ -157,7 +157,7 @@ def test_per_message_encryption_inside_tls(pki: Path, profile: EncryptionProfile
         with Client(LOCAL, server.port, ssl_context=client_ctx(pki), encryption_key=key,
                     encryption_profile=profile) as client:
             for data in (b"x", os.urandom(1000), os.urandom(BIG)):
-                assert client.request(data, encrypted=True, timeout=30) == data
+                assert client.request(data, encrypted=True, timeout=scaled(30)) == data
             # a plaintext frame is still refused under require_encryption
             client.send_data(b"plain")
             srec.wait_for(lambda ev: any(e[0] == "error" and e[-1] == ErrorCode.ENCRYPTION_REQUIRED
@@ -174,7 +174,7 @@ def test_concurrent_requests_and_sends_on_one_tls_connection(pki: Path) -> None:
                 try:
                     for i in range(25):
                         data = bytes([seed]) * (1 + (seed * 7919 + i * 104729) % 70000)
-                        if client.request(data, timeout=30) != data:
+                        if client.request(data, timeout=scaled(30)) != data:
                             failures.append(f"thread {seed}: wrong reply {i}")
                 except Exception as exc:  # reported below
                     failures.append(f"thread {seed}: {exc!r}")
@@ -183,7 +183,7 @@ def test_concurrent_requests_and_sends_on_one_tls_connection(pki: Path) -> None:
             for t in threads:
                 t.start()
             for t in threads:
-                t.join(60)
+                t.join(scaled(60))
             assert not any(t.is_alive() for t in threads)
     assert failures == []
 
@@ -523,10 +523,10 @@ def test_cli_server_with_required_client_certificates(pki: Path) -> None:
          str(pki / "server.key"), "--cafile", str(pki / "ca.pem"), "--require-client-cert"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while True:  # wait for it to listen (no event to wait on across processes)
             try:
-                socket.create_connection((LOCAL, port), timeout=1).close()
+                socket.create_connection((LOCAL, port), timeout=scaled(1)).close()
                 break
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "server not up"
@@ -542,5 +542,5 @@ def test_cli_server_with_required_client_certificates(pki: Path) -> None:
             refused.disconnect()
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=scaled(30))
     assert proc.returncode == 0, err
