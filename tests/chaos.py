@@ -28,6 +28,8 @@ import struct
 import threading
 from typing import Any, Dict, List, Optional, Set
 
+from helpers import scaled
+
 __all__ = ["ChaosProxy", "FrameBoundaries"]
 
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -118,14 +120,14 @@ class ChaosProxy:
         except OSError:
             pass
         if self._acceptor is not None:
-            self._acceptor.join(10)
+            self._acceptor.join(scaled(10))
         while True:
             with self._threads_lock:
                 threads, self._threads = self._threads, []
             if not threads:
                 break
             for t in threads:
-                t.join(10)
+                t.join(scaled(10))
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -165,7 +167,7 @@ class ChaosProxy:
                     self._count("connections")
                     try:
                         upstream = socket.create_connection(("127.0.0.1", self.target_port),
-                                                            timeout=5)
+                                                            timeout=scaled(5))
                     except OSError:
                         self._count("upstream_failures")
                         self._reset(client)

@@ -21,8 +21,8 @@ from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
 
 from helpers import (TIMEOUT, VECTOR_KEY, VECTOR_MODES, Recorder, frame_size,
-                     free_port, log_lines, read_frame, vector_cases, vector_decrypt,
-                     wait_until)
+                     free_port, log_lines, read_frame, scaled, vector_cases,
+                     vector_decrypt, wait_until)
 
 LOCAL = "127.0.0.1"
 C = ClientState
@@ -372,7 +372,7 @@ def test_concurrent_requests_each_get_their_own_reply() -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
+            t.join(scaled(60))
     assert not errors, errors
     assert len(results) == 8
     for got in results.values():
@@ -406,7 +406,7 @@ def test_send_data_from_eight_threads_at_once() -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
+            t.join(scaled(60))
         assert all_in.wait(TIMEOUT), f"{sum(map(len, seen.values()))} messages handled"
         total = n_threads * per_thread
         wire = n_threads * sum(frame_size(6 + i % 50) for i in range(per_thread))

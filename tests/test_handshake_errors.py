@@ -17,7 +17,7 @@ from morsock.crypto import REFUSAL_MAGIC, ClientHandshake, refusal_frame
 from morsock.protocol import FLAG_AUTHENTICATED, FrameDecoder
 from morsock.testing import RawPeer, running_server
 
-from helpers import Recorder, log_lines, wait_until
+from helpers import Recorder, log_lines, scaled, wait_until
 
 LOCAL = "127.0.0.1"
 KEY = "handshake errors key"
@@ -111,7 +111,7 @@ def tls_server_ctx(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "s.key", "-out",
                     "s.pem", "-days", "2", "-subj", "/CN=localhost"],
-                   cwd=d, check=True, capture_output=True, timeout=60)
+                   cwd=d, check=True, capture_output=True, timeout=scaled(60))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(d / "s.pem", d / "s.key")
     return ctx
@@ -134,7 +134,7 @@ def test_keyless_plain_client_against_a_tls_server(tls_server_ctx: ssl.SSLContex
         with Client(LOCAL, server.port, on_error=crec.handler("error"),
                     on_disconnect=crec.handler("disconnect")) as client:
             with pytest.raises(NotConnectedError, match="a server that uses TLS") as info:
-                client.request(b"hello", timeout=5)
+                client.request(b"hello", timeout=scaled(5))
             crec.wait_count("disconnect", 1)
         (_, message, code), = crec.named("error")
         assert code == ErrorCode.CONNECTION_LOST
@@ -156,9 +156,9 @@ def test_mormot_client_refused_by_a_morsock_server_is_told_what_to_check(
         with Client(LOCAL, server.port, encryption_key=KEY, encryption_profile="MORMOT",
                     on_error=crec.handler("error"),
                     on_disconnect=crec.handler("disconnect")) as client:
-            assert client.request(b"plain first", timeout=5) == b"plain first"
+            assert client.request(b"plain first", timeout=scaled(5)) == b"plain first"
             with pytest.raises(NotConnectedError, match="cannot decrypt") as info:
-                client.request(b"secret", encrypted=True, timeout=5)
+                client.request(b"secret", encrypted=True, timeout=scaled(5))
             crec.wait_count("disconnect", 1)
         (_, message, code), = crec.named("error")
         assert code == ErrorCode.CONNECTION_LOST and message in str(info.value)

@@ -122,7 +122,7 @@ def blackhole_port() -> Iterator[int]:
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
         port = listener.getsockname()[1]
-        filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+        filler = socket.create_connection(("127.0.0.1", port), timeout=scaled(5))
         yield port
     finally:
         if filler is not None:

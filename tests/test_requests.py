@@ -15,7 +15,7 @@ from morsock import (Client, ErrorCode, MorsockError, NotConnectedError, Protoco
                      ReconnectStrategy, RequestTimeout, Server, ServerClient)
 from morsock.testing import running_server
 
-from helpers import TIMEOUT, Recorder, wait_until
+from helpers import TIMEOUT, Recorder, scaled, wait_until
 
 LOCAL = "127.0.0.1"
 
@@ -211,7 +211,7 @@ def test_request_timeout_nonsense_is_refused_before_sending(timeout: Any, kind: 
         with pytest.raises(kind, match=r"request\(timeout=\.\.\.\)"):
             client.request(b"x", timeout=timeout)
         assert client.messages_sent == 0 and server.total_messages_received == 0
-        assert client.request(b"ok", timeout=2.5) == b"ok"
+        assert client.request(b"ok", timeout=scaled(2.5)) == b"ok"
 
 
 @pytest.mark.parametrize("profile", [None, "MORMOT", "AUTHENTICATED"])

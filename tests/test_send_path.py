@@ -17,7 +17,7 @@ from morsock._connection_send import DIRECT_SEND_MIN, plain_frame
 from morsock.protocol import HEADER_SIZE, FrameDecoder, encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
-from helpers import Recorder, frame_size, wait_until
+from helpers import Recorder, frame_size, scaled, wait_until
 
 
 def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -> None:
@@ -29,7 +29,7 @@ def test_pipelined_mixed_sizes_arrive_whole_in_order_and_are_counted_exactly() -
         sock = socket.socket()
         # a small receive window: the server's sends stop short, replies queue up
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(30)
+        sock.settimeout(scaled(30))
         try:
             sock.connect(("127.0.0.1", server.port))
             wait_until(lambda: server.client_count == 1, what="the peer to connect")
@@ -68,7 +68,7 @@ def test_single_replies_on_both_sides_of_the_prebuilt_headers_arrive_exactly() -
                 # reply is none at all, so 0 is checked by the plain_frame test above)
                 payload = bytes([size % 251]) * size
                 peer.send_raw(encode_frame(payload))
-                frame = peer.recv_frame(timeout=10)
+                frame = peer.recv_frame(timeout=scaled(10))
                 assert (frame.payload, frame.flag) == (payload, 0)
 
 
@@ -83,12 +83,13 @@ def test_an_empty_reply_sends_nothing_alone_or_in_a_batch() -> None:
     with running_server(handler) as server:
         with RawPeer.to(server) as peer:
             peer.send_raw(encode_frame(b"quiet-1"))  # alone: the one-frame batch
-            assert first_handled.wait(10), "quiet-1 not handled"
+            assert first_handled.wait(scaled(10)), "quiet-1 not handled"
             peer.send_raw(encode_frame(b"a"))
-            assert peer.recv_frame(timeout=10).payload == b"r-a"
+            assert peer.recv_frame(timeout=scaled(10)).payload == b"r-a"
             peer.send_raw(encode_frame(b"quiet-2") + encode_frame(b"b") + encode_frame(b"quiet-3")
                           + encode_frame(b"c"))  # one read, most likely: a batch
-            assert [peer.recv_frame(timeout=10).payload for _ in range(2)] == [b"r-b", b"r-c"]
+            assert ([peer.recv_frame(timeout=scaled(10)).payload for _ in range(2)]
+                    == [b"r-b", b"r-c"])
             # a reply is counted once send() returns, which may be after the peer has it
             wait_until(lambda: server.total_messages_sent == 3, what="the replies counted")
             assert server.total_messages_received == 6
@@ -104,7 +105,7 @@ def test_a_send_from_the_handler_keeps_its_place_among_held_replies() -> None:
         with RawPeer.to(server) as peer:
             names = [str(i).encode() for i in range(40)]
             peer.send_raw(b"".join(encode_frame(n) for n in names))  # one batch, most likely
-            got = [f.payload for f in peer.frames(2 * len(names), timeout=10)]
+            got = [f.payload for f in peer.frames(2 * len(names), timeout=scaled(10))]
             assert got == [x for n in names for x in (b"push-" + n, b"reply-" + n)]
 
 
@@ -118,17 +119,17 @@ def test_replies_held_before_a_disconnect_from_the_handler_still_leave() -> None
     with running_server(handler) as server:
         with RawPeer.to(server) as peer:
             peer.send_raw(b"".join(encode_frame(p) for p in (b"a", b"b", b"quit", b"c")))
-            assert [f.payload for f in peer.frames(2, timeout=10)] == [b"re:a", b"re:b"]
-            assert peer.expect_close(10) == b""
+            assert [f.payload for f in peer.frames(2, timeout=scaled(10))] == [b"re:a", b"re:b"]
+            assert peer.expect_close(scaled(10)) == b""
 
 
 def test_replies_past_hold_max_go_out_before_the_batch_ends() -> None:
     size = HOLD_MAX // 4
     payloads = [bytes([i]) * size for i in range(10)]  # 2.5 x HOLD_MAX in one batch
     with running_server(echo_handler) as server:
-        with RawPeer.to(server, timeout=20) as peer:
+        with RawPeer.to(server, timeout=scaled(20)) as peer:
             peer.send_raw(b"".join(encode_frame(p) for p in payloads))
-            assert [f.payload for f in peer.frames(len(payloads), timeout=20)] == payloads
+            assert [f.payload for f in peer.frames(len(payloads), timeout=scaled(20))] == payloads
             client = next(iter(server.clients.values()))
             wait_until(lambda: client.messages_sent == len(payloads), what="all counted")
             assert client.bytes_sent == len(payloads) * (size + HEADER_SIZE)

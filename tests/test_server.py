@@ -19,8 +19,8 @@ from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, echo_handler, running_server
 
 from helpers import (TIMEOUT, VECTOR_KEY, VECTOR_MODES, VECTORS, Recorder, frame_size,
-                     free_port, log_lines, vector_cases, vector_decrypt, vector_edge,
-                     wait_until)
+                     free_port, log_lines, scaled, vector_cases, vector_decrypt,
+                     vector_edge, wait_until)
 
 LOCAL = "127.0.0.1"
 S = ServerState
@@ -268,7 +268,7 @@ def test_statistics_are_exact_on_both_sides() -> None:
             assert server.client_count == 2
 
             # up_time: whole seconds while listening (polled: no event marks a second)
-            wait_until(lambda: server.up_time >= 1, 5.0, "up_time reaching 1 s")
+            wait_until(lambda: server.up_time >= 1, scaled(5.0), "up_time reaching 1 s")
             assert isinstance(server.up_time, int)
         finally:
             client.disconnect()
@@ -352,7 +352,7 @@ def test_connect_and_disconnect_exactly_once_per_client_under_concurrency() -> N
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
+            t.join(scaled(60))
         assert not errors, errors
         assert all_gone.wait(TIMEOUT), f"{disconnects[0]} of 100 disconnects"
         assert server.total_connections == 100
@@ -387,7 +387,7 @@ def test_per_connection_order_with_pipelined_frames() -> None:
         return struct.pack("<III", conn_id, seq, seq * 7)
 
     with running_server(handler, thread_pool_size=4) as server:
-        peers = [RawPeer(LOCAL, server.port, timeout=30) for _ in range(n_conns)]
+        peers = [RawPeer(LOCAL, server.port, timeout=scaled(30)) for _ in range(n_conns)]
         try:
             for i, peer in enumerate(peers):
                 peer.send_raw(b"".join(encode_frame(struct.pack("<II", i, seq))
@@ -802,15 +802,15 @@ def test_disconnect_delivers_what_was_queued_before_it():
     """A graceful disconnect lets the send queue drain first (nothing accepted is lost)."""
     big = bytes(range(256)) * (4 * 4096)  # 4 MiB: far more than the kernel buffers hold
     with running_server(None, max_send_buffer=64 << 20) as server:
-        with RawPeer.to(server, timeout=20) as peer:
+        with RawPeer.to(server, timeout=scaled(20)) as peer:
             wait_until(lambda: server.client_count == 1, what="the peer to connect")
             client = next(iter(server.clients.values()))
             for _ in range(4):
                 client.send_data(big)
             assert client.send_queue_size > 0  # the kernel did not take it all at once
             assert client.disconnect()
-            frames = peer.frames(4, timeout=20)
+            frames = peer.frames(4, timeout=scaled(20))
             assert [f.payload for f in frames] == [big] * 4
-            assert peer.expect_close(10) == b""
+            assert peer.expect_close(scaled(10)) == b""
         wait_until(lambda: server.client_count == 0, what="the close to finish")
         assert server.total_messages_sent == 4

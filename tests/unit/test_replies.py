@@ -9,6 +9,7 @@ import time
 from typing import Any, List
 
 import pytest
+from helpers import scaled
 
 from morsock._replies import LATE, ReplyOrder
 from morsock.errors import NotConnectedError, RequestTimeout
@@ -30,7 +31,7 @@ def _start(order: ReplyOrder, name: bytes, timeout: float, out: List[Any],
 
 
 def _until(predicate: Any) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while not predicate():
         assert time.monotonic() < deadline
         time.sleep(0.002)  # polling a condition with a deadline, not timing
@@ -53,7 +54,7 @@ def test_skipped_reply_with_requests_in_flight_never_gives_wrong_data() -> None:
     assert order.deliver(CONN, b"reply B") is LATE
     assert order.deliver(CONN, b"reply C") is LATE
     for thread in threads:
-        thread.join(10)
+        thread.join(scaled(10))
     results = dict(out)
     assert isinstance(results[b"C"], RequestTimeout)   # a timeout, not b"reply B"
     assert all(not isinstance(r, bytes) or r == b"reply " + n for n, r in results.items())
@@ -71,7 +72,7 @@ def test_held_request_is_sent_once_late_replies_are_in() -> None:
     assert order.deliver(CONN, b"late") is LATE
     _until(lambda: sent == [b"slow", b"next"])
     assert order.deliver(CONN, b"reply next") is True
-    thread.join(10)
+    thread.join(scaled(10))
     assert out == [(b"next", b"reply next")]
 
 
@@ -90,7 +91,7 @@ def test_order_lost_when_the_late_reply_never_comes() -> None:
         order.request(other, lambda: None, 10, lost.append)))
     t.start()
     _until(lambda: order.deliver(other, b"fresh") is True)
-    t.join(10)
+    t.join(scaled(10))
     assert thread_out == [b"fresh"]                     # a new connection starts in step
 
 
@@ -100,6 +101,6 @@ def test_frames_of_another_connection_are_nobody_s_reply() -> None:
     thread = _start(order, b"x", 10, out, [])
     _until(lambda: order.deliver(object(), b"stale") is None and order._ledger)
     order.reset(CONN, "why")
-    thread.join(10)
+    thread.join(scaled(10))
     (name, error), = out
     assert isinstance(error, NotConnectedError) and str(error).endswith(": why")
