@@ -94,11 +94,11 @@ class DelphiPeer:
         if self.proc.poll() is None:
             try:
                 self.command("quit")
-                self.proc.wait(10)
+                self.proc.wait(scaled(10))
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
-                self.proc.wait(10)
-        self._reader.join(10)
+                self.proc.wait(scaled(10))
+        self._reader.join(scaled(10))
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 try:

@@ -19,7 +19,7 @@ import pytest
 import morsock
 from morsock import ErrorCode
 
-from helpers import TIMEOUT, Recorder, wait_until
+from helpers import TIMEOUT, Recorder, scaled, wait_until
 from redis_server import REDIS_SERVER, RedisServer
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed (pip install "
@@ -330,7 +330,7 @@ def test_redis_restart_mid_stream_every_broadcast_delivered_or_reported() -> Non
                 redis_server.restart()
                 a.errors.wait_for(lambda ev: any(e[3] == ErrorCode.CLUSTER_UNAVAILABLE
                                                  for e in ev), what="Redis loss reported")
-                wait_until(lambda: a.backplane.connected and b.backplane.connected, 20,
+                wait_until(lambda: a.backplane.connected and b.backplane.connected, scaled(20),
                            what="both nodes reconnected")
                 mark = len(sent)
                 wait_until(lambda: any(int(p) > mark for p in by_node["node1"][0].payloads()),
@@ -510,8 +510,8 @@ def test_processes_share_a_port_and_stop_together(redis_url: str, channel: str,
                 for client in clients:
                     client.disconnect()
             proc.send_signal(getattr(signal, how))
-            proc.wait(30)
-            wait_until(lambda: not any(_alive(pid) for pid in workers), 30,
+            proc.wait(scaled(30))
+            wait_until(lambda: not any(_alive(pid) for pid in workers), scaled(30),
                        what="no worker outlives its parent")
             if how != "SIGKILL":
                 assert proc.returncode == 0
@@ -528,7 +528,7 @@ def test_cli_refuses_a_bad_redis_url() -> None:
     done = subprocess.run([sys.executable, "-m", "morsock", "server", "--host", "127.0.0.1",
                            "--port", "0", "--redis", "http://127.0.0.1:1/0"],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=scaled(60))
     assert done.returncode == 2
     assert "redis" in done.stderr.lower()
 

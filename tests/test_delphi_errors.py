@@ -15,7 +15,7 @@ import pytest
 from morsock import Client, ConnectError, ErrorCode
 
 from delphi import LOCAL, delphi_bin
-from helpers import Recorder
+from helpers import Recorder, scaled
 
 __all__ = ["delphi_bin"]
 
@@ -46,7 +46,7 @@ def delphi_server(delphi_bin: Path, request: pytest.FixtureRequest) -> Iterator[
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write("quit\n")
         proc.stdin.close()
-        proc.wait(20)
+        proc.wait(scaled(20))
         proc.stdout.close()
 
 
@@ -98,7 +98,7 @@ def test_unanswered_handshake_says_why_it_usually_happens(delphi_server: int) ->
 def test_mormot_profile_then_works(delphi_server: int) -> None:
     with Client(LOCAL, delphi_server, encryption_key=KEY, encryption_profile="MORMOT",
                 connection_timeout=3) as client:
-        assert client.request("hello", encrypted=True, timeout=5) == b"Echo: hello"
+        assert client.request("hello", encrypted=True, timeout=scaled(5)) == b"Echo: hello"
 
 
 @pytest.mark.parametrize("settings", [{"encryption_key": KEY}, {}],
@@ -113,7 +113,7 @@ def test_a_refused_delphi_client_sees_no_new_byte(delphi_bin: Path,
         out = subprocess.run(
             [str(delphi_bin / "mm_client"), "--host", LOCAL, "--port", str(server.port),
              *KEYED], input="connect 3000\nsend 1 68656c6c6f\nwaitstate disconnected 5000\n"
-                            "quit\n", capture_output=True, text=True, timeout=60,
+                            "quit\n", capture_output=True, text=True, timeout=scaled(60),
             cwd=delphi_bin)
     assert "OK waitstate Disconnected" in out.stdout, out.stdout
     assert "RECV" not in out.stdout, out.stdout

@@ -17,7 +17,7 @@ from morsock import Client
 from morsock.testing import running_server
 
 from delphi import LOCAL, DelphiPeer, delphi_bin, key_args
-from helpers import Recorder, free_port
+from helpers import Recorder, free_port, scaled
 
 __all__ = ["delphi_bin"]
 
@@ -68,7 +68,7 @@ def test_plaintext_request_to_delphi_server(server_factory, size: int) -> None: 
     server = server_factory([])
     data = payload(size, size)
     with _client(server.port) as client:
-        assert client.request(data, timeout=20) == b"Echo: " + data
+        assert client.request(data, timeout=scaled(20)) == b"Echo: " + data
 
 
 @pytest.mark.parametrize("mode,bits", MODE_BITS, ids=[f"{m}-{b}" for m, b in MODE_BITS])
@@ -77,10 +77,11 @@ def test_every_mode_to_delphi_server(server_factory, mode: str, bits: int) -> No
     server = server_factory(key_args(KEY, mode, bits))
     data = payload(1024, bits)
     with _client(server.port, mode, bits) as client:
-        assert client.request(data, encrypted=True, timeout=20) == b"Echo: " + data
+        assert client.request(data, encrypted=True, timeout=scaled(20)) == b"Echo: " + data
         server.command("reply encrypted")
         server.expect(r"^OK")
-        assert client.request(data[::-1], encrypted=True, timeout=20) == b"Echo: " + data[::-1]
+        assert (client.request(data[::-1], encrypted=True, timeout=scaled(20))
+                == b"Echo: " + data[::-1])
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -88,7 +89,7 @@ def test_encrypted_sizes_to_delphi_server(server_factory, size: int) -> None:  #
     server = server_factory(key_args(KEY, "GCM", 256) + ["--reply", "encrypted"])
     data = payload(size, 3)
     with _client(server.port, "GCM", 256) as client:
-        assert client.request(data, encrypted=True, timeout=30) == b"Echo: " + data
+        assert client.request(data, encrypted=True, timeout=scaled(30)) == b"Echo: " + data
 
 
 def _wait_listed(server: DelphiPeer, timeout: float = 20.0) -> None:
@@ -110,18 +111,18 @@ def test_client_reconnects_after_delphi_server_kicks_it(server_factory) -> None:
     with _client(server.port, "CBC", 256, auto_reconnect=True,
                  reconnect_strategy="immediate", on_connect=rec.handler("connect"),
                  on_disconnect=rec.handler("disconnect")) as client:
-        assert client.request(b"before", encrypted=True, timeout=10) == b"Echo: before"
+        assert client.request(b"before", encrypted=True, timeout=scaled(10)) == b"Echo: before"
         # kick only once the original lists the client, so kickall has someone to kick
         _wait_listed(server)
         server.command("kickall")
         server.expect(r"^OK kickall")
         server.expect(r"^EV disconnect h=\d+")
         try:
-            rec.wait_count("disconnect", 1, timeout=20)
+            rec.wait_count("disconnect", 1, timeout=scaled(20))
         except AssertionError as exc:
             pytest.fail(f"{exc}; the Delphi server printed: {''.join(server.out)[-2000:]}")
-        rec.wait_count("connect", 2, timeout=20)
-        assert client.request(b"after", encrypted=True, timeout=10) == b"Echo: after"
+        rec.wait_count("connect", 2, timeout=scaled(20))
+        assert client.request(b"after", encrypted=True, timeout=scaled(10)) == b"Echo: after"
 
 
 # --- Delphi mm_client -> morsock Server --------------------------------------------
@@ -181,7 +182,7 @@ def test_delphi_client_reconnects_after_morsock_server_disconnects_it(
             _expect_recv(peer, 1, b"Echo: before")
             assert server.disconnect_all_clients() == 1
             peer.expect(r"^EV disconnect")
-            rec.wait_count("connect", 2, timeout=20)
+            rec.wait_count("connect", 2, timeout=scaled(20))
             peer.command("waitstate connected 10000")
             peer.expect(r"^OK waitstate Connected")
             peer.command(f"send 1 {b'after'.hex()}")

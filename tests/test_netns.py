@@ -45,7 +45,7 @@ def _unavailable() -> Optional[str]:
             return f"{tool} is not installed (apt-get install util-linux nftables iproute2)"
     probe = subprocess.run(["unshare", "-rn", "sh", "-c",
                             "ip link set lo up && nft add table inet probe"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=scaled(30))
     if probe.returncode != 0:
         return f"unshare -rn / nft not permitted here: {probe.stderr.strip()[:200]}"
     return None
@@ -98,7 +98,8 @@ def test_half_open_connection_is_detected_and_the_client_reconnects() -> None:
 # =====================================================================================
 
 def _sh(*args: str, stdin: Optional[str] = None) -> str:
-    out = subprocess.run(list(args), input=stdin, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(list(args), input=stdin, capture_output=True, text=True,
+                         timeout=scaled(30))
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed: {out.stderr.strip()}")
     return out.stdout
@@ -172,9 +173,9 @@ def _child_loss() -> Dict[str, Any]:
             for i in range(n):  # pipelined messages of many sizes
                 client.send_data(b"%08d." % i + b"x" * (i * 37 % 3000))
             requests_ok = 0
-            if done.wait(120):  # then strictly sequential requests (each waits its reply)
+            if done.wait(scaled(120)):  # then strictly sequential requests (each waits its reply)
                 for i in range(n, n + 30):
-                    if client.request(b"%08d?" % i, timeout=60) == b"%08d" % i:
+                    if client.request(b"%08d?" % i, timeout=scaled(60)) == b"%08d" % i:
                         requests_ok += 1
             dropped = _nft_dropped("loss")
             disconnects = len(log.named("client_disconnect"))
@@ -208,12 +209,12 @@ def _child_halfopen() -> Dict[str, Any]:
             on_connect=lambda c: log.add("client_connect"),
             on_disconnect=lambda c: log.add("client_disconnect"), **ka)
         with client:
-            assert client.request(b"ping", timeout=10) == b"ping"
+            assert client.request(b"ping", timeout=scaled(10)) == b"ping"
             _nft_drop("halfopen", port, "")
             t0 = time.monotonic()
             client.send_data(b"into the void")  # unacknowledged data: TCP_USER_TIMEOUT
             both = log.wait(lambda ev: {"server_disconnect", "client_disconnect"}
-                            <= {e[1] for e in ev}, 30)
+                            <= {e[1] for e in ev}, scaled(30))
 
             def after(event: str) -> Optional[float]:
                 found = log.named(event)
@@ -222,14 +223,14 @@ def _child_halfopen() -> Dict[str, Any]:
             failed = 0
             if both:  # reconnection attempts fail while every packet is dropped...
                 log.wait(lambda ev: any(e[1] == "client_error" and e[2] == "ATTEMPT"
-                                        for e in ev), 30)
+                                        for e in ev), scaled(30))
                 failed = sum(1 for e in log.named("client_error") if e[2] == "ATTEMPT")
             dropped = _nft_dropped("halfopen")
             _sh("nft", "delete", "table", "inet", "halfopen")
             # ... and succeed once the rule is gone
             reconnected = log.wait(lambda ev: sum(1 for e in ev if e[1] == "client_connect")
-                                   >= 2, 30)
-            pong = client.request(b"pong", timeout=10).decode() if reconnected else ""
+                                   >= 2, scaled(30))
+            pong = client.request(b"pong", timeout=scaled(10)).decode() if reconnected else ""
             clients = server.client_count
         return dict(server_detected_after=after("server_disconnect"),
                     client_detected_after=after("client_disconnect"),
