@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Iterator, List
 
 import pytest
-from helpers import CHILD_ENV, CHILD_WAIT, ROOT, Child, read_terminal, run_python
+from helpers import CHILD_ENV, CHILD_WAIT, ROOT, Child, read_terminal, run_python, scaled
 from helpers import child as run_child
 
 import morsock
@@ -51,7 +51,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
          "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem", "-out", "cert.pem",
          "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-        cwd=d, capture_output=True, text=True, timeout=60)
+        cwd=d, capture_output=True, text=True, timeout=scaled(60))
     assert result.returncode == 0, result.stderr
     return d
 

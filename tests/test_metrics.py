@@ -26,7 +26,7 @@ from morsock.metrics import DURATION_BUCKETS, Observer, register
 from morsock.protocol import encode_frame
 from morsock.testing import RawPeer, running_server
 
-from helpers import TIMEOUT, Recorder, frame_size, wait_until
+from helpers import TIMEOUT, Recorder, frame_size, scaled, wait_until
 from test_samples_cli import ROOT, child, run, wait_for_file
 
 LOCAL = "127.0.0.1"
@@ -406,7 +406,7 @@ def test_import_without_prometheus_client_names_the_extra() -> None:
             "try:\n    import morsock.metrics\n"
             "except ImportError as exc:\n    print(exc)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, cwd=ROOT)
+                            timeout=scaled(60), cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "pip install 'morsock[metrics]'" in result.stdout
 
@@ -429,7 +429,7 @@ def test_promtool_accepts_the_exposition(registry: CollectorRegistry) -> None:
         reg_client.unregister()
     assert 'code="HANDLER_EXCEPTION"' in text and "morsock_client_reconnects_total" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=scaled(60))
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), \
         f"promtool: {result.stdout} {result.stderr}"
 

@@ -139,7 +139,7 @@ def load_sample(name: str) -> Any:
 
 def test_import_morsock_does_not_import_tkinter() -> None:
     code = "import sys, morsock; sys.exit('tkinter' in sys.modules or 'morsock.tk' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], timeout=scaled(60)).returncode == 0
 
 
 def test_attach_runs_events_on_the_tk_thread_in_order(root: Any) -> None:
@@ -457,7 +457,7 @@ def test_tk_server_log_coalesces_a_flood_and_keeps_up(root: Any) -> None:
             for n in range(total):
                 client.send_data(f"flood {n}")
             pump_until(root, lambda: app.figures.read()["handled"] == total,
-                       "the server to handle the flood", timeout=60)
+                       "the server to handle the flood", timeout=scaled(60))
             handled_at = time.monotonic()
             view = app.log_view
             pump_until(root, lambda: view.messages_shown + view.messages_counted == total,
