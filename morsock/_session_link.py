@@ -43,8 +43,8 @@ from ._session import (
     Session,
     SessionEnded,
     SessionStarted,
-    SessionTable,
 )
+from ._session_table import SessionTable
 from .connection import CONNECTED, DISCONNECTED
 from .enums import ErrorCode
 from .errors import (
@@ -463,7 +463,7 @@ class ClientLink:
             session = self.session
             if session.session_id is None and session.unacknowledged:
                 # queued for a session that never started: they were never sent
-                events: list[Any] = [session._end_unstarted(
+                events: list[Any] = [session.end_unstarted(
                     "disconnect() before a session started")]
                 self._events(events)
                 return
@@ -727,11 +727,11 @@ class ServerSessions:
                                       now)
             except (ProtocolError, CryptoError) as exc:
                 bad = exc
-            if session._out:
+            if session.out:
                 self._flush(entry)
         for event in events:
             self._dispatch(entry, conn, event)
-        if session._ack_deadline is not None:
+        if session.ack_deadline is not None:
             with self._lock:
                 self._arm(entry)
         if bad is not None:
@@ -758,14 +758,14 @@ class ServerSessions:
                 if taken is None:
                     return False
                 bad = None
-                if session._out:   # an ACK that could not wait
+                if session.out:   # an ACK that could not wait
                     self._flush(entry)
         if bad is not None:
             conn.close(bad.code or ErrorCode.INVALID_PROTOCOL,
                        f"session frame from {conn.describe()} rejected: {bad}")
             return True
         self._answer(entry, conn, taken[1], False, taken[0])  # type: ignore[index]
-        if session._ack_deadline is not None:
+        if session.ack_deadline is not None:
             with self._lock:
                 self._arm(entry)
         return True
@@ -896,9 +896,9 @@ class ServerSessions:
         session while it has none: a resume is moving it)."""
         writer = entry.writer
         session = entry.session
-        if writer is not None and session._out:
-            out = session._out
-            session._out = []
+        if writer is not None and session.out:
+            out = session.out
+            session.out = []
             _write(entry.token, writer, out)
 
     def close_session(self, conn: Connection) -> bool:
@@ -914,8 +914,7 @@ class ServerSessions:
                 if isinstance(event, SessionEnded):
                     self._end(entry, event)
             if not entry.ended:
-                self._end(entry, entry.session._end("disconnected by the server",
-                                                    graceful=False))
+                self._end(entry, entry.session.lose("disconnected by the server"))
         return True
 
     def going_away(self, timeout: float) -> None:
@@ -949,7 +948,7 @@ class ServerSessions:
                 if entry.timer is not None:
                     entry.timer.cancel()
                 if not entry.ended:
-                    self._end(entry, entry.session._end("the server stopped", graceful=False))
+                    self._end(entry, entry.session.lose("the server stopped"))
             for pending in self._pending.values():
                 if pending.timer is not None:
                     pending.timer.cancel()
