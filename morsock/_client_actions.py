@@ -26,7 +26,7 @@ from .connection import CONNECTED, Connection
 if TYPE_CHECKING:
     from ._client_handshake import HandshakeGate
     from ._dialer import Dialer
-    from ._session_link import ClientLink
+    from ._session_client import ClientLink
     from .reactor import Timer
     from .workers import Strand
 

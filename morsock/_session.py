@@ -57,8 +57,6 @@ Going away
 
 from __future__ import annotations
 
-import hmac
-import os
 from collections import deque
 from typing import NamedTuple, Union
 
@@ -66,13 +64,8 @@ from ._session_wire import (
     ACK,
     ACK_EVERY,
     CAPS,
-    CONTROL,
     DATA,
     GOING_AWAY,
-    HELLO,
-    KINDS,
-    LABEL_HELLO,
-    LABEL_WELCOME,
     PROOF_SIZE,
     REPLY,
     REPLY_ACK_BYTE,
@@ -84,13 +77,14 @@ from ._session_wire import (
     WELCOME,
     WITH_ACK,
     Channel,
-    bound_secret,
     get_varint,
-    make_proof,
+    hello_frame,
     malformed,
-    parse_hello,
+    parse_record,
     parse_welcome,
     put_varint,
+    welcome_frame,
+    welcome_secret,
 )
 from .enums import ErrorCode
 from .errors import CryptoError, ProtocolError, SendBufferFullError
@@ -98,7 +92,7 @@ from .protocol import FLAG_PLAIN, FLAG_SESSION, Frame, encode_frame
 
 __all__ = [
     "Channel", "Message", "LateReply", "SessionStarted", "SessionEnded", "Event",
-    "Session", "SessionTable", "SESSION_ID_SIZE", "PROOF_SIZE", "VERSION", "CAPS",
+    "Session", "SESSION_ID_SIZE", "PROOF_SIZE", "VERSION", "CAPS",
     "ACK_EVERY",
 ]
 
@@ -170,7 +164,7 @@ _new_message = tuple.__new__
 class Session:
     """One side of a session. The client makes one for its life (``Session(client=True,
     ...)``: it carries session after session); the server gets one per session from
-    :class:`SessionTable`.
+    :class:`morsock._session_table.SessionTable`.
 
     Not thread-safe: the shell holds one lock per session around every call AND the
     :meth:`data_to_send` that follows it, and hands those bytes to the connection in that
@@ -180,13 +174,18 @@ class Session:
     Raises ProtocolError / CryptoError (from :meth:`receive`) for a peer that breaks the
     rules: close that connection, then call :meth:`connection_lost`; the session stays
     resumable. ValueError for a caller's mistake.
+
+    Two attributes are read by the shell without a call (its per-request path): ``out``,
+    the frames queued (only :meth:`frames_to_send`, :meth:`data_to_send` or the shell
+    under its lock empty it, by replacing it with a new list), and ``ack_deadline``, when
+    a delayed ack is due (None: none; read-only outside).
     """
 
     __slots__ = ("_client", "max_send_buffer", "ack_delay", "session_id", "_secret",
                  "_bound", "_state", "_channel", "_unacked", "_next_seq", "_acked",
                  "_sent_upto", "_buffered", "_delivered", "_ack_sent", "_ack_bytes",
-                 "_ack_deadline", "_peer_window", "_next_rid", "_pending", "_max_rid_seen",
-                 "_resume_window", "_detached_at", "_out", "ack_when_handled", "_unhandled",
+                 "ack_deadline", "_peer_window", "_next_rid", "_pending", "_max_rid_seen",
+                 "_resume_window", "_detached_at", "out", "ack_when_handled", "_unhandled",
                  "_skip", "_resume_sent")
 
     def __init__(self, *, client: bool, max_send_buffer: int, ack_delay: float = 0.1,
@@ -205,7 +204,7 @@ class Session:
         self._unhandled = 0   # delivered messages whose handler has not returned yet
         self._next_rid = 1
         self._resume_window = 0.0
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []
         self._state = _DETACHED
         self._channel: Channel | None = None
         self._detached_at: float | None = None
@@ -229,10 +228,57 @@ class Session:
         self._delivered = 0
         self._ack_sent = 0
         self._ack_bytes = 0
-        self._ack_deadline: float | None = None
+        self.ack_deadline: float | None = None
         self._peer_window = self.max_send_buffer
         self._pending: set[int] = set()   # client: requests waiting for their reply
         self._max_rid_seen = 0            # server: highest request id received
+
+    # -- the server's table ---------------------------------------------------------------
+    def start_new(self, session_id: bytes, secret: bytes, channel: Channel, window: int,
+                  resume_window: float, now: float) -> None:
+        """Server, SessionTable only: open the new session *session_id* on *channel* for
+        a peer of *window*; queue its WELCOME (telling *resume_window*, in seconds)."""
+        self._reset(session_id, secret, channel.binding is not None)
+        self._channel = channel
+        self._peer_window = max(1, window)
+        self.out.append(self._welcome(False, resume_window))
+        self._open(0, now)
+
+    def resume_on(self, channel: Channel, window: int, delivered: int,
+                  resume_window: float, now: float) -> None:
+        """Server, SessionTable only: the session resumes on *channel*, the peer having
+        delivered *delivered* of its messages; queue the WELCOME and the resent messages.
+        ProtocolError (nothing changed) for a resume point outside [acknowledged, sent].
+        """
+        if not self._acked <= delivered <= self._next_seq - 1:
+            raise malformed(f"resume point {delivered} outside {self._acked}.."
+                             f"{self._next_seq - 1}")
+        self._channel = channel
+        self.out = []
+        self._peer_window = max(1, window)
+        self._sent_upto = self._next_seq - 1
+        self._on_ack(delivered)
+        self.out.append(self._welcome(True, resume_window))
+        self._open(delivered, now)
+
+    def _welcome(self, resumed: bool, resume_window: float) -> bytes:
+        channel = self._channel
+        sid = self.session_id
+        assert channel is not None and sid is not None and self._secret is not None
+        return welcome_frame(self.max_send_buffer, round(resume_window * 1000), resumed,
+                             sid, self._take_resume_point(), channel.binding, self._secret)
+
+    @property
+    def secret(self) -> bytes | None:
+        """The session's secret (what proves a resume, see :mod:`morsock._session_wire`);
+        None before the first session."""
+        return self._secret
+
+    @property
+    def bound(self) -> bool:
+        """True when the session was created on an AUTHENTICATED connection (it resumes
+        only on one)."""
+        return self._bound
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -262,19 +308,19 @@ class Session:
 
     def data_to_send(self) -> bytes:
         """Every frame queued by the calls so far, in order; empties the queue."""
-        out, self._out = self._out, []
+        out, self.out = self.out, []
         return b"".join(out)
 
     def frames_to_send(self) -> list[bytes]:
         """:meth:`data_to_send` as one complete frame per item (the shell writes them one
         by one, so each counts as a frame sent); empties the queue."""
-        out, self._out = self._out, []
+        out, self.out = self.out, []
         return out
 
     @property
     def has_output(self) -> bool:
         """True when frames wait for :meth:`frames_to_send`."""
-        return bool(self._out)
+        return bool(self.out)
 
     # -- connections -------------------------------------------------------------------
     def connection_made(self, channel: Channel, now: float) -> list[Event]:
@@ -285,27 +331,14 @@ class Session:
             raise ValueError("connection_made() is the client's; servers use SessionTable")
         events: list[Event] = []
         if self.session_id is not None and self._bound != (channel.binding is not None):
-            events.append(self._lose("the session cannot resume on a connection with "
+            events.append(self.lose("the session cannot resume on a connection with "
                                      "another encryption profile"))
         self._channel = channel
         self._state = _HELLO_SENT
-        record = bytearray((HELLO, VERSION))
-        put_varint(record, CAPS)
-        put_varint(record, self.max_send_buffer)
         sid = self.session_id
-        record.append(len(sid) if sid is not None else 0)
-        if sid is not None:
-            record += sid
-        put_varint(record, self._take_resume_point() if sid is not None else 0)
-        binding = channel.binding
-        if binding is not None:
-            key = self._secret if sid is not None else binding
-            assert key is not None
-            record += make_proof(key, LABEL_HELLO, binding, record)
-        elif sid is not None:
-            assert self._secret is not None
-            record += self._secret
-        self._out.append(encode_frame(record, FLAG_SESSION))
+        point = self._take_resume_point() if sid is not None else 0
+        self.out.append(hello_frame(self.max_send_buffer, sid, point, channel.binding,
+                                    self._secret))
         return events
 
     def connection_lost(self, channel: Channel, now: float) -> list[Event]:
@@ -314,7 +347,7 @@ class Session:
         if channel is not self._channel:
             return []
         self._channel = None
-        self._out = []
+        self.out = []
         if self._state == _CLOSING:
             return [self._end("the connection was lost while the session was closing",
                               graceful=False)]
@@ -380,7 +413,7 @@ class Session:
         kind = REQUEST if message.request_id else REPLY if message.reply_to else DATA
         ack = self._delivered - self._unhandled > self._ack_sent
         if kind == DATA and not message.encrypted and not (ack and channel.binding is None):
-            self._out.append(encode_frame(message.data, FLAG_PLAIN))
+            self.out.append(encode_frame(message.data, FLAG_PLAIN))
             return
         piggyback = ack and (message.encrypted or channel.binding is None)
         record = bytearray((kind | WITH_ACK if piggyback else kind,))
@@ -390,9 +423,9 @@ class Session:
             put_varint(record, message.request_id or message.reply_to)
         record += message.data
         if message.encrypted:
-            self._out.append(channel.seal(bytes(record)))
+            self.out.append(channel.seal(bytes(record)))
         else:
-            self._out.append(encode_frame(record, FLAG_SESSION))
+            self.out.append(encode_frame(record, FLAG_SESSION))
 
     def _put_ack(self, record: bytearray, final: bool = False) -> None:
         """Append the ack: what was handled (never less than an ack already sent);
@@ -403,7 +436,7 @@ class Session:
         put_varint(record, value)
         self._ack_sent = value
         self._ack_bytes = 0
-        self._ack_deadline = None
+        self.ack_deadline = None
 
     def handled(self, now: float) -> None:
         """``ack_when_handled``: the handler of one delivered message (Message or
@@ -414,8 +447,8 @@ class Session:
                 return
             if self._delivered - self._unhandled - self._ack_sent >= ACK_EVERY:
                 self._send_control(ACK)   # queued: the caller writes data_to_send()
-            elif self._ack_deadline is None:
-                self._ack_deadline = now + self.ack_delay
+            elif self.ack_deadline is None:
+                self.ack_deadline = now + self.ack_delay
 
     def _send_control(self, kind: int) -> None:
         """Queue an ACK or GOING_AWAY (sealed on a bound channel)."""
@@ -424,16 +457,16 @@ class Session:
         record = bytearray((kind | WITH_ACK,))
         self._put_ack(record, final=kind == GOING_AWAY)
         if channel.binding is not None:
-            self._out.append(channel.seal(bytes(record)))
+            self.out.append(channel.seal(bytes(record)))
         else:
-            self._out.append(encode_frame(record, FLAG_SESSION))
+            self.out.append(encode_frame(record, FLAG_SESSION))
 
     # -- timers ------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """When :meth:`poll` has work (a delayed ack, the client's resume window), if
         ever. Re-read after every call."""
         if self._state == _OPEN:
-            return self._ack_deadline
+            return self.ack_deadline
         if (self._client and self._state == _DETACHED and self.session_id is not None
                 and self._detached_at is not None):
             return self._detached_at + self._resume_window
@@ -443,12 +476,12 @@ class Session:
         """Run what is due at *now*: a delayed ack; on a client that has been without a
         connection past the server's resume window, the session's end (SESSION_LOST)."""
         if self._state == _OPEN:
-            if self._ack_deadline is not None and now >= self._ack_deadline:
+            if self.ack_deadline is not None and now >= self.ack_deadline:
                 self._send_control(ACK)
             return []
         deadline = self.next_deadline()
         if deadline is not None and now >= deadline:
-            return [self._lose(f"no connection for more than the server's resume window "
+            return [self.lose(f"no connection for more than the server's resume window "
                                f"({self._resume_window:g} s)")]
         return []
 
@@ -500,7 +533,7 @@ class Session:
                 and self._state == _OPEN and not self._skip):
             rid, body = self._take_request(record, now)   # the commonest, on a server
             return [_new_message(Message, (body, encrypted, rid, 0))]
-        kind, ack, rid, pos = self._parse(record, unauthenticated)
+        kind, ack, rid, pos = parse_record(record, unauthenticated, self._client)
         if ack is not None:
             self._on_ack(ack)
         if kind == ACK:
@@ -513,37 +546,6 @@ class Session:
             self._skip -= 1   # delivered before the resume, its handler runs
             return []
         return self._message(kind, rid, record[pos:], encrypted, now)
-
-    def _parse(self, record: bytes, unauthenticated: bool) -> tuple[int, int | None, int, int]:
-        """The header of a record after the handshake: ``(kind, ack or None, request id
-        or 0, where the body starts)``; ProtocolError (CryptoError: an ack in a plaintext
-        frame of a bound session) for a record that breaks the rules."""
-        kind_byte = record[0]
-        kind = kind_byte & ~WITH_ACK
-        if kind not in KINDS:
-            raise malformed(f"unknown record type 0x{kind_byte:02X}")
-        if kind in (HELLO, WELCOME):
-            raise malformed("a second hello")
-        pos = 1
-        ack = None
-        if kind_byte & WITH_ACK:
-            ack, pos = get_varint(record, pos)
-        elif kind in CONTROL:
-            raise malformed("control record without its ack")
-        if unauthenticated and (ack is not None or kind in CONTROL):
-            raise CryptoError("an acknowledgement in a plaintext frame on an AUTHENTICATED "
-                              "session (only sealed frames may carry one)",
-                              ErrorCode.AUTHENTICATION_FAILED)
-        rid = 0
-        if kind in (REQUEST, REPLY):
-            rid, pos = get_varint(record, pos)
-            if rid == 0:
-                raise malformed("request id 0")
-            if (kind == REQUEST) == self._client:
-                raise malformed("a request from the server or a reply from the client")
-        elif kind != DATA and pos != len(record):
-            raise malformed("bytes after a control record")
-        return kind, ack, rid, pos
 
     def _message(self, kind: int, rid: int, body: bytes, encrypted: bool, now: float
                  ) -> list[Event]:
@@ -611,7 +613,7 @@ class Session:
         self._buffered += size
         self._ack_sent = ack
         self._ack_bytes = 0
-        self._ack_deadline = None
+        self.ack_deadline = None
         record = bytearray(REPLY_ACK_BYTE)
         put_varint(record, ack)
         put_varint(record, request_id)
@@ -632,8 +634,8 @@ class Session:
         if (self._delivered - self._unhandled - self._ack_sent >= ACK_EVERY
                 or self._ack_bytes >= self._peer_window // 4):
             self._send_control(ACK)
-        elif self._ack_deadline is None:
-            self._ack_deadline = now + self.ack_delay
+        elif self.ack_deadline is None:
+            self.ack_deadline = now + self.ack_delay
 
     def _on_ack(self, ack: int) -> None:
         if not self._acked <= ack <= self._sent_upto:
@@ -659,7 +661,7 @@ class Session:
         asked = self.session_id
         if resumed and (asked is None or sid != asked):
             raise malformed("WELCOME resumes a session that was not asked for")
-        secret = self._welcome_secret(record, pos, sid, bool(resumed), binding)
+        secret = welcome_secret(record, pos, sid, bool(resumed), binding, self._secret)
         events: list[Event] = []
         if resumed:
             if not self._acked <= delivered <= self._next_seq - 1:
@@ -671,7 +673,7 @@ class Session:
             if delivered:
                 raise malformed("a new session that already delivered messages")
             if asked is not None:
-                events.append(self._lose("the server does not know the session (its "
+                events.append(self.lose("the server does not know the session (its "
                                          "resume window passed or it restarted)"))
             # what was queued before the first session stays queued for this one
             self.session_id = bytes(sid)
@@ -682,27 +684,6 @@ class Session:
         self._open(self._acked, now)
         events.append(SessionStarted(bytes(sid), bool(resumed)))
         return events
-
-    def _welcome_secret(self, record: bytes, signed: int, sid: bytes, resumed: bool,
-                        binding: bytes | None) -> bytes:
-        """The session's secret after the WELCOME *record* (its proof starts at
-        *signed*): checked against the channel's *binding* when bound (CryptoError,
-        AUTHENTICATION_FAILED, if wrong), else the proof itself for a new session."""
-        proof = record[signed:]
-        if binding is not None:
-            secret = self._secret if resumed else bound_secret(binding, sid)
-            assert secret is not None
-            expected = make_proof(secret, LABEL_WELCOME, binding, record[:signed])
-            if len(proof) != PROOF_SIZE or not hmac.compare_digest(proof, expected):
-                raise CryptoError("the server's session WELCOME failed its proof",
-                                  ErrorCode.AUTHENTICATION_FAILED)
-            return secret
-        if len(proof) != (0 if resumed else PROOF_SIZE):
-            raise malformed("WELCOME proof of the wrong length")
-        if resumed:
-            assert self._secret is not None
-            return self._secret
-        return proof
 
     def _take_resume_point(self) -> int:
         """The resume point to tell the peer: the messages handled (acknowledgeable).
@@ -722,7 +703,7 @@ class Session:
         # the hello exchange told the peer our resume point: an ack
         self._ack_sent = self._resume_sent
         self._ack_bytes = 0
-        self._ack_deadline = None
+        self.ack_deadline = None
         for seq, message, _ in self._unacked:
             if seq > resume_from:
                 self._transmit(seq, message, now)
@@ -742,168 +723,16 @@ class Session:
         self._detached_at = None
         return SessionEnded(sid, lost, unanswered, graceful, reason)
 
-    def _end_unstarted(self, reason: str) -> SessionEnded:
+    def end_unstarted(self, reason: str) -> SessionEnded:
         """Client, no session yet: hand back what was queued for one (never sent)."""
         lost = tuple(message for _, message, _ in self._unacked)
         self._pending.clear()
         self._reset(None, None, False)
         return SessionEnded(b"", lost, (), True, reason)
 
-    def _lose(self, reason: str) -> SessionEnded:
-        """Client: the session cannot resume; hand back what was not acknowledged."""
+    def lose(self, reason: str) -> SessionEnded:
+        """End the session now, not gracefully (SESSION_LOST: it cannot resume, its
+        window passed, the shell ends it); hand back what was not acknowledged. The
+        caller (the client's calls above, SessionTable, the shell under its lock)
+        handles the returned end."""
         return self._end(reason, graceful=False)
-
-
-# --------------------------------------------------------------------------- the table
-
-def _check_hello_proof(session: Session | None, sid: bytes, binding: bytes | None,
-                       signed: bytes, proof: bytes) -> None:
-    """CryptoError (AUTHENTICATION_FAILED) unless *proof* is right for a HELLO whose
-    bytes before it are *signed*: the resumed *session*'s secret (bound to the channel's
-    *binding*, if any), or for a new session (no *sid*) the binding alone. An unknown
-    *sid* (no *session*) has no secret left to check against."""
-    if session is not None:
-        secret = session._secret
-        assert secret is not None
-        expected = (make_proof(secret, LABEL_HELLO, binding, signed) if binding is not None
-                    else secret)
-        if session._bound != (binding is not None) or not hmac.compare_digest(
-                proof, expected):
-            raise CryptoError("session resume refused: its proof does not match "
-                              "(not the session's owner)", ErrorCode.AUTHENTICATION_FAILED)
-    elif not sid:
-        expected = (make_proof(binding, LABEL_HELLO, binding, signed)
-                    if binding is not None else b"")
-        if not hmac.compare_digest(proof, expected):
-            raise CryptoError("session HELLO failed its proof",
-                              ErrorCode.AUTHENTICATION_FAILED)
-
-
-class SessionTable:
-    """The server's sessions, by id, with their expiry ``resume_window`` seconds after
-    their connection dropped.
-
-    Reactor-thread only (or under one lock). The shell routes the first frame of a new
-    connection here when it has flag 3 (:meth:`accept`); a connection whose first frame
-    has another flag is a session-less peer and never reaches this table.
-    """
-
-    __slots__ = ("resume_window", "max_send_buffer", "ack_delay", "ack_when_handled",
-                 "_sessions", "_expiry")
-
-    def __init__(self, resume_window: float, max_send_buffer: int, ack_delay: float = 0.1,
-                 ack_when_handled: bool = False) -> None:
-        if not resume_window > 0:
-            raise ValueError(f"resume_window must be > 0, got {resume_window}")
-        self.resume_window = resume_window
-        self.max_send_buffer = max_send_buffer
-        self.ack_delay = ack_delay
-        self.ack_when_handled = ack_when_handled
-        self._sessions: dict[bytes, Session] = {}
-        self._expiry: dict[bytes, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def accept(self, frame: Frame, channel: Channel, now: float) -> tuple[Session, bool]:
-        """Answer the HELLO *frame* of a new connection: return (session, resumed), its
-        WELCOME (and resent messages) queued in the session's :meth:`Session.data_to_send`.
-
-        A resumed session that was still on another connection moved to this one: close
-        that connection (its ``connection_lost`` is then ignored). An unknown or expired
-        id gets a new session. Raises ProtocolError for a malformed HELLO, CryptoError
-        (AUTHENTICATION_FAILED) for a resume whose proof is wrong: close the connection;
-        the session is left as it was.
-        """
-        record = frame.payload
-        if frame.flag != FLAG_SESSION or len(record) < 2 or record[0] != HELLO:
-            raise malformed("the first session frame is not a HELLO")
-        window, sid, delivered, signed = parse_hello(record)
-        proof = bytes(record[signed:])
-        session = self._sessions.get(sid) if sid else None
-        if session is not None and (session.ended or now >= self._expiry.get(sid, now + 1)):
-            session = None   # expire() reports it
-        _check_hello_proof(session, sid, channel.binding, record[:signed], proof)
-        # an unknown id: its proof cannot be checked (the secret is gone); a new session
-        if session is None:
-            return self._new_session(channel, window, now), False
-        if not session._acked <= delivered <= session._next_seq - 1:
-            raise malformed(f"resume point {delivered} outside {session._acked}.."
-                             f"{session._next_seq - 1}")
-        self._expiry.pop(sid, None)
-        session._channel = channel
-        session._out = []
-        session._peer_window = max(1, window)
-        session._sent_upto = session._next_seq - 1
-        session._on_ack(delivered)
-        session._out.append(self._welcome(session, channel, True))
-        session._open(delivered, now)
-        return session, True
-
-    def _new_session(self, channel: Channel, window: int, now: float) -> Session:
-        sid = os.urandom(SESSION_ID_SIZE)
-        while sid in self._sessions:   # pragma: no cover - 2**-128
-            sid = os.urandom(SESSION_ID_SIZE)
-        binding = channel.binding
-        secret = (bound_secret(binding, sid) if binding is not None
-                  else os.urandom(PROOF_SIZE))
-        session = Session(client=False, max_send_buffer=self.max_send_buffer,
-                          ack_delay=self.ack_delay, ack_when_handled=self.ack_when_handled)
-        session._reset(sid, secret, binding is not None)
-        session._channel = channel
-        session._peer_window = max(1, window)
-        self._sessions[sid] = session
-        session._out.append(self._welcome(session, channel, False))
-        session._open(0, now)
-        return session
-
-    def _welcome(self, session: Session, channel: Channel, resumed: bool) -> bytes:
-        sid = session.session_id
-        secret = session._secret
-        assert sid is not None and secret is not None
-        record = bytearray((WELCOME, VERSION))
-        put_varint(record, CAPS)
-        put_varint(record, self.max_send_buffer)
-        put_varint(record, round(self.resume_window * 1000))
-        record.append(1 if resumed else 0)
-        record += sid
-        put_varint(record, session._take_resume_point())
-        binding = channel.binding
-        if binding is not None:
-            record += make_proof(secret, LABEL_WELCOME, binding, record)
-        elif not resumed:
-            record += secret
-        return encode_frame(record, FLAG_SESSION)
-
-    def connection_lost(self, session: Session, channel: Channel, now: float
-                        ) -> list[Event]:
-        """The connection of *channel* dropped: *session* waits ``resume_window``."""
-        events = session.connection_lost(channel, now)
-        sid = session.session_id
-        if sid is not None and not session.ended and session.channel is None:
-            self._expiry[sid] = now + self.resume_window
-        return events
-
-    def remove(self, session: Session) -> None:
-        """Forget *session* (it ended: SessionEnded was handled)."""
-        for sid, known in list(self._sessions.items()):
-            if known is session:
-                del self._sessions[sid]
-                self._expiry.pop(sid, None)
-
-    def next_expiry(self) -> float | None:
-        """The earliest moment :meth:`expire` has work, if any."""
-        return min(self._expiry.values(), default=None)
-
-    def expire(self, now: float) -> list[tuple[Session, SessionEnded]]:
-        """Remove every session whose window passed; return each with its end (its
-        unacknowledged messages: the shell reports SESSION_LOST for them)."""
-        ended = []
-        for sid, deadline in list(self._expiry.items()):
-            if now >= deadline:
-                session = self._sessions.pop(sid)
-                del self._expiry[sid]
-                end = session._end(f"no connection within resume_window "
-                                   f"({self.resume_window:g} s)", graceful=False)
-                ended.append((session, end))
-        return ended

@@ -88,7 +88,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .enums import ErrorCode
 from .errors import CryptoError, ProtocolError
-from .protocol import FLAG_PLAIN, Frame, encode_frame
+from .protocol import FLAG_PLAIN, FLAG_SESSION, Frame, encode_frame
 
 if TYPE_CHECKING:
     from .crypto import AuthSession, MormotCipher
@@ -227,7 +227,6 @@ class Channel:
         return self._open(frame.payload)
 
 
-
 def parse_welcome(record: bytes) -> tuple[int, int, int, bytes, int, int]:
     """The fields of a WELCOME record: ``(window, resume window in ms, resumed (0 or
     1), session id, resume point, where the proof starts)``; ProtocolError for a
@@ -263,3 +262,100 @@ def parse_hello(record: bytes) -> tuple[int, bytes, int, int]:
         raise malformed("truncated HELLO")
     delivered, pos = get_varint(record, pos + 1 + sid_len)
     return window, sid, delivered, pos
+
+
+def hello_frame(window: int, sid: bytes | None, delivered: int, binding: bytes | None,
+                secret: bytes | None) -> bytes:
+    """The frame of a HELLO: a new session (*sid* None) or the resume of *sid* from the
+    resume point *delivered*, proven with its *secret* (on a connection of *binding*,
+    if any)."""
+    record = bytearray((HELLO, VERSION))
+    put_varint(record, CAPS)
+    put_varint(record, window)
+    record.append(len(sid) if sid is not None else 0)
+    if sid is not None:
+        record += sid
+    put_varint(record, delivered)
+    if binding is not None:
+        key = secret if sid is not None else binding
+        assert key is not None
+        record += make_proof(key, LABEL_HELLO, binding, record)
+    elif sid is not None:
+        assert secret is not None
+        record += secret
+    return encode_frame(record, FLAG_SESSION)
+
+
+def welcome_frame(window: int, resume_ms: int, resumed: bool, sid: bytes, delivered: int,
+                  binding: bytes | None, secret: bytes) -> bytes:
+    """The frame of a WELCOME of the session *sid* (new or *resumed*), proven with its
+    *secret* on a connection of *binding*, or carrying the secret (new, no binding)."""
+    record = bytearray((WELCOME, VERSION))
+    put_varint(record, CAPS)
+    put_varint(record, window)
+    put_varint(record, resume_ms)
+    record.append(1 if resumed else 0)
+    record += sid
+    put_varint(record, delivered)
+    if binding is not None:
+        record += make_proof(secret, LABEL_WELCOME, binding, record)
+    elif not resumed:
+        record += secret
+    return encode_frame(record, FLAG_SESSION)
+
+
+def welcome_secret(record: bytes, signed: int, sid: bytes, resumed: bool,
+                   binding: bytes | None, known: bytes | None) -> bytes:
+    """The session's secret after the WELCOME *record* (its proof starts at *signed*;
+    *known*: the secret of the session asked for): checked against the channel's
+    *binding* when bound (CryptoError, AUTHENTICATION_FAILED, if wrong), else the proof
+    itself for a new session."""
+    proof = record[signed:]
+    if binding is not None:
+        secret = known if resumed else bound_secret(binding, sid)
+        assert secret is not None
+        expected = make_proof(secret, LABEL_WELCOME, binding, record[:signed])
+        if len(proof) != PROOF_SIZE or not hmac.compare_digest(proof, expected):
+            raise CryptoError("the server's session WELCOME failed its proof",
+                              ErrorCode.AUTHENTICATION_FAILED)
+        return secret
+    if len(proof) != (0 if resumed else PROOF_SIZE):
+        raise malformed("WELCOME proof of the wrong length")
+    if resumed:
+        assert known is not None
+        return known
+    return proof
+
+
+def parse_record(record: bytes, unauthenticated: bool, client: bool
+                 ) -> tuple[int, int | None, int, int]:
+    """The header of a record after the handshake, received by the *client* or the
+    server: ``(kind, ack or None, request id or 0, where the body starts)``;
+    ProtocolError (CryptoError: an ack in a plaintext frame of a bound session,
+    *unauthenticated*) for a record that breaks the rules."""
+    kind_byte = record[0]
+    kind = kind_byte & ~WITH_ACK
+    if kind not in KINDS:
+        raise malformed(f"unknown record type 0x{kind_byte:02X}")
+    if kind in (HELLO, WELCOME):
+        raise malformed("a second hello")
+    pos = 1
+    ack = None
+    if kind_byte & WITH_ACK:
+        ack, pos = get_varint(record, pos)
+    elif kind in CONTROL:
+        raise malformed("control record without its ack")
+    if unauthenticated and (ack is not None or kind in CONTROL):
+        raise CryptoError("an acknowledgement in a plaintext frame on an AUTHENTICATED "
+                          "session (only sealed frames may carry one)",
+                          ErrorCode.AUTHENTICATION_FAILED)
+    rid = 0
+    if kind in (REQUEST, REPLY):
+        rid, pos = get_varint(record, pos)
+        if rid == 0:
+            raise malformed("request id 0")
+        if (kind == REQUEST) == client:
+            raise malformed("a request from the server or a reply from the client")
+    elif kind != DATA and pos != len(record):
+        raise malformed("bytes after a control record")
+    return kind, ack, rid, pos

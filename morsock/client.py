@@ -20,7 +20,8 @@ from ._client_actions import ClientActions, ConnectOutcome
 from ._component import Data, Tally, as_bytes
 from ._dialer import Dialer
 from ._replies import LATE, ReplyOrder
-from ._session_link import ClientLink, is_session_item
+from ._session_client import ClientLink
+from ._session_link import is_session_item
 from ._settings import (
     Setting,
     _boolean,

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from ._component import Component, Data, Tally, as_bytes
 from ._internals import accepter
 from ._send_queue import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS, SendQueue, plain_header
-from ._session_link import ServerSessions, SessionFrames, is_session_item
+from ._session_link import SessionFrames, is_session_item
+from ._session_server import ServerSessions
 from ._settings import (
     Setting,
     _boolean,

@@ -721,7 +721,7 @@ def test_acknowledgements_empty_the_resend_buffers_when_idle() -> None:
             at_server.wait(3)
             at_client.wait(3)
             link = client._session_link
-            entry = server._sessions._entries[face._conn]  # type: ignore[union-attr]
+            entry = server._sessions.entries[face._conn]  # type: ignore[union-attr]
             assert link is not None
             wait_until(lambda: link.session.unacknowledged == 0, what="client acked")
             wait_until(lambda: entry.session.unacknowledged == 0, what="server acked")

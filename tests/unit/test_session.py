@@ -22,8 +22,8 @@ from morsock._session import (
     Session,
     SessionEnded,
     SessionStarted,
-    SessionTable,
 )
+from morsock._session_table import SessionTable
 from morsock.crypto import ClientHandshake, MormotCipher, server_handshake
 from morsock.errors import CryptoError, ProtocolError, SendBufferFullError
 from morsock.protocol import FLAG_SESSION, Frame, FrameDecoder, encode_frame
