@@ -1,9 +1,9 @@
 """The server component (Delphi ``TmMServer``): its settings, life cycle, statistics,
-client table and cluster calls, on the caller's thread. Its two bases hold the rest: the
-strand side (a frame in, the handler, its reply: :mod:`morsock._server_strand`) and the
-reactor thread's side (accept, admit, sweep: :mod:`morsock._server_admission`). Its view
-of one connection (``TmMServerClient``), :class:`ServerClient`, is defined in
-:mod:`morsock._server_client` and re-exported here."""
+client table and cluster calls. Its two bases hold the rest: the strand side (a frame
+in, the handler, its reply: :mod:`morsock._server_strand`) and the reactor thread's side
+(accept, admit, sweep: :mod:`morsock._server_admission`). Its view of one connection
+(``TmMServerClient``), :class:`ServerClient`, is defined in :mod:`morsock._server_client`
+and re-exported here."""
 
 from __future__ import annotations
 
