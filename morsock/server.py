@@ -1,28 +1,29 @@
-"""The server component (Delphi ``TmMServer``) and its view of one connection
-(``TmMServerClient``)."""
+"""The server component (Delphi ``TmMServer``): its settings, life cycle, statistics,
+client table and cluster calls. Its two bases hold the rest: the strand side (a frame
+in, the handler, its reply: :mod:`morsock._server_strand`) and the reactor thread's side
+(accept, admit, sweep: :mod:`morsock._server_admission`). Its view of one connection
+(``TmMServerClient``), :class:`ServerClient`, is defined in :mod:`morsock._server_client`
+and re-exported here."""
 
 from __future__ import annotations
 
-import datetime
 import errno
 import itertools
 import logging
 import os
 import selectors
 import socket
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from threading import get_ident
-from time import perf_counter
 from typing import Any, Callable
 
-from ._component import Component, Data, Tally, as_bytes
-from ._internals import accepter
-from ._send_queue import HEADER_CACHE_MAX, HOLD_MAX, PLAIN_HEADERS, SendQueue, plain_header
-from ._session_link import SessionFrames, is_session_item
+from ._component import Data, Tally, as_bytes
+from ._server_admission import OPTIONS_INHERITED, ServerAdmission
+from ._server_client import ServerClient
+from ._server_strand import ServerStrand
 from ._session_server import ServerSessions
 from ._settings import (
     Setting,
@@ -34,11 +35,11 @@ from ._settings import (
     _server_host,
 )
 from .cluster import Backplane, split_client_id
-from .connection import CONNECTED, DISCONNECTED, Connection, ErrorReport
+from .connection import Connection, ErrorReport
 from .enums import AESMode, EncryptionProfile, ErrorCode, KeySize, ServerState
 from .errors import CryptoError, MorsockError, NotConnectedError, SendBufferFullError
 from .events import EventQueue
-from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT, HEADER_SIZE, Frame
+from .protocol import FLAG_AUTHENTICATED, FLAG_MORMOT
 from .reactor import EVENT_READ
 from .tls import TLSHandshake
 from .workers import WorkerPool
@@ -55,10 +56,6 @@ SELECT_MAX_CONNECTIONS = 500
 #: server bind a port that is in use (as ``socket.create_server`` does; Windows never
 #: holds a closed listener's port in TIME_WAIT, so a restart still binds at once).
 _REUSE_ADDRESS = os.name not in ("nt", "cygwin")
-#: Linux copies TCP_NODELAY, SO_KEEPALIVE, the keep-alive timings and TCP_USER_TIMEOUT
-#: from a listening socket to the sockets it accepts: set there once, they cost accepted
-#: connections nothing (test_hardening checks accepted sockets carry them).
-_OPTIONS_INHERITED = sys.platform.startswith("linux")
 
 
 def _backplane(value: Any) -> Backplane | None:
@@ -74,150 +71,7 @@ def _select_limited() -> bool:
     return default is selectors.SelectSelector
 
 
-class ServerClient:
-    """One accepted connection, as the server sees it (Delphi ``TmMServerClient``): a
-    facade over the library's :class:`~morsock.connection.Connection`.
-
-    Read-only: ``handle`` (int from 1, never reused by one server), ``peer_ip``,
-    ``peer_port`` (the peer's own port), ``connected_at`` (datetime),
-    ``last_activity_time`` (datetime), ``bytes_received``, ``bytes_sent``,
-    ``messages_received``, ``messages_sent``, ``connected_time`` (seconds),
-    ``connected``, ``send_queue_size`` (bytes accepted but not yet taken by the kernel),
-    ``receive_backlog`` (bytes of frames read from the peer and not yet handled),
-    ``peer_certificate`` (over TLS, the peer's verified certificate as
-    ``ssl.SSLSocket.getpeercert()`` gives it -- e.g. to authorise by ``subject`` --;
-    None without TLS or when the peer sent none), ``session_id``
-    (docs/guide/sessions.rst). Free for the
-    application: ``custom_data``. ``message_encrypted``: while ``on_handle_command`` runs
-    for this client, True when the message it was given arrived encrypted (False
-    otherwise). Methods (any thread): :meth:`send_data`, :meth:`disconnect`.
-    """
-
-    #: While ``on_handle_command`` runs for this client: True when the message being
-    #: handled arrived encrypted. Written by the handler's own thread around the call.
-    message_encrypted: bool = False
-
-    def __init__(self, server: Server, sock: socket.socket, handle: int,
-                 peer: Any = None) -> None:
-        """Made by the server's reactor thread for an accepted socket."""
-        conn = Connection(server._conn_owner, sock, max_message_size=server.max_message_size,
-                          max_send_buffer=server.max_send_buffer, peer=peer)
-        conn.facade = self
-        self._conn = conn
-        self._server = server
-        self.handle = handle
-        self._connected_wall = time.time()
-        self._connected_mono = conn.last_activity  # time.monotonic(), as Connection took it
-        self._closed_mono = 0.0  # set once its socket is closed
-        #: Free slot for the application (Delphi ``CustomData``).
-        self.custom_data: Any = None
-
-    @property
-    def peer_ip(self) -> str:
-        """The peer's IP address."""
-        return self._conn.peer_ip
-
-    @property
-    def peer_port(self) -> int:
-        """The peer's own port."""
-        return self._conn.peer_port
-
-    @property
-    def peer_certificate(self) -> dict[str, Any] | None:
-        """Over TLS, the peer's verified certificate (``getpeercert()``), else None."""
-        return self._conn.peer_certificate
-
-    @property
-    def connected_at(self) -> datetime.datetime:
-        """When the connection was accepted (local time)."""
-        return datetime.datetime.fromtimestamp(self._connected_wall)
-
-    @property
-    def connected(self) -> bool:
-        """True until the connection starts closing."""
-        return not self._conn.closing
-
-    @property
-    def connected_time(self) -> float:
-        """Seconds since the connection was accepted (frozen once it is closed)."""
-        closed = self._conn.closed and self._closed_mono  # set just after the close
-        end = self._closed_mono if closed else time.monotonic()
-        return end - self._connected_mono
-
-    @property
-    def last_activity_time(self) -> datetime.datetime:
-        """When bytes last arrived from this peer (``connected_at`` if none yet)."""
-        return self.connected_at + datetime.timedelta(
-            seconds=max(0.0, self._conn.last_activity - self._connected_mono))
-
-    @property
-    def bytes_received(self) -> int:
-        """Wire bytes received from this peer (headers included)."""
-        return self._conn.bytes_received
-
-    @property
-    def bytes_sent(self) -> int:
-        """Wire bytes sent to this peer (headers included)."""
-        return self._conn.bytes_sent
-
-    @property
-    def messages_received(self) -> int:
-        """Frames received from this peer."""
-        return self._conn.messages_received
-
-    @property
-    def messages_sent(self) -> int:
-        """Frames sent to this peer (counted once their last byte left)."""
-        return self._conn.messages_sent
-
-    @property
-    def send_queue_size(self) -> int:
-        """Bytes accepted for this peer but not yet taken by the kernel."""
-        return self._conn.send_queue_size
-
-    @property
-    def receive_backlog(self) -> int:
-        """Wire bytes of the frames read from this peer and not yet handled (see
-        ``max_receive_backlog``)."""
-        return self._conn.receive_backlog
-
-    def send_data(self, data: Data, encrypted: bool = False) -> None:
-        """Send one message to this client. Thread-safe; never blocks on the peer.
-
-        Raises NotConnectedError once it is disconnected, SendBufferFullError past
-        ``max_send_buffer``, CryptoError if ``encrypted`` without a usable key.
-        """
-        self._server._send_on(self._conn, data, encrypted)
-
-    def disconnect(self) -> bool:
-        """Close this connection (``on_disconnect`` follows). False if already closing.
-        A session's client is told the session is over (it does not resume)."""
-        sessions = self._server._sessions
-        if sessions is not None and sessions.close_session(self._conn):
-            return True
-        return self._conn.close()
-
-    @property
-    def client_id(self) -> str:
-        """``"<node_id>:<handle>"``: names this client across a cluster (docs/guide/cluster.rst)."""
-        return f"{self._server.node_id}:{self.handle}"
-
-    @property
-    def session_id(self) -> bytes | None:
-        """The id of this client's session (docs/guide/sessions.rst), None without one."""
-        sessions = self._server._sessions
-        return sessions.session_id(self._conn) if sessions is not None else None
-
-    def __repr__(self) -> str:
-        closed = " closed" if self._conn.closing else ""
-        return f"<ServerClient #{self.handle} {self._conn.describe()}{closed}>"
-
-
-def _no_handler(sender: Server, client: ServerClient, data: bytes) -> None:
-    """The ``on_handle_command`` of a server that has none: frames get no reply."""
-
-
-class Server(Component):
+class Server(ServerAdmission, ServerStrand):
     """A listening TCP component (Delphi ``TmMServer``).
 
     Methods for the caller: :meth:`start`, :meth:`stop` (or ``active = True/False``,
@@ -435,7 +289,7 @@ class Server(Component):
             sock.bind(address)
             sock.listen(self.backlog)
             sock.setblocking(False)
-            if _OPTIONS_INHERITED:
+            if OPTIONS_INHERITED:  # the accepted sockets inherit the options
                 self._configure(sock)
         except BaseException:
             sock.close()
@@ -524,115 +378,7 @@ class Server(Component):
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    # -- reactor thread ----------------------------------------------------------------
-    def _on_accept(self, mask: int) -> None:
-        """Reactor thread: the listener is readable; accept what is waiting (a bounded
-        number at a time, so the other sockets are served meanwhile)."""
-        listener = self._listener
-        if listener is None or self._state is not ServerState.LISTENING:
-            return
-        accept = accepter(listener)
-        for _ in range(64):
-            try:
-                sock, address = accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._accept_failed(listener, exc)
-                return
-            self._accepted(sock, address)
-
-    def _accept_failed(self, listener: socket.socket, exc: OSError) -> None:
-        """Reactor thread: ``accept`` failed; out of descriptors or memory, pause accepts
-        for a moment (the kernel holds the connections meanwhile)."""
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            self._report(None, f"accept failed: {exc}; pausing accepts for 0.1 s",
-                         ErrorCode.SERVER_FULL)
-            self._reactor.unregister(listener)
-            self._reactor.call_later(0.1, self._resume_accepting)
-
-    def _accepted(self, sock: socket.socket, address: Any) -> None:
-        """Reactor thread: admit (or refuse, past ``max_connections``) one accepted socket."""
-        # The limit is read for every connection: a refusal's on_error runs on this
-        # thread, in the accept loop, and may raise max_connections before the next accept.
-        limit = self._connection_limit()
-        if len(self._clients) + len(self._tls_pending) >= limit:  # only this thread adds
-            sock.close()
-            with self._stats_lock:
-                self._total_rejected += 1
-            self._report(None, f"connection from {address[0]}:{address[1]} refused: "
-                         f"server full (max_connections={limit})", ErrorCode.SERVER_FULL)
-            return
-        try:
-            if _OPTIONS_INHERITED:
-                sock.setblocking(False)  # the rest came with the listener's options
-            else:
-                self._configure(sock)
-            if self.ssl_context is not None:
-                self._start_tls(sock, address)
-                return
-            client = ServerClient(self, sock, next(self._handles), address)
-        except OSError as exc:
-            sock.close()
-            self._log.info("accepted socket from %s failed at once: %s", address, exc)
-            return
-        self._admit(client)
-
-    def _admit(self, client: ServerClient) -> None:
-        """Reactor thread: count *client*, make it visible in ``clients``, start its I/O."""
-        with self.property_lock:
-            self._clients[client.handle] = client
-        with self._stats_lock:
-            self._total_connections += 1
-        if self._log_levels.get(logging.INFO) is not False:
-            self._log.info("client #%d connected from %s:%d", client.handle, client.peer_ip,
-                           client.peer_port)
-        if self.idle_timeout is not None:
-            self._watch()
-        if self.backplane is not None:
-            self.backplane.client_joined(client.handle, f"{client.peer_ip}:{client.peer_port}")
-        sessions = self._sessions
-        if sessions is not None:
-            sessions.admit(client._conn)  # on_connect once its first frame tells what it is
-        client._conn.start(announce=sessions is None)
-
-    def _marker_wanted(self, marker: Any) -> bool:
-        # A marker only fires its event: without a handler, it need not go through the
-        # strand at all (a connection that comes and goes costs two strand runs less).
-        if marker is CONNECTED:
-            return self.on_connect is not None
-        return self.on_disconnect is not None or self._sessions is not None
-
-    def _start_tls(self, sock: socket.socket, address: Any) -> None:
-        """Reactor thread: TLS handshake with an accepted socket. It counts against
-        ``max_connections`` meanwhile; the ServerClient exists only once it succeeded."""
-        peer = f"{address[0]}:{address[1]}"
-        handshake = TLSHandshake(
-            self._reactor, self.ssl_context, sock, server_side=True,
-            timeout=self.connection_timeout, description=peer,
-            on_success=lambda tls_sock: self._tls_accepted(handshake, tls_sock),
-            on_failure=lambda message, code: self._tls_refused(handshake, message, code))
-        self._tls_pending.add(handshake)
-        handshake.start()
-
-    def _tls_accepted(self, handshake: TLSHandshake, sock: socket.socket) -> None:
-        self._tls_pending.discard(handshake)
-        if self._state is not ServerState.LISTENING:
-            sock.close()
-            return
-        try:
-            client = ServerClient(self, sock, next(self._handles))
-        except OSError as exc:
-            sock.close()
-            self._log.info("TLS connection from %s failed at once: %s",
-                           handshake.description, exc)
-            return
-        self._admit(client)
-
-    def _tls_refused(self, handshake: TLSHandshake, message: str, code: ErrorCode) -> None:
-        self._tls_pending.discard(handshake)
-        self._report(None, message, code)
-
+    # -- limits and live connections ----------------------------------------------------
     _cap_warned = False  # the SELECT_MAX_CONNECTIONS warning was logged (once per server)
 
     def _connection_limit(self) -> int:
@@ -648,63 +394,6 @@ class Server(Component):
                               SELECT_MAX_CONNECTIONS)
         return SELECT_MAX_CONNECTIONS
 
-    def _resume_accepting(self) -> None:
-        if self._listener is not None and self._state is ServerState.LISTENING:
-            self._reactor.register(self._listener, EVENT_READ, self._on_accept)
-
-    def _watch(self) -> None:
-        """Reactor thread: make sure the sweep runs while something needs watching (see
-        :meth:`_sweep`); a server with nothing to watch has no timer."""
-        if self._sweep_timer is not None or self._state is not ServerState.LISTENING:
-            return
-        interval = min(1.0, max(0.05, self.connection_timeout / 4))
-        if self.idle_timeout:
-            interval = min(interval, max(0.05, self.idle_timeout / 4))
-        self._sweep_timer = self._reactor.call_later(interval, self._sweep)
-
-    def _sweep(self) -> None:
-        """Close connections stuck mid-frame (connection_timeout), idle (idle_timeout) or
-        not reading while sends to them are refused (connection_timeout). Runs again
-        only while one of those can happen: a frame in progress, a refused send, or
-        clients and an idle_timeout; otherwise the next of them arms it (:meth:`_watch`)."""
-        self._sweep_timer = None
-        if self._state is not ServerState.LISTENING:
-            return
-        now = time.monotonic()
-        idle_limit = self.idle_timeout
-        watching = False
-        for client in list(self._clients.values()):
-            conn = client._conn
-            if conn.closing:
-                continue
-            expired = self._expired(conn, now)
-            if expired is not None:
-                conn.close(*expired)
-            else:
-                watching = watching or (idle_limit is not None
-                                        or conn.partial_since is not None
-                                        or conn.send_stalled_since is not None)
-        if watching:
-            self._watch()
-
-    def _expired(self, conn: Connection, now: float) -> tuple[ErrorCode, str] | None:
-        """The code and message to close *conn* with if one of its time limits passed."""
-        frame_limit = self.connection_timeout
-        idle_limit = self.idle_timeout
-        if conn.partial_since is not None and now - conn.partial_since > frame_limit:
-            return ErrorCode.TIMEOUT, (f"{conn.describe()}: frame not completed within "
-                                       f"connection_timeout={frame_limit:g} s")
-        if idle_limit is not None and now - conn.last_activity > idle_limit:
-            return ErrorCode.TIMEOUT, (f"{conn.describe()}: idle for more than "
-                                       f"idle_timeout={idle_limit:g} s")
-        stalled = conn.send_stalled_since
-        if stalled is not None and now - stalled > frame_limit:
-            return ErrorCode.SEND_BUFFER_FULL, (
-                f"{conn.describe()}: does not read; its send queue stayed full "
-                f"(max_send_buffer={conn.max_send_buffer}) for more than "
-                f"connection_timeout={frame_limit:g} s; disconnected")
-        return None
-
     def _live_connection_iter(self) -> Iterator[Connection]:
         """The live connections (under ``property_lock``, for the tally)."""
         return (client._conn for client in self._clients.values())
@@ -712,245 +401,6 @@ class Server(Component):
     def _live_connections(self) -> list[Connection]:
         with self.property_lock:
             return list(self._live_connection_iter())
-
-    def _connection_closed(self, conn: Connection) -> None:
-        client: ServerClient = conn.facade
-        client._closed_mono = time.monotonic()
-        if self._sessions is not None:
-            self._sessions.connection_closed(conn)
-        with self.property_lock:
-            if self._clients.pop(client.handle, None) is not None:
-                self._tally.closed(conn)  # closed: nothing is read or sent any more
-                if self.backplane is not None:
-                    self.backplane.client_left(client.handle)
-            if not self._clients:
-                self._no_clients.notify_all()
-        if self._log_levels.get(logging.INFO) is not False:
-            self._log.info("client #%d %s:%d disconnected", client.handle, conn.peer_ip,
-                           conn.peer_port)
-
-    # -- strand (worker thread) ----------------------------------------------------------
-    def _run_items(self, conn: Connection, items: list[Any]) -> None:
-        """Strand batch runner (a pool thread): *conn*'s items in order, through
-        :meth:`_handle_items`. A batch of several is corked: its plaintext replies are
-        held and leave in one ``send`` at the end (or once they pass ``HOLD_MAX``); a
-        batch of one, the commonest, replies at once."""
-        conn.runner = get_ident()
-        try:
-            if items[0].__class__ is SessionFrames and len(items) == 1:
-                self._run_session_item(conn, items[0])  # it delivers and replies itself
-                return
-            handler = self.on_handle_command
-            debug = self._log_levels.get(logging.DEBUG)  # isEnabledFor's answer, if known
-            if debug or (debug is None and self._debug()):
-                handler = self._logged(handler)
-            observer = self._observer
-            if observer is None or handler is None:
-                handler = handler or _no_handler
-                done = None
-            else:  # plaintext runs timed as a whole (done), other calls one by one
-                done = observer.shard.handler_done
-            plain = None if self.require_encryption else bytes  # items handled as they are
-            if len(items) == 1:  # the commonest batch: its reply leaves at once, uncorked
-                self._handle_items(conn, items, handler, done, plain, None)
-                return
-            queue = conn.cork()
-            try:
-                self._handle_items(conn, items, handler, done, plain, queue)
-            finally:
-                conn.uncork()
-        finally:
-            conn.runner = None
-            conn.handled(len(items))  # read back-pressure: the strand caught up this far
-
-    def _handle_items(self, conn: Connection, items: list[Any], handler: Callable[..., Any],
-                      done: Callable[[float, int], None] | None, plain: Any,
-                      queue: SendQueue | None) -> None:
-        """Strand: the one path of a frame -- open it, call the handler, send its reply.
-
-        Items of class *plain* are plaintext payloads to hand over as they are (None
-        under ``require_encryption``) and go to *handler*; others go through
-        :meth:`_open_item` first. With metrics (*done* not None, the thread's
-        ``handler_done``), each run of plaintext frames handled back to back is timed as
-        a whole (its handler calls and the queuing of their replies) and recorded once as
-        that many calls; any other call is timed alone (:meth:`_observed`). A plaintext
-        ``bytes`` reply to a plaintext frame is held in *queue* (corked, see
-        :meth:`Connection.cork`) or, without one, sent at once
-        (:meth:`Connection.send_plain`); any other reply goes to
-        :meth:`_reply`. Never raises."""
-        client = conn.facade
-        hold = None if queue is None else queue.held.append
-        limit = self.max_message_size  # a larger reply is refused by _reply, reported
-        calls = 0  # plaintext frames of the current timed run
-        start = 0.0
-        for item in items:
-            if item.__class__ is plain:  # the payload of a plaintext frame
-                if conn.closing:
-                    continue  # frames left behind by a close are dropped, never handled
-                if done is not None:
-                    if not calls:
-                        start = perf_counter()
-                    calls += 1
-                try:
-                    reply = handler(self, client, item)
-                except Exception as exc:
-                    self._handler_failed("on_handle_command", exc, (client,))
-                    continue
-                flag = 0
-            else:
-                if calls:  # the run of plaintext frames ends here
-                    done(perf_counter() - start, calls)  # type: ignore[misc]
-                    calls = 0
-                answer = self._handle_sealed(conn, item, handler, done)
-                if answer is None:
-                    continue
-                reply, flag = answer
-            if reply.__class__ is not bytes or flag:
-                if reply:
-                    self._reply(conn, reply, flag != 0)  # corked: sent with the batch
-                continue
-            n = len(reply)
-            if not n:
-                continue
-            if n > limit:
-                self._reply(conn, reply, False)  # refused there, and reported
-            elif hold is None:
-                conn.send_plain(reply)
-            else:  # held: SendQueue.hold, inline (once per reply)
-                hold(PLAIN_HEADERS[n] if n < HEADER_CACHE_MAX else plain_header(n))
-                hold(reply)
-                queue.held_bytes += n + HEADER_SIZE  # type: ignore[union-attr]
-                if queue.held_bytes >= HOLD_MAX:  # type: ignore[union-attr]
-                    conn.release_held()
-        if calls:
-            done(perf_counter() - start, calls)  # type: ignore[misc]
-
-    def _handle_sealed(self, conn: Connection, item: Any, handler: Callable[..., Any],
-                       done: Callable[[float, int], None] | None) -> tuple[Any, int] | None:
-        """Strand (:meth:`_handle_items`): an item that is not a plaintext payload, opened
-        (:meth:`_open_item`) and handed to *handler*, timed alone when *done* is set
-        (metrics). Returns ``(reply, flag)``; None when the item was refused, the
-        connection is closing or the handler raised (reported). Never raises."""
-        opened = self._open_item(conn, item)
-        if opened is None or conn.closing:
-            return None
-        data, flag = opened
-        call = handler if done is None else self._observed(handler)
-        client = conn.facade
-        try:
-            if flag:
-                return self._call_encrypted(call, client, data), flag  # type: ignore[arg-type]
-            return call(self, client, data), flag  # type: ignore[misc]
-        except Exception as exc:
-            self._handler_failed("on_handle_command", exc, (client,))
-            return None
-
-    def _logged(self, handler: Callable[..., Any] | None) -> Callable[..., Any] | None:
-        """*handler* that first logs each message at DEBUG (while the logger takes them)."""
-        if handler is None:
-            return None
-        log = self._log
-        sealed_flag = self._sealed_flag
-
-        def logged(sender: Server, client: ServerClient, data: bytes) -> Any:
-            log.debug("client #%d: %d-byte message (flag %d)", client.handle, len(data),
-                      sealed_flag if client.message_encrypted else 0)
-            return handler(sender, client, data)
-        return logged
-
-    def _call_encrypted(self, handler: Callable[..., Any], client: ServerClient,
-                        data: bytes) -> Any:
-        """Strand: ``handler(self, client, data)`` for a message that arrived encrypted,
-        with ``client.message_encrypted`` set meanwhile."""
-        client.message_encrypted = True
-        try:
-            return handler(self, client, data)
-        finally:
-            client.message_encrypted = False
-
-    def _call_handler(self, handler: Callable[..., Any], conn: Connection, data: bytes) -> Any:
-        """Strand (the session link): ``handler(self, client, data)`` for *conn*'s client;
-        None when it raised (reported as HANDLER_EXCEPTION)."""
-        observer = self._observer
-        start = perf_counter() if observer is not None else 0.0
-        try:
-            return handler(self, conn.facade, data)
-        except Exception as exc:
-            self._handler_failed("on_handle_command", exc, (conn.facade,))
-            return None
-        finally:
-            if observer is not None:
-                observer.handler_done(perf_counter() - start)
-
-    def _run_session_item(self, conn: Connection, item: SessionFrames) -> None:
-        """Strand: one read of a session connection, which delivers (and replies) itself;
-        logs what it raises."""
-        if not conn.closing:
-            try:
-                item.run(conn)
-            except Exception:
-                self._log.exception("unhandled error handling %r on %s", item, conn)
-
-    def _open_item(self, conn: Connection, item: Any) -> tuple[bytes, int] | None:
-        """Strand: the data and flag of a frame that needs opening (encrypted, or any
-        under ``require_encryption``); None when there is nothing to handle: the frame
-        was consumed (handshake) or refused, or *item* is a life-cycle marker, which
-        this runs."""
-        cls = item.__class__
-        if cls is SessionFrames:
-            self._run_session_item(conn, item)
-            return None
-        if cls is not bytes and cls is not Frame:
-            self._run_marker(conn, item)
-            return None
-        frame = item if cls is Frame else Frame(item, 0)
-        if conn.closing:
-            return None
-        opened = self._open_frame(conn, frame)
-        return None if opened is None else (opened, frame.flag)
-
-    def _run_marker(self, conn: Connection, item: Any) -> None:
-        try:
-            conn.run_item(item)
-        except Exception:
-            self._log.exception("unhandled error handling %r on %s", item, conn)
-
-    def _run_item(self, conn: Connection, item: Any) -> None:
-        """Strand, from :meth:`Connection.run_item`: a life-cycle marker."""
-        if item is CONNECTED:
-            self._emit("on_connect", conn.facade)
-        elif item is DISCONNECTED:
-            sessions = self._sessions
-            if sessions is not None and not sessions.disconnect_marker(conn):
-                return  # its session lives on: on_disconnect once it ends
-            self._emit("on_disconnect", conn.facade)
-            conn.retire_strand()  # the last item: freed without the collector
-        elif is_session_item(item):
-            item.run(conn)
-        else:  # a frame: the batch runner takes them itself, this is for completeness
-            handler = self._observed(self.on_handle_command) or _no_handler
-            plain = None if self.require_encryption else bytes
-            self._handle_items(conn, [item], handler, None, plain, None)
-
-    def _authenticated_hello(self, conn: Connection, payload: bytes) -> None:
-        from .crypto import server_handshake
-        ctx = self._crypto
-        assert ctx is not None
-        try:
-            reply, session = server_handshake(ctx.key, ctx.mode, ctx.key_size, payload)
-        except CryptoError as exc:
-            self._refuse_hello(conn, payload, str(exc))
-            raise
-        conn.send_frame(reply)
-        conn.session = session
-
-    def _refuse_hello(self, conn: Connection, payload: bytes, reason: str) -> None:
-        from .crypto import is_client_hello, refusal_frame
-        if is_client_hello(payload):  # only a morsock client sends one: no Delphi peer
-            try:
-                conn.send_frame(refusal_frame(reason))
-            except MorsockError:
-                pass  # gone already: the close that follows is reported anyway
 
     # -- events and statistics -----------------------------------------------------------
     def _handler_failed(self, name: str, exc: BaseException, args: tuple[Any, ...] = ()) -> None:
@@ -977,10 +427,6 @@ class Server(Component):
             if conn is not None and conn.closed and conn.runner != get_ident():
                 client = None  # its on_disconnect is queued or done: not tied to it any more
             self._emit("on_error", client, message, code)
-
-    def _emit_error(self, conn: Connection, message: str, code: int) -> None:
-        """Strand: an :class:`ErrorReport` of *conn* comes up in its order."""
-        self._emit("on_error", conn.facade, message, code)
 
     def _send_on(self, conn: Connection, data: Data, encrypted: bool) -> None:
         sessions = self._sessions
