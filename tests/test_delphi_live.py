@@ -117,12 +117,17 @@ def test_client_reconnects_after_delphi_server_kicks_it(server_factory) -> None:
         server.command("kickall")
         server.expect(r"^OK kickall")
         server.expect(r"^EV disconnect h=\d+")
+
+        def story() -> str:
+            return (f"client state {client.state}, events {rec.events}; the Delphi server "
+                    f"printed: {''.join(server.out)[-2000:]}")
         try:
             rec.wait_count("disconnect", 1, timeout=scaled(20))
+            rec.wait_count("connect", 2, timeout=scaled(20))
         except AssertionError as exc:
-            pytest.fail(f"{exc}; the Delphi server printed: {''.join(server.out)[-2000:]}")
-        rec.wait_count("connect", 2, timeout=scaled(20))
-        assert client.request(b"after", encrypted=True, timeout=scaled(10)) == b"Echo: after"
+            pytest.fail(f"{exc}; {story()}")
+        assert client.request(b"after", encrypted=True, timeout=scaled(10)) == b"Echo: after", \
+            story()
 
 
 # --- Delphi mm_client -> morsock Server --------------------------------------------
