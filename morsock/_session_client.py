@@ -16,6 +16,7 @@ from ._replies import Waiter
 from ._session import LateReply, Message, Session, SessionEnded, SessionStarted
 from ._session_link import (
     ACK_DELAY,
+    EarliestCall,
     SessionFrames,
     Token,
     Unacknowledged,
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from .client import Client
     from .connection import Connection
     from .protocol import Frame
-    from .reactor import Timer
 
 __all__ = ["ClientLink"]
 
@@ -66,8 +66,7 @@ class ClientLink:
         self._announced = False                # on_connect fired; on_disconnect due
         self._waiters: dict[int, Waiter] = {}
         self._unacked: list[Unacknowledged] = []
-        self._timer: Timer | None = None
-        self._timer_at: float | None = None
+        self._timer = EarliestCall()   # the session's next deadline (a delayed ack)
         self._leaving = False
 
     # -- reactor thread ----------------------------------------------------------------
@@ -151,18 +150,12 @@ class ClientLink:
     def _arm_locked(self) -> None:
         deadline = self.session.next_deadline()
         reactor = self._client._reactor
-        if deadline is None or reactor is None:
-            return
-        if self._timer_at is not None and self._timer_at <= deadline:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = reactor.call_later(deadline - time.monotonic(), self._on_timer)
+        if deadline is not None and reactor is not None:
+            self._timer.arm(reactor, deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         with self._lock:
-            self._timer = self._timer_at = None
+            self._timer.fired()
             events = self.session.poll(time.monotonic())
             if self._open and self._conn is not None and self._token is not None:
                 write_frames(self._token, self._conn, self.session.frames_to_send())
@@ -361,6 +354,4 @@ class ClientLink:
     def cancel_timer(self) -> None:
         """The client's threads stop."""
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._timer_at = None
+            self._timer.cancel()

@@ -35,7 +35,8 @@ Rules
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+import time
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from ._session_wire import Channel
 from .enums import ErrorCode
@@ -44,8 +45,9 @@ from .protocol import FrameDecoder
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .reactor import Reactor, Timer
 
-__all__ = ["SessionFrames", "SessionHello", "Token", "Unacknowledged", "ACK_DELAY",
+__all__ = ["SessionFrames", "SessionHello", "Token", "Unacknowledged", "EarliestCall", "ACK_DELAY",
            "is_session_item", "channel_for", "prepare_connection", "write_frames"]
 
 #: Seconds an acknowledgement may wait for a message to ride on (then it goes alone).
@@ -143,3 +145,34 @@ def write_frames(token: Token, conn: Connection, frames: list[bytes]) -> None:
                 conn.close, ErrorCode.SEND_BUFFER_FULL,
                 f"{exc}: the peer does not read; the session resumes on a new connection")
             return
+
+
+class EarliestCall:
+    """One pending reactor call, kept at the earliest deadline asked for (a session's
+    next ack or expiry; deadlines on the ``time.monotonic`` clock). Not thread-safe: the
+    caller holds its session lock around every method."""
+
+    __slots__ = ("_timer", "_at")
+
+    def __init__(self) -> None:
+        self._timer: Timer | None = None
+        self._at: float | None = None
+
+    def arm(self, reactor: Reactor, at: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Have ``fn(*args)`` run at *at*, unless a call already pending runs no later."""
+        if self._at is not None and self._at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = reactor.call_later(at - time.monotonic(), fn, *args)
+
+    def fired(self) -> None:
+        """The pending call is running: the next :meth:`arm` schedules anew."""
+        self._timer = self._at = None
+
+    def cancel(self) -> None:
+        """Drop the pending call, if any."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._at = None

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from ._component import as_bytes
 from ._session import Message, Session, SessionEnded
 from ._session_doorway import Doorway
-from ._session_link import ACK_DELAY, SessionFrames, Token, channel_for, write_frames
+from ._session_link import (
+    ACK_DELAY,
+    EarliestCall,
+    SessionFrames,
+    Token,
+    channel_for,
+    write_frames,
+)
 from ._session_table import SessionTable
 from ._session_timers import SessionTimers
 from .connection import DISCONNECTED
@@ -24,7 +31,6 @@ from .protocol import FLAG_PLAIN, FLAG_SESSION, Frame
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .reactor import Timer
     from .server import Server
 
 __all__ = ["ServerSessions", "Entry"]
@@ -35,7 +41,7 @@ _log = logging.getLogger("morsock")
 class Entry:
     """Server: one session and the ServerClient that is its face for its whole life."""
 
-    __slots__ = ("session", "client", "writer", "token", "timer", "timer_at", "ended",
+    __slots__ = ("session", "client", "writer", "token", "timer", "ended",
                  "disconnects", "lost_report")
 
     def __init__(self, session: Session, client: Connection, token: Token) -> None:
@@ -43,8 +49,7 @@ class Entry:
         self.client = client
         self.writer: Connection | None = client   # None while detached or moving
         self.token = token
-        self.timer: Timer | None = None
-        self.timer_at: float | None = None
+        self.timer = EarliestCall()   # the session's next deadline (a delayed ack)
         self.ended = False
         self.disconnects = 0   # DISCONNECTED markers posted to its strand, not yet run
         self.lost_report: str | None = None   # SESSION_LOST, fired before on_disconnect
@@ -371,8 +376,7 @@ class ServerSessions:
             self.stopped = True
             self.timers.stop()
             for entry in list(self.entries.values()):
-                if entry.timer is not None:
-                    entry.timer.cancel()
+                entry.timer.cancel()
                 if not entry.ended:
                     self.end(entry, entry.session.lose("the server stopped"))
             self.doorway.stop()
